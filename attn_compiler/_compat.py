@@ -1,0 +1,60 @@
+"""The one place for private torch imports and version checks.
+
+Every ``torch._dynamo`` / ``torch._inductor`` access of the package goes
+through here, so a torch upgrade touches one file. Supported: torch 2.11 (the
+GPU machine) through 2.13 (CPU and CI). The private modules are imported
+inside the functions, so importing this module costs only ``import torch``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Tuple, Union
+
+import torch
+
+MIN_TORCH = (2, 11)
+
+
+def _parse_version(text: str) -> Tuple[int, int, int]:
+    """``"2.13.0+cpu"`` / ``"2.11.0a0+git1234"`` -> ``(2, 13, 0)``."""
+    parts = [int(m) for m in re.findall(r"\d+", text.split("+")[0])[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
+
+
+TORCH_VERSION: Tuple[int, int, int] = _parse_version(torch.__version__)
+
+# Inner compilers the backend hands the rewritten graph to.
+INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def torch_at_least(major: int, minor: int) -> bool:
+    """Whether the running torch is ``major.minor`` or newer."""
+    return TORCH_VERSION[:2] >= (major, minor)
+
+
+def lookup_inner_backend(name: Union[str, Callable]) -> Callable:
+    """The dynamo backend called ``name`` (``"inductor"``, ``"aot_eager"``,
+    ``"eager"``, or any registered name); a callable is returned as is."""
+    if callable(name):
+        return name
+    from torch._dynamo import lookup_backend
+
+    try:
+        return lookup_backend(name)
+    except Exception as exc:  # dynamo raises InvalidBackend; keep the name in the message
+        raise ValueError(
+            f"unknown inner backend {name!r}; use one of {', '.join(INNER_BACKENDS)} "
+            "or a callable backend(gm, example_inputs)"
+        ) from exc
+
+
+def reset_dynamo() -> None:
+    """Drop dynamo's compiled-code caches (so the next call compiles again)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA device can run kernels here."""
+    return torch.cuda.is_available()

@@ -1,0 +1,42 @@
+"""The torch.compile backend: fuse attention sites, then hand the graph on.
+
+``torch.compile(m, backend="attn_compiler")`` (entry point) or
+``torch.compile(m, backend=attn_compiler.backend(inner="aot_eager"))``.
+Every dynamo graph goes through the attention pass (passes/pipeline.py); the
+rewritten graph is then compiled by the inner compiler (inductor by default).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Callable
+
+from .report import record
+from ._compat import lookup_inner_backend
+
+log = logging.getLogger("attn_compiler")
+_graph_ids = itertools.count()
+
+
+def backend(inner: str = "inductor", **options: Any) -> Callable:
+    """A backend ``(gm, example_inputs) -> callable`` that fuses attention and
+    compiles everything else with ``inner`` ("inductor", "aot_eager", "eager"
+    or any dynamo backend callable)."""
+    inner_fn = lookup_inner_backend(inner)
+    if options:
+        raise TypeError(f"unknown attn_compiler backend options: {sorted(options)}")
+
+    def attn_compiler(gm, example_inputs):
+        from attn_compiler.passes.pipeline import attention_pass
+
+        gid = next(_graph_ids)
+        for site in attention_pass(gm, example_inputs, gid):
+            record(site)
+        return inner_fn(gm, example_inputs)
+
+    return attn_compiler
+
+
+def attn_compiler_backend(gm, example_inputs):
+    """The default-configured backend (``torch.compile(m, backend="attn_compiler")``)."""
+    return backend()(gm, example_inputs)

@@ -1,0 +1,111 @@
+"""The attention custom ops, registered on import under the ``attn_compiler`` namespace.
+
+    attn_compiler::attention(Tensor q, Tensor k, Tensor v, Tensor[] captured,
+                             str spec, Tensor? seed) -> (Tensor out, Tensor lse)
+    attn_compiler::attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v,
+                             Tensor[] captured, Tensor out, Tensor lse, str spec,
+                             Tensor? seed) -> (Tensor dq, Tensor dk, Tensor dv,
+                                               Tensor[] dcaptured)
+
+``spec`` is ``AttentionSpec.dumps()``.  Shapes: q (B, Hq, Lq, D); k (B or 1,
+Hkv, Lk, D); v (B or 1, Hkv, Lk, Dv); captured[i] 4-D, broadcastable to
+(B, Hq, Lq, Lk); seed an int64 scalar tensor when the spec has dropout, else
+None.  out (B, Hq, Lq, Dv) in ``spec.out_dtype``; lse (B, Hq, Lq) in float32
+(float64 for float64 inputs or a float64 softmax).  ``dcaptured`` holds only
+the gradients of captured tensors whose spec entry has ``requires_grad``.
+
+The fake kernels are shape logic only (symbolic sizes welcome).  ``attention``
+is differentiable through ``attention_backward``; ``lse`` is not.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from attn_compiler import reference
+from attn_compiler.passes.analyze.spec import AttentionSpec
+
+_NS = "attn_compiler"
+
+
+def _spec(text: str) -> AttentionSpec:
+    return AttentionSpec.loads(text)
+
+
+# ---- forward -----------------------------------------------------------------
+
+@torch.library.custom_op(f"{_NS}::attention", mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, captured: List[torch.Tensor],
+               spec: str, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    return reference.attention_forward(q, k, v, captured, _spec(spec), seed)
+
+
+@_attention.register_fake
+def _attention_fake(q, k, v, captured, spec, seed):
+    s = _spec(spec)
+    B, Hq, Lq, _ = q.shape
+    out = q.new_empty((B, Hq, Lq, v.shape[-1]), dtype=getattr(torch, s.out_dtype))
+    lse = q.new_empty((B, Hq, Lq), dtype=reference.compute_dtype(s, q.dtype))
+    return out, lse
+
+
+# ---- backward ----------------------------------------------------------------
+
+@torch.library.custom_op(f"{_NS}::attention_backward", mutates_args=())
+def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        captured: List[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                        spec: str, seed: Optional[torch.Tensor]
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    dq, dk, dv, dcap = reference.attention_backward(dout, q, k, v, captured, out, lse, _spec(spec), seed)
+    return dq, dk, dv, dcap
+
+
+@_attention_backward.register_fake
+def _attention_backward_fake(dout, q, k, v, captured, out, lse, spec, seed):
+    s = _spec(spec)
+    dcap = [q.new_empty(t.shape, dtype=t.dtype) for t, c in zip(captured, s.captured) if c.requires_grad]
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dcap)
+
+
+# ---- autograd ----------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, captured, spec, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.spec = spec
+    ctx.n_captured = len(captured)
+    ctx.save_for_backward(q, k, v, out, lse, seed, *captured)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, seed, *captured = ctx.saved_tensors
+    dq, dk, dv, dcap = torch.ops.attn_compiler.attention_backward(
+        dout, q, k, v, captured, out, lse, ctx.spec, seed)
+    grads: List[Optional[torch.Tensor]] = [None] * ctx.n_captured
+    wanted = [i for i, c in enumerate(_spec(ctx.spec).captured) if c.requires_grad]
+    for i, g in zip(wanted, dcap):
+        grads[i] = g
+    return dq, dk, dv, grads, None, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- python entry point --------------------------------------------------------
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, captured: Sequence[torch.Tensor] = (),
+              spec: Union[AttentionSpec, str] = None, seed: Optional[torch.Tensor] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Call ``attn_compiler::attention``; ``spec`` may be an AttentionSpec or its string.
+
+    With dropout and no ``seed``, one is drawn from torch's default generator.
+    """
+    if spec is None:
+        raise TypeError("attention() needs a spec (AttentionSpec or AttentionSpec.dumps())")
+    obj = spec if isinstance(spec, AttentionSpec) else None
+    text = spec.dumps() if obj is not None else spec
+    if seed is None and (obj or _spec(text)).dropout_p > 0:
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    return torch.ops.attn_compiler.attention(q, k, v, list(captured), text, seed)

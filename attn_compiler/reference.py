@@ -1,0 +1,405 @@
+"""Blockwise PyTorch implementation of an AttentionSpec: forward and backward.
+
+Entry points: ``attention_forward`` and ``attention_backward`` (the CPU / fallback
+implementation of the ``attn_compiler::attention`` op).  Memory is linear in the
+sequence lengths: scores exist one (B, Hq, BLOCK_M, BLOCK_N) block at a time.
+
+Notation: B batch, Hq query heads, Hkv key/value heads, G = Hq // Hkv (GQA
+group), M = Lq rows, N = Lk columns, D head dim of q/k, Dv head dim of v.
+Query head ``h`` reads key/value head ``h // G``; a query block is viewed as
+(B, Hkv, G*M, D) so one matmul per KV head serves the whole group without a
+widened copy of K/V.
+
+Forward (online softmax, per query block, over KV blocks j)::
+
+    z_j   = score_mod(scale * Q K_jᵀ, ...)               # (B, Hq, M, N)
+    m'    = max(m, rowmax z_j)
+    l     = l * exp(m - m') + rowsum exp(z_j - m')
+    acc   = acc * exp(m - m') + (exp(z_j - m') ∘ keep_j / (1-p)) V_j
+    out   = acc / l,   lse = m + log l
+
+[Note: fully masked rows] A row whose z are all -inf keeps m = -inf; we
+subtract 0 instead of m there so exp() gives 0 rather than nan, and the row
+ends as 0/0 = nan — exactly what eager ``softmax`` returns.  A row filled with
+a finite fill (finfo.min) is uniform, as in eager, with no special case.
+
+Backward, with P = exp(z - lse) recomputed blockwise and delta = rowsum(dO ∘ O)::
+
+    dP = (dO Vᵀ) ∘ keep / (1-p)        dz = P ∘ (dP - delta)
+    ds = dz ∘ ∂mod/∂score              dQ = scale · ds K,  dK = scale · dsᵀ Q
+    dV = (P ∘ keep / (1-p))ᵀ dO        dT_i = Σ_broadcast dz ∘ ∂mod/∂t_i
+
+Positions with P == 0 contribute exactly 0 (guards 0·inf = nan from derivative
+expressions evaluated at masked positions).
+
+Dropout keep-masks come from a counter-based hash of (seed, b, h, q_idx,
+kv_idx), so they do not depend on the block decomposition and the backward
+(or a test) regenerates them exactly; see ``dropout_keep_mask``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from attn_compiler.passes.analyze import torch_eval
+from attn_compiler.passes.analyze.spec import AttentionSpec, DIM_NAMES
+
+# Elements of one (B, Hq, BLOCK_M, BLOCK_N) score block: 4M fp32 = 16 MiB.
+BLOCK_ELEMENTS = 1 << 22
+MIN_BLOCK = 16
+_block_override: Optional[Tuple[int, int]] = None
+
+
+@contextlib.contextmanager
+def block_sizes(block_m: int, block_n: int) -> Iterator[None]:
+    """Force (BLOCK_M, BLOCK_N) inside the context (tests use small blocks)."""
+    global _block_override
+    old, _block_override = _block_override, (int(block_m), int(block_n))
+    try:
+        yield
+    finally:
+        _block_override = old
+
+
+def choose_blocks(B: int, H: int, Lq: int, Lk: int) -> Tuple[int, int]:
+    """Square-ish power-of-two blocks with B*H*BLOCK_M*BLOCK_N <= BLOCK_ELEMENTS."""
+    if _block_override is not None:
+        bm, bn = _block_override
+        return max(1, min(bm, Lq)), max(1, min(bn, Lk))
+    side = max(MIN_BLOCK, math.isqrt(BLOCK_ELEMENTS // max(1, B * H)))
+    side = 1 << (side.bit_length() - 1)
+    bn = max(1, min(Lk, side))
+    bm = max(1, min(Lq, max(MIN_BLOCK, BLOCK_ELEMENTS // max(1, B * H * bn))))
+    return bm, bn
+
+
+# ---- dropout: counter-based keep mask -------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2**32 for x < 2**32 held in int64, without int64 overflow:
+    split c into 16-bit halves (x * c_hi < 2**48)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x):
+    """'lowbias32' integer hash (xorshift-multiply); a bijection on uint32."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_keep_mask(seed: int, p: float, b, h, q_idx, kv_idx) -> torch.Tensor:
+    """Bool keep-mask (True = kept, probability 1-p) at the broadcast of the
+    int64 index tensors; a pure function of (seed, b, h, q_idx, kv_idx)."""
+    x = _hash32(_hash32(seed & _M32) ^ ((seed >> 32) & _M32))
+    for idx in (b, h, q_idx, kv_idx):        # chain: hash(prefix ^ index)
+        x = _hash32(x ^ idx)
+    return x >= int(p * 2.0 ** 32)           # uniform uint32 >= p * 2**32
+
+
+# ---- problem setup ----------------------------------------------------------
+
+@dataclasses.dataclass
+class _Problem:
+    spec: AttentionSpec
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    captured: Sequence[torch.Tensor]
+    B: int
+    Hq: int
+    Hkv: int
+    Lq: int
+    Lk: int
+    D: int
+    Dv: int
+    cd: torch.dtype        # compute dtype of scores / softmax
+    scale: float
+    bm: int
+    bn: int
+    seed: Optional[int]
+
+    @property
+    def G(self) -> int:
+        return self.Hq // self.Hkv
+
+
+def compute_dtype(spec: AttentionSpec, q_dtype: torch.dtype) -> torch.dtype:
+    """float64 if q is float64 or the spec asks for it, else float32."""
+    wide = q_dtype == torch.float64 or spec.softmax_dtype == "float64"
+    return torch.float64 if wide else torch.float32
+
+
+def check_inputs(q, k, v, captured, spec: AttentionSpec) -> None:
+    """Shape checks shared by the op's real implementations (clear errors)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects 4-D q/k/v (B, H, L, D); got {q.dim()}, {k.dim()}, {v.dim()} dims")
+    B, Hq, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Dk != D:
+        raise ValueError(f"q and k head dims differ: {D} vs {Dk}")
+    if tuple(v.shape[:3]) != (Bk, Hkv, Lk):
+        raise ValueError(f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} on (B, H, L)")
+    if Bk not in (1, B):
+        raise ValueError(f"k/v batch {Bk} must be 1 or q's batch {B}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads {Hq} are not a multiple of key/value heads {Hkv} (GQA)")
+    if spec.gqa_group not in (0, Hq // Hkv):
+        raise ValueError(f"spec says GQA group {spec.gqa_group} but q/k give {Hq // Hkv}")
+    if len(captured) != len(spec.captured):
+        raise ValueError(f"spec has {len(spec.captured)} captured tensors, got {len(captured)}")
+    full = (B, Hq, Lq, Lk)
+    for i, (t, c) in enumerate(zip(captured, spec.captured)):
+        want = tuple(n if d else 1 for n, d in zip(full, c.dims))
+        if t.dim() != 4 or any(s != w and s != 1 for s, w in zip(t.shape, want)) or \
+                any(s != 1 and not d for s, d in zip(t.shape, c.dims)):
+            names = [n for n, d in zip(DIM_NAMES, c.dims) if d]
+            raise ValueError(f"captured t{i} has shape {tuple(t.shape)}; the spec expects it to vary "
+                             f"along {names} only, i.e. shape {want} (size 1 elsewhere)")
+
+
+def _setup(q, k, v, captured, spec, seed) -> _Problem:
+    check_inputs(q, k, v, captured, spec)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if spec.dropout_p > 0 and seed is None:
+        raise ValueError("spec has dropout_p > 0: pass an int64 seed tensor (e.g. torch.randint(2**62, ()))")
+    bm, bn = choose_blocks(B, Hq, Lq, Lk)
+    return _Problem(spec, q, k, v, list(captured), B, Hq, Hkv, Lq, Lk, D, Dv,
+                    compute_dtype(spec, q.dtype), spec.scale_value(D), bm, bn,
+                    None if seed is None or spec.dropout_p <= 0 else int(seed.item()))
+
+
+# ---- block helpers ----------------------------------------------------------
+
+def _grouped(x, pb: _Problem, M: int, cd) -> torch.Tensor:
+    """(B, Hq, M, X) -> (B, Hkv, G*M, X): query heads of a KV head side by side."""
+    return x.to(cd).reshape(x.shape[0], pb.Hkv, pb.G * M, x.shape[-1])
+
+
+def _ungrouped(x, pb: _Problem, M: int) -> torch.Tensor:
+    """(B, Hkv, G*M, X) -> (B, Hq, M, X)."""
+    return x.reshape(x.shape[0], pb.Hq, M, x.shape[-1])
+
+
+def _slice_captured(t, m0, m1, n0, n1):
+    t = t if t.shape[2] == 1 else t[:, :, m0:m1]
+    return t if t.shape[3] == 1 else t[:, :, :, n0:n1]
+
+
+def _block_env(pb: _Problem, s, m0, m1, n0, n1) -> dict:
+    dev = s.device
+    env = {
+        "score": s,
+        "b": torch.arange(pb.B, device=dev).view(-1, 1, 1, 1),
+        "h": torch.arange(pb.Hq, device=dev).view(1, -1, 1, 1),
+        "q_idx": torch.arange(m0, m1, device=dev).view(1, 1, -1, 1),
+        "kv_idx": torch.arange(n0, n1, device=dev).view(1, 1, 1, -1),
+        "Lq": pb.Lq, "Lk": pb.Lk, "D": pb.D,
+    }
+    for i, t in enumerate(pb.captured):
+        env[f"t{i}"] = _slice_captured(t, m0, m1, n0, n1)
+    return env
+
+
+def _block_scores(pb: _Problem, qg, m0, m1, n0, n1):
+    """z = score_mod(scale * q kᵀ) for one block, and the evaluation env."""
+    M = m1 - m0
+    kb = pb.k[:, :, n0:n1].to(pb.cd)                          # (Bk, Hkv, N, D)
+    s = _ungrouped(qg @ kb.transpose(-1, -2), pb, M) * pb.scale  # (B, Hq, M, N)
+    env = _block_env(pb, s, m0, m1, n0, n1)
+    if pb.spec.score_mod_is_identity:
+        return s, env
+    z = torch_eval.evaluate(pb.spec.score_mod, env)
+    return torch.broadcast_to(z, s.shape), env
+
+
+def _keep_scaled(pb: _Problem, env) -> Optional[torch.Tensor]:
+    """keep / (1 - p) for the block, or None without dropout."""
+    if pb.seed is None:
+        return None
+    keep = dropout_keep_mask(pb.seed, pb.spec.dropout_p, env["b"], env["h"], env["q_idx"], env["kv_idx"])
+    return keep.to(pb.cd) * (1.0 / (1.0 - pb.spec.dropout_p))
+
+
+def _skippable(pb: _Problem):
+    """A function (m0, m1, n0, n1) -> True when every score of the block is -inf
+    for index reasons alone (causal / window blocks), so it adds nothing."""
+    spec = pb.spec
+    pred = spec.mask_predicate
+    if spec.mask_fill != -math.inf or pred.free_symbols - set(_index_syms()) or \
+            torch_eval.can_evaluate(pred) is not None or _has_finite_fill(spec):
+        return lambda *a: False
+
+    def skip(m0, m1, n0, n1):
+        env = {"q_idx": torch.arange(m0, m1).view(-1, 1), "kv_idx": torch.arange(n0, n1).view(1, -1),
+               "Lq": pb.Lq, "Lk": pb.Lk}
+        return not bool(torch_eval.evaluate(pred, env).any())
+    return skip
+
+
+def _index_syms():
+    from attn_compiler.passes.analyze.spec import Lk, Lq, kv_idx, q_idx
+    return (q_idx, kv_idx, Lq, Lk)
+
+
+def _has_finite_fill(spec: AttentionSpec) -> bool:
+    import sympy
+    e = sympy.piecewise_fold(spec.score_mod)
+    vals = [v for v, _ in e.args] if isinstance(e, sympy.Piecewise) else [e]
+    return any(v.is_number and v.is_finite and bool(v <= -1e30) for v in vals)
+
+
+# ---- forward ----------------------------------------------------------------
+
+def attention_forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
+                      seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): out (B, Hq, Lq, Dv) in spec.out_dtype, lse (B, Hq, Lq) in the compute dtype."""
+    pb = _setup(q, k, v, captured, spec, seed)
+    out = torch.empty(pb.B, pb.Hq, pb.Lq, pb.Dv, dtype=getattr(torch, spec.out_dtype), device=q.device)
+    lse = torch.empty(pb.B, pb.Hq, pb.Lq, dtype=pb.cd, device=q.device)
+    skip = _skippable(pb)
+    for m0 in range(0, pb.Lq, pb.bm):
+        m1 = min(m0 + pb.bm, pb.Lq)
+        o, l = _forward_rows(pb, m0, m1, skip)
+        out[:, :, m0:m1] = o
+        lse[:, :, m0:m1] = l
+    return out, lse
+
+
+def _forward_rows(pb: _Problem, m0: int, m1: int, skip):
+    M, cd, dev = m1 - m0, pb.cd, pb.q.device
+    qg = _grouped(pb.q[:, :, m0:m1], pb, M, cd)                   # (B, Hkv, G*M, D)
+    m = torch.full((pb.B, pb.Hq, M), -math.inf, dtype=cd, device=dev)
+    l = torch.zeros((pb.B, pb.Hq, M), dtype=cd, device=dev)
+    acc = torch.zeros((pb.B, pb.Hq, M, pb.Dv), dtype=cd, device=dev)
+    for n0 in range(0, pb.Lk, pb.bn):
+        n1 = min(n0 + pb.bn, pb.Lk)
+        if skip(m0, m1, n0, n1):
+            continue
+        z, env = _block_scores(pb, qg, m0, m1, n0, n1)           # (B, Hq, M, N)
+        m_new = torch.maximum(m, z.amax(-1))
+        # rows still all -inf: subtract 0 so exp(-inf) = 0, never exp(nan)
+        m_sub = torch.where(m_new == -math.inf, 0.0, m_new)
+        alpha = torch.exp(m - m_sub)                              # rescale of the old state
+        p = torch.exp(z - m_sub[..., None])
+        l = l * alpha + p.sum(-1)                                 # softmax denominator: no dropout
+        keep = _keep_scaled(pb, env)
+        if keep is not None:
+            p = p * keep
+        vb = pb.v[:, :, n0:n1].to(cd)                             # (Bk, Hkv, N, Dv)
+        pv = _ungrouped(_grouped(p, pb, M, cd) @ vb, pb, M)       # (B, Hq, M, Dv)
+        acc = acc * alpha[..., None] + pv
+        m = m_new
+    out = acc / l[..., None]              # fully -inf rows: 0/0 = nan, as eager softmax
+    return out, m + torch.log(l)
+
+
+# ---- backward ---------------------------------------------------------------
+
+def attention_backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse,
+                       spec: AttentionSpec, seed: Optional[torch.Tensor]):
+    """(dq, dk, dv, dcaptured): dcaptured lists the gradients of the captured
+    tensors whose spec entry has requires_grad, in order; dtypes follow inputs."""
+    pb = _setup(q, k, v, captured, spec, seed)
+    cd = pb.cd
+    delta = (dout.to(cd) * out.to(cd)).sum(-1)                    # (B, Hq, Lq)
+    dq = torch.zeros(q.shape, dtype=cd, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cd, device=q.device)
+    dv = torch.zeros(v.shape, dtype=cd, device=q.device)
+    grad_ids = [i for i, c in enumerate(spec.captured) if c.requires_grad]
+    dcap = {i: torch.zeros(captured[i].shape, dtype=cd, device=q.device) for i in grad_ids}
+    skip = _skippable(pb)
+    for m0 in range(0, pb.Lq, pb.bm):
+        m1 = min(m0 + pb.bm, pb.Lq)
+        rows = (dout[:, :, m0:m1], lse[:, :, m0:m1].to(cd), delta[:, :, m0:m1])
+        dq[:, :, m0:m1] = _backward_rows(pb, m0, m1, rows, dk, dv, dcap, skip)
+    dcaptured = [dcap[i].to(captured[i].dtype) for i in grad_ids]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dcaptured
+
+
+def _backward_rows(pb: _Problem, m0, m1, rows, dk, dv, dcap, skip):
+    """dQ of one query block; adds this block's share into dk, dv, dcap."""
+    M, cd, spec = m1 - m0, pb.cd, pb.spec
+    dout_b, lse_b, delta_b = rows
+    qg = _grouped(pb.q[:, :, m0:m1], pb, M, cd)                   # (B, Hkv, G*M, D)
+    dog = _grouped(dout_b, pb, M, cd)                             # (B, Hkv, G*M, Dv)
+    dqg = torch.zeros(qg.shape, dtype=cd, device=qg.device)
+    # [Note: huge fills] lse = m + log l cannot hold log l when |m| ~ finfo.min
+    # (a row of fills only); such rows get (m, l) recomputed exactly.
+    huge = (lse_b.abs() > _HUGE_LSE) & torch.isfinite(lse_b)
+    stats = _row_stats(pb, qg, m0, m1, skip) if bool(huge.any()) else None
+    for n0 in range(0, pb.Lk, pb.bn):
+        n1 = min(n0 + pb.bn, pb.Lk)
+        if skip(m0, m1, n0, n1):
+            continue
+        z, env = _block_scores(pb, qg, m0, m1, n0, n1)           # (B, Hq, M, N)
+        p = _probs(z, lse_b, stats)           # fully -inf rows: nan, as eager's backward
+        kb, vb = pb.k[:, :, n0:n1].to(cd), pb.v[:, :, n0:n1].to(cd)
+        dp = _ungrouped(dog @ vb.transpose(-1, -2), pb, M)        # dO Vᵀ: (B, Hq, M, N)
+        keep = _keep_scaled(pb, env)
+        pd = p if keep is None else p * keep
+        if keep is not None:
+            dp = dp * keep
+        dz = torch.where(p == 0, 0.0, p * (dp - delta_b[..., None]))
+        ds = dz if spec.dscore == 1 else _masked_mul(dz, p, spec.dscore, env)
+        dsg = _grouped(ds, pb, M, cd) * pb.scale                  # (B, Hkv, G*M, N)
+        dqg += dsg @ kb
+        # group rows are summed by the matmul; a broadcast k/v batch by .sum(0)
+        dk[:, :, n0:n1] += _reduce_batch(dsg.transpose(-1, -2) @ qg, dk.shape[0])
+        dv[:, :, n0:n1] += _reduce_batch(_grouped(pd, pb, M, cd).transpose(-1, -2) @ dog, dv.shape[0])
+        for i, acc in dcap.items():
+            g = _masked_mul(dz, p, spec.dcaptured[i], env)
+            dims = [d for d in range(4) if acc.shape[d] == 1 and g.shape[d] != 1]
+            g = g.sum(dims, keepdim=True) if dims else g
+            _slice_captured(acc, m0, m1, n0, n1).add_(g)
+    return _ungrouped(dqg, pb, M)
+
+
+_HUGE_LSE = 1.0e30  # |lse| beyond this is a fill-only row (see the note in _backward_rows)
+
+
+def _row_stats(pb: _Problem, qg, m0, m1, skip):
+    """Row max m (0 for all -inf rows) and sum l = rowsum exp(z - m) of a query block."""
+    M, cd = m1 - m0, pb.cd
+    m = torch.full((pb.B, pb.Hq, M), -math.inf, dtype=cd, device=qg.device)
+    l = torch.zeros_like(m)
+    for n0 in range(0, pb.Lk, pb.bn):
+        n1 = min(n0 + pb.bn, pb.Lk)
+        if skip(m0, m1, n0, n1):
+            continue
+        z = _block_scores(pb, qg, m0, m1, n0, n1)[0]
+        m_new = torch.maximum(m, z.amax(-1))
+        m_sub = torch.where(m_new == -math.inf, 0.0, m_new)
+        l = l * torch.exp(m - m_sub) + torch.exp(z - m_sub[..., None]).sum(-1)
+        m = m_new
+    return torch.where(m == -math.inf, 0.0, m), l
+
+
+def _probs(z, lse_b, stats):
+    """P = exp(z - lse), or exp(z - m) / l from exact row stats when given."""
+    if stats is None:
+        return torch.exp(z - lse_b[..., None])
+    m, l = stats
+    return torch.exp(z - m[..., None]) / l[..., None]
+
+
+def _masked_mul(dz, p, expr, env):
+    """dz * expr, exactly 0 where P == 0 (expr may be inf/nan at masked
+    positions) or where expr == 0: a zero derivative selects, as eager's
+    masked_fill / where backward does, so a nan dz (fully -inf row) stays out."""
+    d = torch_eval.evaluate(expr, env)
+    return torch.where((p == 0) | (d == 0), 0.0, dz * d)
+
+
+def _reduce_batch(x, batch: int):
+    return x.sum(0, keepdim=True) if batch == 1 and x.shape[0] != 1 else x

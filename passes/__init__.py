@@ -1,0 +1,1 @@
+"""FX passes: canonicalize, match, analyze, rewrite (installed as ``attn_compiler.passes``)."""

@@ -1,0 +1,170 @@
+"""Analyze: a matched site → AttentionSpec plus the captured tensors' views.
+
+Entry point: ``analyze(match, real_values) -> Analysis``.
+
+The score chain is interpreted symbolically (symbolic.py); the raw product
+``R`` is replaced by ``score / scale`` where the chain starts with a pure
+scaling, so that ``scale`` is the attention scale the kernels fold into exp2
+and ``score_mod`` is what remains.  Captured tensors are renamed ``t0, t1...``
+and each gets the view (``CaptureView``) that turns the graph's tensor into the
+op's broadcast layout ``[B|1, H|1, Lq|1, Lk|1]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import sympy
+import torch
+import torch.fx as fx
+
+from .. import canonicalize as C
+from . import spec as S
+from .symbolic import R, Decline, ScoreInterpreter
+from .torch_eval import can_evaluate
+
+_OP_AXES = (S.b, S.h, S.q_idx, S.kv_idx)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureView:
+    """How to present ``node`` to the op: ``axes[i]`` is the op axis (0..3)
+    that node's axis ``i`` runs along, or None for a size-1 / index-0 axis."""
+
+    node: fx.Node
+    axes: Tuple[Optional[int], ...]
+
+
+@dataclasses.dataclass
+class Analysis:
+    spec: S.AttentionSpec
+    captures: List[CaptureView]
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def size_map(m) -> Dict[Any, Any]:
+    """Shape-environment symbols of this site's lengths → Lk, Lq, D."""
+    s = C.shape_of(m.qk.node)
+    dsize = _head_dim(m)
+    out = {}
+    for size, sym in ((s[-1], S.Lk), (s[-2], S.Lq), (dsize, S.D)):
+        if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+            out.setdefault(size.node.expr, sym)
+    return out
+
+
+def analyze(m, real_values: Dict[fx.Node, torch.Tensor]) -> Analysis:
+    qk = m.qk
+    coef = sympy.sympify(m.q.factor) * sympy.sympify(m.k.factor)
+    smap = size_map(m)
+    interp = ScoreInterpreter(qk.node, 1, m.softmax_in, real_values, smap)
+    coef = coef * interp.const(qk.alpha)
+    interp.coef = coef
+    if qk.addend is not None and interp.const(qk.beta) != 0:
+        interp.memo[qk.node] = _baddbmm_value(interp, qk, coef)
+    result = interp.run()
+    expr, captures, specs = _rename_captures(result.expr, result.leaves)
+    scale, mod = _split_scale(expr, result.prefix_scales, _head_dim(m))
+    if isinstance(scale, sympy.Expr) and scale.free_symbols - {S.D}:
+        raise Decline(f"the scale {scale} depends on runtime values")
+    extra = mod.free_symbols - {S.score, *_OP_AXES, S.Lq, S.Lk, S.D}
+    if extra:
+        raise Decline(f"the score modification depends on {sorted(map(str, extra))}")
+    reason = can_evaluate(mod)
+    if reason:
+        raise Decline(reason)
+    qdt = C.example_value(m.q.node).dtype
+    spec = S.AttentionSpec(
+        score_mod=mod, scale=scale, captured=tuple(specs), dropout_p=m.dropout_p,
+        gqa_group=_group(m),
+        softmax_dtype="float64" if qdt == torch.float64 else "float32",
+        out_dtype=_dtype_name(C.example_value(m.pv.node).dtype),
+        prob_dtype=_dtype_name(C.example_value(m.pv.operand(0)[0]).dtype),
+    )
+    return Analysis(spec, captures)
+
+
+def _baddbmm_value(interp, qk, coef):
+    from .symbolic import Val
+    side = interp.value(qk.addend)
+    shape = C.shape_of(qk.node)
+    frame = interp.score_frame
+    e = coef * R + interp.const(qk.beta) * (interp.join(side, frame, len(shape)) if not side.chain else side.expr)
+    return Val(e, shape, True, frame)
+
+
+def _head_dim(m):
+    qshape = C.shape_of(m.q.node)
+    return qshape[m.q.labels.index(m.q.target[-1])]
+
+
+def _group(m) -> int:
+    qh = C.shape_of(m.q.node)
+    kh = C.shape_of(m.k.node)
+    if m.batch_rank < 2:
+        return 1
+    hq = qh[m.q.labels.index(m.q.target[1])] if m.q.target[1] in m.q.labels else 1
+    hk = kh[m.k.labels.index(m.k.target[1])] if m.k.target[1] in m.k.labels else 1
+    if isinstance(hq, int) and isinstance(hk, int):
+        if hq % hk:
+            raise Decline(f"{hq} query heads over {hk} key heads")
+        return hq // hk
+    return 0
+
+
+def _split_scale(expr, prefixes, head_dim):
+    """``expr(R) == mod(scale * R)`` with ``scale`` the leading pure scaling.
+
+    A float scale equal to ``1/sqrt(D)`` to the last bits (how ``1 /
+    math.sqrt(head_dim)`` arrives once dynamo folds it) is named so.
+    """
+    if len(prefixes) == 1:
+        c = next(iter(prefixes))
+        if c != 0:
+            mod = expr.xreplace({c * R: S.score}).xreplace({R: S.score / c})
+            return _name_scale(c, head_dim), sympy.piecewise_fold(mod)
+    return sympy.Integer(1), sympy.piecewise_fold(expr.xreplace({R: S.score}))
+
+
+def _name_scale(c, head_dim):
+    if isinstance(head_dim, int) and c.is_number:
+        exact = 1 / sympy.sqrt(S.D)
+        if abs(float(c) * math.sqrt(head_dim) - 1.0) < 1e-12:
+            return exact
+    return c
+
+
+def _rename_captures(expr, leaves):
+    """Replace every leaf call ``_leafJ(args)`` by a canonical ``tI(b, h, q_idx,
+    kv_idx)``; one captured entry per distinct (leaf, args)."""
+    calls = sorted({f for f in expr.atoms(sympy.Function)
+                    if str(f.func).startswith("_leaf")}, key=str)
+    by_name = {str(lf.func): lf for lf in leaves}
+    sub, captures, specs = {}, [], []
+    for call in calls:
+        lf = by_name[str(call.func)]
+        axes = []
+        for a in call.args:
+            if a == 0:
+                axes.append(None)
+            elif a in _OP_AXES:
+                axes.append(_OP_AXES.index(a))
+            else:
+                raise Decline(f"a captured tensor is read at {a}, not along one op axis")
+        used = [a for a in axes if a is not None]
+        if len(set(used)) != len(used):
+            raise Decline("a captured tensor is read along the same op axis twice")
+        if lf.rank == 0:
+            axes = []
+        i = len(captures)
+        ev = C.example_value(lf.node)
+        captures.append(CaptureView(lf.node, tuple(axes)))
+        dims = tuple(j in used for j in range(4))
+        specs.append(S.CapturedTensor(dims, _dtype_name(ev.dtype),
+                                      bool(ev.requires_grad and ev.dtype.is_floating_point)))
+        sub[call] = S.captured_call(i)
+    return expr.xreplace(sub), captures, specs

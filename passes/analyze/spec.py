@@ -1,0 +1,264 @@
+"""AttentionSpec: the one object between the matcher and the kernels.
+
+Notation
+--------
+An attention site computes, for every batch ``b``, query head ``h``, query row
+``q_idx`` and key column ``kv_idx``::
+
+    score  = scale * <q[b, h, q_idx, :], k[b, h // G, kv_idx, :]>     # G = GQA group
+    z      = score_mod(score, b, h, q_idx, kv_idx, t0(...), t1(...))  # sympy expression
+    P      = softmax(z, over kv_idx)                                  # in float32 or wider
+    out    = dropout(P, p) @ v[b, h // G]
+
+``score_mod`` is a sympy expression over the symbols ``score, b, h, q_idx,
+kv_idx``, the size symbols ``Lq, Lk`` (query and key lengths of the call) and
+captured tensors ``tI(b, h, q_idx, kv_idx)``: inputs of the op broadcast to
+``[B, H, Lq, Lk]`` (``CapturedTensor.dims`` says which of the four dimensions a
+tensor really has; the others are broadcast).  Masking is part of the
+expression: a ``Piecewise`` branch of value ``-oo`` (or a very negative finite
+fill such as ``finfo.min``) is a masked position.  ``mask_predicate`` gives
+that condition back as a boolean, for kernels that skip blocks.
+
+The spec is immutable, hashable and serialisable: ``AttentionSpec.loads(s.dumps())
+== s``; the string is the ``spec`` argument of the custom op and the key of
+kernel caches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from typing import Optional, Tuple
+
+import sympy
+
+# The index and size symbols of every expression.
+# indices are integers; declaring them so lets sympy decide relations such as
+# ``kv_idx <= q_idx`` vs ``kv_idx < q_idx + 1``.
+b, h, q_idx, kv_idx = sympy.symbols("b h q_idx kv_idx", integer=True, nonnegative=True)
+score = sympy.Symbol("score", real=True)
+Lq, Lk, D = sympy.symbols("Lq Lk D", integer=True, positive=True)
+INDEX_SYMBOLS = (b, h, q_idx, kv_idx)
+SIZE_SYMBOLS = (Lq, Lk, D)
+DIM_NAMES = ("b", "h", "q_idx", "kv_idx")
+
+# A fill at or below this value is a mask: exp(fill - rowmax) is exactly 0 in
+# float32 for any score the row can hold next to an unmasked one.
+MASK_FILL_THRESHOLD = -1.0e30
+
+
+def captured(i: int) -> sympy.Function:
+    """The sympy function standing for captured tensor ``i`` (``t0``, ``t1``...)."""
+    return sympy.Function(f"t{i}")
+
+
+def captured_call(i: int) -> sympy.Expr:
+    """``tI(b, h, q_idx, kv_idx)``: captured tensor ``i`` read at one score."""
+    return captured(i)(*INDEX_SYMBOLS)
+
+
+@dataclasses.dataclass(frozen=True)
+class CapturedTensor:
+    """A tensor the score modification reads.
+
+    ``dims``: which of (b, h, q_idx, kv_idx) the tensor varies along; the op
+    receives it as a 4-D tensor with size 1 on the others.
+    ``requires_grad``: whether the backward must produce its gradient.
+    ``dtype``: torch dtype name at the site (e.g. ``"float32"``, ``"bool"``).
+    """
+
+    dims: Tuple[bool, bool, bool, bool]
+    dtype: str
+    requires_grad: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Everything a kernel needs to compute one attention site (see module doc)."""
+
+    score_mod: sympy.Expr            # over score, b, h, q_idx, kv_idx, Lq, Lk, tI(...)
+    scale: sympy.Expr                # number or expression in D (head dim of q)
+    captured: Tuple[CapturedTensor, ...] = ()
+    dropout_p: float = 0.0           # > 0 only in training
+    gqa_group: int = 1               # query heads per key/value head (0: decided at run time)
+    softmax_dtype: str = "float32"   # dtype the softmax is evaluated in (float32 or float64)
+    out_dtype: str = "float32"       # dtype of the site's output
+    prob_dtype: str = "float32"      # dtype of the probabilities at the P @ V product
+
+    # ---- derived views -------------------------------------------------
+    @functools.cached_property
+    def mask_predicate(self) -> sympy.Boolean:
+        """Where a score is kept (True) rather than masked, as a sympy boolean.
+
+        Only conditions that do not involve ``score`` count; a position whose
+        value depends on the score is always kept.
+        """
+        return _keep_condition(self.score_mod)
+
+    @functools.cached_property
+    def mask_fill(self) -> Optional[float]:
+        """The value of masked positions (``-inf`` or a huge negative), if any."""
+        fills = [e for e, _ in _pieces(self.score_mod) if _is_fill(e)]
+        return float(fills[0]) if fills else None
+
+    @functools.cached_property
+    def mask_kind(self) -> str:
+        """A name for the mask: none, causal, sliding_window, index, tensor."""
+        return classify_mask(self.mask_predicate)
+
+    @functools.cached_property
+    def dscore(self) -> sympy.Expr:
+        """d score_mod / d score, for the backward."""
+        return sympy.diff(self.score_mod, score)
+
+    @functools.cached_property
+    def dcaptured(self) -> Tuple[Optional[sympy.Expr], ...]:
+        """d score_mod / d tI for each captured tensor that requires grad."""
+        out = []
+        for i, c in enumerate(self.captured):
+            out.append(sympy.diff(self.score_mod, captured_call(i)) if c.requires_grad else None)
+        return tuple(out)
+
+    @property
+    def score_mod_is_identity(self) -> bool:
+        return self.score_mod == score
+
+    def describe_mod(self) -> str:
+        """The score modification without the mask, for reports."""
+        kept = _kept_value(self.score_mod)
+        return "none" if kept == score else str(kept)
+
+    # ---- serialisation -------------------------------------------------
+    def dumps(self) -> str:
+        d = {
+            "score_mod": sympy.srepr(self.score_mod),
+            "scale": sympy.srepr(self.scale),
+            "captured": [[list(c.dims), c.dtype, c.requires_grad] for c in self.captured],
+            "dropout_p": self.dropout_p,
+            "gqa_group": self.gqa_group,
+            "softmax_dtype": self.softmax_dtype,
+            "out_dtype": self.out_dtype,
+            "prob_dtype": self.prob_dtype,
+        }
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def loads(text: str) -> "AttentionSpec":
+        d = json.loads(text)
+        ns = _srepr_namespace()
+        return AttentionSpec(
+            score_mod=sympy.sympify(eval(d["score_mod"], ns)),
+            scale=sympy.sympify(eval(d["scale"], ns)),
+            captured=tuple(CapturedTensor(tuple(c[0]), c[1], c[2]) for c in d["captured"]),
+            dropout_p=d["dropout_p"],
+            gqa_group=d["gqa_group"],
+            softmax_dtype=d["softmax_dtype"],
+            out_dtype=d["out_dtype"],
+            prob_dtype=d["prob_dtype"],
+        )
+
+    @functools.cached_property
+    def key(self) -> str:
+        """A short stable hash of the spec (cache key)."""
+        return hashlib.sha256(self.dumps().encode()).hexdigest()[:16]
+
+    def scale_value(self, head_dim: int) -> float:
+        return float(self.scale.subs(D, head_dim))
+
+
+def _srepr_namespace():
+    ns = {k: getattr(sympy, k) for k in dir(sympy) if not k.startswith("_")}
+    from sympy.functions.elementary.piecewise import ExprCondPair
+
+    ns.update(ExprCondPair=ExprCondPair, true=sympy.true, false=sympy.false)
+    return ns
+
+
+# ---- mask analysis --------------------------------------------------------
+
+def _pieces(expr):
+    """(value, condition) pairs of a top-level Piecewise (one pair if none)."""
+    expr = sympy.piecewise_fold(expr)
+    if isinstance(expr, sympy.Piecewise):
+        return [(e, c) for e, c in expr.args]
+    return [(expr, sympy.true)]
+
+
+def _is_fill(e) -> bool:
+    if e is sympy.S.NegativeInfinity:
+        return True
+    return e.is_number and e.is_real and bool(e <= MASK_FILL_THRESHOLD)
+
+
+def _keep_condition(expr) -> sympy.Boolean:
+    """Condition under which a position is not replaced by a mask fill."""
+    keep = sympy.false
+    taken = sympy.false  # conditions of earlier pieces
+    for e, c in _pieces(expr):
+        here = sympy.And(c, sympy.Not(taken))
+        if not _is_fill(e):
+            keep = sympy.Or(keep, here)
+        taken = sympy.Or(taken, c)
+    return sympy.simplify_logic(keep) if keep.free_symbols else keep
+
+
+def _kept_value(expr):
+    vals = [e for e, _ in _pieces(expr) if not _is_fill(e)]
+    return vals[0] if len(vals) == 1 else expr
+
+
+def _relation_offsets(pred):
+    """For a conjunction of ``kv_idx - q_idx <op> c`` terms, the interval of
+    allowed ``kv_idx - q_idx`` as (lo, hi) (None = unbounded); None if the
+    predicate is not of that form."""
+    terms = pred.args if isinstance(pred, sympy.And) else (pred,)
+    lo, hi = None, None
+    d = kv_idx - q_idx
+    for t in terms:
+        if not isinstance(t, sympy.core.relational.Relational):
+            return None
+        diff = sympy.expand(t.lhs - t.rhs)
+        coeff = diff.coeff(kv_idx)
+        if coeff == 0 or sympy.expand(diff.coeff(q_idx) + coeff) != 0:
+            return None
+        c = sympy.expand(diff - coeff * d)  # t: coeff*d + c  REL 0
+        if c.free_symbols - {Lq, Lk}:
+            return None
+        bound = -c / coeff
+        op = type(t)
+        if coeff < 0:
+            op = {sympy.LessThan: sympy.GreaterThan, sympy.StrictLessThan: sympy.StrictGreaterThan,
+                  sympy.GreaterThan: sympy.LessThan, sympy.StrictGreaterThan: sympy.StrictLessThan}.get(op, op)
+        if op is sympy.LessThan:
+            hi = bound if hi is None else sympy.Min(hi, bound)
+        elif op is sympy.StrictLessThan:
+            hi = bound - 1 if hi is None else sympy.Min(hi, bound - 1)
+        elif op is sympy.GreaterThan:
+            lo = bound if lo is None else sympy.Max(lo, bound)
+        elif op is sympy.StrictGreaterThan:
+            lo = bound + 1 if lo is None else sympy.Max(lo, bound + 1)
+        else:
+            return None
+    return lo, hi
+
+
+def classify_mask(pred) -> str:
+    if pred is sympy.true:
+        return "none"
+    if pred is sympy.false:
+        return "all"
+    syms = pred.free_symbols
+    if any(isinstance(f, sympy.core.function.AppliedUndef) for f in pred.atoms(sympy.Function)):
+        return "tensor"
+    if syms <= {q_idx, kv_idx, Lq, Lk}:
+        rng = _relation_offsets(pred)
+        if rng is not None:
+            lo, hi = rng
+            if lo is None and hi is not None:
+                return "causal" if hi == 0 else f"causal(offset={hi})"
+            if lo is not None and hi is not None:
+                return f"sliding_window({lo}..{hi})"
+        return "index"
+    return "index"

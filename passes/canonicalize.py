@@ -1,0 +1,347 @@
+"""Canonicalize: one spelling per concept, as a read-only view of the graph.
+
+Entry point: ``canonical(node) -> COp | None``.
+
+Dynamo hands us torch-level FX graphs in which the same operation has many
+spellings: ``a @ b``, ``torch.matmul``, ``Tensor.matmul``, ``torch.bmm``,
+``einsum``; ``F.softmax``, ``torch.softmax``, ``x.softmax``; ``x.float()``,
+``x.to(torch.float32)``, ``x.type(...)``; ``operator.truediv`` and
+``torch.div``.  The matcher and the analyzer never look at targets directly:
+they ask for the canonical operation of a node, a name plus normalised
+arguments (``COp``).  Contractions (every matmul form, einsum, baddbmm) are
+further described by index labels (``Contraction``), so that "which axis is
+contracted, which is the query, which is the key" is one question however the
+user wrote it.  The graph itself is not changed here; the rewrite is the only
+pass that edits it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+# operator.* and torch.* targets → canonical names
+_OPERATOR_NAMES = {
+    operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
+    operator.neg: "neg", operator.matmul: "matmul", operator.getitem: "getitem",
+    operator.eq: "eq", operator.ne: "ne", operator.lt: "lt", operator.le: "le",
+    operator.gt: "gt", operator.ge: "ge", operator.and_: "and", operator.or_: "or",
+    operator.invert: "not", operator.pow: "pow", operator.iadd: "add", operator.imul: "mul",
+    operator.itruediv: "div", operator.isub: "sub", operator.floordiv: "floordiv",
+}
+_ALIASES = {
+    "divide": "div", "true_divide": "div", "multiply": "mul", "subtract": "sub",
+    "bitwise_not": "not", "logical_not": "not", "bitwise_and": "and", "logical_and": "and",
+    "bitwise_or": "or", "logical_or": "or", "__and__": "and", "__or__": "or",
+    "__invert__": "not", "greater": "gt", "greater_equal": "ge", "less": "lt",
+    "less_equal": "le", "not_equal": "ne", "clip": "clamp", "negative": "neg",
+    "masked_fill_": "masked_fill", "add_": "add", "mul_": "mul", "div_": "div", "sub_": "sub",
+    "_safe_softmax": "softmax", "special_softmax": "softmax",
+    "max": "max", "amax": "amax", "rsub": "rsub",
+}
+# positional parameter names of the ops we reason about (first = the tensor)
+_SIGNATURES: Dict[str, Tuple[str, ...]] = {
+    "add": ("input", "other", "alpha"), "sub": ("input", "other", "alpha"),
+    "rsub": ("input", "other", "alpha"),
+    "mul": ("input", "other"), "div": ("input", "other", "rounding_mode"),
+    "pow": ("input", "exponent"), "neg": ("input",),
+    "eq": ("input", "other"), "ne": ("input", "other"), "lt": ("input", "other"),
+    "le": ("input", "other"), "gt": ("input", "other"), "ge": ("input", "other"),
+    "and": ("input", "other"), "or": ("input", "other"), "not": ("input",),
+    "minimum": ("input", "other"), "maximum": ("input", "other"),
+    "tanh": ("input",), "exp": ("input",), "log": ("input",), "sigmoid": ("input",),
+    "abs": ("input",), "sqrt": ("input",), "rsqrt": ("input",), "relu": ("input",),
+    "clamp": ("input", "min", "max"), "where": ("condition", "input", "other"),
+    "masked_fill": ("input", "mask", "value"),
+    "softmax": ("input", "dim", "_stacklevel", "dtype"),
+    "dropout": ("input", "p", "training", "inplace"),
+    "matmul": ("input", "other"), "bmm": ("input", "mat2"),
+    "baddbmm": ("input", "batch1", "batch2", "beta", "alpha"),
+    "transpose": ("input", "dim0", "dim1"), "permute": ("input", "dims"),
+    "unsqueeze": ("input", "dim"), "squeeze": ("input", "dim"),
+    "tril": ("input", "diagonal"), "triu": ("input", "diagonal"),
+    "amax": ("input", "dim", "keepdim"), "max": ("input", "dim", "keepdim"),
+    "sum": ("input", "dim", "keepdim", "dtype"),
+    "arange": ("start", "end", "step"),
+    "to": ("input", "dtype"), "type": ("input", "dtype"), "type_as": ("input", "other"),
+    "expand_as": ("input", "other"), "view_as": ("input", "other"),
+    "contiguous": ("input",), "clone": ("input",), "detach": ("input",),
+    "float": ("input",), "half": ("input",), "bfloat16": ("input",), "double": ("input",),
+    "bool": ("input",), "long": ("input",), "int": ("input",),
+    "getitem": ("input", "index"), "item": ("input",),
+    "ones_like": ("input",), "zeros_like": ("input",), "full_like": ("input", "fill_value"),
+    "flatten": ("input", "start_dim", "end_dim"),
+    "repeat_interleave": ("input", "repeats", "dim"),
+}
+# ops whose tensor arguments after the first are varargs (sizes)
+_VARARG_SIZE_OPS = {"view", "reshape", "expand", "permute", "ones", "zeros", "full",
+                    "empty", "new_ones", "new_zeros", "new_full", "repeat"}
+
+
+@dataclasses.dataclass(frozen=True)
+class COp:
+    """A node's operation in canonical form: ``name`` plus normalised arguments.
+
+    ``args`` keeps the positional tensor/size arguments after normalisation;
+    ``kw`` holds every named parameter the op has (see ``_SIGNATURES``).
+    """
+
+    name: str
+    node: fx.Node
+    args: Tuple[Any, ...]
+    kw: Dict[str, Any]
+
+    def get(self, key, default=None):
+        return self.kw.get(key, default)
+
+
+def _target_name(node: fx.Node) -> Optional[str]:
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        t = node.target
+        if t in _OPERATOR_NAMES:
+            return _OPERATOR_NAMES[t]
+        if t is getattr:
+            return "getattr"
+        name = getattr(t, "__name__", None)
+        if name is None:
+            return None
+    else:
+        return None
+    return _ALIASES.get(name, name)
+
+
+def canonical(node: Any) -> Optional[COp]:
+    """The canonical operation of ``node`` (None for placeholders, outputs, ...)."""
+    if not isinstance(node, fx.Node):
+        return None
+    cached = node.meta.get("_ac_canon", False)
+    if cached is not False:
+        return cached
+    op = _canonical(node)
+    node.meta["_ac_canon"] = op
+    return op
+
+
+def _canonical(node: fx.Node) -> Optional[COp]:
+    name = _target_name(node)
+    if name is None:
+        return None
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if name == "getattr":  # x.mT, x.T, x.dtype ...
+        attr = args[1]
+        if attr in ("mT", "mH"):
+            return COp("transpose", node, (args[0],), {"input": args[0], "dim0": -2, "dim1": -1})
+        if attr == "T" and _rank(args[0]) == 2:
+            return COp("transpose", node, (args[0],), {"input": args[0], "dim0": 0, "dim1": 1})
+        return COp("getattr", node, tuple(args), {"input": args[0], "attr": attr})
+    if name in _VARARG_SIZE_OPS:
+        first = () if name in ("ones", "zeros", "full", "empty") else (args.pop(0),)
+        if name == "full":
+            fill = kwargs.pop("fill_value", args.pop() if len(args) == 2 else None)
+            kwargs["fill_value"] = fill
+        sizes = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        sizes = kwargs.pop("size", kwargs.pop("dims", sizes))
+        kw = dict(kwargs)
+        if first:
+            kw["input"] = first[0]
+        kw["sizes"] = tuple(sizes)
+        return COp(name, node, tuple(first), kw)
+    sig = _SIGNATURES.get(name)
+    kw = dict(kwargs)
+    if "self" in kw:
+        kw["input"] = kw.pop("self")
+    if sig is not None:
+        for pname, a in zip(sig, args):
+            kw.setdefault(pname, a)
+    else:
+        kw["input"] = args[0] if args else kw.get("input")
+    if name == "div" and kw.get("rounding_mode") is not None:
+        name = "div_" + str(kw["rounding_mode"])
+    if name == "to":
+        d = kw.get("dtype")
+        if not isinstance(d, torch.dtype):  # x.to(device) / x.to(other)
+            d = kw.get("dtype", None)
+            kw["dtype"] = d if isinstance(d, torch.dtype) else _dtype_of(node)
+    return COp(name, node, tuple(args), kw)
+
+
+# ---- contractions ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Contraction:
+    """``out[out_labels] = alpha * sum_c lhs[lhs_labels] * rhs[rhs_labels]
+    (+ beta * addend)``, labels as strings of single characters, aligned with
+    each operand's dims.  Exactly one label is contracted."""
+
+    node: fx.Node
+    lhs: fx.Node
+    lhs_labels: str
+    rhs: fx.Node
+    rhs_labels: str
+    out_labels: str
+    alpha: Any = 1
+    addend: Optional[fx.Node] = None
+    beta: Any = 0
+
+    def operand(self, i):
+        return (self.lhs, self.lhs_labels) if i == 0 else (self.rhs, self.rhs_labels)
+
+    @property
+    def contracted(self) -> str:
+        return (set(self.lhs_labels) & set(self.rhs_labels) - set(self.out_labels)).pop()
+
+
+_BATCH = "abcdefgh"
+
+
+def _matmul_labels(ra: int, rb: int):
+    if ra < 2 or rb < 2:
+        return None
+    nb = max(ra, rb) - 2
+    batch = _BATCH[:nb]
+    return batch[nb - (ra - 2):] + "ij", batch[nb - (rb - 2):] + "jk", batch + "ik"
+
+
+def contraction(node: Any) -> Optional[Contraction]:
+    """Describe ``node`` as a two-operand contraction, or None."""
+    op = canonical(node)
+    if op is None:
+        return None
+    if op.name in ("matmul", "bmm"):
+        a, b = op.kw.get("input"), op.kw.get("other", op.kw.get("mat2"))
+        labels = _matmul_labels(_rank(a), _rank(b))
+        if labels is None or not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+            return None
+        return Contraction(node, a, labels[0], b, labels[1], labels[2])
+    if op.name == "baddbmm":
+        a, b = op.kw.get("batch1"), op.kw.get("batch2")
+        labels = _matmul_labels(_rank(a), _rank(b))
+        if labels is None:
+            return None
+        beta, alpha = op.kw.get("beta", 1), op.kw.get("alpha", 1)
+        return Contraction(node, a, labels[0], b, labels[1], labels[2], alpha=alpha,
+                           addend=op.kw.get("input"), beta=beta)
+    if op.name == "einsum":
+        return _einsum(node)
+    return None
+
+
+def _einsum(node: fx.Node) -> Optional[Contraction]:
+    args = list(node.args)
+    if not args or not isinstance(args[0], str):
+        return None
+    eq = args[0].replace(" ", "")
+    operands = args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if "->" not in eq or "." in eq or len(operands) != 2:
+        return None
+    ins, out = eq.split("->")
+    parts = ins.split(",")
+    if len(parts) != 2:
+        return None
+    a, b = parts
+    if any(len(set(s)) != len(s) for s in (a, b, out)):
+        return None  # repeated label: a diagonal, not a contraction
+    contracted = (set(a) & set(b)) - set(out)
+    only_in = (set(a) ^ set(b)) - set(out)
+    if len(contracted) != 1 or only_in or not set(out) <= set(a) | set(b):
+        return None
+    if _rank(operands[0]) != len(a) or _rank(operands[1]) != len(b):
+        return None
+    return Contraction(node, operands[0], a, operands[1], b, out)
+
+
+# ---- small helpers ---------------------------------------------------------
+
+def example_value(node: Any):
+    """The fake tensor (or value) dynamo recorded for ``node``."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def _rank(node: Any) -> int:
+    v = example_value(node)
+    return v.dim() if isinstance(v, torch.Tensor) else -1
+
+
+def _dtype_of(node: fx.Node):
+    v = example_value(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def shape_of(node: Any) -> Optional[Tuple]:
+    v = example_value(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def is_tensor(node: Any) -> bool:
+    return isinstance(example_value(node), torch.Tensor)
+
+
+def norm_dim(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+def softmax_parts(node: fx.Node):
+    """If ``node`` is a softmax over some dim, ``(input, dim, dtype)``.
+
+    Recognises every spelling of softmax and the decomposed form
+    ``exp(x - max(x)) / sum(exp(x - max(x)))`` (also without the max).
+    """
+    op = canonical(node)
+    if op is None:
+        return None
+    if op.name == "softmax":
+        dim = op.kw.get("dim")
+        if dim is None:
+            return None
+        return op.kw["input"], dim, op.kw.get("dtype")
+    if op.name == "div":
+        return _decomposed_softmax(op)
+    return None
+
+
+def _reduced_dim(op: COp, name: Sequence[str]):
+    if op is None or op.name not in name:
+        return None
+    dim = op.kw.get("dim")
+    if isinstance(dim, (list, tuple)):
+        dim = dim[0] if len(dim) == 1 else None
+    return dim if op.kw.get("keepdim") else None
+
+
+def _decomposed_softmax(op: COp):
+    num, den = op.kw.get("input"), op.kw.get("other")
+    e, s = canonical(num), canonical(den)
+    if e is None or s is None or e.name != "exp":
+        return None
+    if s.name != "sum" or s.kw.get("input") is not num:
+        return None
+    r = _rank(num)
+    dim = _reduced_dim(s, ("sum",))
+    if dim is None:
+        return None
+    x = e.kw["input"]
+    sub = canonical(x)
+    if sub is not None and sub.name == "sub":
+        base, m = sub.kw["input"], sub.kw.get("other")
+        mop = canonical(m)
+        if mop is not None and mop.name == "getitem" and mop.kw["index"] in (0,):
+            mop = canonical(mop.kw["input"])  # x.max(dim, keepdim=True)[0]
+        if mop is not None and mop.name == "getattr" and mop.kw["attr"] == "values":
+            mop = canonical(mop.kw["input"])
+        if mop is not None and mop.name == "detach":
+            mop = canonical(mop.kw["input"])
+        mdim = _reduced_dim(mop, ("amax", "max"))
+        if mop is not None and mop.kw.get("input") is base and mdim is not None \
+                and norm_dim(mdim, r) == norm_dim(dim, r):
+            return base, dim, None
+    return x, dim, None
+

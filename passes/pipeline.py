@@ -1,0 +1,128 @@
+"""The attention pass: match → analyze → rewrite over one dynamo graph.
+
+Entry point: ``attention_pass(gm, example_inputs, graph_id) -> list[Site]``.
+Each site found is fused (rewritten into one ``attn_compiler::attention``
+call) or declined with a reason; either way it is returned as a report row.
+A failure inside the pass for one site declines that site and leaves the
+graph as it was: the user's model never crashes because of us.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Dict, List
+
+import sympy
+import torch
+import torch.fx as fx
+
+from attn_compiler.report import DECLINED, FUSED, Site, location_from_stack_trace
+
+from .analyze import spec as S
+from .analyze.build import analyze
+from .analyze.symbolic import Decline
+from .match import Declined, find_sites
+from .rewrite import rewrite
+
+log = logging.getLogger("attn_compiler")
+counters: Counter = Counter()  # "fused", "declined": tests observe these
+
+
+def real_values(gm: fx.GraphModule, example_inputs) -> Dict[fx.Node, torch.Tensor]:
+    out = {}
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for n, v in zip(phs, example_inputs):
+        if isinstance(v, torch.Tensor) and not isinstance(v, torch._subclasses.FakeTensor):
+            out[n] = v
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            try:
+                v = gm.get_parameter(n.target) if False else _attr(gm, n.target)
+            except AttributeError:
+                continue
+            if isinstance(v, torch.Tensor):
+                out[n] = v
+    return out
+
+
+def _attr(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> List[Site]:
+    values = real_values(gm, example_inputs)
+    sites, replaced, dead = [], {}, []
+    for ordinal, item in enumerate(find_sites(gm)):
+        node = item.node if isinstance(item, Declined) else item.softmax
+        loc = location_from_stack_trace(node.meta.get("stack_trace"))
+        site = Site(DECLINED, location=loc, graph_id=graph_id, ordinal=ordinal)
+        if isinstance(item, Declined):
+            site.reason = item.reason
+        else:
+            try:
+                analysis = analyze(item, values)
+                site.features = features(item, analysis.spec)
+                rewrite(gm, item, analysis, replaced)
+                site.status = FUSED
+                dead.append(item.pv.node)
+            except Decline as e:
+                site.reason = str(e)
+            except Exception as e:  # noqa: BLE001 - a bug of ours must not break the model
+                log.warning("attention site at %s left unfused after an internal error: %r",
+                            loc, e, exc_info=log.isEnabledFor(logging.DEBUG))
+                site.reason = f"internal error: {type(e).__name__}: {e}"
+        counters[site.status] += 1
+        log.info("attention site %s: %s %s", loc, site.status, site.reason)
+        sites.append(site)
+    if dead:
+        _remove_dead(gm, dead)
+        gm.graph.lint()
+        gm.recompile()
+    return sites
+
+
+def _remove_dead(gm: fx.GraphModule, roots: List[fx.Node]) -> None:
+    """Erase the replaced sites' nodes that nothing uses any more (only pure
+    ops: in-place or random calls are kept)."""
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        if n.graph is None or n.users or n.op not in ("call_function", "call_method"):
+            continue
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        if name.endswith("_") and not name.startswith("_") or "rand" in name:
+            continue
+        inputs = n.all_input_nodes
+        gm.graph.erase_node(n)
+        stack.extend(inputs)
+
+
+def _scale_text(spec: S.AttentionSpec) -> str:
+    sc = spec.scale
+    if sympy.simplify(sc - 1 / sympy.sqrt(S.D)) == 0:
+        return "1/sqrt(D)"
+    if sc.is_number:
+        return f"{float(sc):.6g}"
+    return str(sc)
+
+
+def features(m, spec: S.AttentionSpec) -> dict:
+    from .canonicalize import example_value
+
+    def shape(n):
+        return tuple(example_value(n).shape)
+
+    return {
+        "scale": _scale_text(spec),
+        "mask": spec.mask_kind,
+        "score_mod": spec.describe_mod(),
+        "gqa_group": spec.gqa_group,
+        "dropout": spec.dropout_p,
+        "dtypes": {"qkv": example_value(m.q.node).dtype, "softmax": spec.softmax_dtype},
+        "shapes": {"q": shape(m.q.node), "k": shape(m.k.node), "v": shape(m.v.node)},
+        "captured": [str(c.dims) for c in spec.captured],
+        "spec": spec.dumps(),
+    }
