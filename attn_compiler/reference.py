@@ -48,8 +48,8 @@ import torch
 from attn_compiler.passes.analyze import torch_eval
 from attn_compiler.passes.analyze.spec import AttentionSpec, DIM_NAMES
 
-# Elements of one (B, Hq, BLOCK_M, BLOCK_N) score block: 4M fp32 = 16 MiB.
-BLOCK_ELEMENTS = 1 << 22
+# Elements of one (B, Hq, BLOCK_M, BLOCK_N) score block: 1M fp32 = 4 MiB.
+BLOCK_ELEMENTS = 1 << 20
 MIN_BLOCK = 16
 _block_override: Optional[Tuple[int, int]] = None
 
@@ -215,12 +215,16 @@ def _block_scores(pb: _Problem, qg, m0, m1, n0, n1):
     """z = score_mod(scale * q kᵀ) for one block, and the evaluation env."""
     M = m1 - m0
     kb = pb.k[:, :, n0:n1].to(pb.cd)                          # (Bk, Hkv, N, D)
-    s = _ungrouped(qg @ kb.transpose(-1, -2), pb, M) * pb.scale  # (B, Hq, M, N)
+    s = _ungrouped(qg @ kb.transpose(-1, -2), pb, M).mul_(pb.scale)  # (B, Hq, M, N)
     env = _block_env(pb, s, m0, m1, n0, n1)
     if pb.spec.score_mod_is_identity:
         return s, env
     z = torch_eval.evaluate(pb.spec.score_mod, env)
-    return torch.broadcast_to(z, s.shape), env
+    # callers update z in place: it must be a block of its own, not a captured input
+    if z.shape != s.shape or any(z.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                                 for t in env.values() if torch.is_tensor(t) and t is not s):
+        z = torch.broadcast_to(z, s.shape).clone()
+    return z, env
 
 
 def _keep_scaled(pb: _Problem, env) -> Optional[torch.Tensor]:
@@ -291,11 +295,11 @@ def _forward_rows(pb: _Problem, m0: int, m1: int, skip):
         # rows still all -inf: subtract 0 so exp(-inf) = 0, never exp(nan)
         m_sub = torch.where(m_new == -math.inf, 0.0, m_new)
         alpha = torch.exp(m - m_sub)                              # rescale of the old state
-        p = torch.exp(z - m_sub[..., None])
+        p = z.sub_(m_sub[..., None]).exp_()                       # in place: z is done
         l = l * alpha + p.sum(-1)                                 # softmax denominator: no dropout
         keep = _keep_scaled(pb, env)
         if keep is not None:
-            p = p * keep
+            p.mul_(keep)
         vb = pb.v[:, :, n0:n1].to(cd)                             # (Bk, Hkv, N, Dv)
         pv = _ungrouped(_grouped(p, pb, M, cd) @ vb, pb, M)       # (B, Hq, M, Dv)
         acc = acc * alpha[..., None] + pv
@@ -343,25 +347,26 @@ def _backward_rows(pb: _Problem, m0, m1, rows, dk, dv, dcap, skip):
         if skip(m0, m1, n0, n1):
             continue
         z, env = _block_scores(pb, qg, m0, m1, n0, n1)           # (B, Hq, M, N)
-        p = _probs(z, lse_b, stats)           # fully -inf rows: nan, as eager's backward
+        p = _probs_(z, lse_b, stats)          # fully -inf rows: nan, as eager's backward
+        p_zero = p == 0
         kb, vb = pb.k[:, :, n0:n1].to(cd), pb.v[:, :, n0:n1].to(cd)
         dp = _ungrouped(dog @ vb.transpose(-1, -2), pb, M)        # dO Vᵀ: (B, Hq, M, N)
         keep = _keep_scaled(pb, env)
         pd = p if keep is None else p * keep
         if keep is not None:
-            dp = dp * keep
-        dz = torch.where(p == 0, 0.0, p * (dp - delta_b[..., None]))
-        ds = dz if spec.dscore == 1 else _masked_mul(dz, p, spec.dscore, env)
-        dsg = _grouped(ds, pb, M, cd) * pb.scale                  # (B, Hkv, G*M, N)
-        dqg += dsg @ kb
-        # group rows are summed by the matmul; a broadcast k/v batch by .sum(0)
-        dk[:, :, n0:n1] += _reduce_batch(dsg.transpose(-1, -2) @ qg, dk.shape[0])
+            dp.mul_(keep)
+        dz = dp.sub_(delta_b[..., None]).mul_(p).masked_fill_(p_zero, 0.0)
         dv[:, :, n0:n1] += _reduce_batch(_grouped(pd, pb, M, cd).transpose(-1, -2) @ dog, dv.shape[0])
         for i, acc in dcap.items():
-            g = _masked_mul(dz, p, spec.dcaptured[i], env)
+            g = _masked_mul(dz, p_zero, spec.dcaptured[i], env)
             dims = [d for d in range(4) if acc.shape[d] == 1 and g.shape[d] != 1]
             g = g.sum(dims, keepdim=True) if dims else g
             _slice_captured(acc, m0, m1, n0, n1).add_(g)
+        ds = dz if spec.dscore == 1 else _masked_mul(dz, p_zero, spec.dscore, env, inplace=True)
+        dsg = _grouped(ds, pb, M, cd).mul_(pb.scale)              # (B, Hkv, G*M, N)
+        dqg += dsg @ kb
+        # group rows are summed by the matmul; a broadcast k/v batch by .sum(0)
+        dk[:, :, n0:n1] += _reduce_batch(dsg.transpose(-1, -2) @ qg, dk.shape[0])
     return _ungrouped(dqg, pb, M)
 
 
@@ -385,20 +390,21 @@ def _row_stats(pb: _Problem, qg, m0, m1, skip):
     return torch.where(m == -math.inf, 0.0, m), l
 
 
-def _probs(z, lse_b, stats):
-    """P = exp(z - lse), or exp(z - m) / l from exact row stats when given."""
+def _probs_(z, lse_b, stats):
+    """P = exp(z - lse), or exp(z - m) / l from exact row stats; in place on z."""
     if stats is None:
-        return torch.exp(z - lse_b[..., None])
+        return z.sub_(lse_b[..., None]).exp_()
     m, l = stats
-    return torch.exp(z - m[..., None]) / l[..., None]
+    return z.sub_(m[..., None]).exp_().div_(l[..., None])
 
 
-def _masked_mul(dz, p, expr, env):
+def _masked_mul(dz, p_zero, expr, env, inplace=False):
     """dz * expr, exactly 0 where P == 0 (expr may be inf/nan at masked
     positions) or where expr == 0: a zero derivative selects, as eager's
     masked_fill / where backward does, so a nan dz (fully -inf row) stays out."""
     d = torch_eval.evaluate(expr, env)
-    return torch.where((p == 0) | (d == 0), 0.0, dz * d)
+    out = dz.mul_(d) if inplace else dz * d
+    return out.masked_fill_(p_zero | (d == 0), 0.0)
 
 
 def _reduce_batch(x, batch: int):

@@ -90,7 +90,7 @@ def _remove_dead(gm: fx.GraphModule, roots: List[fx.Node]) -> None:
     stack = list(roots)
     while stack:
         n = stack.pop()
-        if n.graph is None or n.users or n.op not in ("call_function", "call_method"):
+        if getattr(n, "_erased", False) or n.users or n.op not in ("call_function", "call_method"):
             continue
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
         if name.endswith("_") and not name.startswith("_") or "rand" in name:

@@ -8,8 +8,6 @@ import pytest
 
 from attn_compiler.cli import main
 
-NOT_FUSING_YET = "the backend does not fuse attention sites yet"
-
 MODEL_FILE = textwrap.dedent('''
     import math
     import torch
@@ -60,7 +58,6 @@ def test_explain_runs(model_file, factory, capsys):
     assert "attn_compiler explain" in out
 
 
-@pytest.mark.xfail(strict=False, reason=NOT_FUSING_YET)
 def test_explain_lists_the_site(model_file, capsys):
     assert main(["explain", f"{model_file}:make"]) == 0
     out = capsys.readouterr().out
@@ -94,6 +91,5 @@ def test_demo_numerics_pass(demo_run):
     assert "logits" in demo_run.stdout
 
 
-@pytest.mark.xfail(strict=False, reason=NOT_FUSING_YET)
 def test_demo_fuses_every_layer(demo_run):
     assert "2 attention sites: 2 fused, 0 declined" in demo_run.stdout

@@ -122,20 +122,48 @@ def _split_scale(expr, prefixes, head_dim):
     A float scale equal to ``1/sqrt(D)`` to the last bits (how ``1 /
     math.sqrt(head_dim)`` arrives once dynamo folds it) is named so.
     """
-    if len(prefixes) == 1:
-        c = next(iter(prefixes))
-        if c != 0:
-            mod = expr.xreplace({c * R: S.score}).xreplace({R: S.score / c})
-            return _name_scale(c, head_dim), sympy.piecewise_fold(mod)
-    return sympy.Integer(1), sympy.piecewise_fold(expr.xreplace({R: S.score}))
+    c = next(iter(prefixes)) if len(prefixes) == 1 else None
+    if c is None or c == 1:
+        c = _uniform_coefficient(expr)
+    if c is None or c == 0:
+        return sympy.Integer(1), sympy.piecewise_fold(expr.xreplace({R: S.score}))
+    scale, rest = _name_scale(c, head_dim)
+    mod = expr.xreplace({c * R: rest * S.score}).xreplace({R: rest * S.score / c})
+    return scale, sympy.piecewise_fold(mod)
+
+
+def _uniform_coefficient(expr):
+    """The number ``c`` if ``R`` only ever appears as ``c * R``."""
+    muls = [m for m in expr.atoms(sympy.Mul) if R in m.args]
+    coeffs = {m / R for m in muls}
+    if len(coeffs) != 1:
+        return None
+    c = coeffs.pop()
+    if not c.is_number or expr.xreplace({c * R: sympy.Dummy()}).has(R):
+        return None
+    return c
 
 
 def _name_scale(c, head_dim):
-    if isinstance(head_dim, int) and c.is_number:
-        exact = 1 / sympy.sqrt(S.D)
-        if abs(float(c) * math.sqrt(head_dim) - 1.0) < 1e-12:
-            return exact
-    return c
+    """Split ``c = scale * rest`` with ``scale = 1/sqrt(D)`` when ``c`` is
+    1/sqrt(D) times a simple rational (a softcap's 1/cap, say)."""
+    if isinstance(head_dim, int):
+        if not c.is_number:
+            return c, sympy.Integer(1)
+        r = float(c) * math.sqrt(head_dim)
+    elif isinstance(head_dim, torch.SymInt):
+        r = sympy.simplify(c * sympy.sqrt(S.D))
+        if not r.is_number:
+            return c, sympy.Integer(1)
+        r = float(r)
+    else:
+        return c, sympy.Integer(1)
+    if abs(r - 1.0) < 1e-12:
+        return 1 / sympy.sqrt(S.D), sympy.Integer(1)
+    near = sympy.Rational(r).limit_denominator(1024) if r else None
+    if near is not None and abs(float(near) - r) <= 1e-12 * abs(r):
+        return 1 / sympy.sqrt(S.D), sympy.Float(r)
+    return c, sympy.Integer(1)
 
 
 def _rename_captures(expr, leaves):

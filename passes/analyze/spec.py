@@ -44,8 +44,12 @@ SIZE_SYMBOLS = (Lq, Lk, D)
 DIM_NAMES = ("b", "h", "q_idx", "kv_idx")
 
 # A fill at or below this value is a mask: exp(fill - rowmax) is exactly 0 in
-# float32 for any score the row can hold next to an unmasked one.
-MASK_FILL_THRESHOLD = -1.0e30
+# float32 whenever the row also holds an unmasked score above fill + 104
+# (e^-104 underflows); models use -1e4, -1e9, finfo.min and -inf.
+MASK_FILL_THRESHOLD = -1.0e4
+# Adding a constant at or below this to a float32 score gives the constant
+# itself (the score is under half an ulp of it): score + finfo.min == finfo.min.
+ABSORBING_FILL = -1.0e30
 
 
 def captured(i: int) -> sympy.Function:
@@ -99,8 +103,8 @@ class AttentionSpec:
     @functools.cached_property
     def mask_fill(self) -> Optional[float]:
         """The value of masked positions (``-inf`` or a huge negative), if any."""
-        fills = [e for e, _ in _pieces(self.score_mod) if _is_fill(e)]
-        return float(fills[0]) if fills else None
+        fills = [_fill_value(e) for e, _ in _pieces(self.score_mod) if _is_fill(e)]
+        return fills[0] if fills else None
 
     @functools.cached_property
     def mask_kind(self) -> str:
@@ -186,10 +190,26 @@ def _pieces(expr):
     return [(expr, sympy.true)]
 
 
-def _is_fill(e) -> bool:
+def _fill_value(e) -> Optional[float]:
+    """The fill a masked branch evaluates to, or None if ``e`` is no fill.
+
+    ``e`` is a fill when it is a constant at or below MASK_FILL_THRESHOLD, or
+    ``x + c`` with ``c <= ABSORBING_FILL`` (an additive ``finfo.min`` mask:
+    ``score + c`` rounds to ``c`` in float32, while its gradient stays 1, so
+    the expression itself is kept as written)."""
     if e is sympy.S.NegativeInfinity:
-        return True
-    return e.is_number and e.is_real and bool(e <= MASK_FILL_THRESHOLD)
+        return float("-inf")
+    if e.is_number and e.is_extended_real:
+        return float(e) if bool(e <= MASK_FILL_THRESHOLD) else None
+    if isinstance(e, sympy.Add):
+        consts = [a for a in e.args if a.is_number and a.is_extended_real]
+        if consts and float(sum(consts)) <= ABSORBING_FILL:
+            return float(sum(consts))
+    return None
+
+
+def _is_fill(e) -> bool:
+    return _fill_value(e) is not None
 
 
 def _keep_condition(expr) -> sympy.Boolean:
@@ -244,14 +264,22 @@ def _relation_offsets(pred):
     return lo, hi
 
 
+def _has_tensor(e) -> bool:
+    return any(isinstance(f, sympy.core.function.AppliedUndef) for f in e.atoms(sympy.Function))
+
+
 def classify_mask(pred) -> str:
     if pred is sympy.true:
         return "none"
     if pred is sympy.false:
         return "all"
+    if _has_tensor(pred):
+        terms = pred.args if isinstance(pred, sympy.And) else (pred,)
+        index = [t for t in terms if not _has_tensor(t)]
+        if len(index) == len(terms) - len(index) == 0 or not index:
+            return "tensor"
+        return classify_mask(sympy.And(*index)) + "+tensor"
     syms = pred.free_symbols
-    if any(isinstance(f, sympy.core.function.AppliedUndef) for f in pred.atoms(sympy.Function)):
-        return "tensor"
     if syms <= {q_idx, kv_idx, Lq, Lk}:
         rng = _relation_offsets(pred)
         if rng is not None:

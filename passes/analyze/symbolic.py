@@ -271,8 +271,8 @@ class ScoreInterpreter:
             return sympy.Float(x)
         if isinstance(x, int):
             return sympy.Integer(x)
-        if isinstance(x, (torch.SymInt, torch.SymFloat)):
-            e = x.node.expr
+        if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            e = from_shape_env(x.node.expr)
             unknown = e.free_symbols - set(self.size_map)
             if unknown:
                 raise Decline(f"a runtime size {e} the spec cannot name")
@@ -410,7 +410,7 @@ class ScoreInterpreter:
         """mul/div: keeps ``c * R`` pure when the factor is a number."""
         operands, extra = self.operands(op)
         vals = [self.value(a) for a in operands]
-        if not all(v.chain or v.expr.is_number for v in vals):
+        if not all(v.chain or _is_scalar(v) for v in vals):
             for v in vals:
                 if v.chain:
                     self._note_prefix(v.expr)
@@ -613,6 +613,45 @@ class ScoreInterpreter:
                     _size_eq(a, b) for a, b in zip(old_sizes, new_sizes)):
                 return None  # a real slice of a captured tensor: capture the slice
         return Val(_subs(x.expr, sub), new)
+
+
+def _is_scalar(v: Val) -> bool:
+    """A side value that is one number for the whole site (sizes allowed)."""
+    e = v.expr
+    return (all(is_one(s) for s in v.shape) and not is_bool(e) and not _has_leaf(e)
+            and not (e.free_symbols & set(AX)))
+
+
+def from_shape_env(e):
+    """A shape-environment expression in plain sympy (torch's size arithmetic
+    uses its own function classes: ``OpaqueUnaryFn_sqrt``, ``ToFloat``,
+    ``FloorDiv``, ``IntTrueDiv``...)."""
+    if not isinstance(e, sympy.Basic) or not e.args:
+        return e
+    args = [from_shape_env(a) for a in e.args]
+    name = type(e).__name__
+    if name.startswith("OpaqueUnaryFn_"):
+        fn = getattr(sympy, name[len("OpaqueUnaryFn_"):], None)
+        if fn is None:
+            raise Decline(f"size arithmetic {name}")
+        return fn(args[0])
+    if name in ("ToFloat", "TruncToFloat", "Identity"):
+        return args[0]
+    if name in ("FloorDiv",):
+        return sympy.floor(args[0] / args[1])
+    if name in ("IntTrueDiv", "FloatTrueDiv"):
+        return args[0] / args[1]
+    if name in ("PowByNatural", "FloatPow"):
+        return args[0] ** args[1]
+    if name in ("Mod", "PythonMod"):
+        return sympy.Mod(args[0], args[1])
+    if name in ("CeilToInt",):
+        return sympy.ceiling(args[0])
+    if name in ("FloorToInt", "TruncToInt"):
+        return sympy.floor(args[0])
+    if type(e).__module__.startswith("torch"):
+        raise Decline(f"size arithmetic {name}")
+    return e.func(*args)
 
 
 def _subs(expr, sub):

@@ -1,0 +1,467 @@
+"""Hand-written attention as models write it: one small function or module per form.
+
+Each form is named after what it is and the model family it comes from.
+Unless a docstring says otherwise, a function takes ``q, k, v`` of shape
+(B, H, L, D) and returns (B, H, Lq, Dv).  Modules take the same tensors in
+``forward``.  The forms are plain eager code: tests/test_forms.py compiles them
+with the backend and compares against running them eagerly (and in float64).
+
+Notation: B batch, H query heads, Hkv key/value heads, G = H // Hkv,
+Lq / Lk query / key lengths, D head dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ---- Q·Kᵀ spellings ------------------------------------------------------------
+
+def gpt2_matmul_div_sqrt(q, k, v):
+    """GPT-2 (HF eager): torch.matmul, K by transpose(-1, -2), divide by sqrt(head_dim)."""
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.size(-1))   # (B, H, Lq, Lk)
+    p = F.softmax(s, dim=-1)
+    return torch.matmul(p, v)
+
+
+def vit_at_mul_inv_sqrt(q, k, v):
+    """ViT / timm: ``@`` operator, K by transpose(-2, -1), multiply by d**-0.5."""
+    s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    return s.softmax(dim=-1) @ v
+
+
+def mT_torch_softmax(q, k, v):
+    """Tensor.mT for Kᵀ, torch.softmax, a literal scale."""
+    s = q @ k.mT * 0.25                                                 # D = 16
+    return torch.softmax(s, dim=-1) @ v
+
+
+def permute_kT(q, k, v):
+    """K transposed with permute(0, 1, 3, 2); scale as a division by a number."""
+    s = torch.matmul(q, k.permute(0, 1, 3, 2)) / 4.0
+    return torch.matmul(s.softmax(-1), v)
+
+
+def pretransposed_k(q, kt, v):
+    """K arrives already transposed: kt (B, H, D, Lk) (as caches in some codebases)."""
+    s = q @ kt * (1.0 / math.sqrt(q.shape[-1]))
+    return F.softmax(s, dim=-1) @ v
+
+
+def fairseq_bmm_3d(q, k, v):
+    """fairseq MultiheadAttention: 3-D (B*H, L, D) inputs, torch.bmm both products."""
+    s = torch.bmm(q * (q.size(-1) ** -0.5), k.transpose(1, 2))          # (B*H, Lq, Lk)
+    p = F.softmax(s, dim=-1, dtype=torch.float32).type_as(s)
+    return torch.bmm(p, v)                                              # (B*H, Lq, D)
+
+
+def fairseq_bmm_reshaped(q, k, v):
+    """4-D inputs flattened to (B*H, L, D) in the graph, bmm, reshaped back."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    q3 = q.reshape(B * H, Lq, D)
+    k3 = k.reshape(B * H, Lk, D)
+    v3 = v.reshape(B * H, Lk, v.shape[-1])
+    s = torch.bmm(q3, k3.transpose(1, 2)) / math.sqrt(D)
+    p = torch.softmax(s, dim=-1)
+    return torch.bmm(p, v3).view(B, H, Lq, -1)
+
+
+def einsum_bhqd(q, k, v):
+    """einsum 'bhqd,bhkd->bhqk' then 'bhqk,bhkd->bhqd'."""
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) * (q.shape[-1] ** -0.5)
+    return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), v)
+
+
+def einsum_bqhd(q, k, v):
+    """Sequence-major layout (B, L, H, D) as many JAX ports write it:
+    'bqhd,bkhd->bhqk' and P·V 'bhqk,bkhd->bqhd'.  Returns (B, Lq, H, D)."""
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def guided_diffusion_split_scale(q, k, v):
+    """guided-diffusion QKVAttention: channel-major (B*H, D, T), scale d**-1/4 on
+    both q and k, einsum 'bct,bcs->bts', float softmax cast back.  Returns (B*H, D, T)."""
+    ch = q.shape[1]
+    scale = 1 / math.sqrt(math.sqrt(ch))
+    w = torch.einsum("bct,bcs->bts", q * scale, k * scale)              # (B*H, Tq, Tk)
+    w = torch.softmax(w.float(), dim=-1).type(w.dtype)
+    return torch.einsum("bts,bcs->bct", w, v)
+
+
+def whisper_prescaled_q(q, k, v):
+    """Whisper / BART (HF): the query is scaled before Q·Kᵀ."""
+    q = q * (q.shape[-1] ** -0.5)
+    s = torch.matmul(q, k.transpose(2, 3))
+    return torch.matmul(F.softmax(s, dim=-1), v)
+
+
+def bloom_baddbmm_alibi(q, kt, v, alibi, causal_bool):
+    """Bloom: q (B*H, Lq, D), kt (B*H, D, Lk) pre-transposed, alibi (B*H, 1, Lk);
+    ``baddbmm(alibi, q, kt, beta=1, alpha=1/sqrt(D))``, viewed (B, H, Lq, Lk),
+    masked with finfo.min where ``causal_bool`` (B, 1, Lq, Lk) is True, float32
+    softmax cast back, bmm with v (B*H, Lk, D)."""
+    BH, Lq, D = q.shape
+    B = causal_bool.shape[0]
+    H = BH // B
+    s = alibi.baddbmm(q, kt, beta=1.0, alpha=1.0 / math.sqrt(D))       # (B*H, Lq, Lk)
+    s = s.view(B, H, Lq, -1)
+    s = torch.masked_fill(s, causal_bool, torch.finfo(s.dtype).min)
+    p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    p = p.view(B * H, Lq, -1)
+    return torch.bmm(p, v)
+
+
+# ---- softmax spellings -----------------------------------------------------------
+
+class ViTNNSoftmax(nn.Module):
+    """HF ViT / CLIP style module with an ``nn.Softmax(dim=-1)`` submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+        return self.softmax(s) @ v
+
+
+def llama_softmax_fp32_cast(q, k, v):
+    """Llama (HF eager): softmax with dtype=torch.float32, ``.to(q.dtype)``."""
+    s = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5)
+    p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+def t5_float_upcast_type_as(q, k, v):
+    """``.float()`` upcast of the scores, softmax, ``.type_as(q)``."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    p = F.softmax(s.float(), dim=-1).type_as(q)
+    return p @ v
+
+
+def manual_softmax_amax(q, k, v):
+    """Decomposed softmax: exp(s - amax(s)) / sum."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    e = torch.exp(s - torch.amax(s, dim=-1, keepdim=True))
+    p = e / e.sum(dim=-1, keepdim=True)
+    return p @ v
+
+
+def manual_softmax_max_index0(q, k, v):
+    """Decomposed softmax with ``s.max(-1, keepdim=True)[0]``."""
+    s = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5)
+    e = (s - s.max(-1, keepdim=True)[0]).exp()
+    p = e / torch.sum(e, -1, keepdim=True)
+    return p @ v
+
+
+def manual_softmax_max_values(q, k, v):
+    """Decomposed softmax with ``s.max(dim=-1, keepdim=True).values``."""
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    e = torch.exp(s - s.max(dim=-1, keepdim=True).values)
+    return torch.matmul(e / e.sum(-1, keepdim=True), v)
+
+
+# ---- masks -------------------------------------------------------------------------
+
+class NanoGPTCausalBuffer(nn.Module):
+    """nanoGPT CausalSelfAttention (manual path): c_attn projection, causal mask in a
+    registered ``bias`` buffer sliced [:, :, :T, :T], masked_fill -inf, c_proj.
+    Takes x (B, T, C)."""
+
+    def __init__(self, n_embd=64, n_head=4, block_size=32):
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size))
+                             .view(1, 1, block_size, block_size))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = att @ v                                                      # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+def causal_tril_in_graph(q, k, v):
+    """Causal mask from ``tril(ones(L, L, bool))`` built in the graph, masked_fill(~m, -inf)."""
+    L = q.shape[-2]
+    m = torch.tril(torch.ones(L, L, dtype=torch.bool, device=q.device))
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~m, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def causal_triu_finfo_min(q, k, v):
+    """Causal mask from ``triu(ones, diagonal=1).bool()``, masked_fill with finfo.min."""
+    L = q.shape[-2]
+    m = torch.triu(torch.ones(L, L, device=q.device), diagonal=1).bool()
+    s = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5)
+    s = s.masked_fill(m, torch.finfo(s.dtype).min)
+    return torch.softmax(s, -1) @ v
+
+
+def padding_bool_where_neg1e9(q, k, v, keep):
+    """Boolean padding mask ``keep`` (B, 1, 1, Lk) through torch.where with -1e9."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = torch.where(keep, s, torch.tensor(-1e9, dtype=s.dtype, device=s.device))
+    return F.softmax(s, dim=-1) @ v
+
+
+def bert_bool_masked_fill_neg10000(q, k, v, pad):
+    """Old BERT style: masked_fill(pad, -10000.0), ``pad`` (B, 1, 1, Lk) True = padding."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(pad, -10000.0)
+    return F.softmax(s, dim=-1) @ v
+
+
+def bert_additive_padding(q, k, v, add_mask):
+    """HF BERT extended attention mask: additive float (B, 1, 1, Lk) input."""
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = s + add_mask
+    return torch.matmul(F.softmax(s, dim=-1), v)
+
+
+def full_additive_mask(q, k, v, add_mask):
+    """Full additive float mask (B, 1, Lq, Lk) input (HF 4-D attention_mask)."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5) + add_mask
+    p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+def mistral_sliding_window(q, k, v, window: int = 4):
+    """Sliding-window causal mask from arange comparisons: keep i - w < j <= i."""
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    i = torch.arange(Lq, device=q.device)[:, None]
+    j = torch.arange(Lk, device=q.device)[None, :]
+    keep = (j <= i) & (j > i - window)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def hf5_causal_where_finfo(q, k, v):
+    """transformers-5 style: causal additive mask built in the graph,
+    ``where(kv_idx[None, :] <= q_idx[:, None] + (Lk - Lq), 0, finfo.min)``,
+    added to the scaled scores (bottom-right aligned, as with a cache)."""
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    offset = Lk - Lq
+    q_idx = torch.arange(Lq, device=q.device)
+    kv_idx = torch.arange(Lk, device=q.device)
+    allowed = kv_idx[None, :] <= q_idx[:, None] + offset                # (Lq, Lk)
+    mask = torch.where(allowed, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+    s = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5)
+    s = s + mask[None, None]
+    p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+def hf5_causal_and_padding(q, k, v, pad_keep):
+    """transformers-5 style causal mask and-ed with a padding bool mask
+    ``pad_keep`` (B, Lk) (True = real token), turned additive with finfo.min."""
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    q_idx = torch.arange(Lq, device=q.device)
+    kv_idx = torch.arange(Lk, device=q.device)
+    causal = kv_idx[None, :] <= q_idx[:, None] + (Lk - Lq)              # (Lq, Lk)
+    allowed = causal[None, None, :, :] & pad_keep[:, None, None, :]     # (B, 1, Lq, Lk)
+    mask = torch.where(allowed, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+    s = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5) + mask
+    p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+# ---- score modifications -------------------------------------------------------
+
+def mpt_alibi_in_graph(q, k, v):
+    """ALiBi built in the graph from per-head slopes and arange (MPT-style,
+    ``slope * (j - i)``), plus a causal mask."""
+    H, Lq, Lk = q.shape[1], q.shape[-2], k.shape[-2]
+    slopes = torch.pow(2.0, -8.0 * torch.arange(1, H + 1, device=q.device, dtype=torch.float32) / H)
+    i = torch.arange(Lq, device=q.device)[:, None]
+    j = torch.arange(Lk, device=q.device)[None, :]
+    alibi = slopes[:, None, None] * (j - i).to(torch.float32)            # (H, Lq, Lk)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = s + alibi.to(s.dtype)
+    s = s.masked_fill(j > i, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+class T5UnscaledBias(nn.Module):
+    """T5: no scale; learned relative position bias, an nn.Parameter (1, H, Lq, Lk),
+    added to the scores; float softmax ``.type_as(scores)``."""
+
+    def __init__(self, H=4, Lq=13, Lk=13):
+        super().__init__()
+        self.position_bias = nn.Parameter(0.5 * torch.randn(1, H, Lq, Lk))
+
+    def forward(self, q, k, v):
+        scores = torch.matmul(q, k.transpose(3, 2))
+        scores += self.position_bias
+        p = F.softmax(scores.float(), dim=-1).type_as(scores)
+        return torch.matmul(p, v)
+
+
+class SwinRelativeBiasTable(nn.Module):
+    """Swin: relative position bias gathered from a learned table
+    ((2W-1)^2, H) with a registered index buffer, permuted to (H, N, N)."""
+
+    def __init__(self, H=4, window=(3, 4)):
+        super().__init__()
+        wh, ww = window
+        self.table = nn.Parameter(0.5 * torch.randn((2 * wh - 1) * (2 * ww - 1), H))
+        coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij"))
+        flat = torch.flatten(coords, 1)                                  # (2, N)
+        rel = (flat[:, :, None] - flat[:, None, :]).permute(1, 2, 0).contiguous()
+        rel[:, :, 0] += wh - 1
+        rel[:, :, 1] += ww - 1
+        rel[:, :, 0] *= 2 * ww - 1
+        self.register_buffer("index", rel.sum(-1))                      # (N, N)
+
+    def forward(self, q, k, v):
+        N = q.shape[-2]
+        q = q * (q.shape[-1] ** -0.5)
+        attn = q @ k.transpose(-2, -1)
+        bias = self.table[self.index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
+        attn = attn + bias.unsqueeze(0)
+        return attn.softmax(dim=-1) @ v
+
+
+class SwinV2CosineLogitScale(nn.Module):
+    """Swin-v2 cosine attention: normalised q and k, a learned per-head
+    logit scale (H, 1, 1) clamped and exponentiated, multiplying the scores."""
+
+    def __init__(self, H=4):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(H, 1, 1)) + 0.1 * torch.randn(H, 1, 1))
+
+    def forward(self, q, k, v):
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+        attn = attn * logit_scale
+        return attn.softmax(dim=-1) @ v
+
+
+def gemma2_tanh_softcap(q, k, v, cap: float = 5.0):
+    """Gemma-2: scores soft-capped as s / cap, tanh, * cap, then causal."""
+    L = q.shape[-2]
+    s = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5)
+    s = s / cap
+    s = torch.tanh(s)
+    s = s * cap
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    s = s.masked_fill(~causal, torch.finfo(s.dtype).min)
+    p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+def grok_softcap_expr(q, k, v, cap: float = 30.0):
+    """Grok-1: ``cap * torch.tanh(s / cap)`` in one expression."""
+    s = q @ k.transpose(-1, -2) * 0.08
+    s = cap * torch.tanh(s / cap)
+    return torch.softmax(s, dim=-1) @ v
+
+
+def elementwise_chain(q, k, v, bias):
+    """Other elementwise chain: scale, add a (1, H, 1, Lk) bias, multiply by a
+    temperature, subtract a constant (softmax-invariant)."""
+    s = q @ k.transpose(-1, -2)
+    s = (s * 0.25 + bias) * 1.5 - 3.0
+    return torch.softmax(s, dim=-1) @ v
+
+
+# ---- GQA / MQA ------------------------------------------------------------------------
+
+def gqa_repeat_interleave(q, k, v):
+    """GQA with K/V widened by ``repeat_interleave(G, dim=1)``; k, v (B, Hkv, L, D)."""
+    G = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(G, dim=1)
+    v = v.repeat_interleave(G, dim=1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return torch.softmax(s, dim=-1) @ v
+
+
+def hf_repeat_kv(x, n_rep: int):
+    """HF ``repeat_kv``: (B, Hkv, L, D) -> (B, Hkv * n_rep, L, D)."""
+    B, Hkv, L, D = x.shape
+    if n_rep == 1:
+        return x
+    x = x[:, :, None, :, :].expand(B, Hkv, n_rep, L, D)
+    return x.reshape(B, Hkv * n_rep, L, D)
+
+
+def hf_repeat_kv_gqa(q, k, v):
+    """Llama/Mistral (HF eager) GQA with ``repeat_kv``, fp32 softmax, causal additive mask."""
+    G = q.shape[1] // k.shape[1]
+    k = hf_repeat_kv(k, G)
+    v = hf_repeat_kv(v, G)
+    L = q.shape[-2]
+    mask = torch.full((L, L), torch.finfo(q.dtype).min, device=q.device, dtype=q.dtype).triu(1)
+    s = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5) + mask
+    p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+def mqa_broadcast(q, k, v):
+    """MQA (Falcon-7B / PaLM style): k, v (B, 1, L, D) broadcast over the heads by matmul."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return F.softmax(s, dim=-1) @ v
+
+
+# ---- dropout -----------------------------------------------------------------------------
+
+def functional_dropout(q, k, v, p: float = 0.1, training: bool = True):
+    """Attention dropout by ``F.dropout(probs, p, training=...)`` (HF eager)."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    probs = F.softmax(s, dim=-1)
+    probs = F.dropout(probs, p=p, training=training)
+    return probs @ v
+
+
+class BertDropoutModule(nn.Module):
+    """BERT self-attention core with an ``nn.Dropout`` on the probabilities."""
+
+    def __init__(self, p=0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(p)
+
+    def forward(self, q, k, v):
+        s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        probs = self.dropout(nn.functional.softmax(s, dim=-1))
+        return torch.matmul(probs, v)
+
+
+# ---- cross-attention, decode, several sites ---------------------------------------------
+
+def t5_cross_attention_padding(q, k, v, add_mask):
+    """Encoder–decoder cross-attention: Lq != Lk, additive padding mask (B, 1, 1, Lk)."""
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + add_mask
+    return torch.matmul(F.softmax(s.float(), dim=-1).type_as(s), v)
+
+
+def kv_cache_decode(q, past_k, past_v, k_new, v_new):
+    """One-token decode: q (B, H, 1, D); the cache grows by torch.cat along L."""
+    k = torch.cat([past_k, k_new], dim=2)                               # (B, H, Lk, D)
+    v = torch.cat([past_v, v_new], dim=2)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return torch.softmax(s, dim=-1) @ v
+
+
+def decoder_self_and_cross(q, k, v, enc_k, enc_v):
+    """A decoder block's two sites: causal self-attention, then cross-attention
+    whose query is the self-attention output."""
+    x = causal_tril_in_graph(q, k, v)
+    return gpt2_matmul_div_sqrt(x, enc_k, enc_v)

@@ -1,0 +1,329 @@
+"""Every hand-written attention form in tests/forms.py is found and fused, and
+computes what eager computes: outputs and gradients (inputs and parameters)
+checked relative to a float64 golden (STYLE.md §2) on awkward shapes (§3).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+import attn_compiler
+from attn_compiler.passes.pipeline import counters
+from attn_compiler.testing import golden_check
+
+import forms  # tests/forms.py (pytest puts tests/ on sys.path)
+
+B, H, L, D = 2, 4, 13, 16
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+
+# ---- inputs ------------------------------------------------------------------------
+
+def _t(*shape, dtype=F32, grad=True, scale=1.0):
+    x = (scale * torch.randn(*shape)).to(dtype)
+    return x.requires_grad_(grad)
+
+
+def _qkv(dtype, b=B, h=H, lq=L, lk=L, d=D, hkv=None):
+    hkv = h if hkv is None else hkv
+    return [_t(b, h, lq, d, dtype=dtype), _t(b, hkv, lk, d, dtype=dtype), _t(b, hkv, lk, d, dtype=dtype)]
+
+
+def _keep_mask(b=B, lk=L):
+    """(B, Lk) bool, True = real token; every row keeps its first 5 keys."""
+    keep = torch.ones(b, lk, dtype=torch.bool)
+    keep[0, lk - 3:] = False
+    keep[1, 5:] = False
+    return keep
+
+
+def _additive(keep, dtype):
+    return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+@dataclasses.dataclass
+class Case:
+    id: str
+    build: Callable                  # dtype -> (fn or module, [args])
+    sites: int = 1
+    kv_heads: Optional[int] = None   # GQA/MQA: heads the op's K must have
+
+
+def _fn(f, **kw):
+    return lambda dtype: (f, _qkv(dtype, **kw))
+
+
+def _mod(cls, args_of, **ctor):
+    def build(dtype):
+        m = cls(**ctor).to(dtype)
+        return m, args_of(dtype)
+    return build
+
+
+def _bloom(dtype):
+    q, kt, v = _t(B * H, L, D, dtype=dtype), _t(B * H, D, L, dtype=dtype), _t(B * H, L, D, dtype=dtype)
+    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1) / H)
+    alibi = (slopes[:, None] * torch.arange(L)[None, :]).repeat(B, 1)[:, None, :].to(dtype)  # (B*H, 1, Lk)
+    causal = torch.ones(L, L, dtype=torch.bool).triu(1)[None, None].expand(B, 1, L, L)
+    return forms.bloom_baddbmm_alibi, [q, kt, v, alibi, causal]
+
+
+def _pad_bool_4d(keep):
+    return keep[:, None, None, :]
+
+
+def _full_additive(dtype):
+    m = torch.randn(B, 1, L, L + 2).to(dtype)
+    m[:, :, :, -3:] = torch.finfo(dtype).min
+    return m
+
+
+CASES = [
+    # Q·Kᵀ spellings
+    Case("gpt2_matmul_div_sqrt", _fn(forms.gpt2_matmul_div_sqrt)),
+    Case("gpt2_matmul_div_sqrt_D80", _fn(forms.gpt2_matmul_div_sqrt, d=80)),
+    Case("vit_at_mul_inv_sqrt", _fn(forms.vit_at_mul_inv_sqrt, lq=11)),
+    Case("mT_torch_softmax", _fn(forms.mT_torch_softmax)),
+    Case("permute_kT", _fn(forms.permute_kT, lq=11, lk=13)),
+    Case("pretransposed_k", lambda dt: (forms.pretransposed_k,
+                                        [_t(B, H, L, D, dtype=dt), _t(B, H, D, L, dtype=dt), _t(B, H, L, D, dtype=dt)])),
+    Case("fairseq_bmm_3d", lambda dt: (forms.fairseq_bmm_3d,
+                                       [_t(B * H, 9, D, dtype=dt), _t(B * H, L, D, dtype=dt), _t(B * H, L, D, dtype=dt)])),
+    Case("fairseq_bmm_reshaped", _fn(forms.fairseq_bmm_reshaped)),
+    Case("einsum_bhqd", _fn(forms.einsum_bhqd)),
+    Case("einsum_bhqd_D80", _fn(forms.einsum_bhqd, d=80, lq=7)),
+    Case("einsum_bqhd", lambda dt: (forms.einsum_bqhd,
+                                    [_t(B, 11, H, D, dtype=dt), _t(B, L, H, D, dtype=dt), _t(B, L, H, D, dtype=dt)])),
+    Case("guided_diffusion_split_scale", lambda dt: (forms.guided_diffusion_split_scale,
+                                                     [_t(B * H, D, L, dtype=dt) for _ in range(3)])),
+    Case("whisper_prescaled_q", _fn(forms.whisper_prescaled_q)),
+    Case("bloom_baddbmm_alibi", _bloom),
+    # softmax spellings
+    Case("vit_nn_softmax", _mod(forms.ViTNNSoftmax, _qkv)),
+    Case("llama_softmax_fp32_cast", _fn(forms.llama_softmax_fp32_cast)),
+    Case("t5_float_upcast_type_as", _fn(forms.t5_float_upcast_type_as)),
+    Case("manual_softmax_amax", _fn(forms.manual_softmax_amax)),
+    Case("manual_softmax_max_index0", _fn(forms.manual_softmax_max_index0)),
+    Case("manual_softmax_max_values", _fn(forms.manual_softmax_max_values)),
+    # masks
+    Case("nanogpt_causal_buffer", _mod(forms.NanoGPTCausalBuffer, lambda dt: [_t(B, L, 64, dtype=dt)])),
+    Case("causal_tril_in_graph", _fn(forms.causal_tril_in_graph)),
+    Case("causal_triu_finfo_min", _fn(forms.causal_triu_finfo_min)),
+    Case("padding_bool_where_neg1e9", lambda dt: (forms.padding_bool_where_neg1e9,
+                                                  _qkv(dt) + [_pad_bool_4d(_keep_mask())])),
+    Case("bert_bool_masked_fill_neg10000", lambda dt: (forms.bert_bool_masked_fill_neg10000,
+                                                       _qkv(dt) + [_pad_bool_4d(~_keep_mask())])),
+    Case("bert_additive_padding", lambda dt: (forms.bert_additive_padding,
+                                              _qkv(dt) + [_pad_bool_4d(_additive(_keep_mask(), dt))])),
+    Case("full_additive_mask", lambda dt: (forms.full_additive_mask,
+                                           _qkv(dt, lk=L + 2) + [_full_additive(dt)])),
+    Case("mistral_sliding_window", _fn(forms.mistral_sliding_window)),
+    Case("hf5_causal_where_finfo", _fn(forms.hf5_causal_where_finfo)),
+    Case("hf5_causal_where_finfo_cache", _fn(forms.hf5_causal_where_finfo, lq=5, lk=L)),
+    Case("hf5_causal_and_padding", lambda dt: (forms.hf5_causal_and_padding, _qkv(dt) + [_keep_mask()])),
+    # score modifications
+    Case("mpt_alibi_in_graph", _fn(forms.mpt_alibi_in_graph)),
+    Case("t5_unscaled_bias", _mod(forms.T5UnscaledBias, lambda dt: _qkv(dt, lq=11), Lq=11)),
+    Case("swin_relative_bias_table", _mod(forms.SwinRelativeBiasTable, lambda dt: _qkv(dt, lq=12, lk=12))),
+    Case("swinv2_cosine_logit_scale", _mod(forms.SwinV2CosineLogitScale, _qkv)),
+    Case("gemma2_tanh_softcap", _fn(forms.gemma2_tanh_softcap)),
+    Case("grok_softcap_expr", _fn(forms.grok_softcap_expr)),
+    Case("elementwise_chain", lambda dt: (forms.elementwise_chain, _qkv(dt) + [_t(1, H, 1, L, dtype=dt)])),
+    # GQA / MQA
+    Case("gqa_repeat_interleave", _fn(forms.gqa_repeat_interleave, hkv=2), kv_heads=2),
+    Case("hf_repeat_kv_gqa", _fn(forms.hf_repeat_kv_gqa, hkv=2), kv_heads=2),
+    Case("hf_repeat_kv_mqa", _fn(forms.hf_repeat_kv_gqa, hkv=1), kv_heads=1),
+    Case("mqa_broadcast", _fn(forms.mqa_broadcast, hkv=1), kv_heads=1),
+    # cross-attention, decode, two sites
+    Case("t5_cross_attention_padding", lambda dt: (forms.t5_cross_attention_padding,
+                                                   _qkv(dt, lq=7) + [_pad_bool_4d(_additive(_keep_mask(), dt))])),
+    Case("kv_cache_decode", lambda dt: (forms.kv_cache_decode,
+                                        [_t(B, H, 1, D, dtype=dt), _t(B, H, 12, D, dtype=dt), _t(B, H, 12, D, dtype=dt),
+                                         _t(B, H, 1, D, dtype=dt), _t(B, H, 1, D, dtype=dt)])),
+    Case("decoder_self_and_cross", lambda dt: (forms.decoder_self_and_cross,
+                                               _qkv(dt) + [_t(B, H, 9, D, dtype=dt), _t(B, H, 9, D, dtype=dt)]),
+         sites=2),
+]
+BY_ID = {c.id: c for c in CASES}
+
+
+# ---- running and checking ---------------------------------------------------------
+
+def _to64(a):
+    if isinstance(a, torch.Tensor) and a.dtype.is_floating_point:
+        return a.detach().double().requires_grad_(a.requires_grad)
+    return a
+
+
+def _params(fn):
+    return [p for p in fn.parameters() if p.requires_grad] if isinstance(fn, torch.nn.Module) else []
+
+
+def _grads(out, fn, args, cot):
+    wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] + _params(fn)
+    return torch.autograd.grad(out, wrt, cot)
+
+
+def _names(fn, args):
+    names = [f"d{i}" for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    if isinstance(fn, torch.nn.Module):
+        names += [f"d{n}" for n, p in fn.named_parameters() if p.requires_grad]
+    return names
+
+
+def assert_fused(rep, sites, kv_heads=None):
+    rows = list(rep)
+    fused = [r for r in rows if r.status == "fused"]
+    problems = [f"{r.location}: {r.reason}" for r in rows if r.status != "fused"]
+    assert len(fused) == sites and not problems, \
+        f"expected {sites} fused site(s), report has {len(fused)} fused; declined: {problems}"
+    if kv_heads is not None:
+        for r in fused:
+            assert r.features["shapes"]["k"][1] == kv_heads, r.features["shapes"]
+            assert r.features["shapes"]["v"][1] == kv_heads, r.features["shapes"]
+    return fused
+
+
+def check_case(case: Case, dtype=F32, inner="aot_eager", backward=True, k=2.0):
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    fn, args = case.build(dtype)
+    fn64 = copy.deepcopy(fn).double() if isinstance(fn, torch.nn.Module) else fn
+    args64 = [_to64(a) for a in args]
+    before = counters["fused"]
+
+    compiled = torch.compile(fn, backend=attn_compiler.backend(inner=inner))
+    ours = compiled(*args)
+    eager = fn(*args)
+    golden = fn64(*args64)
+    assert_fused(attn_compiler.report(), case.sites, case.kv_heads)
+    assert counters["fused"] - before == case.sites
+    golden_check(ours, eager, golden, k=k, name=f"{case.id} out")
+    if not backward:
+        return
+    cot = torch.randn(golden.shape, dtype=torch.float64)
+    g_ours = _grads(ours, fn, args, cot.to(dtype))
+    g_eager = _grads(eager, fn, args, cot.to(dtype))
+    g_gold = _grads(golden, fn64, args64, cot)
+    for name, a, b, c in zip(_names(fn, args), g_ours, g_eager, g_gold):
+        golden_check(a, b, c, k=k, name=f"{case.id} {name}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_form_fp32_forward_backward(case):
+    check_case(case)
+
+
+@pytest.mark.parametrize("case_id,dtype", [
+    ("gpt2_matmul_div_sqrt", BF16),
+    ("llama_softmax_fp32_cast", F16),
+    ("hf5_causal_where_finfo", BF16),
+    ("hf_repeat_kv_gqa", F16),
+    ("t5_unscaled_bias", BF16),
+    ("bert_additive_padding", F16),
+    ("gemma2_tanh_softcap", BF16),
+])
+def test_form_low_precision_forward(case_id, dtype):
+    check_case(BY_ID[case_id], dtype=dtype, backward=False)
+
+
+@pytest.mark.parametrize("case_id", ["gpt2_matmul_div_sqrt", "hf_repeat_kv_gqa", "t5_unscaled_bias"])
+def test_form_inductor(case_id):
+    check_case(BY_ID[case_id], inner="inductor")
+
+
+# ---- dropout -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [
+    lambda training: (lambda q, k, v: forms.functional_dropout(q, k, v, p=0.2, training=training)),
+    lambda training: forms.BertDropoutModule(0.2).train(training),
+], ids=["functional_dropout", "bert_dropout_module"])
+def test_dropout(make):
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    q, k, v = _qkv(F32)
+    # training: fused with the dropout inside the op
+    fn = make(True)
+    compiled = torch.compile(fn, backend=attn_compiler.backend(inner="aot_eager"))
+    outs = [compiled(q, k, v) for _ in range(64)]
+    fused = assert_fused(attn_compiler.report(), 1)
+    assert fused[0].features.get("dropout") == pytest.approx(0.2)
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert not torch.equal(outs[0], outs[1]), "two training calls gave the same output: no dropout?"
+    (dq,) = torch.autograd.grad(outs[0].sum(), [q])
+    assert torch.isfinite(dq).all()
+    # eval: equal to eager without dropout
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    ev = make(False)
+    ref = ev(q, k, v)
+    ours = torch.compile(ev, backend=attn_compiler.backend(inner="aot_eager"))(q, k, v)
+    assert_fused(attn_compiler.report(), 1)
+    golden_check(ours, ref, ev(*[_to64(t) for t in (q, k, v)]) if not isinstance(ev, torch.nn.Module)
+                 else copy.deepcopy(ev).double()(*[_to64(t) for t in (q, k, v)]), name="eval out")
+    # training mean over seeds ≈ the no-dropout output (E[mask / (1-p)] = 1)
+    mean = torch.stack(outs).mean(0)
+    rel = (mean - ref).norm() / ref.norm()
+    assert rel < 0.15, f"mean of 64 dropout outputs is {rel:.3f} (relative) from the eval output"
+
+
+# ---- dynamic shapes -----------------------------------------------------------------------
+
+def _check_lengths(compiled, fn, lengths, hkv=None):
+    for n in lengths:
+        torch.manual_seed(n)
+        q, k, v = _qkv(F32, lq=n, lk=n, hkv=hkv)
+        ours, eager = compiled(q, k, v), fn(q, k, v)
+        golden = fn(*[_to64(t) for t in (q, k, v)])
+        golden_check(ours, eager, golden, name=f"L={n} out")
+        rows = list(attn_compiler.report())
+        assert rows and all(r.status == "fused" for r in rows), \
+            f"L={n}: " + "; ".join(f"{r.status} {r.reason}" for r in rows)
+        cot = torch.randn_like(golden)
+        gq = [_to64(t) for t in (q, k, v)]
+        g_gold = _grads(fn(*gq), None, gq, cot)
+        for name, a, b, c in zip("qkv", _grads(compiled(q, k, v), None, [q, k, v], cot.float()),
+                                 _grads(fn(q, k, v), None, [q, k, v], cot.float()), g_gold):
+            golden_check(a, b, c, name=f"L={n} d{name}")
+
+
+@pytest.mark.parametrize("form", [forms.hf5_causal_where_finfo, forms.causal_tril_in_graph,
+                                  forms.mistral_sliding_window, forms.gqa_repeat_interleave],
+                         ids=["hf5_causal_where_finfo", "causal_tril_in_graph", "mistral_sliding_window",
+                              "gqa_repeat_interleave"])
+def test_dynamic_true_two_lengths(form):
+    torch._dynamo.reset()
+    hkv = 2 if form is forms.gqa_repeat_interleave else None
+    compiled = torch.compile(form, backend=attn_compiler.backend(inner="aot_eager"), dynamic=True)
+    _check_lengths(compiled, form, [13, 9], hkv=hkv)
+
+
+def test_automatic_dynamic_three_lengths():
+    torch._dynamo.reset()
+    before = counters["fused"]
+    form = forms.hf5_causal_where_finfo
+    compiled = torch.compile(form, backend=attn_compiler.backend(inner="aot_eager"))
+    _check_lengths(compiled, form, [13, 9, 17])
+    rows = list(attn_compiler.report())
+    # a static graph for 13, then one dynamic graph for 9 (reused for 17)
+    assert len(rows) >= 2 and all(r.status == "fused" for r in rows)
+    assert counters["fused"] - before == len(rows)
+
+
+def test_nanogpt_dynamic_true():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = forms.NanoGPTCausalBuffer()
+    compiled = torch.compile(m, backend=attn_compiler.backend(inner="aot_eager"), dynamic=True)
+    m64 = copy.deepcopy(m).double()
+    for T in (13, 7):
+        x = _t(B, T, 64)
+        golden_check(compiled(x), m(x), m64(_to64(x)), name=f"T={T} out")
+    rows = list(attn_compiler.report())
+    assert rows and all(r.status == "fused" for r in rows), [r.reason for r in rows]

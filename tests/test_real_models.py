@@ -1,0 +1,242 @@
+"""Real Hugging Face transformers models, end to end through the backend.
+
+Each model is built from a tiny config (random init, seeded, dropout 0,
+``attn_implementation="eager"`` so the attention is the hand-written
+``q @ kᵀ * scaling + mask -> softmax -> @ v`` code), compiled with
+``attn_compiler.backend``, run forward in train mode and backward on a scalar
+loss.  We assert:
+
+* every attention site is fused: the report holds exactly
+  ``layers × kinds`` fused rows (kinds: self, cross) and no declined row;
+* logits and every parameter gradient are golden-relative to eager
+  (STYLE.md §2): float64 golden from a ``.double()`` deep copy, eager fp32
+  reference, ours fp32 compiled; ``golden_check(ours, eager, golden)``.
+
+Also: LLaMA prefill + one-token decode with a KV cache, and GPT-2 called
+with two sequence lengths (the second may recompile with dynamic shapes).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import attn_compiler  # noqa: E402
+from attn_compiler.testing import golden_check  # noqa: E402
+
+B = 2  # batch
+VOCAB = 100
+LAYERS = 2
+
+
+# ---------------------------------------------------------------- helpers
+
+def _seeded(build):
+    torch.manual_seed(0)
+    model = build()
+    model.train()  # dropout is 0 in every config: train mode only changes code paths
+    return model
+
+
+def _ids(L, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (B, L), generator=g)
+
+
+def _cast_inputs(inputs, dtype):
+    return {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
+
+
+def _report_text(rows):
+    return "\n".join(f"  {s.status:8s} {s.location} {s.reason}" for s in rows) or "  (no rows)"
+
+
+def _assert_all_fused(rows, expected, what=""):
+    rows = list(rows)
+    fused = [s for s in rows if s.status == "fused"]
+    declined = [s for s in rows if s.status != "fused"]
+    assert len(fused) == expected and not declined, (
+        f"{what}: expected {expected} fused sites and none declined, got {len(fused)} fused, "
+        f"{len(declined)} declined:\n{_report_text(rows)}")
+
+
+def _compile(model, inner="aot_eager", **kw):
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    return torch.compile(model, backend=attn_compiler.backend(inner=inner), **kw)
+
+
+def _default_loss(out):
+    return out.logits.pow(2).mean()  # no .float(): the golden model must stay float64
+
+
+def _step(model, inputs, loss_fn):
+    out = model(**inputs)
+    loss = loss_fn(out)
+    loss.backward()
+    module = getattr(model, "_orig_mod", model)  # a compiled model's parameters, unprefixed
+    grads = {n: p.grad for n, p in module.named_parameters()}
+    return out.logits.detach(), grads
+
+
+def check_model(build, inputs, n_sites, *, inner="aot_eager", loss_fn=_default_loss,
+                golden_inputs=None):
+    """Forward + backward through eager fp32, float64 golden and ours; compare all.
+
+    ``golden_inputs`` (default: ``inputs`` cast to float64) replaces the golden
+    model's inputs where the float64 model needs an equivalent spelling.
+    """
+    model = _seeded(build)
+    golden_model = copy.deepcopy(model).double()
+    ours_model = copy.deepcopy(model)
+
+    eager_logits, eager_grads = _step(model, inputs, loss_fn)
+    if golden_inputs is None:
+        golden_inputs = _cast_inputs(inputs, torch.float64)
+    gold_logits, gold_grads = _step(golden_model, golden_inputs, loss_fn)
+    compiled = _compile(ours_model, inner)
+    ours_logits, ours_grads = _step(compiled, inputs, loss_fn)
+
+    _assert_all_fused(attn_compiler.report(), n_sites, "forward")
+    golden_check(ours_logits, eager_logits, gold_logits, name="logits")
+    mismatched = []
+    for name, g in gold_grads.items():
+        if g is None:
+            assert ours_grads[name] is None and eager_grads[name] is None, name
+            continue
+        assert ours_grads[name] is not None, f"no gradient for {name}"
+        try:
+            golden_check(ours_grads[name], eager_grads[name], g, name=f"grad {name}")
+        except AssertionError as e:
+            mismatched.append(str(e))
+    assert not mismatched, "gradients off:\n" + "\n".join(mismatched)
+
+
+# ---------------------------------------------------------------- configs
+
+def gpt2():
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=LAYERS, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        attn_implementation="eager")
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def llama():
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        attention_dropout=0.0, attn_implementation="eager")
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def bert():
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    return transformers.BertForMaskedLM(cfg)
+
+
+def _padding_mask(L):
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[0, L - 3:] = 0  # row 0 right-padded, row 1 full
+    return mask
+
+
+# ---------------------------------------------------------------- tests: core three
+
+def test_gpt2():
+    check_model(gpt2, {"input_ids": _ids(9)}, LAYERS)
+
+
+def test_gpt2_inductor():
+    check_model(gpt2, {"input_ids": _ids(9)}, LAYERS, inner="inductor")
+
+
+def test_llama_gqa():
+    check_model(llama, {"input_ids": _ids(11)}, LAYERS)
+
+
+def _causal_padding_mask_4d(pad, dtype, fill=-1e30):
+    """(B, 1, L, L) additive causal+padding mask for the float64 golden.
+
+    LLaMA's eager code runs softmax in float32 even for a float64 model, and
+    float64's ``finfo.min`` (the mask value transformers uses) turns into -inf
+    there: fully masked rows (left padding + causal) become NaN and spread.
+    -1e30 is finite in float32 and still swamps every score, so it is the same
+    math as the fp32 model's ``finfo(float32).min`` mask (a fully masked row
+    attends uniformly to all keys).
+    """
+    L = pad.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    keep = causal[None, None] & pad.bool()[:, None, None, :]
+    return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, fill)
+
+
+def test_llama_gqa_left_padding():
+    L = 10
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, :3] = 0  # left padding, as in batched generation: rows 0-2 of batch 1 fully masked
+    ids = _ids(L)
+    check_model(llama, {"input_ids": ids, "attention_mask": mask}, LAYERS,
+                golden_inputs={"input_ids": ids,
+                               "attention_mask": _causal_padding_mask_4d(mask, torch.float64)})
+
+
+def test_bert_padding_mask():
+    L = 12
+    check_model(bert, {"input_ids": _ids(L), "attention_mask": _padding_mask(L)}, LAYERS)
+
+
+# ---------------------------------------------------------------- decode, dynamic length
+
+def _eval_forward(model, **kw):
+    with torch.no_grad():
+        return model(**kw)
+
+
+def test_llama_kv_cache_decode():
+    model = _seeded(llama).eval()
+    golden_model = copy.deepcopy(model).double()
+    compiled = _compile(copy.deepcopy(model))
+    prompt, nxt = _ids(8), _ids(1, seed=2)
+
+    results = {}
+    for name, m in (("eager", model), ("golden", golden_model), ("ours", compiled)):
+        pre = _eval_forward(m, input_ids=prompt, use_cache=True)
+        if name == "ours":
+            prefill_rows = list(attn_compiler.report())
+        dec = _eval_forward(m, input_ids=nxt, past_key_values=pre.past_key_values, use_cache=True)
+        results[name] = (pre.logits, dec.logits)
+
+    _assert_all_fused(prefill_rows, LAYERS, "prefill")
+    decode_rows = list(attn_compiler.report())[len(prefill_rows):]
+    _assert_all_fused(decode_rows, LAYERS, "decode step")
+    for i, step in enumerate(("prefill", "decode")):
+        golden_check(results["ours"][i], results["eager"][i], results["golden"][i],
+                     name=f"{step} logits")
+
+
+def test_gpt2_two_sequence_lengths():
+    model = _seeded(gpt2)
+    golden_model = copy.deepcopy(model).double()
+    compiled = _compile(copy.deepcopy(model))
+    seen = 0
+    for L in (7, 13):
+        ids = _ids(L, seed=L)
+        for m in (model, golden_model, compiled):
+            m.zero_grad(set_to_none=True)
+        eager_logits, eager_grads = _step(model, {"input_ids": ids}, _default_loss)
+        gold_logits, gold_grads = _step(golden_model, {"input_ids": ids}, _default_loss)
+        ours_logits, ours_grads = _step(compiled, {"input_ids": ids}, _default_loss)
+        rows = list(attn_compiler.report())
+        # the first call compiles; the second may recompile (dynamic) or reuse nothing else
+        _assert_all_fused(rows[seen:], LAYERS, f"call with L={L}")
+        seen = len(rows)
+        golden_check(ours_logits, eager_logits, gold_logits, name=f"logits L={L}")
+        for name, g in gold_grads.items():
+            golden_check(ours_grads[name], eager_grads[name], g, name=f"grad {name} L={L}")
