@@ -309,6 +309,64 @@ def _operand(node: fx.Node, labels: str, target: str, allow_factor=True) -> Oper
     return op
 
 
+def _widen(op: Operand, wide: fx.Node) -> None:
+    op.node, op.group = wide, 1
+
+
+def _sizes(op: Operand):
+    """Sizes of the operand in its target layout (1 where it broadcasts)."""
+    sizes = dict(zip(op.labels, C.shape_of(op.node)))
+    return [sizes.get(lab, 1) for lab in op.target]
+
+
+def _check_layouts(q: Operand, k: Operand, v: Operand, score_shape, wide_k, wide_v) -> None:
+    """The op computes out[b, h] from q[b, h], k[b|0, h // G], v[b|0, h // G]:
+    q must not broadcast, and k and v must share their head count."""
+    from .analyze.symbolic import _size_eq, is_one
+    qs = _sizes(q)
+    if not all(_size_eq(a, b) for a, b in zip(qs[:-2], score_shape[:-2])):
+        raise Decline("the query broadcasts over a batch axis")
+    ks, vs = _sizes(k), _sizes(v)
+    if len(ks) == 4 and not _size_eq(ks[1], vs[1]):
+        if k.group > 1:
+            _widen(k, wide_k)
+        if v.group > 1:
+            _widen(v, wide_v)
+        ks, vs = _sizes(k), _sizes(v)
+    for a, b in zip(ks[:-2], vs[:-2]):
+        if not _size_eq(a, b):
+            raise Decline("key and value differ in their batch or head axes")
+    if ks[0] is not None and not (is_one(ks[0]) or _size_eq(ks[0], score_shape[0])):
+        raise Decline("key batch neither matches the query batch nor broadcasts")
+
+
+_MUTATING_FUNCS = {"setitem", "index_put_", "copy_", "fill_", "zero_"}
+_INPLACE_OPERATORS = {"setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod",
+                      "ipow", "iand", "ior", "ixor", "ilshift", "irshift", "imatmul"}
+
+
+def mutated_between(node: fx.Node, start: fx.Node, end: fx.Node) -> bool:
+    """Whether an in-place op writes ``node`` after ``start`` and before ``end``."""
+    order = {n: i for i, n in enumerate(start.graph.nodes)}
+    lo, hi = order[start], order[end]
+    return any(lo < order[u] < hi for u in mutating_users(node))
+
+
+def mutating_users(node: fx.Node):
+    out = []
+    for u in node.users:
+        if u.op not in ("call_method", "call_function") or not u.args or u.args[0] is not node:
+            continue
+        if u.op == "call_function" and getattr(u.target, "__module__", "") in ("_operator", "operator"):
+            if u.target.__name__ in _INPLACE_OPERATORS:
+                out.append(u)
+            continue
+        name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
+        if name in _MUTATING_FUNCS or (name.endswith("_") and not name.startswith("_")):
+            out.append(u)
+    return out
+
+
 def _build(sm, x, dtype, qk: C.Contraction, pv: C.Contraction, post, p_index, dropout_p):
     o = qk.out_labels
     if len(o) not in (3, 4):
@@ -333,6 +391,11 @@ def _build(sm, x, dtype, qk: C.Contraction, pv: C.Contraction, post, p_index, dr
     if len(dv) != 1:
         raise Decline("P·V is not a contraction over the key axis")
     v = _operand(vn, vlabels, plabels[:-2] + plabels[-1] + dv[0], allow_factor=False)
+    wide_k, wide_v = (peel(kn, klabels)[0], peel(vn, vlabels)[0])
+    _check_layouts(q, k, v, C.shape_of(qk.node), wide_k, wide_v)
+    for operand in (q, k, v):
+        if mutated_between(operand.node, qk.node, pv.node):
+            raise Decline("an input of the attention is modified in place inside the site")
     op_out = plabels[:-2] + plabels[-2] + dv[0]
     if sorted(pv.out_labels) != sorted(op_out):
         raise Decline("P·V output has an unexpected layout")

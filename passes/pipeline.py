@@ -112,8 +112,9 @@ def _scale_text(spec: S.AttentionSpec) -> str:
 def features(m, spec: S.AttentionSpec) -> dict:
     from .canonicalize import example_value
 
-    def shape(n):
-        return tuple(example_value(n).shape)
+    def shape(operand):  # in the op's layout [B, H, L, D]
+        sizes = dict(zip(operand.labels, example_value(operand.node).shape))
+        return tuple(sizes.get(lab, 1) for lab in operand.target)
 
     return {
         "scale": _scale_text(spec),
@@ -122,7 +123,7 @@ def features(m, spec: S.AttentionSpec) -> dict:
         "gqa_group": spec.gqa_group,
         "dropout": spec.dropout_p,
         "dtypes": {"qkv": example_value(m.q.node).dtype, "softmax": spec.softmax_dtype},
-        "shapes": {"q": shape(m.q.node), "k": shape(m.k.node), "v": shape(m.v.node)},
+        "shapes": {"q": shape(m.q), "k": shape(m.k), "v": shape(m.v)},
         "captured": [str(c.dims) for c in spec.captured],
         "spec": spec.dumps(),
     }

@@ -263,7 +263,8 @@ def hf5_causal_where_finfo(q, k, v):
     q_idx = torch.arange(Lq, device=q.device)
     kv_idx = torch.arange(Lk, device=q.device)
     allowed = kv_idx[None, :] <= q_idx[:, None] + offset                # (Lq, Lk)
-    mask = torch.where(allowed, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    mask = torch.where(allowed, zero, torch.finfo(q.dtype).min)
     s = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5)
     s = s + mask[None, None]
     p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -278,7 +279,8 @@ def hf5_causal_and_padding(q, k, v, pad_keep):
     kv_idx = torch.arange(Lk, device=q.device)
     causal = kv_idx[None, :] <= q_idx[:, None] + (Lk - Lq)              # (Lq, Lk)
     allowed = causal[None, None, :, :] & pad_keep[:, None, None, :]     # (B, 1, Lq, Lk)
-    mask = torch.where(allowed, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    mask = torch.where(allowed, zero, torch.finfo(q.dtype).min)
     s = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5) + mask
     p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(p, v)

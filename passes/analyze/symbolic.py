@@ -456,8 +456,10 @@ class ScoreInterpreter:
         if not isinstance(ev, torch.Tensor):
             return Val(self.const(node), ())
         op = C.canonical(node)
+        from ..match import mutating_users
         try:
-            v = self.side_op(node, op) if op is not None else None
+            # a tensor written in place is read at run time, never folded
+            v = self.side_op(node, op) if op is not None and not mutating_users(node) else None
         except Decline:
             v = None
         if v is None:

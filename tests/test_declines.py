@@ -1,0 +1,192 @@
+"""Sites the backend must leave alone: declined with a reason that names the
+cause (or, for a softmax that is not attention, not reported at all), and the
+compiled model computes exactly what eager computes.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attn_compiler
+from attn_compiler.passes.pipeline import counters
+from attn_compiler.testing import golden_check
+
+B, H, L, D = 2, 4, 13, 16
+
+
+def _scores(q, k):
+    return q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+
+
+# ---- attention-shaped, but not expressible: declined ------------------------------------
+
+def softmax_over_queries(q, k, v):
+    """Softmax over dim=-2 (the query axis), then P·V."""
+    return torch.softmax(_scores(q, k), dim=-2) @ v
+
+
+def softmax_over_heads(q, k, v):
+    """Softmax over dim=1 (the head axis), then P·V."""
+    return F.softmax(_scores(q, k), dim=1) @ v
+
+
+def probs_returned(q, k, v):
+    """HF ``output_attentions=True``: the probabilities are returned too."""
+    p = torch.softmax(_scores(q, k), dim=-1)
+    return p @ v, p
+
+
+def probs_head_averaged(q, k, v):
+    """fairseq ``need_weights``: head-averaged probabilities returned beside the output."""
+    p = torch.softmax(_scores(q, k), dim=-1)
+    return p @ v, p.mean(dim=1)
+
+
+def probs_summed_into_output(q, k, v):
+    """The probabilities feed a second computation (an entropy-like regulariser)."""
+    p = torch.softmax(_scores(q, k), dim=-1)
+    return p @ v + p.sum(dim=-1, keepdim=True)
+
+
+class ProbsStored(nn.Module):
+    """The probabilities are stored on the module for later inspection."""
+
+    def forward(self, q, k, v):
+        p = torch.softmax(_scores(q, k), dim=-1)
+        self.last_probs = p
+        return p @ v
+
+
+def topk_threshold_mask(q, k, v):
+    """Top-k sparse attention: the mask depends on a reduction of the scores."""
+    s = _scores(q, k)
+    thr = s.topk(4, dim=-1).values[..., -1:]
+    s = s.masked_fill(s < thr, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def score_sorted_rank(q, k, v):
+    """A score modification that reads other scores of the row (argsort rank)."""
+    s = _scores(q, k)
+    rank = s.argsort(dim=-1).argsort(dim=-1).to(s.dtype)
+    return torch.softmax(s - 0.1 * rank, dim=-1) @ v
+
+
+DECLINED = [
+    (softmax_over_queries, ["dim"]),
+    (softmax_over_heads, ["dim"]),
+    (probs_returned, ["probabilit"]),
+    (probs_head_averaged, ["probabilit"]),
+    (probs_summed_into_output, ["probabilit"]),
+    (ProbsStored, ["probabilit"]),
+    (topk_threshold_mask, []),
+    (score_sorted_rank, []),
+]
+
+
+def _inputs(dtype=torch.float32):
+    torch.manual_seed(0)
+    return [torch.randn(B, H, L, D, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+def _flat(out):
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _same_as_eager(fn, args, exact=True):
+    """Compile, run, and compare every output (and the q/k/v gradients) to eager."""
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    compiled = torch.compile(fn, backend=attn_compiler.backend(inner="aot_eager"))
+    ours, eager = _flat(compiled(*args)), _flat(fn(*args))
+    args64 = [a.detach().double().requires_grad_() for a in args]
+    golden = _flat(fn(*args64))
+    for i, (a, b, c) in enumerate(zip(ours, eager, golden)):
+        golden_check(a, b, c, name=f"output {i}")
+        if exact:
+            torch.testing.assert_close(a, b)
+    cots = [torch.randn_like(g) for g in golden]
+    wrt = [o for o in ours if o.requires_grad]
+    if wrt:
+        g_ours = torch.autograd.grad([o for o in ours if o.requires_grad], args,
+                                     [c.float() for o, c in zip(ours, cots) if o.requires_grad],
+                                     allow_unused=True)
+        g_eager = torch.autograd.grad([o for o in eager if o.requires_grad], args,
+                                      [c.float() for o, c in zip(eager, cots) if o.requires_grad],
+                                      allow_unused=True)
+        for a, b in zip(g_ours, g_eager):
+            if exact and (a is not None or b is not None):
+                torch.testing.assert_close(a, b)
+    return list(attn_compiler.report())
+
+
+@pytest.mark.parametrize("form,words", DECLINED, ids=[f.__name__ for f, _ in DECLINED])
+def test_declined(form, words):
+    fn = form() if isinstance(form, type) else form
+    before = counters["declined"]
+    rows = _same_as_eager(fn, _inputs())
+    assert rows, "the site was not reported at all"
+    assert all(r.status == "declined" for r in rows), [(r.status, r.reason) for r in rows]
+    assert counters["declined"] - before == len(rows)
+    for r in rows:
+        assert r.reason and not r.reason.startswith("internal error"), r.reason
+        low = r.reason.lower()
+        assert all(w in low for w in words), f"reason {r.reason!r} does not mention {words}"
+
+
+# ---- softmax that is not attention: not a site ---------------------------------------
+
+def classifier_softmax(x, w, _unused):
+    """Softmax over a linear layer's logits (a classifier head)."""
+    return torch.softmax(x @ w, dim=-1)
+
+
+def attention_map_only(q, k, v):
+    """The scores' softmax returned with no P·V product (attention-map probe)."""
+    return torch.softmax(_scores(q, k), dim=-1) * 2.0
+
+
+def router_softmax_topk(x, w, _unused):
+    """MoE router: softmax over x @ W_gate, then top-k — no P·V."""
+    p = torch.softmax(x @ w, dim=-1)
+    return p.topk(2, dim=-1).values
+
+
+def probs_transposed_before_pv(q, k, v):
+    """Pᵀ·V: the contraction runs over the query axis — not attention."""
+    p = torch.softmax(_scores(q, k), dim=-1)
+    return p.transpose(-1, -2) @ v
+
+
+NOT_SITES = [classifier_softmax, attention_map_only, router_softmax_topk]
+
+
+@pytest.mark.parametrize("form", NOT_SITES, ids=[f.__name__ for f in NOT_SITES])
+def test_not_a_site(form):
+    torch.manual_seed(0)
+    if form in (classifier_softmax, router_softmax_topk):
+        args = [torch.randn(B, L, 32, requires_grad=True), torch.randn(32, 8, requires_grad=True),
+                torch.randn(1, requires_grad=True)]
+    else:
+        args = _inputs()
+    rows = _same_as_eager(form, args)
+    assert rows == [], [(r.status, r.reason) for r in rows]
+
+
+def test_probs_transposed_before_pv_not_fused():
+    rows = _same_as_eager(probs_transposed_before_pv, _inputs())
+    assert not [r for r in rows if r.status == "fused"], [(r.status, r.reason) for r in rows]
+
+
+def test_only_the_good_site_of_two_is_fused():
+    """A declined site does not stop a later good site in the same graph."""
+    def two(q, k, v):
+        out, p = probs_returned(q, k, v)
+        return torch.softmax(_scores(out, k), dim=-1) @ v, p
+
+    rows = _same_as_eager(two, _inputs(), exact=False)
+    assert sorted(r.status for r in rows) == ["declined", "fused"], [(r.status, r.reason) for r in rows]
