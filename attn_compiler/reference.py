@@ -43,10 +43,12 @@ import dataclasses
 import math
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+import sympy
 import torch
 
 from attn_compiler.passes.analyze import torch_eval
-from attn_compiler.passes.analyze.spec import AttentionSpec, DIM_NAMES
+from attn_compiler.passes.analyze.spec import (
+    DIM_NAMES, AttentionSpec, Lk, Lq, _relation_offsets, kv_idx, q_idx)
 
 # Elements of one (B, Hq, BLOCK_M, BLOCK_N) score block: 1M fp32 = 4 MiB.
 BLOCK_ELEMENTS = 1 << 20
@@ -240,24 +242,25 @@ def _skippable(pb: _Problem):
     for index reasons alone (causal / window blocks), so it adds nothing."""
     spec = pb.spec
     pred = spec.mask_predicate
-    if spec.mask_fill != -math.inf or pred.free_symbols - set(_index_syms()) or \
+    if spec.mask_fill != -math.inf or pred.free_symbols - {q_idx, kv_idx, Lq, Lk} or \
             torch_eval.can_evaluate(pred) is not None or _has_finite_fill(spec):
         return lambda *a: False
+    band = _relation_offsets(pred)            # kept iff lo <= kv_idx - q_idx <= hi
+    if band is not None:
+        lo, hi = (None if x is None else int(x.subs({Lq: pb.Lq, Lk: pb.Lk})) for x in band)
+        # the block holds kv_idx - q_idx in [n0 - (m1 - 1), (n1 - 1) - m0]
+        return lambda m0, m1, n0, n1: ((hi is not None and n0 - (m1 - 1) > hi) or
+                                       (lo is not None and (n1 - 1) - m0 < lo))
 
-    def skip(m0, m1, n0, n1):
+    def skip(m0, m1, n0, n1):                 # any other index predicate: test the grid
         env = {"q_idx": torch.arange(m0, m1).view(-1, 1), "kv_idx": torch.arange(n0, n1).view(1, -1),
                "Lq": pb.Lq, "Lk": pb.Lk}
         return not bool(torch_eval.evaluate(pred, env).any())
     return skip
 
 
-def _index_syms():
-    from attn_compiler.passes.analyze.spec import Lk, Lq, kv_idx, q_idx
-    return (q_idx, kv_idx, Lq, Lk)
-
-
 def _has_finite_fill(spec: AttentionSpec) -> bool:
-    import sympy
+    """Whether some Piecewise value is a finite fill (finfo.min): no skipping then."""
     e = sympy.piecewise_fold(spec.score_mod)
     vals = [v for v, _ in e.args] if isinstance(e, sympy.Piecewise) else [e]
     return any(v.is_number and v.is_finite and bool(v <= -1e30) for v in vals)

@@ -122,6 +122,7 @@ def _split_scale(expr, prefixes, head_dim):
     A float scale equal to ``1/sqrt(D)`` to the last bits (how ``1 /
     math.sqrt(head_dim)`` arrives once dynamo folds it) is named so.
     """
+    expr = sympy.piecewise_fold(expr)
     c = next(iter(prefixes)) if len(prefixes) == 1 else None
     if c is None or c == 1:
         c = _uniform_coefficient(expr)
