@@ -29,8 +29,10 @@ Backward, with P = exp(z - lse) recomputed blockwise and delta = rowsum(dO ∘ O
     ds = dz ∘ ∂mod/∂score              dQ = scale · ds K,  dK = scale · dsᵀ Q
     dV = (P ∘ keep / (1-p))ᵀ dO        dT_i = Σ_broadcast dz ∘ ∂mod/∂t_i
 
-Positions with P == 0 contribute exactly 0 (guards 0·inf = nan from derivative
-expressions evaluated at masked positions).
+Positions with P == 0, or where a derivative is exactly 0, contribute exactly
+0: this guards 0·inf = nan at masked positions, and makes a zero derivative a
+selection like eager's masked_fill/where backward (a fully -inf row has nan P,
+yet eager's dQ there is 0 and dK stays finite; only dV is nan, as in eager).
 
 Dropout keep-masks come from a counter-based hash of (seed, b, h, q_idx,
 kv_idx), so they do not depend on the block decomposition and the backward
@@ -41,14 +43,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import sympy
 import torch
 
 from attn_compiler.passes.analyze import torch_eval
 from attn_compiler.passes.analyze.spec import (
-    DIM_NAMES, AttentionSpec, Lk, Lq, _relation_offsets, kv_idx, q_idx)
+    DIM_NAMES, MASK_FILL_THRESHOLD, AttentionSpec, Lk, Lq, _relation_offsets, kv_idx, q_idx)
 
 # Elements of one (B, Hq, BLOCK_M, BLOCK_N) score block: 1M fp32 = 4 MiB.
 BLOCK_ELEMENTS = 1 << 20
@@ -263,7 +265,7 @@ def _has_finite_fill(spec: AttentionSpec) -> bool:
     """Whether some Piecewise value is a finite fill (finfo.min): no skipping then."""
     e = sympy.piecewise_fold(spec.score_mod)
     vals = [v for v, _ in e.args] if isinstance(e, sympy.Piecewise) else [e]
-    return any(v.is_number and v.is_finite and bool(v <= -1e30) for v in vals)
+    return any(v.is_number and v.is_finite and bool(v <= MASK_FILL_THRESHOLD) for v in vals)
 
 
 # ---- forward ----------------------------------------------------------------

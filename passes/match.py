@@ -107,7 +107,8 @@ def _is_score_contraction(c: C.Contraction, xs) -> bool:
     d = C.shape_of(node)[labels.index(c.contracted)]
     if isinstance(d, int) and d == 1:
         return False  # an outer product (mask building), not Q·Kᵀ
-    return s[-1] == xs[-1] or not isinstance(s[-1], int)
+    from .analyze.symbolic import _size_eq
+    return _size_eq(s[-1], xs[-1])
 
 
 def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:

@@ -286,6 +286,85 @@ def hf5_causal_and_padding(q, k, v, pad_keep):
     return torch.matmul(p, v)
 
 
+class GPT2HFWhereBuffer(nn.Module):
+    """GPT-2 (HF, pre-4.40): bool causal buffer sliced
+    ``bias[:, :, Lk - Lq : Lk, :Lk]``, ``torch.where(mask, w, full([], finfo.min))``."""
+
+    def __init__(self, max_positions=32):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones((max_positions, max_positions), dtype=torch.bool))
+                             .view(1, 1, max_positions, max_positions), persistent=False)
+
+    def forward(self, q, k, v):
+        w = torch.matmul(q, k.transpose(-1, -2))
+        w = w / torch.full([], v.size(-1) ** 0.5, dtype=w.dtype, device=w.device)
+        Lq, Lk = q.size(-2), k.size(-2)
+        causal = self.bias[:, :, Lk - Lq: Lk, :Lk]
+        mask_value = torch.full([], torch.finfo(w.dtype).min, dtype=w.dtype, device=w.device)
+        w = torch.where(causal, w.to(w.dtype), mask_value)
+        w = nn.functional.softmax(w, dim=-1)
+        w = w.type(v.dtype)
+        return torch.matmul(w, v)
+
+
+def llama_sliced_additive_mask(q, k, v, attention_mask):
+    """Llama (HF 4.4x eager): a 4-D additive mask input (B, 1, Lq, Lmax) sliced
+    to the key length, ``[:, :, :, : k.shape[-2]]``."""
+    s = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
+    causal_mask = attention_mask[:, :, :, : k.shape[-2]]
+    s = s + causal_mask
+    p = nn.functional.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+def inplace_masked_fill_(q, k, v, pad):
+    """In-place ``masked_fill_`` of the scores with a (B, 1, 1, Lk) bool mask."""
+    s = q.matmul(k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s.masked_fill_(pad, float("-inf"))
+    return s.softmax(-1).matmul(v)
+
+
+def inplace_iadd_bias(q, k, v, bias):
+    """In-place ``scores += bias`` (T5 / many HF ports), bias (1, H, Lq, Lk)."""
+    s = torch.matmul(q, k.transpose(-1, -2))
+    s += bias
+    return torch.matmul(F.softmax(s, dim=-1), v)
+
+
+def inplace_div_scale_(q, k, v):
+    """In-place scaling of the scores: ``s.div_(sqrt(D))`` (GPT-NeoX-style ports)."""
+    s = torch.matmul(q, k.transpose(-1, -2))
+    s.div_(math.sqrt(q.shape[-1]))
+    return torch.matmul(s.softmax(-1), v)
+
+
+class Seq2SeqTensorScale(nn.Module):
+    """bentrevett seq2seq tutorial Transformer: the scale is a tensor buffer
+    ``sqrt(FloatTensor([head_dim]))``, K by permute, ``masked_fill(mask == 0, -1e10)``
+    with an integer mask (B, 1, 1, Lk)."""
+
+    def __init__(self, head_dim=16):
+        super().__init__()
+        self.register_buffer("scale", torch.sqrt(torch.FloatTensor([head_dim])))
+
+    def forward(self, q, k, v, mask):
+        energy = torch.matmul(q, k.permute(0, 1, 3, 2)) / self.scale
+        energy = energy.masked_fill(mask == 0, -1e10)
+        attention = torch.softmax(energy, dim=-1)
+        return torch.matmul(attention, v)
+
+
+def gqa_grouped_einsum(q, k, v):
+    """GQA without widening K/V (JAX ports): q viewed (B, Hkv, G, Lq, D),
+    einsum 'bhgqd,bhkd->bhgqk' and 'bhgqk,bhkd->bhgqd'.  Returns (B, H, Lq, D)."""
+    B, Hq, Lq, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.view(B, Hkv, Hq // Hkv, Lq, D)
+    s = torch.einsum("bhgqd,bhkd->bhgqk", qg, k) / math.sqrt(D)
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("bhgqk,bhkd->bhgqd", p, v).reshape(B, Hq, Lq, D)
+
+
 # ---- score modifications -------------------------------------------------------
 
 def mpt_alibi_in_graph(q, k, v):

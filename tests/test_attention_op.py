@@ -7,7 +7,6 @@ Small forced blocks (16 x 32) make every length below a non-multiple.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -62,6 +61,9 @@ CASES = {
                            ref=dict(window=8)),
     "bias_grad": dict(mod=score + T0, cap="bias"),
     "padding_mask": dict(mod=sympy.Piecewise((score, sympy.Ne(T0, 0)), (-oo, True)), cap="padding", B=3),
+    # window plus an attention sink at kv_idx 0: not a band, blocks skipped by testing the grid
+    "window_sink": dict(mod=sympy.Piecewise(
+        (score, ((kv_idx <= q_idx) & (q_idx - kv_idx < 8)) | sympy.Eq(kv_idx, 0)), (-oo, True)), ref="sink"),
     "softcap": dict(mod=30 * sympy.tanh(score / 30), ref=dict(softcap=30.0), qscale=6.0),
     # HF style additive mask holding finfo.min; rows 0..2 fully masked -> uniform
     "finfo_min_rows": dict(mod=score + T0, cap="additive_rows", ref="finfo_rows"),
@@ -102,6 +104,9 @@ def _captured_and_ref(c, dims, gen):
     elif ref == "finfo_causal":
         causal = torch.ones(Lq, Lk, dtype=torch.bool).triu(1)          # kv_idx > q_idx
         ref = dict(mask=torch.where(causal, F32_MIN, 0.0))
+    elif ref == "sink":
+        qi, ki = torch.arange(Lq).view(-1, 1), torch.arange(Lk).view(1, -1)
+        ref = dict(mask=((ki <= qi) & (qi - ki < 8)) | (ki == 0))
     elif ref == "neginf_rows":
         ref = dict(mask=~_rows_masked(Lq, Lk))
     if c.get("cap") == "bias":
@@ -277,3 +282,24 @@ def test_input_errors(bad, match):
         spec = make_spec(score, group=0, dropout_p=0.1)
     with pytest.raises(ValueError, match=match):
         torch.ops.attn_compiler.attention(q, k, v, caps, spec.dumps(), seed)
+
+
+# ---- the score_mod evaluator the op relies on ---------------------------------------
+
+def test_score_mod_evaluator_edge_cases():
+    from attn_compiler.passes.analyze.torch_eval import can_evaluate, evaluate
+
+    s = torch.tensor([[[[-2.0, 0.0, 3.0]]]], dtype=torch.float64)
+    env = dict(score=s, b=torch.zeros(1, 1, 1, 1, dtype=torch.long), h=torch.zeros(1, 1, 1, 1, dtype=torch.long),
+               q_idx=torch.tensor([1]).view(1, 1, 1, 1), kv_idx=torch.arange(3).view(1, 1, 1, 3),
+               Lq=2, Lk=3, t0=torch.tensor([True, False, True]).view(1, 1, 1, 3))
+    masked = evaluate(sympy.Piecewise((score, sympy.Ne(T0, 0) & (kv_idx <= q_idx)), (-oo, True)), env)
+    assert masked.dtype == torch.float64 and masked.tolist() == [[[[-2.0, -math.inf, -math.inf]]]]
+    relu_grad = evaluate(sympy.diff(sympy.Max(score, 0), score), env)   # Heaviside(score)
+    assert relu_grad.tolist() == [[[[0.0, 0.5, 1.0]]]]
+    sig = evaluate(1 / (1 + sympy.exp(-score)), env)
+    torch.testing.assert_close(sig, torch.sigmoid(s))
+    assert "erf" in can_evaluate(sympy.erf(score))
+    assert "shifted" in can_evaluate(captured_call(0).subs(q_idx, q_idx + 1))
+    with pytest.raises(NotImplementedError, match="erf"):
+        evaluate(sympy.erf(score), env)

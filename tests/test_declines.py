@@ -76,6 +76,13 @@ def score_sorted_rank(q, k, v):
     return torch.softmax(s - 0.1 * rank, dim=-1) @ v
 
 
+def probs_inplace_zeroed(q, k, v):
+    """The probabilities are changed in place after the softmax (rows zeroed)."""
+    p = torch.softmax(_scores(q, k), dim=-1).clone()
+    p.mul_((torch.arange(p.shape[-2]) % 3 != 0).to(p.dtype)[:, None])
+    return p @ v
+
+
 DECLINED = [
     (softmax_over_queries, ["dim"]),
     (softmax_over_heads, ["dim"]),
@@ -85,6 +92,7 @@ DECLINED = [
     (ProbsStored, ["probabilit"]),
     (topk_threshold_mask, []),
     (score_sorted_rank, []),
+    (probs_inplace_zeroed, []),
 ]
 
 

@@ -126,6 +126,16 @@ CASES = [
     Case("hf5_causal_where_finfo", _fn(forms.hf5_causal_where_finfo)),
     Case("hf5_causal_where_finfo_cache", _fn(forms.hf5_causal_where_finfo, lq=5, lk=L)),
     Case("hf5_causal_and_padding", lambda dt: (forms.hf5_causal_and_padding, _qkv(dt) + [_keep_mask()])),
+    Case("gpt2_hf_where_buffer", _mod(forms.GPT2HFWhereBuffer, lambda dt: _qkv(dt, lq=5))),
+    Case("llama_sliced_additive_mask", lambda dt: (forms.llama_sliced_additive_mask,
+                                                   _qkv(dt) + [_full_additive(dt)[..., :L].contiguous()
+                                                               .repeat(1, 1, 1, 2)])),
+    Case("inplace_masked_fill_", lambda dt: (forms.inplace_masked_fill_,
+                                             _qkv(dt) + [_pad_bool_4d(~_keep_mask())])),
+    Case("inplace_iadd_bias", lambda dt: (forms.inplace_iadd_bias, _qkv(dt) + [_t(1, H, L, L, dtype=dt)])),
+    Case("inplace_div_scale_", _fn(forms.inplace_div_scale_)),
+    Case("seq2seq_tensor_scale", _mod(forms.Seq2SeqTensorScale,
+                                      lambda dt: _qkv(dt) + [_pad_bool_4d(_keep_mask()).long()])),
     # score modifications
     Case("mpt_alibi_in_graph", _fn(forms.mpt_alibi_in_graph)),
     Case("t5_unscaled_bias", _mod(forms.T5UnscaledBias, lambda dt: _qkv(dt, lq=11), Lq=11)),
@@ -138,6 +148,7 @@ CASES = [
     Case("gqa_repeat_interleave", _fn(forms.gqa_repeat_interleave, hkv=2), kv_heads=2),
     Case("hf_repeat_kv_gqa", _fn(forms.hf_repeat_kv_gqa, hkv=2), kv_heads=2),
     Case("hf_repeat_kv_mqa", _fn(forms.hf_repeat_kv_gqa, hkv=1), kv_heads=1),
+    Case("gqa_grouped_einsum", _fn(forms.gqa_grouped_einsum, hkv=2), kv_heads=2),
     Case("mqa_broadcast", _fn(forms.mqa_broadcast, hkv=1), kv_heads=1),
     # cross-attention, decode, two sites
     Case("t5_cross_attention_padding", lambda dt: (forms.t5_cross_attention_padding,
