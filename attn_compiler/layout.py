@@ -14,22 +14,37 @@ from typing import Optional, Tuple
 import torch
 
 
-def to_op_layout(x: torch.Tensor, labels: str, target: str) -> torch.Tensor:
+def to_op_layout(x: torch.Tensor, labels: str, target: str,
+                 heads: Optional[int] = None) -> torch.Tensor:
     """Permute ``x`` (axes named by ``labels``) into ``target`` order, adding
-    size-1 axes for labels it lacks, then pad the batch to two axes."""
+    size-1 axes for labels it lacks, then bring the batch to two axes:
+    ``[B*H, L, D]`` becomes ``[B, H, L, D]`` when ``heads`` is given (else
+    ``[1, B*H, L, D]``) and ``[B, Hkv, G, L, D]`` becomes ``[B, Hkv*G, L, D]``
+    (a copy only if the two head axes cannot be merged in place)."""
     present = [lab for lab in target if lab in labels]
     y = x.permute([labels.index(lab) for lab in present])
     for i, lab in enumerate(target):
         if lab not in labels:
             y = y.unsqueeze(i)
-    for _ in range(4 - len(target)):  # [BH, L, D] -> [1, BH, L, D]
-        y = y.unsqueeze(0)
+    if len(target) == 3:
+        y = y.unflatten(0, (-1, heads)) if heads else y.unsqueeze(0)
+    elif len(target) == 5:
+        y = y.flatten(1, 2)
     return y
 
 
-def captured_view(x: torch.Tensor, axes: Tuple[Optional[int], ...]) -> torch.Tensor:
+FLAT = -1  # an axis of length B*H read at b * H + h
+
+
+def captured_view(x: torch.Tensor, axes: Tuple[Optional[int], ...],
+                  heads: Optional[int] = None) -> torch.Tensor:
     """``x`` as a 4-D tensor broadcastable to ``[B, H, Lq, Lk]``; ``axes[i]``
-    is the op axis of x's axis ``i`` (None: read at index 0)."""
+    is the op axis of x's axis ``i`` (None: read at index 0; FLAT: the
+    merged batch-and-head axis, split with ``heads``)."""
+    if FLAT in axes:
+        i = axes.index(FLAT)
+        x = x.unflatten(i, (-1, heads))
+        axes = axes[:i] + (0, 1) + axes[i + 1:]
     if any(a is None for a in axes):
         x = x[tuple(0 if a is None else slice(None) for a in axes)]
     kept = [a for a in axes if a is not None]
@@ -40,11 +55,15 @@ def captured_view(x: torch.Tensor, axes: Tuple[Optional[int], ...]) -> torch.Ten
     return x
 
 
-def from_op_layout(o: torch.Tensor, op_labels: str, out_labels: str) -> torch.Tensor:
-    """The op's ``[B, H, Lq, Dv]`` output back in the user's layout; a copy
-    only when the user's contraction wrote another axis order."""
-    for _ in range(4 - len(op_labels)):
-        o = o.squeeze(0)
+def from_op_layout(o: torch.Tensor, op_labels: str, out_labels: str,
+                   group: Optional[int] = None) -> torch.Tensor:
+    """The op's ``[B, H, Lq, Dv]`` output back in the user's layout (the
+    inverse of ``to_op_layout``'s batch change; ``group`` is G of a 5-D
+    layout); a copy only when the user's contraction wrote another axis order."""
+    if len(op_labels) == 3:
+        o = o.flatten(0, 1)
+    elif len(op_labels) == 5:
+        o = o.unflatten(1, (-1, group))
     if out_labels == op_labels:
         return o
     return o.permute([op_labels.index(lab) for lab in out_labels]).contiguous()

@@ -112,6 +112,8 @@ def _target_name(node: fx.Node) -> Optional[str]:
             return None
     else:
         return None
+    if name.endswith("_") and not name.startswith("_") and name[:-1] in _SIGNATURES:
+        name = name[:-1]  # in-place spelling: the pass tracks who sees the new value
     return _ALIASES.get(name, name)
 
 

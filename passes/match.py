@@ -52,9 +52,12 @@ class SiteMatch:
     v: Operand
     out_labels: str           # labels of the op output [batch.., q, dv] as PV writes them
     op_out_labels: str
-    batch_rank: int           # rank of the score batch (1 or 2)
+    batch_rank: int           # rank of the score batch (1 to 3)
     dropout_p: float
     post_nodes: List[fx.Node]
+    chain: set                # nodes from Q·Kᵀ to the softmax input (in-place ops included)
+    dtype_users: List[fx.Node]  # ``x.type_as(scores)``: read the scores' dtype only
+    heads: Optional[Tuple] = None  # 3-D scores viewed as [B, H, L, L]: (B, H)
 
 
 @dataclasses.dataclass
@@ -370,8 +373,8 @@ def mutating_users(node: fx.Node):
 
 def _build(sm, x, dtype, qk: C.Contraction, pv: C.Contraction, post, p_index, dropout_p):
     o = qk.out_labels
-    if len(o) not in (3, 4):
-        raise Decline(f"scores of rank {len(o)} (3-D or 4-D supported)")
+    if len(o) not in (3, 4, 5):
+        raise Decline(f"scores of rank {len(o)} (3-D to 5-D supported)")
     kl, ql, batch, d = o[-1], o[-2], o[:-2], qk.contracted
     sides = {lab: i for i in (0, 1) for lab in qk.operand(i)[1] if lab in (kl, ql)}
     if sides.get(kl) == sides.get(ql):
@@ -403,8 +406,104 @@ def _build(sm, x, dtype, qk: C.Contraction, pv: C.Contraction, post, p_index, dr
     for operand, name in ((q, "query"), (k, "key"), (v, "value")):
         if not C.example_value(operand.node).dtype.is_floating_point:
             raise Decline(f"{name} is not a floating-point tensor")
+    chain = chain_nodes(qk.node, x, sm)
+    dtype_users = _check_chain_users(chain, _softmax_body(x, sm))
+    heads = _heads_view(chain, C.shape_of(qk.node)) if len(batch) == 1 else None
+    if len(batch) == 3:
+        _check_grouped(q, k, v, C.shape_of(qk.node))
     return SiteMatch(sm, x, dtype, qk, pv, q, k, v, pv.out_labels, op_out, len(batch),
-                     dropout_p, post)
+                     dropout_p, post, chain, dtype_users, heads)
+
+
+def chain_nodes(score: fx.Node, softmax_in: fx.Node, softmax: fx.Node) -> set:
+    """Nodes on a path from the contraction to the softmax input, plus the
+    in-place ops on them that run before the softmax."""
+    fwd, stack = set(), [score]
+    while stack:
+        n = stack.pop()
+        if n not in fwd:
+            fwd.add(n)
+            if n is not softmax_in:
+                stack.extend(n.users)
+    back, stack = set(), [softmax_in]
+    while stack:
+        n = stack.pop()
+        if n in back or n not in fwd:
+            continue
+        back.add(n)
+        stack.extend(n.all_input_nodes)
+    order = {m: i for i, m in enumerate(score.graph.nodes)}
+    grew = True
+    while grew:
+        grew = False
+        for n in list(back):
+            for m in mutating_users(n):
+                if m not in back and order[m] < order[softmax]:
+                    back.add(m)
+                    grew = True
+    if softmax_in not in back:
+        raise Decline("softmax input does not come from the contraction")
+    return back
+
+
+def _softmax_body(x: fx.Node, sm: fx.Node) -> set:
+    """The nodes of a (possibly decomposed) softmax from its input to ``sm``."""
+    body, stack = {sm}, [sm]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a is not x and a not in body and _reaches(x, a):
+                body.add(a)
+                stack.append(a)
+    return body
+
+
+def _reaches(x: fx.Node, a: fx.Node, depth: int = 6) -> bool:
+    if depth == 0:
+        return False
+    return any(i is x or _reaches(x, i, depth - 1) for i in a.all_input_nodes)
+
+
+def _check_chain_users(chain: set, softmax_body: set) -> List[fx.Node]:
+    """Every user of a score must be in the chain (or the softmax); a
+    ``y.type_as(scores)`` only reads the dtype and is returned to be rewired."""
+    dtype_users = []
+    for n in chain:
+        for u in n.users:
+            if u in chain or u in softmax_body:
+                continue
+            op = C.canonical(u)
+            if op is not None and op.name == "type_as" and op.kw.get("other") is n \
+                    and op.kw.get("input") is not n:
+                dtype_users.append(u)
+                continue
+            raise Decline(f"the scores are also used by '{u.name}'")
+    return dtype_users
+
+
+def _heads_view(chain: set, score_shape) -> Optional[Tuple]:
+    """For 3-D scores [B*H, Lq, Lk]: the (B, H) of a 4-D view of them in the
+    chain, so that tensors indexed per batch or per head keep their meaning."""
+    from .analyze.symbolic import _size_eq, _sym
+    for n in chain:
+        s = C.shape_of(n)
+        if s is not None and len(s) == 4 and isinstance(s[1], int):
+            if _size_eq(_sym(s[0]) * s[1], score_shape[0]):
+                return (s[0], s[1])
+    return None
+
+
+def _check_grouped(q: Operand, k: Operand, v: Operand, score_shape) -> None:
+    """5-D scores [B, Hkv, G, Lq, Lk] merge (Hkv, G) into the op's heads:
+    query head h reads key head h // G, so keys may only drop the G axis."""
+    from .analyze.symbolic import _size_eq, is_one
+    g = score_shape[2]
+    if not isinstance(g, int):
+        raise Decline("grouped heads with a dynamic group size")
+    for op in (k, v):
+        sizes = _sizes(op)
+        if not (is_one(sizes[2]) or _size_eq(sizes[2], g)) or not _size_eq(sizes[1], score_shape[1]):
+            raise Decline("grouped heads whose keys do not follow the groups")
 
 
 def _same_lead(a, b) -> bool:

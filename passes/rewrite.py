@@ -14,6 +14,8 @@ import torch
 import torch.fx as fx
 
 from attn_compiler import layout
+
+from . import canonicalize as C
 from attn_compiler import ops as _ops  # noqa: F401  registers torch.ops.attn_compiler
 
 
@@ -30,19 +32,35 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
                 created.append(n)
                 return n
 
-            q = call(layout.to_op_layout, get(m.q.node), m.q.labels, m.q.target)
-            k = call(layout.to_op_layout, get(m.k.node), m.k.labels, m.k.target)
-            v = call(layout.to_op_layout, get(m.v.node), m.v.labels, m.v.target)
-            caps = [call(layout.captured_view, get(c.node), c.axes) for c in analysis.captures]
+            heads = m.heads[1] if m.heads is not None else None
+            q, k, v = (call(layout.to_op_layout, get(o.node), o.labels, o.target,
+                            None if _lead_is_one(o) else heads) for o in (m.q, m.k, m.v))
+            caps = [call(layout.captured_view, get(c.node), c.axes, heads)
+                    for c in analysis.captures]
             seed = call(layout.dropout_seed, q) if analysis.spec.dropout_p > 0 else None
             res = call(torch.ops.attn_compiler.attention.default, q, k, v, caps,
                        analysis.spec.dumps(), seed)
             out = call(operator.getitem, res, 0)
-            final = call(layout.from_op_layout, out, m.op_out_labels, m.out_labels)
+            group = C.shape_of(m.qk.node)[2] if m.batch_rank == 3 else None
+            final = call(layout.from_op_layout, out, m.op_out_labels, m.out_labels, group)
     except Exception:
         for n in reversed(created):
             g.erase_node(n)
         raise
     anchor.replace_all_uses_with(final)
     replaced[anchor] = final
+    for u in m.dtype_users:  # y.type_as(scores) -> y.to(scores.dtype)
+        dtype = C.example_value(u.kwargs.get("other", u.args[1] if len(u.args) > 1 else None)).dtype
+        with g.inserting_before(u):
+            to = g.call_method("to", (u.args[0] if u.args else u.kwargs["self"], dtype))
+        to.meta.update(u.meta)
+        u.replace_all_uses_with(to)
+        g.erase_node(u)
     return final
+
+
+def _lead_is_one(o) -> bool:
+    """A [1, L, D] operand broadcasts over the whole batch: nothing to split."""
+    sizes = dict(zip(o.labels, C.shape_of(o.node)))
+    lead = [sizes.get(lab, 1) for lab in o.target[:-2]]
+    return len(lead) == 1 and isinstance(lead[0], int) and lead[0] == 1

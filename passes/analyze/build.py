@@ -25,6 +25,7 @@ from .symbolic import R, Decline, ScoreInterpreter
 from .torch_eval import can_evaluate
 
 _OP_AXES = (S.b, S.h, S.q_idx, S.kv_idx)
+FLAT = -1  # CaptureView axis code: the merged (b, h) axis of a [B*H, ...] tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +62,14 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor]) -> Analysis:
     qk = m.qk
     coef = sympy.sympify(m.q.factor) * sympy.sympify(m.k.factor)
     smap = size_map(m)
-    interp = ScoreInterpreter(qk.node, 1, m.softmax_in, real_values, smap)
+    interp = ScoreInterpreter(qk.node, 1, m.softmax_in, real_values, smap, m.chain, m.softmax,
+                              m.heads)
     coef = coef * interp.const(qk.alpha)
     interp.coef = coef
     if qk.addend is not None and interp.const(qk.beta) != 0:
         interp.memo[qk.node] = _baddbmm_value(interp, qk, coef)
     result = interp.run()
-    expr, captures, specs = _rename_captures(result.expr, result.leaves)
+    expr, captures, specs = _rename_captures(result.expr, result.leaves, interp.flat)
     scale, mod = _split_scale(expr, result.prefix_scales, _head_dim(m))
     if isinstance(scale, sympy.Expr) and scale.free_symbols - {S.D}:
         raise Decline(f"the scale {scale} depends on runtime values")
@@ -102,13 +104,21 @@ def _head_dim(m):
     return qshape[m.q.labels.index(m.q.target[-1])]
 
 
+def op_heads(operand, heads=None):
+    """Head count of an operand in the op layout (an int, or None if dynamic)."""
+    sizes = dict(zip(operand.labels, C.shape_of(operand.node)))
+    lead = [sizes.get(lab, 1) for lab in operand.target[:-2]]
+    if len(lead) == 1:
+        if isinstance(lead[0], int) and lead[0] == 1:
+            return 1
+        return heads[1] if heads is not None else lead[0]
+    if len(lead) == 3:
+        return lead[1] * lead[2] if all(isinstance(x, int) for x in lead[1:]) else None
+    return lead[1]
+
+
 def _group(m) -> int:
-    qh = C.shape_of(m.q.node)
-    kh = C.shape_of(m.k.node)
-    if m.batch_rank < 2:
-        return 1
-    hq = qh[m.q.labels.index(m.q.target[1])] if m.q.target[1] in m.q.labels else 1
-    hk = kh[m.k.labels.index(m.k.target[1])] if m.k.target[1] in m.k.labels else 1
+    hq, hk = op_heads(m.q, m.heads), op_heads(m.k, m.heads)
     if isinstance(hq, int) and isinstance(hk, int):
         if hq % hk:
             raise Decline(f"{hq} query heads over {hk} key heads")
@@ -167,9 +177,11 @@ def _name_scale(c, head_dim):
     return c, sympy.Integer(1)
 
 
-def _rename_captures(expr, leaves):
+def _rename_captures(expr, leaves, flat):
     """Replace every leaf call ``_leafJ(args)`` by a canonical ``tI(b, h, q_idx,
-    kv_idx)``; one captured entry per distinct (leaf, args)."""
+    kv_idx)``; one captured entry per distinct (leaf, args).  An axis read at
+    the flat batch index ``b * H + h`` (a [B*H, ...] tensor) is split by the
+    rewrite (axis code ``FLAT``)."""
     calls = sorted({f for f in expr.atoms(sympy.Function)
                     if str(f.func).startswith("_leaf")}, key=str)
     by_name = {str(lf.func): lf for lf in leaves}
@@ -180,11 +192,14 @@ def _rename_captures(expr, leaves):
         for a in call.args:
             if a == 0:
                 axes.append(None)
+            elif a == flat and flat not in _OP_AXES:
+                axes.append(FLAT)
             elif a in _OP_AXES:
                 axes.append(_OP_AXES.index(a))
             else:
                 raise Decline(f"a captured tensor is read at {a}, not along one op axis")
         used = [a for a in axes if a is not None]
+        used = [j for a in used for j in ((0, 1) if a == FLAT else (a,))]
         if len(set(used)) != len(used):
             raise Decline("a captured tensor is read along the same op axis twice")
         if lf.rank == 0:

@@ -191,53 +191,34 @@ class ScoreInterpreter:
     ``coef * R``) and ``softmax_in`` (see module doc)."""
 
     def __init__(self, score_node: fx.Node, coef, softmax_in: fx.Node, real_values: Dict,
-                 size_map: Dict):
+                 size_map: Dict, chain_nodes: set, softmax_node: fx.Node, heads=None):
         self.score_node, self.coef, self.softmax_in = score_node, coef, softmax_in
+        self.softmax_node = softmax_node
         self.real_values = real_values      # placeholder/get_attr node -> real tensor
         self.size_map = size_map            # shape-env sympy symbol -> Lq / Lk / D
+        self.chain_nodes = chain_nodes      # from match.chain_nodes
         self.memo: Dict[fx.Node, Val] = {}
         self.leaves: List[Leaf] = []
         self.prefix_scales: set = set()
+        self._readers: List[fx.Node] = []
+        self.order = {n: i for i, n in enumerate(score_node.graph.nodes)}
         sshape = C.shape_of(score_node)
-        if len(sshape) == 4:
-            op_sizes, flat = tuple(sshape[:2]), S.b * _sym(sshape[1]) + S.h
-        elif len(sshape) == 3:
-            op_sizes, flat = (1, sshape[0]), S.h
+        lead = tuple(sshape[:-2])
+        if len(lead) == 2:
+            op_sizes = lead
+        elif len(lead) == 1:   # [B*H, L, L]: heads split by a later view, or one batch
+            op_sizes = (1, lead[0]) if heads is None else tuple(heads)
+        elif len(lead) == 3:   # [B, Hkv, G, L, L]: grouped heads, merged
+            op_sizes = (lead[0], _sym(lead[1]) * _sym(lead[2]))
         else:
-            raise Decline(f"scores of rank {len(sshape)} (3 or 4 supported)")
+            raise Decline(f"scores of rank {len(sshape)} (3-D to 5-D supported)")
         self.op_sizes = op_sizes
-        self.score_frame = Frame(tuple(sshape[:-2]), op_sizes, flat)
-        self.chain_nodes = self._chain_nodes()
-
-    # ---- graph structure ---------------------------------------------
-    def _chain_nodes(self) -> set:
-        """Nodes on a path from the contraction to the softmax input."""
-        fwd, stack = set(), [self.score_node]
-        while stack:
-            n = stack.pop()
-            if n in fwd:
-                continue
-            fwd.add(n)
-            if n is not self.softmax_in:
-                stack.extend(n.users)
-        back, stack = set(), [self.softmax_in]
-        while stack:
-            n = stack.pop()
-            if n in back or n not in fwd:
-                continue
-            back.add(n)
-            stack.extend(a for a in n.all_input_nodes)
-        if self.softmax_in not in back:
-            raise Decline("softmax input does not come from the contraction")
-        return back
+        flat = S.b * _sym(op_sizes[1]) + S.h
+        self.flat = flat
+        self.score_frame = Frame(lead, op_sizes, flat)
 
     def run(self) -> Interpretation:
-        for n in self.chain_nodes:
-            if n is self.softmax_in:
-                continue
-            others = [u for u in n.users if u not in self.chain_nodes]
-            if others:
-                raise Decline(f"the scores are also used by '{others[0].name}'")
+        self._readers = [self.softmax_node]
         v = self.value(self.softmax_in)
         if not v.chain:
             raise Decline("softmax input does not depend on the scores")
@@ -245,18 +226,33 @@ class ScoreInterpreter:
         self._note_prefix(e)
         return Interpretation(e, self.prefix_scales, self.leaves, v.frame)
 
+    def resolve(self, node: fx.Node) -> fx.Node:
+        """The version of chain node ``node`` that the current reader sees:
+        the last in-place op on it before the reader, or ``node`` itself."""
+        if not self._readers or node not in self.chain_nodes:
+            return node
+        from ..match import mutating_users
+        at = self.order[self._readers[-1]]
+        before = [m for m in mutating_users(node) if self.order[m] < at]
+        return max(before, key=self.order.get) if before else node
+
     # ---- values --------------------------------------------------------
     def value(self, node) -> Val:
         if not isinstance(node, fx.Node):
             return Val(self.const(node), ())
+        node = self.resolve(node)
         if node in self.memo:
             return self.memo[node]
-        if node is self.score_node:
-            v = Val(self.coef * R, C.shape_of(node), True, self.score_frame)
-        elif node in self.chain_nodes:
-            v = self.chain_value(node)
-        else:
-            v = self.side_value(node)
+        self._readers.append(node)
+        try:
+            if node is self.score_node:
+                v = Val(self.coef * R, C.shape_of(node), True, self.score_frame)
+            elif node in self.chain_nodes:
+                v = self.chain_value(node)
+            else:
+                v = self.side_value(node)
+        finally:
+            self._readers.pop()
         self.memo[node] = v
         return v
 
