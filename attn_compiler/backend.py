@@ -30,7 +30,13 @@ def backend(inner: str = "inductor", **options: Any) -> Callable:
         from attn_compiler.passes.pipeline import attention_pass
 
         gid = next(_graph_ids)
-        for site in attention_pass(gm, example_inputs, gid):
+        try:
+            sites = attention_pass(gm, example_inputs, gid)
+        except Exception as e:  # noqa: BLE001 - never break the user's model on our account
+            log.warning("attention pass skipped for graph %d after an internal error: %r", gid, e,
+                        exc_info=log.isEnabledFor(logging.DEBUG))
+            sites = []
+        for site in sites:
             record(site)
         return inner_fn(gm, example_inputs)
 

@@ -331,19 +331,40 @@ def _decomposed_softmax(op: COp):
     if dim is None:
         return None
     x = e.kw["input"]
-    sub = canonical(x)
-    if sub is not None and sub.name == "sub":
-        base, m = sub.kw["input"], sub.kw.get("other")
-        mop = canonical(m)
-        if mop is not None and mop.name == "getitem" and mop.kw["index"] in (0,):
-            mop = canonical(mop.kw["input"])  # x.max(dim, keepdim=True)[0]
-        if mop is not None and mop.name == "getattr" and mop.kw["attr"] == "values":
-            mop = canonical(mop.kw["input"])
-        if mop is not None and mop.name == "detach":
-            mop = canonical(mop.kw["input"])
-        mdim = _reduced_dim(mop, ("amax", "max"))
-        if mop is not None and mop.kw.get("input") is base and mdim is not None \
-                and norm_dim(mdim, r) == norm_dim(dim, r):
-            return base, dim, None
+    shifted = row_max_shift(x)
+    if shifted is not None and norm_dim(shifted[2], r) == norm_dim(dim, r):
+        return shifted[0], dim, None
     return x, dim, None
+
+
+def row_max_nodes(m: Any):
+    """If ``m`` is ``y.amax(dim, keepdim=True)`` (or ``y.max(dim, True)[0]`` /
+    ``.values``, ``torch.max``, with ``.detach()``), ``(y, dim, nodes)`` with
+    the nodes that compute it; else None."""
+    nodes = []
+    mop = canonical(m)
+    for _ in range(3):
+        if mop is None:
+            return None
+        if mop.name == "getitem" and mop.kw["index"] == 0 or (
+                mop.name == "getattr" and mop.kw["attr"] == "values") or mop.name == "detach":
+            nodes.append(mop.node)
+            mop = canonical(mop.kw["input"])
+    dim = _reduced_dim(mop, ("amax", "max"))
+    if dim is None or not isinstance(mop.kw.get("input"), fx.Node):
+        return None
+    nodes.append(mop.node)
+    return mop.kw["input"], dim, nodes
+
+
+def row_max_shift(x: Any):
+    """If ``x`` is ``y - rowmax(z)`` (the usual overflow guard before a
+    softmax), ``(y, z, dim, nodes)``; softmax is blind to the shift."""
+    sub = canonical(x)
+    if sub is None or sub.name != "sub" or sub.kw.get("alpha", 1) != 1:
+        return None
+    found = row_max_nodes(sub.kw.get("other"))
+    if found is None:
+        return None
+    return sub.kw["input"], found[0], found[1], found[2]
 

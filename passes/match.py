@@ -15,29 +15,20 @@ cannot be expressed exactly becomes ``Declined`` with its reason.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 
 from . import canonicalize as C
-from .analyze.symbolic import Decline
+from .analyze.values import Decline
+from .operands import (Operand, _check_grouped, _check_layouts, _operand, mutated_between,
+                       mutating_users, peel)
 
 # ops allowed between the softmax and the P·V contraction
 _POST_OPS = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous",
              "clone", "dropout", "view", "reshape"}
 _SEARCH_LIMIT = 64  # nodes walked back from a softmax looking for Q·Kᵀ
-
-
-@dataclasses.dataclass
-class Operand:
-    """An input of the op: ``node`` rearranged by ``labels -> target``."""
-
-    node: fx.Node
-    labels: str               # labels of node's axes
-    target: str               # labels of the op layout [batch.., row, col]
-    factor: Any = 1           # scalar peeled off (scales)
-    group: int = 1            # GQA: node is the narrow tensor, heads repeat ``group`` times
 
 
 @dataclasses.dataclass
@@ -110,7 +101,7 @@ def _is_score_contraction(c: C.Contraction, xs) -> bool:
     d = C.shape_of(node)[labels.index(c.contracted)]
     if isinstance(d, int) and d == 1:
         return False  # an outer product (mask building), not Q·Kᵀ
-    from .analyze.symbolic import _size_eq
+    from .analyze.values import _size_eq
     return _size_eq(s[-1], xs[-1])
 
 
@@ -198,177 +189,6 @@ def _dropout_p(op: C.COp) -> float:
 
 
 # ---- operands ----------------------------------------------------------------
-
-def peel(node: fx.Node, labels: str) -> Tuple[fx.Node, str, Any]:
-    """Walk back through scalar scaling, transposes and copies.
-
-    Returns ``(base, base_labels, factor)`` with ``node == factor * base``
-    rearranged; labels follow the axes.
-    """
-    factor = 1
-    while True:
-        op = C.canonical(node)
-        if op is None:
-            return node, labels, factor
-        n = op.name
-        if n in ("contiguous", "clone") and C.is_tensor(op.kw["input"]):
-            node = op.kw["input"]
-        elif n in ("mul", "div") and _scalar(op.kw.get("other")) is not None \
-                and C.is_tensor(op.kw["input"]) \
-                and C.example_value(op.kw["input"]).dtype == C.example_value(node).dtype:
-            s = _scalar(op.kw["other"])
-            factor = factor * s if n == "mul" else factor / s
-            node = op.kw["input"]
-        elif n == "mul" and _scalar(op.kw["input"]) is not None and C.is_tensor(op.kw.get("other")):
-            factor = factor * _scalar(op.kw["input"])
-            node = op.kw["other"]
-        elif n in ("transpose", "permute"):
-            src = op.kw["input"]
-            r = len(labels)
-            if n == "transpose":
-                perm = list(range(r))
-                a, b = C.norm_dim(op.kw["dim0"], r), C.norm_dim(op.kw["dim1"], r)
-                perm[a], perm[b] = perm[b], perm[a]
-            else:
-                perm = [C.norm_dim(d, r) for d in op.kw["sizes"]]
-            src_labels = [""] * r
-            for j, pj in enumerate(perm):
-                src_labels[pj] = labels[j]
-            node, labels = src, "".join(src_labels)
-        else:
-            return node, labels, factor
-
-
-def _scalar(x):
-    if isinstance(x, bool):
-        return None
-    if isinstance(x, (int, float)):
-        return x
-    if isinstance(x, fx.Node):
-        ev = C.example_value(x)
-        if isinstance(ev, (torch.SymInt, torch.SymFloat)):
-            return ev
-    if isinstance(x, (torch.SymInt, torch.SymFloat)):
-        return x
-    return None
-
-
-def gqa_narrow(node: fx.Node) -> Optional[Tuple[fx.Node, int]]:
-    """If ``node`` [B, H, L, D] repeats each of Hkv heads ``G`` times
-    (``repeat_interleave(G, dim=1)``, or ``x[:, :, None].expand(B, Hkv, G, L, D)
-    .reshape(B, H, L, D)`` as in HF ``repeat_kv``), the narrow tensor and G."""
-    op = C.canonical(node)
-    shape = C.shape_of(node)
-    if op is None or shape is None or len(shape) != 4:
-        return None
-    if op.name == "repeat_interleave":
-        g, dim, x = op.kw.get("repeats"), op.kw.get("dim"), op.kw["input"]
-        if isinstance(g, int) and dim in (1, -3) and len(C.shape_of(x)) == 4:
-            return x, g
-        return None
-    if op.name in ("reshape", "view", "flatten"):
-        e = C.canonical(op.kw["input"])
-        es = C.shape_of(op.kw["input"])
-        if e is None or e.name != "expand" or len(es) != 5:
-            return None
-        if op.name == "flatten" and (op.kw.get("start_dim"), op.kw.get("end_dim")) not in ((1, 2),):
-            return None
-        u = C.canonical(e.kw["input"])
-        us = C.shape_of(e.kw["input"])
-        if u is None or len(us) != 5 or not (isinstance(us[2], int) and us[2] == 1):
-            return None
-        if u.name == "unsqueeze" and C.norm_dim(u.kw["dim"], 5) == 2:
-            x = u.kw["input"]
-        elif u.name == "getitem" and _is_none_at_2(u.kw["index"]):
-            x = u.kw["input"]
-        else:
-            return None
-        g = es[2]
-        return (x, g) if isinstance(g, int) else None
-    if op.name == "expand":
-        x = op.kw["input"]
-        xs = C.shape_of(x)
-        if len(xs) == 4 and isinstance(xs[1], int) and xs[1] == 1 and isinstance(shape[1], int):
-            return x, shape[1]
-    return None
-
-
-def _is_none_at_2(idx) -> bool:
-    if not isinstance(idx, tuple):
-        return False
-    full = all(isinstance(i, slice) and i == slice(None) for i in idx[:2])
-    return full and len(idx) >= 3 and idx[2] is None and all(
-        (isinstance(i, slice) and i == slice(None)) or i is Ellipsis for i in idx[3:])
-
-
-def _operand(node: fx.Node, labels: str, target: str, allow_factor=True) -> Operand:
-    base, blabels, factor = peel(node, labels)
-    if not allow_factor and not (isinstance(factor, int) and factor == 1):
-        base, blabels, factor = node, labels, 1
-    op = Operand(base, blabels, target, factor)
-    if len(target) == 4 and blabels == target:
-        narrow = gqa_narrow(base)
-        if narrow is not None:
-            op.node, op.group = narrow
-    return op
-
-
-def _widen(op: Operand, wide: fx.Node) -> None:
-    op.node, op.group = wide, 1
-
-
-def _sizes(op: Operand):
-    """Sizes of the operand in its target layout (1 where it broadcasts)."""
-    sizes = dict(zip(op.labels, C.shape_of(op.node)))
-    return [sizes.get(lab, 1) for lab in op.target]
-
-
-def _check_layouts(q: Operand, k: Operand, v: Operand, score_shape, wide_k, wide_v) -> None:
-    """The op computes out[b, h] from q[b, h], k[b|0, h // G], v[b|0, h // G]:
-    q must not broadcast, and k and v must share their head count."""
-    from .analyze.symbolic import _size_eq, is_one
-    qs = _sizes(q)
-    if not all(_size_eq(a, b) for a, b in zip(qs[:-2], score_shape[:-2])):
-        raise Decline("the query broadcasts over a batch axis")
-    ks, vs = _sizes(k), _sizes(v)
-    if len(ks) == 4 and not _size_eq(ks[1], vs[1]):
-        if k.group > 1:
-            _widen(k, wide_k)
-        if v.group > 1:
-            _widen(v, wide_v)
-        ks, vs = _sizes(k), _sizes(v)
-    for a, b in zip(ks[:-2], vs[:-2]):
-        if not _size_eq(a, b):
-            raise Decline("key and value differ in their batch or head axes")
-    if ks[0] is not None and not (is_one(ks[0]) or _size_eq(ks[0], score_shape[0])):
-        raise Decline("key batch neither matches the query batch nor broadcasts")
-
-
-_MUTATING_FUNCS = {"setitem", "index_put_", "copy_", "fill_", "zero_"}
-_INPLACE_OPERATORS = {"setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod",
-                      "ipow", "iand", "ior", "ixor", "ilshift", "irshift", "imatmul"}
-
-
-def mutated_between(node: fx.Node, start: fx.Node, end: fx.Node) -> bool:
-    """Whether an in-place op writes ``node`` after ``start`` and before ``end``."""
-    order = {n: i for i, n in enumerate(start.graph.nodes)}
-    lo, hi = order[start], order[end]
-    return any(lo < order[u] < hi for u in mutating_users(node))
-
-
-def mutating_users(node: fx.Node):
-    out = []
-    for u in node.users:
-        if u.op not in ("call_method", "call_function") or not u.args or u.args[0] is not node:
-            continue
-        if u.op == "call_function" and getattr(u.target, "__module__", "") in ("_operator", "operator"):
-            if u.target.__name__ in _INPLACE_OPERATORS:
-                out.append(u)
-            continue
-        name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
-        if name in _MUTATING_FUNCS or (name.endswith("_") and not name.startswith("_")):
-            out.append(u)
-    return out
 
 
 def _build(sm, x, dtype, qk: C.Contraction, pv: C.Contraction, post, p_index, dropout_p):
@@ -484,7 +304,7 @@ def _check_chain_users(chain: set, softmax_body: set) -> List[fx.Node]:
 def _heads_view(chain: set, score_shape) -> Optional[Tuple]:
     """For 3-D scores [B*H, Lq, Lk]: the (B, H) of a 4-D view of them in the
     chain, so that tensors indexed per batch or per head keep their meaning."""
-    from .analyze.symbolic import _size_eq, _sym
+    from .analyze.values import _size_eq, _sym
     for n in chain:
         s = C.shape_of(n)
         if s is not None and len(s) == 4 and isinstance(s[1], int):
@@ -493,19 +313,6 @@ def _heads_view(chain: set, score_shape) -> Optional[Tuple]:
     return None
 
 
-def _check_grouped(q: Operand, k: Operand, v: Operand, score_shape) -> None:
-    """5-D scores [B, Hkv, G, Lq, Lk] merge (Hkv, G) into the op's heads:
-    query head h reads key head h // G, so keys may only drop the G axis."""
-    from .analyze.symbolic import _size_eq, is_one
-    g = score_shape[2]
-    if not isinstance(g, int):
-        raise Decline("grouped heads with a dynamic group size")
-    for op in (k, v):
-        sizes = _sizes(op)
-        if not (is_one(sizes[2]) or _size_eq(sizes[2], g)) or not _size_eq(sizes[1], score_shape[1]):
-            raise Decline("grouped heads whose keys do not follow the groups")
-
-
 def _same_lead(a, b) -> bool:
-    from .analyze.symbolic import _same_sizes
+    from .analyze.values import _same_sizes
     return _same_sizes(tuple(a), tuple(b))

@@ -20,7 +20,7 @@ from attn_compiler.report import DECLINED, FUSED, Site, location_from_stack_trac
 
 from .analyze import spec as S
 from .analyze.build import analyze
-from .analyze.symbolic import Decline
+from .analyze.values import Decline
 from .match import Declined, find_sites
 from .rewrite import rewrite
 
@@ -77,11 +77,43 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> Lis
         counters[site.status] += 1
         log.info("attention site %s: %s %s", loc, site.status, site.reason)
         sites.append(site)
-    if dead:
+    modules = _module_sites(gm, graph_id, len(sites))
+    sites += modules
+    if dead or any(s.status == FUSED for s in modules):
         _remove_dead(gm, dead)
         gm.graph.lint()
         gm.recompile()
     return sites
+
+
+def _module_sites(gm, graph_id: int, first: int) -> List[Site]:
+    """nn.MultiheadAttention calls (passes/modules.py)."""
+    from .modules import find_module_sites, rewrite_module_site
+
+    out = []
+    for ordinal, item in enumerate(find_module_sites(gm), start=first):
+        loc = location_from_stack_trace(item.node.meta.get("stack_trace"))
+        site = Site(DECLINED, location=loc, graph_id=graph_id, ordinal=ordinal)
+        if isinstance(item, Declined):
+            site.reason = item.reason
+        else:
+            try:
+                site.features = _module_features(item)
+                rewrite_module_site(gm, item)
+                site.status = FUSED
+            except Exception as e:  # noqa: BLE001 - a bug of ours must not break the model
+                log.warning("nn.MultiheadAttention at %s left unfused: %r", loc, e)
+                site.reason = f"internal error: {type(e).__name__}: {e}"
+        counters[site.status] += 1
+        out.append(site)
+    return out
+
+
+def _module_features(item) -> dict:
+    spec = item.spec
+    return {"scale": _scale_text(spec), "mask": spec.mask_kind, "score_mod": spec.describe_mod(),
+            "gqa_group": 1, "dropout": spec.dropout_p, "module": "nn.MultiheadAttention",
+            "dtypes": {"qkv": spec.out_dtype, "softmax": spec.softmax_dtype}, "spec": spec.dumps()}
 
 
 def _remove_dead(gm: fx.GraphModule, roots: List[fx.Node]) -> None:

@@ -546,3 +546,159 @@ def decoder_self_and_cross(q, k, v, enc_k, enc_v):
     whose query is the self-attention output."""
     x = causal_tril_in_graph(q, k, v)
     return gpt2_matmul_div_sqrt(x, enc_k, enc_v)
+
+
+# ---- research-code forms -------------------------------------------------------------
+
+def lucidrains_amax_detach(q, k, v):
+    """lucidrains-style: einsum scores, then the row max subtracted with
+    ``sim - sim.amax(dim=-1, keepdim=True).detach()`` before the softmax."""
+    sim = torch.einsum("b h i d, b h j d -> b h i j", q, k) * (q.shape[-1] ** -0.5)
+    sim = sim - sim.amax(dim=-1, keepdim=True).detach()
+    attn = sim.softmax(dim=-1)
+    return torch.einsum("b h i j, b h j d -> b h i d", attn, v)
+
+
+def lucidrains_masked_amax_detach(q, k, v, keep):
+    """As lucidrains_amax_detach, with ``masked_fill(~mask, -finfo.max)`` first;
+    ``keep`` (B, Lk) bool, True = real token."""
+    sim = torch.einsum("b h i d, b h j d -> b h i j", q, k) * (q.shape[-1] ** -0.5)
+    mask = keep[:, None, None, :]
+    sim = sim.masked_fill(~mask, -torch.finfo(sim.dtype).max)
+    sim = sim - sim.amax(dim=-1, keepdim=True).detach()
+    attn = sim.softmax(dim=-1)
+    return torch.einsum("b h i j, b h j d -> b h i d", attn, v)
+
+
+class GPTNeoXUpcastWhereBuffer(nn.Module):
+    """GPT-NeoX / GPT-J (HF eager): q and k upcast with ``.float()`` before the
+    matmul, a bool causal buffer sliced to the lengths,
+    ``mask_value = torch.tensor(finfo.min, dtype=w.dtype)``,
+    ``torch.where(causal, w, mask_value)``, divided by a norm factor, softmax,
+    cast to v's dtype."""
+
+    def __init__(self, max_positions=32, head_dim=16):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones((max_positions, max_positions), dtype=torch.bool))
+                             .view(1, 1, max_positions, max_positions), persistent=False)
+        self.norm_factor = math.sqrt(head_dim)
+
+    def forward(self, q, k, v):
+        Lq, Lk = q.size(-2), k.size(-2)
+        causal = self.bias[:, :, Lk - Lq: Lk, :Lk]
+        q = q.float()
+        k = k.float()
+        w = torch.matmul(q, k.transpose(-1, -2))
+        mask_value = torch.finfo(w.dtype).min
+        mask_value = torch.tensor(mask_value, dtype=w.dtype).to(w.device)
+        w = torch.where(causal, w, mask_value)
+        w = w / self.norm_factor
+        w = nn.functional.softmax(w, dim=-1)
+        w = w.to(v.dtype)
+        return torch.matmul(w, v)
+
+
+def gptj_upcast_where_tril(q, k, v):
+    """GPT-J style with the causal mask from ``tril`` in the graph: q/k ``.float()``,
+    ``torch.where(causal, w, torch.tensor(finfo.min, dtype=w.dtype))``."""
+    L = q.shape[-2]
+    causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=q.device))[None, None]
+    w = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    mask_value = torch.tensor(torch.finfo(w.dtype).min, dtype=w.dtype, device=w.device)
+    w = torch.where(causal, w, mask_value)
+    w = w / math.sqrt(q.shape[-1])
+    w = F.softmax(w, dim=-1).to(v.dtype)
+    return torch.matmul(w, v)
+
+
+class TimmAttention(nn.Module):
+    """timm ``Attention`` (manual path): qkv linear, reshape, permute(2, 0, 3, 1, 4),
+    unbind(0), ``q * scale``, ``q @ k.transpose(-2, -1)``, softmax, attn_drop,
+    ``@ v``, proj.  Takes x (B, N, C)."""
+
+    def __init__(self, dim=64, num_heads=4, attn_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q = q * self.scale
+        attn = q @ k.transpose(-2, -1)
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+def fairseq_bmm_key_padding(q, k, v, key_padding_mask):
+    """fairseq MultiheadAttention: q (B*H, tgt, D), k/v (B*H, src, D), bmm; the
+    (B, src) padding mask (True = pad) applied through a 4-D view,
+    ``.masked_fill(kpm.unsqueeze(1).unsqueeze(2).to(torch.bool), -inf)``,
+    viewed back to (B*H, tgt, src).  Returns (B*H, tgt, D)."""
+    bsz = key_padding_mask.shape[0]
+    BH, tgt_len, D = q.shape
+    src_len = k.shape[1]
+    num_heads = BH // bsz
+    q = q * (D ** -0.5)
+    attn_weights = torch.bmm(q, k.transpose(1, 2))
+    attn_weights = attn_weights.view(bsz, num_heads, tgt_len, src_len)
+    attn_weights = attn_weights.masked_fill(
+        key_padding_mask.unsqueeze(1).unsqueeze(2).to(torch.bool), float("-inf"))
+    attn_weights = attn_weights.view(bsz * num_heads, tgt_len, src_len)
+    attn_probs = F.softmax(attn_weights, dim=-1, dtype=torch.float32).type_as(attn_weights)
+    return torch.bmm(attn_probs, v)
+
+
+class SwinV2TimmCosine(nn.Module):
+    """Swin-v2 (timm WindowAttention): qkv from x (B, N, C), cosine scores
+    ``F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)``, learned
+    logit scale clamped with ``max=torch.log(torch.tensor(1. / 0.01))`` and
+    exponentiated, softmax, ``@ v``, proj."""
+
+    def __init__(self, dim=64, num_heads=4):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1)))
+                                        + 0.2 * torch.randn(num_heads, 1, 1))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        logit_scale = torch.clamp(self.logit_scale,
+                                  max=torch.log(torch.tensor(1.0 / 0.01, device=x.device))).exp()
+        attn = attn * logit_scale
+        attn = attn.softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, -1)
+        return self.proj(x)
+
+
+def inplace_div_then_masked_fill_causal(q, k, v):
+    """In-place statements on the scores: ``attn.div_(math.sqrt(d))`` then
+    ``attn.masked_fill_(causal_is_future, float('-inf'))``."""
+    L = q.shape[-2]
+    future = torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1)
+    attn = torch.matmul(q, k.transpose(-2, -1))
+    attn.div_(math.sqrt(q.shape[-1]))
+    attn.masked_fill_(future, float("-inf"))
+    return torch.matmul(torch.softmax(attn, dim=-1), v)
+
+
+def inplace_masked_fill_then_div(q, k, v, pad):
+    """The same two in-place statements in the other order (masked_fill_ first,
+    then div_), with a (B, 1, 1, Lk) padding mask, True = pad."""
+    attn = torch.matmul(q, k.transpose(-2, -1))
+    attn.masked_fill_(pad, float("-inf"))
+    attn.div_(math.sqrt(q.shape[-1]))
+    return torch.matmul(attn.softmax(dim=-1), v)

@@ -198,3 +198,67 @@ def test_only_the_good_site_of_two_is_fused():
 
     rows = _same_as_eager(two, _inputs(), exact=False)
     assert sorted(r.status for r in rows) == ["declined", "fused"], [(r.status, r.reason) for r in rows]
+
+
+# ---- a shift that is not a row constant is not a no-op ------------------------------------
+
+def shift_by_column_max(q, k, v):
+    """``s - s.amax(dim=-2, keepdim=True)``: the max over the query axis varies
+    along the key axis, so it changes the softmax over the keys."""
+    s = _scores(q, k)
+    s = s - s.amax(dim=-2, keepdim=True)
+    return torch.softmax(s, dim=-1) @ v
+
+
+def shift_by_column_max_detached(q, k, v):
+    """The lucidrains spelling with the wrong axis: ``.amax(dim=-2).detach()``."""
+    s = _scores(q, k)
+    s = s - s.amax(dim=-2, keepdim=True).detach()
+    return torch.softmax(s, dim=-1) @ v
+
+
+def shift_by_head_max(q, k, v):
+    """``s - s.amax(dim=1, keepdim=True)``: a max over the heads, per (query, key)."""
+    s = _scores(q, k)
+    s = s - s.amax(dim=1, keepdim=True)
+    return torch.softmax(s, dim=-1) @ v
+
+
+def shift_by_other_tensors_column_max(q, k, v):
+    """A shift by the column max of a different tensor (scores of v against k)."""
+    s = _scores(q, k)
+    t = _scores(v, k)
+    s = s - t.amax(dim=-2, keepdim=True)
+    return torch.softmax(s, dim=-1) @ v
+
+
+NOT_ROW_CONSTANT = [shift_by_column_max, shift_by_column_max_detached, shift_by_head_max,
+                    shift_by_other_tensors_column_max]
+
+
+@pytest.mark.parametrize("form", NOT_ROW_CONSTANT, ids=[f.__name__ for f in NOT_ROW_CONSTANT])
+def test_shift_that_is_not_row_constant_is_not_dropped(form):
+    """Either declined (then exactly eager) or fused with the shift kept: never
+    fused as if the shift were a softmax-invariant no-op."""
+    args = _inputs()
+    # the shift really matters here: dropping it changes the result
+    with torch.no_grad():
+        s = _scores(args[0], args[1])
+        assert not torch.allclose(form(*args), torch.softmax(s, -1) @ args[2], atol=1e-4)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    rows = _same_as_eager(form, args, exact=False)   # golden-relative outputs (both ways)
+    for r in rows:
+        assert r.status in ("fused", "declined"), r.status
+        if r.status == "declined":
+            assert r.reason and not r.reason.startswith("internal error"), r.reason
+    # gradients golden-relative as well (a fused site must keep the shift's gradient)
+    args64 = [a.detach().double().requires_grad_() for a in args]
+    torch._dynamo.reset()
+    compiled = torch.compile(form, backend=attn_compiler.backend(inner="aot_eager"))
+    cot = torch.randn(B, H, L, D, dtype=torch.float64)
+    g_ours = torch.autograd.grad(compiled(*args), args, cot.float())
+    g_eager = torch.autograd.grad(form(*args), args, cot.float())
+    g_gold = torch.autograd.grad(form(*args64), args64, cot)
+    for name, a, b, c in zip("qkv", g_ours, g_eager, g_gold):
+        golden_check(a, b, c, name=f"d{name}")

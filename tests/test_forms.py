@@ -337,3 +337,71 @@ def test_nanogpt_dynamic_true():
         golden_check(compiled(x), m(x), m64(_to64(x)), name=f"T={T} out")
     rows = list(attn_compiler.report())
     assert rows and all(r.status == "fused" for r in rows), [r.reason for r in rows]
+
+
+# ---- research-code forms -------------------------------------------------------------------
+
+RESEARCH_CASES = [
+    Case("lucidrains_amax_detach", _fn(forms.lucidrains_amax_detach, lq=11)),
+    Case("lucidrains_masked_amax_detach", lambda dt: (forms.lucidrains_masked_amax_detach,
+                                                      _qkv(dt) + [_keep_mask()])),
+    Case("gpt_neox_upcast_where_buffer", _mod(forms.GPTNeoXUpcastWhereBuffer, _qkv)),
+    Case("gpt_neox_upcast_where_buffer_cache", _mod(forms.GPTNeoXUpcastWhereBuffer,
+                                                    lambda dt: _qkv(dt, lq=5))),
+    Case("gptj_upcast_where_tril", _fn(forms.gptj_upcast_where_tril)),
+    Case("timm_attention", _mod(forms.TimmAttention, lambda dt: [_t(B, L, 64, dtype=dt)])),
+    Case("fairseq_bmm_key_padding", lambda dt: (forms.fairseq_bmm_key_padding,
+                                                [_t(B * H, 9, D, dtype=dt), _t(B * H, L, D, dtype=dt),
+                                                 _t(B * H, L, D, dtype=dt), ~_keep_mask()])),
+    Case("swinv2_timm_cosine", _mod(forms.SwinV2TimmCosine, lambda dt: [_t(B, 12, 64, dtype=dt)])),
+    Case("inplace_div_then_masked_fill_causal", _fn(forms.inplace_div_then_masked_fill_causal)),
+    Case("inplace_masked_fill_then_div", lambda dt: (forms.inplace_masked_fill_then_div,
+                                                     _qkv(dt) + [_pad_bool_4d(~_keep_mask())])),
+]
+RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
+
+
+@pytest.mark.parametrize("case", RESEARCH_CASES, ids=[c.id for c in RESEARCH_CASES])
+def test_research_form_fp32_forward_backward(case):
+    check_case(case)
+
+
+@pytest.mark.parametrize("case_id,dtype", [
+    ("gpt_neox_upcast_where_buffer", "fp16"),
+    ("gptj_upcast_where_tril", "bf16"),
+    ("lucidrains_masked_amax_detach", "bf16"),
+    ("fairseq_bmm_key_padding", "fp16"),
+])
+def test_research_form_low_precision_forward(case_id, dtype):
+    check_case(RESEARCH_BY_ID[case_id], dtype={"bf16": BF16, "fp16": F16}[dtype], backward=False)
+
+
+@pytest.mark.parametrize("case_id,mask", [
+    ("gpt_neox_upcast_where_buffer", "causal"),
+    ("gpt_neox_upcast_where_buffer_cache", "causal(offset=8)"),   # Lq 5, Lk 13: bottom-right aligned
+    ("gptj_upcast_where_tril", "causal"),
+    ("inplace_div_then_masked_fill_causal", "causal"),
+])
+def test_research_causal_forms_report_causal(case_id, mask):
+    check_case(RESEARCH_BY_ID[case_id], backward=False)
+    (row,) = [r for r in attn_compiler.report() if r.status == "fused"]
+    assert row.features["mask"] == mask, row.features
+
+
+def test_swinv2_logit_scale_gets_gradient():
+    """The learned logit scale is a parameter of the fused site: its gradient
+    flows (and matches eager) through the op."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    m = forms.SwinV2TimmCosine()
+    m64 = copy.deepcopy(m).double()
+    x = _t(B, 12, 64)
+    compiled = torch.compile(m, backend=attn_compiler.backend(inner="aot_eager"))
+    out = compiled(x)
+    assert_fused(attn_compiler.report(), 1)
+    cot = torch.randn(out.shape, dtype=torch.float64)
+    (g_ours,) = torch.autograd.grad(out, [m.logit_scale], cot.float())
+    (g_eager,) = torch.autograd.grad(m(x), [m.logit_scale], cot.float())
+    (g_gold,) = torch.autograd.grad(m64(_to64(x)), [m64.logit_scale], cot)
+    assert g_ours.abs().sum() > 0, "no gradient reached the logit scale"
+    golden_check(g_ours, g_eager, g_gold, name="dlogit_scale")

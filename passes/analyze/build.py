@@ -21,7 +21,8 @@ import torch.fx as fx
 
 from .. import canonicalize as C
 from . import spec as S
-from .symbolic import R, Decline, ScoreInterpreter
+from .symbolic import ScoreInterpreter
+from .values import R, Decline
 from .torch_eval import can_evaluate
 
 _OP_AXES = (S.b, S.h, S.q_idx, S.kv_idx)
@@ -91,7 +92,7 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor]) -> Analysis:
 
 
 def _baddbmm_value(interp, qk, coef):
-    from .symbolic import Val
+    from .values import Val
     side = interp.value(qk.addend)
     shape = C.shape_of(qk.node)
     frame = interp.score_frame

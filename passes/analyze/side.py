@@ -1,0 +1,193 @@
+"""Side values: masks, biases and index arithmetic that meet the score chain.
+
+``SideValues`` is a mixin of ``ScoreInterpreter`` (symbolic.py).  A side
+value is written over per-axis symbols ``A1`` (last axis), ``A2``, ...
+aligned from the right.  Index-derived tensors (``arange``, ``tril`` of
+ones, comparisons, a registered tril buffer) become expressions; anything
+else becomes a captured tensor (``leaf``), read at run time.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import sympy
+import torch
+import torch.fx as fx
+
+from .. import canonicalize as C
+from ..operands import mutating_users
+from .values import (AX, Decline, Leaf, Val, _CASTS, _has_leaf, _size_eq, _subs, as_bool,
+                     as_num, is_bool, is_one)
+
+
+class SideValues:
+    """Side-value methods of the interpreter (see module doc)."""
+
+    def side_value(self, node: fx.Node) -> Val:
+        ev = C.example_value(node)
+        if not isinstance(ev, torch.Tensor):
+            return Val(self.const(node), ())
+        op = C.canonical(node)
+
+        try:
+            # a tensor written in place is read at run time, never folded
+            v = self.side_op(node, op) if op is not None and not mutating_users(node) else None
+        except Decline:
+            v = None
+        if v is None:
+            v = self.constant_tensor(node)
+        return v if v is not None else self.leaf(node)
+
+    def leaf(self, node: fx.Node) -> Val:
+        shape = C.shape_of(node)
+        if node.op == "call_method" and node.target == "item":
+            node = node.args[0]
+            shape = C.shape_of(node)
+        for lf in self.leaves:
+            if lf.node is node:
+                break
+        else:
+            lf = Leaf(node, sympy.Function(f"_leaf{len(self.leaves)}"), len(shape))
+            self.leaves.append(lf)
+        r = len(shape)
+        args = [sympy.Integer(0) if is_one(shape[i]) else AX[r - 1 - i] for i in range(r)]
+        return Val(lf.func(*(args or [sympy.Integer(0)])), shape)
+
+    def constant_tensor(self, node) -> Optional[Val]:
+        """A registered buffer holding tril/triu of ones is an index predicate."""
+        real = self.real_values.get(node)
+        if real is None or real.requires_grad or real.dim() < 2 or real.numel() > (1 << 24):
+            return None
+        if node.op == "placeholder":
+            src = node.meta.get("grapharg")
+            if src is None or "_buffers" not in str(getattr(src, "source", "")):
+                return None
+        ones = torch.ones(real.shape[-2:], dtype=torch.bool)
+        flat = real.reshape(-1, *real.shape[-2:]) != 0
+        shape = C.shape_of(node)
+        for cond, pattern in ((AX[0] <= AX[1], torch.tril(ones)), (AX[0] >= AX[1], torch.triu(ones))):
+            if bool((flat == pattern).all()):
+                e = cond if real.dtype == torch.bool else sympy.Piecewise((1, cond), (0, True))
+                return Val(e, shape)
+        return None
+
+    def side_op(self, node, op) -> Optional[Val]:
+        name, k = op.name, op.kw
+        shape = C.shape_of(node)
+        if name in ("ones", "zeros", "full", "ones_like", "zeros_like", "full_like",
+                    "new_ones", "new_zeros", "new_full"):
+            fill = {"ones": 1, "zeros": 0, "ones_like": 1, "zeros_like": 0, "new_ones": 1,
+                    "new_zeros": 0}.get(name, k.get("fill_value"))
+            e = self.const(fill)
+            if C.example_value(node).dtype == torch.bool:
+                e = as_bool(e)
+            return Val(e, shape)
+        if name in ("tensor", "scalar_tensor", "as_tensor") and node.args \
+                and isinstance(node.args[0], (int, float, bool)):
+            e = self.const(node.args[0])
+            return Val(as_bool(e) if C.example_value(node).dtype == torch.bool else e, shape)
+        if name == "arange":
+            a = list(node.args)
+            start, end, step = (0, a[0], 1) if len(a) == 1 else (a + [1])[:3]
+            start, step = node.kwargs.get("start", start), node.kwargs.get("step", step)
+            return Val(self.const(start) + self.const(step) * AX[0], shape)
+        if name in ("tril", "triu"):
+            x = self.value(k["input"])
+            d = self.const(k.get("diagonal", 0) or 0)
+            cond = (AX[0] - AX[1] <= d) if name == "tril" else (AX[0] - AX[1] >= d)
+            zero = sympy.false if is_bool(x.expr) else 0
+            return Val(sympy.Piecewise((x.expr, cond), (zero, True)) if zero == 0
+                       else sympy.And(x.expr, cond), shape)
+        if name in _CASTS:
+            x = self.value(k["input"])
+            dt = C.example_value(node).dtype
+            e = as_bool(x.expr) if dt == torch.bool else as_num(x.expr)
+            if not dt.is_floating_point and dt != torch.bool and not is_bool(x.expr):
+                return None  # integer truncation of an index expression: keep as tensor
+            return Val(e, shape)
+        if name in ("detach",):
+            x = self.value(k["input"])
+            return Val(x.expr, shape) if not _has_leaf(x.expr) else None
+        if name in ("expand", "expand_as"):
+            x = self.value(k["input"])
+            return Val(self.broadcast(x, shape), shape)
+        if name in ("unsqueeze", "view", "reshape", "squeeze", "flatten"):
+            return self.side_reshape(node, k)
+        if name in ("transpose", "permute"):
+            return self.side_permute(node, op)
+        if name == "getitem":
+            return self.side_getitem(node, k)
+        operands, extra = self.operands(op)
+        if operands is None:
+            return None
+        return self.elementwise(node, name, operands, extra)
+
+    def side_reshape(self, node, k) -> Optional[Val]:
+        """Reshapes that only add or drop size-1 axes keep the expression."""
+        x = self.value(k["input"])
+        old, new = x.shape, C.shape_of(node)
+        old_keep = [i for i, s in enumerate(old) if not is_one(s)]
+        new_keep = [i for i, s in enumerate(new) if not is_one(s)]
+        if len(old_keep) != len(new_keep) or not all(
+                _size_eq(old[i], new[j]) for i, j in zip(old_keep, new_keep)):
+            return None
+        sub = {AX[len(old) - 1 - i]: sympy.Integer(0) for i, s in enumerate(old) if is_one(s)}
+        for i, j in zip(old_keep, new_keep):
+            sub[AX[len(old) - 1 - i]] = AX[len(new) - 1 - j]
+        return Val(_subs(x.expr, sub), new)
+
+    def side_permute(self, node, op) -> Optional[Val]:
+        x = self.value(op.kw["input"])
+        r = len(x.shape)
+        if op.name == "transpose":
+            d0, d1 = (C.norm_dim(op.kw["dim0"], r), C.norm_dim(op.kw["dim1"], r))
+            perm = list(range(r))
+            perm[d0], perm[d1] = perm[d1], perm[d0]
+        else:
+            perm = [C.norm_dim(d, r) for d in op.kw["sizes"]]
+        # out axis j reads in axis perm[j]
+        sub = {AX[r - 1 - perm[j]]: AX[r - 1 - j] for j in range(r)}
+        return Val(_subs(x.expr, sub), C.shape_of(node))
+
+    def side_getitem(self, node, k) -> Optional[Val]:
+        x = self.value(k["input"])
+        idx = k["index"]
+        idx = list(idx) if isinstance(idx, tuple) else [idx]
+        r = len(x.shape)
+        if sum(1 for i in idx if i is Ellipsis) > 1:
+            return None
+        if Ellipsis in idx:
+            e = idx.index(Ellipsis)
+            used = sum(1 for i in idx if i is not None and i is not Ellipsis)
+            idx = idx[:e] + [slice(None)] * (r - used) + idx[e + 1:]
+        idx += [slice(None)] * (r - sum(1 for i in idx if i is not None))
+        new = C.shape_of(node)
+        out_axis, in_axis, sub = 0, 0, {}
+        for it in idx:
+            if it is None:
+                out_axis += 1
+                continue
+            sym = AX[r - 1 - in_axis]
+            if isinstance(it, slice):
+                start = 0 if it.start is None else it.start
+                step = 1 if it.step is None else it.step
+                if not isinstance(start, int) or not isinstance(step, int) or start < 0:
+                    return None
+                if (start, step) != (0, 1) and _has_leaf(x.expr):
+                    return None
+                sub[sym] = AX[len(new) - 1 - out_axis] * step + start
+                out_axis += 1
+            elif isinstance(it, int) and it >= 0:
+                if _has_leaf(x.expr):
+                    return None
+                sub[sym] = sympy.Integer(it)
+            else:
+                return None
+            in_axis += 1
+        if _has_leaf(x.expr):
+            old_sizes = [s for s in x.shape if not is_one(s)]
+            new_sizes = [s for s in new if not is_one(s)]
+            if len(old_sizes) != len(new_sizes) or not all(
+                    _size_eq(a, b) for a, b in zip(old_sizes, new_sizes)):
+                return None  # a real slice of a captured tensor: capture the slice
+        return Val(_subs(x.expr, sub), new)
