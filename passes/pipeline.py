@@ -20,6 +20,7 @@ from attn_compiler.report import DECLINED, FUSED, Site, location_from_stack_trac
 
 from .analyze import spec as S
 from .analyze.build import analyze
+from .analyze.verify import SideChecker
 from .analyze.values import Decline
 from .match import Declined, find_sites
 from .rewrite import rewrite
@@ -54,6 +55,7 @@ def _attr(gm, target: str):
 
 def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> List[Site]:
     values = real_values(gm, example_inputs)
+    checker = SideChecker(gm, example_inputs)
     sites, replaced, dead = [], {}, []
     for ordinal, item in enumerate(find_sites(gm)):
         node = item.node if isinstance(item, Declined) else item.softmax
@@ -63,7 +65,7 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> Lis
             site.reason = item.reason
         else:
             try:
-                analysis = analyze(item, values)
+                analysis = analyze(item, values, checker)
                 site.features = features(item, analysis.spec)
                 rewrite(gm, item, analysis, replaced)
                 site.status = FUSED

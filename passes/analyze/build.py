@@ -59,7 +59,9 @@ def size_map(m) -> Dict[Any, Any]:
     return out
 
 
-def analyze(m, real_values: Dict[fx.Node, torch.Tensor]) -> Analysis:
+def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analysis:
+    """The spec of site ``m``; ``checker`` (verify.SideChecker) re-computes
+    every folded mask from the example inputs and declines on a mismatch."""
     qk = m.qk
     coef = sympy.sympify(m.q.factor) * sympy.sympify(m.k.factor)
     smap = size_map(m)
@@ -70,6 +72,12 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor]) -> Analysis:
     if qk.addend is not None and interp.const(qk.beta) != 0:
         interp.memo[qk.node] = _baddbmm_value(interp, qk, coef)
     result = interp.run()
+    if checker is not None:
+        sizes = _concrete_sizes(m, smap)
+        for node, val in interp.joins:
+            reason = checker.check(node, val, sizes)
+            if reason:
+                raise Decline(reason)
     expr, captures, specs = _rename_captures(result.expr, result.leaves, interp.flat)
     scale, mod = _split_scale(expr, result.prefix_scales, _head_dim(m))
     if isinstance(scale, sympy.Expr) and scale.free_symbols - {S.D}:
@@ -89,6 +97,15 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor]) -> Analysis:
         prob_dtype=_dtype_name(C.example_value(m.pv.operand(0)[0]).dtype),
     )
     return Analysis(spec, captures)
+
+
+def _concrete_sizes(m, smap) -> Dict:
+    """Lq, Lk, D of this compilation's example inputs (their hints)."""
+    s = C.shape_of(m.qk.node)
+    out = {}
+    for size, sym in ((s[-2], S.Lq), (s[-1], S.Lk), (_head_dim(m), S.D)):
+        out[sym] = size if isinstance(size, int) else size.node.hint
+    return out
 
 
 def _baddbmm_value(interp, qk, coef):

@@ -62,7 +62,7 @@ class SideValues:
             src = node.meta.get("grapharg")
             if src is None or "_buffers" not in str(getattr(src, "source", "")):
                 return None
-        ones = torch.ones(real.shape[-2:], dtype=torch.bool)
+        ones = torch.ones(real.shape[-2:], dtype=torch.bool, device=real.device)
         flat = real.reshape(-1, *real.shape[-2:]) != 0
         shape = C.shape_of(node)
         for cond, pattern in ((AX[0] <= AX[1], torch.tril(ones)), (AX[0] >= AX[1], torch.triu(ones))):

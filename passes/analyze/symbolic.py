@@ -60,6 +60,7 @@ class ScoreInterpreter(SideValues):
         self.leaves: List[Leaf] = []
         self.prefix_scales: set = set()
         self._readers: List[fx.Node] = []
+        self.joins: List[Tuple[fx.Node, Val]] = []  # side values folded into the chain
         self.order = {n: i for i, n in enumerate(score_node.graph.nodes)}
         sshape = C.shape_of(score_node)
         lead = tuple(sshape[:-2])
@@ -164,6 +165,8 @@ class ScoreInterpreter(SideValues):
             if len(out_shape) != len(chain[0].shape):
                 raise Decline("a tensor of higher rank than the scores joins the score chain")
             exprs = [v.expr if v.chain else self.join(v, frame, len(out_shape)) for v in vals]
+            self.joins += [(a, v) for a, v in zip(operands, vals)
+                           if not v.chain and isinstance(a, fx.Node)]
         else:
             frame = None
             exprs = [self.broadcast(v, out_shape) for v in vals]

@@ -1,0 +1,51 @@
+"""The compile-time check of folded masks: a wrong folding declines the site."""
+import sympy
+import torch
+import torch.fx as fx
+
+import attn_compiler
+from attn_compiler.passes.analyze import side as side_module
+from attn_compiler.passes.analyze.values import AX, Val
+from attn_compiler.passes.analyze.verify import SideChecker
+
+
+def _tril_graph():
+    def f(ones, x):
+        return torch.tril(ones) + x
+    gm = fx.symbolic_trace(f)
+    node = next(nd for nd in gm.graph.nodes if nd.target is torch.tril)
+    return gm, node
+
+
+def test_checker_accepts_the_right_form_and_rejects_a_wrong_one():
+    gm, node = _tril_graph()
+    checker = SideChecker(gm, [torch.ones(7, 7), torch.zeros(7, 7)])
+    right = Val(sympy.Piecewise((1, AX[0] <= AX[1]), (0, True)), (7, 7))
+    wrong = Val(sympy.Piecewise((1, AX[0] < AX[1]), (0, True)), (7, 7))
+    assert checker.check(node, right, {}) is None
+    assert "does not match" in checker.check(node, wrong, {})
+
+
+def causal(q, k, v):
+    n = q.shape[-2]
+    s = (q @ k.transpose(-1, -2)).masked_fill(torch.tril(torch.ones(n, n)) == 0, float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def test_a_wrong_folding_declines_the_site(monkeypatch):
+    original = side_module.SideValues.side_op
+
+    def off_by_one(self, node, op):  # a deliberately wrong reading of tril
+        v = original(self, node, op)
+        if op.name == "tril":
+            v = Val(v.expr.xreplace({AX[0]: AX[0] + 1}), v.shape)
+        return v
+
+    monkeypatch.setattr(side_module.SideValues, "side_op", off_by_one)
+    q, k, v = (torch.randn(2, 3, 9, 8) for _ in range(3))
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    out = torch.compile(causal, backend=attn_compiler.backend(inner="eager"))(q, k, v)
+    rep = attn_compiler.report()
+    assert len(rep.declined) == 1 and "does not match" in rep.declined[0].reason, str(rep)
+    torch.testing.assert_close(out, causal(q, k, v))
