@@ -22,7 +22,7 @@ for the node's runtime value; the op receives that tensor.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import sympy
 import torch
