@@ -93,6 +93,25 @@ def find_qk(x: fx.Node) -> Optional[C.Contraction]:
     return None
 
 
+def _scores_from_outside(x: fx.Node) -> bool:
+    """Whether ``x`` is (an elementwise function of) a graph input shaped like
+    the scores: the Q·Kᵀ of this softmax ran in an earlier graph."""
+    from .analyze.values import _size_eq
+    xs = C.shape_of(x)
+    seen, frontier = set(), [x]
+    while frontier and len(seen) < 16:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        s = C.shape_of(n)
+        if n.op == "placeholder" and s is not None and len(s) >= 3 and \
+                _size_eq(s[-1], xs[-1]) and _size_eq(s[-2], xs[-2]):
+            return True
+        frontier.extend(a for a in n.all_input_nodes if C.is_tensor(a))
+    return False
+
+
 def _is_score_contraction(c: C.Contraction, xs) -> bool:
     s = C.shape_of(c.node)
     if s is None or xs is None or len(s) < 2 or len(xs) < 2:
@@ -108,6 +127,9 @@ def _is_score_contraction(c: C.Contraction, xs) -> bool:
 def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
     qk = find_qk(x)
     if qk is None:
+        if _scores_from_outside(x) and _follow_probabilities(node)[0] is not None:
+            raise Decline("the scores come from outside this graph "
+                          "(a graph break splits Q·Kᵀ from the softmax)")
         return None
     pv, post, p_operand, dropout_p = _follow_probabilities(node)
     rank = len(C.shape_of(x))
@@ -207,16 +229,20 @@ def _build(sm, x, dtype, qk: C.Contraction, pv: C.Contraction, post, p_index, dr
     k = _operand(kn, klabels, batch + kl + d)
     if k.group > 1 and q.group > 1:
         raise Decline("both query and key are repeated")
+    chain = chain_nodes(qk.node, x, sm)
+    heads = _heads_view(chain, C.shape_of(qk.node)) if len(batch) == 1 else None
     pn, plabels = pv.operand(p_index)
     vn, vlabels = pv.operand(1 - p_index)
-    if not _same_lead(C.shape_of(pn)[:-2], C.shape_of(qk.node)[:-2]):
-        raise Decline("the probabilities are reshaped across the batch before P·V")
+    p_lead = C.shape_of(pn)[:-2]
+    if not (_same_lead(p_lead, C.shape_of(qk.node)[:-2])
+            or (heads is not None and _same_lead(p_lead, heads))):
+        raise Decline("P·V is batched differently from Q·Kᵀ")
     dv = [lab for lab in vlabels if lab not in plabels]
     if len(dv) != 1:
         raise Decline("P·V is not a contraction over the key axis")
     v = _operand(vn, vlabels, plabels[:-2] + plabels[-1] + dv[0], allow_factor=False)
     wide_k, wide_v = (peel(kn, klabels)[0], peel(vn, vlabels)[0])
-    _check_layouts(q, k, v, C.shape_of(qk.node), wide_k, wide_v)
+    _check_layouts(q, k, v, C.shape_of(qk.node), wide_k, wide_v, heads)
     for operand in (q, k, v):
         if mutated_between(operand.node, qk.node, pv.node):
             raise Decline("an input of the attention is modified in place inside the site")
@@ -226,9 +252,7 @@ def _build(sm, x, dtype, qk: C.Contraction, pv: C.Contraction, post, p_index, dr
     for operand, name in ((q, "query"), (k, "key"), (v, "value")):
         if not C.example_value(operand.node).dtype.is_floating_point:
             raise Decline(f"{name} is not a floating-point tensor")
-    chain = chain_nodes(qk.node, x, sm)
     dtype_users = _check_chain_users(chain, _softmax_body(x, sm))
-    heads = _heads_view(chain, C.shape_of(qk.node)) if len(batch) == 1 else None
     if len(batch) == 3:
         _check_grouped(q, k, v, C.shape_of(qk.node))
     return SiteMatch(sm, x, dtype, qk, pv, q, k, v, pv.out_labels, op_out, len(batch),

@@ -153,24 +153,42 @@ def _sizes(op: Operand):
     return [sizes.get(lab, 1) for lab in op.target]
 
 
-def _check_layouts(q: Operand, k: Operand, v: Operand, score_shape, wide_k, wide_v) -> None:
+def op_lead(sizes, heads=None) -> Tuple:
+    """(batch, heads) once a tensor with leading ``sizes`` is in the op layout
+    (layout.to_op_layout): [BH] → (1, BH) or ``heads``; [B, Hkv, G] → (B, Hkv*G)."""
+    from .analyze.values import _sym, is_one
+    sizes = tuple(sizes)
+    if len(sizes) == 1:
+        if is_one(sizes[0]):
+            return (1, 1)
+        return tuple(heads) if heads is not None else (1, sizes[0])
+    if len(sizes) == 3:
+        return (sizes[0], _sym(sizes[1]) * _sym(sizes[2]))
+    return sizes
+
+
+def _check_layouts(q: Operand, k: Operand, v: Operand, score_shape, wide_k, wide_v,
+                   heads=None) -> None:
     """The op computes out[b, h] from q[b, h], k[b|0, h // G], v[b|0, h // G]:
-    q must not broadcast, and k and v must share their head count."""
+    q must not broadcast, and k and v must share their batch and head counts."""
     from .analyze.values import _size_eq, is_one
-    qs = _sizes(q)
-    if not all(_size_eq(a, b) for a, b in zip(qs[:-2], score_shape[:-2])):
+
+    def lead(op):
+        return op_lead(_sizes(op)[:-2], heads)
+
+    same = lambda a, b: all(_size_eq(x, y) for x, y in zip(a, b))  # noqa: E731
+    score = op_lead(score_shape[:-2], heads)
+    if not same(lead(q), score):
         raise Decline("the query broadcasts over a batch axis")
-    ks, vs = _sizes(k), _sizes(v)
-    if len(ks) == 4 and not _size_eq(ks[1], vs[1]):
+    if not same(lead(k), lead(v)):
         if k.group > 1:
             _widen(k, wide_k)
         if v.group > 1:
             _widen(v, wide_v)
-        ks, vs = _sizes(k), _sizes(v)
-    for a, b in zip(ks[:-2], vs[:-2]):
-        if not _size_eq(a, b):
+        if not same(lead(k), lead(v)):
             raise Decline("key and value differ in their batch or head axes")
-    if ks[0] is not None and not (is_one(ks[0]) or _size_eq(ks[0], score_shape[0])):
+    kb = lead(k)[0]
+    if not (is_one(kb) or _size_eq(kb, score[0])):
         raise Decline("key batch neither matches the query batch nor broadcasts")
 
 

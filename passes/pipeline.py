@@ -23,6 +23,7 @@ from .analyze.build import analyze
 from .analyze.verify import SideChecker
 from .analyze.values import Decline
 from .match import Declined, find_sites
+from .operands import op_lead
 from .rewrite import rewrite
 
 log = logging.getLogger("attn_compiler")
@@ -148,7 +149,9 @@ def features(m, spec: S.AttentionSpec) -> dict:
 
     def shape(operand):  # in the op's layout [B, H, L, D]
         sizes = dict(zip(operand.labels, example_value(operand.node).shape))
-        return tuple(sizes.get(lab, 1) for lab in operand.target)
+        full = [sizes.get(lab, 1) for lab in operand.target]
+        heads = m.heads if len(operand.target) == 3 else None
+        return tuple(op_lead(full[:-2], heads)) + tuple(full[-2:])
 
     return {
         "scale": _scale_text(spec),

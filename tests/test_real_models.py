@@ -117,15 +117,18 @@ def check_grads(ours, eager, golden, what=""):
 
 
 def check_model(build, inputs, n_sites, *, inner="aot_eager", output_fn=_logits,
-                golden_inputs=None):
+                golden_inputs=None, golden_prepare=None):
     """Forward + backward through eager fp32, float64 golden and ours; compare all.
 
     The loss is a fixed random projection of ``output_fn(model output)``.  ``golden_inputs``
     (default: ``inputs`` cast to float64) replaces the golden model's inputs
-    where the float64 model needs an equivalent spelling.
+    where the float64 model needs an equivalent spelling; ``golden_prepare``
+    switches the golden model to an equivalent code path that runs in float64.
     """
     model = _seeded(build)
     golden_model = copy.deepcopy(model).double()
+    if golden_prepare is not None:
+        golden_prepare(golden_model)
     ours_model = copy.deepcopy(model)
 
     eager_out, eager_grads = _step(model, inputs, output_fn)
@@ -185,6 +188,26 @@ def test_gpt2_inductor():
 def test_gpt2_padding_mask():
     L = 9
     check_model(gpt2, {"input_ids": _ids(L), "attention_mask": _padding_mask(L)}, LAYERS)
+
+
+def gpt2_reordered():
+    """GPT-2's ``reorder_and_upcast_attn``: fp32 ``baddbmm`` over [B*H, L, D],
+    scores viewed as [B, H, L, L] before the mask, softmax and a 4-D P·V."""
+    model = gpt2()
+    for block in model.transformer.h:
+        block.attn.reorder_and_upcast_attn = True
+    return model
+
+
+def _plain_gpt2_path(model):
+    """The reordered path insists on float32; the golden takes the plain path
+    (the same function) in float64."""
+    for block in model.transformer.h:
+        block.attn.reorder_and_upcast_attn = False
+
+
+def test_gpt2_reorder_and_upcast_attn():
+    check_model(gpt2_reordered, {"input_ids": _ids(9)}, LAYERS, golden_prepare=_plain_gpt2_path)
 
 
 def test_llama_gqa():
