@@ -48,6 +48,13 @@ def lookup_inner_backend(name: Union[str, Callable]) -> Callable:
         ) from exc
 
 
+def is_fake_tensor(x) -> bool:
+    """Whether ``x`` is a fake tensor (shapes only, no data)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(x, FakeTensor)
+
+
 def reset_dynamo() -> None:
     """Drop dynamo's compiled-code caches (so the next call compiles again)."""
     import torch._dynamo

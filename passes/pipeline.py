@@ -16,6 +16,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from attn_compiler._compat import is_fake_tensor
 from attn_compiler.report import DECLINED, FUSED, Site, location_from_stack_trace
 
 from .analyze import spec as S
@@ -31,15 +32,17 @@ counters: Counter = Counter()  # "fused", "declined": tests observe these
 
 
 def real_values(gm: fx.GraphModule, example_inputs) -> Dict[fx.Node, torch.Tensor]:
+    """The real tensors behind placeholders and ``get_attr`` nodes (dynamo
+    passes real example inputs; registered buffers are read from them)."""
     out = {}
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for n, v in zip(phs, example_inputs):
-        if isinstance(v, torch.Tensor) and not isinstance(v, torch._subclasses.FakeTensor):
+        if isinstance(v, torch.Tensor) and not is_fake_tensor(v):
             out[n] = v
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             try:
-                v = gm.get_parameter(n.target) if False else _attr(gm, n.target)
+                v = _attr(gm, n.target)
             except AttributeError:
                 continue
             if isinstance(v, torch.Tensor):

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from .. import canonicalize as C
 from ..operands import mutating_users
-from .values import (AX, Decline, Leaf, Val, _CASTS, _has_leaf, _size_eq, _subs, as_bool,
+from .values import (AX, round_constants, Decline, Leaf, Val, _CASTS, _has_leaf, _size_eq, _subs, as_bool,
                      as_num, is_bool, is_one)
 
 
@@ -104,7 +104,7 @@ class SideValues:
             e = as_bool(x.expr) if dt == torch.bool else as_num(x.expr)
             if not dt.is_floating_point and dt != torch.bool and not is_bool(x.expr):
                 return None  # integer truncation of an index expression: keep as tensor
-            return Val(e, shape)
+            return Val(round_constants(e, dt), shape)
         if name in ("detach",):
             x = self.value(k["input"])
             return Val(x.expr, shape) if not _has_leaf(x.expr) else None

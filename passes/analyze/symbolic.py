@@ -33,7 +33,7 @@ from ..operands import mutating_users
 from . import spec as S
 
 from .side import SideValues
-from .values import (AX, R, Decline, Frame, Interpretation, Leaf, Val, _CASTS, _REL, _is_scalar, _same_sizes, _sym, as_bool, as_num, compare,
+from .values import (AX, round_constants, R, Decline, Frame, Interpretation, Leaf, Val, _CASTS, _REL, _is_scalar, _same_sizes, _sym, as_bool, as_num, compare,
                      from_shape_env, is_one)
 
 _UNARY = {
@@ -254,8 +254,7 @@ class ScoreInterpreter(SideValues):
             dt = getattr(C.example_value(node), "dtype", None)
             if dt is not None and not dt.is_floating_point:
                 raise Decline(f"the scores are cast to {dt}")
-            self._note_prefix(src.expr) if name != "to" else None
-            return Val(src.expr, C.shape_of(node), True, src.frame)
+            return Val(round_constants(src.expr, dt), C.shape_of(node), True, src.frame)
         if name in ("view", "reshape", "unsqueeze", "squeeze", "flatten"):
             return self.chain_reshape(node, op)
         if name in ("mul", "div"):

@@ -8,6 +8,7 @@ torch moves between float and bool tensors.  See symbolic.py for the whole.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, List, Optional, Tuple
 
 import sympy
@@ -200,6 +201,19 @@ def from_shape_env(e):
     if type(e).__module__.startswith("torch"):
         raise Decline(f"size arithmetic {name}")
     return e.func(*args)
+
+
+def round_constants(expr, dtype: torch.dtype):
+    """``expr`` after a cast to a narrow float dtype: its float constants take
+    that dtype's value (``finfo(float32).min`` becomes ``-inf`` in float16),
+    as the cast does to the tensor they fill."""
+    if dtype not in (torch.float16, torch.bfloat16) or not hasattr(expr, "atoms"):
+        return expr
+    sub = {}
+    for a in expr.atoms(sympy.Float):
+        r = torch.tensor(float(a), dtype=torch.float32).to(dtype).item()
+        sub[a] = (sympy.oo if r > 0 else -sympy.oo) if math.isinf(r) else sympy.Float(r)
+    return expr.xreplace(sub) if sub else expr
 
 
 def _subs(expr, sub):
