@@ -1,0 +1,95 @@
+"""AttentionSpec: serialisation, hashing, mask predicates, derivatives, and
+what the analyzer proves about real sites (scale, causal, window)."""
+import math
+
+import pytest
+import sympy
+import torch
+
+import attn_compiler
+from attn_compiler.passes.analyze import spec as S
+from attn_compiler.passes.analyze.spec import AttentionSpec, CapturedTensor
+
+causal_mod = sympy.Piecewise((-sympy.oo, S.kv_idx > S.q_idx), (S.score, True))
+
+
+def test_round_trip_and_hash():
+    bias = CapturedTensor((False, True, True, True), "float32", True)
+    spec = AttentionSpec(causal_mod + 0 * S.score, 1 / sympy.sqrt(S.D), (bias,), dropout_p=0.1,
+                         gqa_group=4, out_dtype="bfloat16")
+    again = AttentionSpec.loads(spec.dumps())
+    assert again == spec and hash(again) == hash(spec) and again.key == spec.key
+    other = AttentionSpec(causal_mod, 1 / sympy.sqrt(S.D), (bias,), dropout_p=0.2, gqa_group=4,
+                          out_dtype="bfloat16")
+    assert other.key != spec.key
+
+
+@pytest.mark.parametrize("mod,kind", [
+    (S.score, "none"),
+    (causal_mod, "causal"),
+    (sympy.Piecewise((-sympy.oo, (S.kv_idx > S.q_idx) | (S.kv_idx < S.q_idx - 7)), (S.score, True)),
+     "sliding_window(-7..0)"),
+    (sympy.Piecewise((sympy.Float(-3.4e38), S.kv_idx > S.q_idx + S.Lk - S.Lq), (S.score, True)),
+     "causal(offset=Lk - Lq)"),
+    (sympy.Piecewise((-sympy.oo, sympy.Ne(S.captured_call(0), 0)), (S.score, True)), "tensor"),
+    (sympy.Piecewise((S.score, (S.kv_idx <= S.q_idx) & sympy.Ne(S.captured_call(0), 0)),
+                     (S.score - 3.4e38, True)), "causal+tensor"),
+])
+def test_mask_kinds(mod, kind):
+    spec = AttentionSpec(mod, sympy.Integer(1))
+    assert spec.mask_kind == kind
+
+
+def test_additive_finfo_min_reads_as_a_mask_but_keeps_its_gradient():
+    mod = sympy.Piecewise((S.score, S.kv_idx <= S.q_idx), (S.score - 3.4e38, True))
+    spec = AttentionSpec(mod, sympy.Integer(1))
+    assert spec.mask_fill == pytest.approx(-3.4e38)
+    assert spec.dscore == 1  # eager's gradient through ``score + min`` is 1 everywhere
+
+
+def test_derivatives_by_sympy():
+    cap = 30 * sympy.tanh(S.score / 30)
+    bias = S.captured_call(0)
+    spec = AttentionSpec(cap + 2 * bias, sympy.Integer(1),
+                         (CapturedTensor((True, True, True, True), "float32", True),))
+    assert sympy.simplify(spec.dscore - (1 - sympy.tanh(S.score / 30) ** 2)) == 0
+    assert spec.dcaptured == (2,)
+
+
+def _site(fn, *args, **compile_kw):
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    torch.compile(fn, backend=attn_compiler.backend(inner="eager"), **compile_kw)(*args)
+    rep = attn_compiler.report()
+    assert len(rep.fused) == 1, str(rep)
+    return AttentionSpec.loads(rep.fused[0].features["spec"])
+
+
+def scaled_by_runtime_head_dim(q, k, v):
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return s.softmax(-1) @ v
+
+
+def test_scale_proven_for_a_symbolic_head_dim():
+    q, k, v = (torch.randn(2, 3, 5, 16) for _ in range(3))
+    spec = _site(scaled_by_runtime_head_dim, q, k, v, dynamic=True)
+    assert sympy.simplify(spec.scale - 1 / sympy.sqrt(S.D)) == 0
+    assert spec.score_mod == S.score
+
+
+def window_from_arange(q, k, v):
+    i = torch.arange(q.shape[-2])
+    keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 4)
+    s = (q @ k.transpose(-1, -2)).masked_fill(~keep, float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def test_index_masks_become_predicates_not_tensors():
+    q, k, v = (torch.randn(2, 3, 11, 8) for _ in range(3))
+    spec = _site(window_from_arange, q, k, v)
+    assert spec.captured == ()
+    assert spec.mask_kind == "sliding_window(-3..0)"
+    for qi in range(11):
+        for ki in range(11):
+            keep = bool(spec.mask_predicate.subs({S.q_idx: qi, S.kv_idx: ki}))
+            assert keep == (qi - 4 < ki <= qi), (qi, ki)
