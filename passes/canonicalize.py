@@ -162,6 +162,8 @@ def _canonical(node: fx.Node) -> Optional[COp]:
             kw.setdefault(pname, a)
     else:
         kw["input"] = args[0] if args else kw.get("input")
+    if name == "dropout" and "train" in kw:  # torch.dropout(input, p, train)
+        kw["training"] = kw.pop("train")
     if name == "div" and kw.get("rounding_mode") is not None:
         name = "div_" + str(kw["rounding_mode"])
     if name == "to":

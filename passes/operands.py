@@ -232,3 +232,25 @@ def _check_grouped(q: Operand, k: Operand, v: Operand, score_shape) -> None:
         sizes = _sizes(op)
         if not (is_one(sizes[2]) or _size_eq(sizes[2], g)) or not _size_eq(sizes[1], score_shape[1]):
             raise Decline("grouped heads whose keys do not follow the groups")
+
+
+_VIEW_OPS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "getitem",
+             "expand", "expand_as", "view_as", "narrow", "select", "flatten", "unflatten",
+             "as_strided", "diagonal", "t", "mT", "unbind", "split", "chunk", "contiguous",
+             "detach", "getattr"}
+
+
+def view_written(node: fx.Node, depth: int = 4) -> bool:
+    """Whether an in-place op writes ``node``'s storage through a view of it
+    (``x.view(...).masked_fill_(...)``): such a tensor is read at run time."""
+    stack = [(u, node, 1) for u in node.users]
+    while stack:
+        u, parent, d = stack.pop()
+        op = C.canonical(u)
+        if op is None or op.name not in _VIEW_OPS or not u.args or u.args[0] is not parent:
+            continue
+        if mutating_users(u):
+            return True
+        if d < depth:
+            stack.extend((w, u, d + 1) for w in u.users)
+    return False

@@ -702,3 +702,32 @@ def inplace_masked_fill_then_div(q, k, v, pad):
     attn.masked_fill_(pad, float("-inf"))
     attn.div_(math.sqrt(q.shape[-1]))
     return torch.matmul(attn.softmax(dim=-1), v)
+
+
+# ---------------------------------------------------------------- the math reference of SDPA
+
+def sdpa_math_reference(query, key, value, attn_mask=None, is_causal=False, enable_gqa=False):
+    """The reference implementation printed in PyTorch's SDPA documentation,
+    copied into much research code: an ``attn_bias`` of zeros written in
+    place with ``masked_fill_``, ``+=`` onto the scores, ``torch.dropout``
+    with ``train=``, GQA by ``repeat_interleave`` on dim -3."""
+    L, S = query.size(-2), key.size(-2)
+    scale_factor = 1 / math.sqrt(query.size(-1))
+    attn_bias = torch.zeros(L, S, dtype=query.dtype, device=query.device)
+    if is_causal:
+        temp_mask = torch.ones(L, S, dtype=torch.bool).tril(diagonal=0)
+        attn_bias.masked_fill_(temp_mask.logical_not(), float("-inf"))
+        attn_bias.to(query.dtype)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_bias.masked_fill_(attn_mask.logical_not(), float("-inf"))
+        else:
+            attn_bias = attn_mask + attn_bias
+    if enable_gqa:
+        key = key.repeat_interleave(query.size(-3) // key.size(-3), -3)
+        value = value.repeat_interleave(query.size(-3) // value.size(-3), -3)
+    attn_weight = query @ key.transpose(-2, -1) * scale_factor
+    attn_weight += attn_bias
+    attn_weight = torch.softmax(attn_weight, dim=-1)
+    attn_weight = torch.dropout(attn_weight, 0.0, train=True)
+    return attn_weight @ value

@@ -24,12 +24,22 @@ tokens, then two one-token steps through the cache, in eval mode under
 no_grad; every compiled site is fused and the logits of each step are
 golden-relative to eager.
 
-Left out to keep the file at a few minutes on a small CPU box: DeBERTa (v1;
-its attention does not reach the backend as one graph), wav2vec2 (graph
-breaks in its feature encoder), and the padding / dtype / flag variants of
-families already covered here (left and right padding is exercised for GPT-2,
-LLaMA, BLOOM, BERT and T5 in ``test_real_models.py``).  The encoder,
-encoder-decoder and CLIP / BLIP tests use a padding mask.
+Left out to keep the file under ~3 minutes on two CPU cores:
+
+* mBART, Marian and Pegasus: their attention is a verbatim copy of
+  ``BartAttention`` (transformers' "Copied from" markers), so BART stands for
+  them; each encoder-decoder costs ~10 s here.
+* mT5: a copy of T5, which ``test_real_models.py`` covers.
+* XLM-RoBERTa: a copy of RoBERTa.
+* DeBERTa (v1): its ``Tensor.item()`` calls break dynamo's graph around the
+  attention, so no site reaches the backend whole unless
+  ``capture_scalar_outputs`` is set (then both sites fuse).
+* wav2vec2: graph breaks (``requires_grad`` set inside the model) for just
+  2 plain bidirectional sites.
+* padding, dtype and flag variants of these families (left and right
+  padding is exercised for GPT-2, LLaMA, BLOOM, BERT and T5 in
+  ``test_real_models.py``).  The encoder, encoder-decoder and CLIP / BLIP
+  tests here use a right-padding mask.
 """
 from __future__ import annotations
 
@@ -69,16 +79,19 @@ def _pixels(size=16, seed=4):
     return torch.randn(B, 3, size, size, generator=g)
 
 
-def _build(config_name, model_name, **kw):
+def _build(config_name, model_name, add_pooling_layer=None, **kw):
     """A builder: ``transformers.<model_name>(transformers.<config_name>(**kw))``.
 
     A class missing from this transformers install skips the test.
+    ``add_pooling_layer=False`` drops a pooler the loss does not use (eager
+    leaves its gradients None, a compiled joint graph gives zeros).
     """
     def build():
         cfg_cls, model_cls = getattr(T, config_name, None), getattr(T, model_name, None)
         if cfg_cls is None or model_cls is None:
             pytest.skip(f"transformers {T.__version__} has no {model_name}")
-        return model_cls(cfg_cls(**kw))
+        extra = {} if add_pooling_layer is None else {"add_pooling_layer": add_pooling_layer}
+        return model_cls(cfg_cls(**kw), **extra)
     return build
 
 
@@ -154,23 +167,12 @@ DECODERS = {
                   emb_pdrop=0.0, attn_config={"attn_pdrop": 0}, attn_implementation="eager"),
 }
 
-T5LIKE = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=LAYERS,
-              num_decoder_layers=LAYERS, num_heads=4, relative_attention_num_buckets=8,
-              relative_attention_max_distance=16, dropout_rate=0.0, pad_token_id=0,
-              eos_token_id=1, decoder_start_token_id=0, attn_implementation="eager")
-
 SEQ2SEQ = {
     "bart": _build("BartConfig", "BartForConditionalGeneration", **BARTLIKE),
-    "mbart": _build("MBartConfig", "MBartForConditionalGeneration", **BARTLIKE),
-    "marian": _build("MarianConfig", "MarianMTModel", decoder_vocab_size=VOCAB, **BARTLIKE),
-    "pegasus": _build("PegasusConfig", "PegasusForConditionalGeneration", **BARTLIKE),
-    "mt5": _build("MT5Config", "MT5ForConditionalGeneration", **T5LIKE),
 }
 
 ENCODERS = {
     "roberta": _build("RobertaConfig", "RobertaForMaskedLM", **{**ENC, "pad_token_id": 1}),
-    "xlm_roberta": _build("XLMRobertaConfig", "XLMRobertaForMaskedLM",
-                          **{**ENC, "pad_token_id": 1}),
     "electra": _build("ElectraConfig", "ElectraForMaskedLM", embedding_size=32, **ENC),
     # ALBERT shares one layer's weights across both layers: still two sites.
     "albert": _build("AlbertConfig", "AlbertForMaskedLM", embedding_size=16, **ENC),
@@ -184,10 +186,10 @@ ENCODERS = {
 }
 
 VISION = {
-    "deit": _build("DeiTConfig", "DeiTModel", **VIT),
+    "deit": _build("DeiTConfig", "DeiTModel", add_pooling_layer=False, **VIT),
     # BEiT: relative position bias; drop_path 0 (its default 0.1 is random in train mode).
-    "beit": _build("BeitConfig", "BeitModel", use_relative_position_bias=True,
-                   drop_path_rate=0.0, **VIT),
+    "beit": _build("BeitConfig", "BeitModel", add_pooling_layer=False,
+                   use_relative_position_bias=True, drop_path_rate=0.0, **VIT),
     # Swin: windowed attention, the second stage shifted (with a window mask).
     "swin": _build("SwinConfig", "SwinModel", image_size=16, patch_size=2, num_channels=3,
                    embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, mlp_ratio=2.0,
@@ -335,9 +337,8 @@ def test_kv_cache_decode(family):
     rows = list(attn_compiler.report())
     _assert_all_fused(rows[:rows_after[0]], LAYERS, "prefill")
     _assert_all_fused(rows[rows_after[0]:rows_after[1]], LAYERS, "decode step 1")
-    # the second step reuses step 1's graph or recompiles it (dynamic cache length)
-    second = rows[rows_after[1]:rows_after[2]]
-    _assert_all_fused(second, len(second) and LAYERS, "decode step 2")
+    # the cache grew 8 -> 9 -> 10: the second step recompiles with a dynamic cache length
+    _assert_all_fused(rows[rows_after[1]:rows_after[2]], LAYERS, "decode step 2")
     for i, what in enumerate(("prefill", "decode step 1", "decode step 2")):
         golden_check(results["ours"][i], results["eager"][i], results["golden"][i],
                      name=f"{family} {what} logits")

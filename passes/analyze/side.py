@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .. import canonicalize as C
-from ..operands import mutating_users
+from ..operands import mutating_users, view_written
 from .values import (AX, round_constants, Decline, Leaf, Val, _CASTS, _has_leaf, _size_eq, _subs, as_bool,
                      as_num, is_bool, is_one)
 
@@ -30,8 +30,9 @@ class SideValues:
         op = C.canonical(node)
 
         try:
-            # a tensor written in place is read at run time, never folded
-            v = self.side_op(node, op) if op is not None and not mutating_users(node) else None
+            # direct in-place writes are followed by ``resolve``; a tensor
+            # written through a view of it is read at run time, never folded
+            v = self.side_op(node, op) if op is not None and not view_written(node) else None
         except Decline:
             v = None
         if v is None:
@@ -43,6 +44,9 @@ class SideValues:
         if node.op == "call_method" and node.target == "item":
             node = node.args[0]
             shape = C.shape_of(node)
+        reader = self.order.get(self._readers[-2]) if len(self._readers) > 1 else None
+        if reader is not None and any(self.order[m] > reader for m in mutating_users(node)):
+            raise Decline(f"'{node.name}' is modified in place after the scores read it")
         for lf in self.leaves:
             if lf.node is node:
                 break

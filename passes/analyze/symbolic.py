@@ -87,9 +87,9 @@ class ScoreInterpreter(SideValues):
         return Interpretation(e, self.prefix_scales, self.leaves, v.frame)
 
     def resolve(self, node: fx.Node) -> fx.Node:
-        """The version of chain node ``node`` that the current reader sees:
-        the last in-place op on it before the reader, or ``node`` itself."""
-        if not self._readers or node not in self.chain_nodes:
+        """The version of ``node`` that the current reader sees: the last
+        in-place op on it before the reader, or ``node`` itself."""
+        if not self._readers:
             return node
 
         at = self.order[self._readers[-1]]
@@ -165,7 +165,7 @@ class ScoreInterpreter(SideValues):
             if len(out_shape) != len(chain[0].shape):
                 raise Decline("a tensor of higher rank than the scores joins the score chain")
             exprs = [v.expr if v.chain else self.join(v, frame, len(out_shape)) for v in vals]
-            self.joins += [(a, v) for a, v in zip(operands, vals)
+            self.joins += [(self.resolve(a), v) for a, v in zip(operands, vals)
                            if not v.chain and isinstance(a, fx.Node)]
         else:
             frame = None

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from .torch_eval import evaluate
+from ..operands import view_written
 from .values import AX, Val, _has_leaf
 
 _MAX_ELEMENTS = 1 << 24   # folded tensors larger than this are not re-computed
@@ -48,7 +49,7 @@ class SideChecker:
     def check(self, node: fx.Node, val: Val, sizes: Dict) -> Optional[str]:
         """None if ``val`` (a folded side value) equals ``node`` computed for
         real, else the reason it does not."""
-        if _has_leaf(val.expr) or not isinstance(node, fx.Node):
+        if _has_leaf(val.expr) or not isinstance(node, fx.Node) or view_written(node):
             return None
         if _numel_hint(node) > _MAX_ELEMENTS:
             return None
