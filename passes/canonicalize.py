@@ -42,6 +42,13 @@ _ALIASES = {
     "_safe_softmax": "softmax", "special_softmax": "softmax",
     "max": "max", "amax": "amax", "rsub": "rsub",
 }
+# Tensor dunder methods (dynamo may record ``a == b`` as ``a.__eq__(b)``)
+_DUNDER = {"eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
+           "add": "add", "sub": "sub", "mul": "mul", "truediv": "div", "div": "div",
+           "matmul": "matmul", "neg": "neg", "and": "and", "or": "or", "invert": "not",
+           "getitem": "getitem", "pow": "pow", "floordiv": "floordiv", "abs": "abs"}
+_REFLECTED = {"radd", "rsub", "rmul", "rtruediv", "rdiv", "rpow", "rmatmul", "rand", "ror"}
+_INPLACE_DUNDER = {"iadd", "isub", "imul", "itruediv", "idiv", "iand", "ior", "ipow"}
 # positional parameter names of the ops we reason about (first = the tensor)
 _SIGNATURES: Dict[str, Tuple[str, ...]] = {
     "add": ("input", "other", "alpha"), "sub": ("input", "other", "alpha"),
@@ -112,6 +119,10 @@ def _target_name(node: fx.Node) -> Optional[str]:
             return None
     else:
         return None
+    if name.startswith("__") and name.endswith("__"):
+        name = _DUNDER.get(name[2:-2].lstrip("i") if name[2:-2] in _INPLACE_DUNDER
+                           else name[2:-2].lstrip("r") if name[2:-2] in _REFLECTED
+                           else name[2:-2], name)
     if name.endswith("_") and not name.startswith("_") and name[:-1] in _SIGNATURES:
         name = name[:-1]  # in-place spelling: the pass tracks who sees the new value
     return _ALIASES.get(name, name)
@@ -134,6 +145,13 @@ def _canonical(node: fx.Node) -> Optional[COp]:
     if name is None:
         return None
     args, kwargs = list(node.args), dict(node.kwargs)
+    if node.op == "call_method" and node.target[2:-2] in _REFLECTED and len(args) == 2:
+        if name == "sub":
+            name = "rsub"  # x.__rsub__(y) is y - x
+        elif name in ("div", "pow", "matmul"):
+            return None    # y / x, y ** x, y @ x with the tensor second: not needed here
+        else:
+            args.reverse()  # commutative: x.__radd__(y) is y + x
     if name == "getattr":  # x.mT, x.T, x.dtype ...
         attr = args[1]
         if attr in ("mT", "mH"):

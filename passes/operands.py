@@ -216,7 +216,10 @@ def mutating_users(node: fx.Node):
                 out.append(u)
             continue
         name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
-        if name in _MUTATING_FUNCS or (name.endswith("_") and not name.startswith("_")):
+        if name.startswith("__") and name.endswith("__"):
+            if name[2:-2] in _INPLACE_OPERATORS:  # x.__iadd__(y), x.__setitem__(i, y)
+                out.append(u)
+        elif name in _MUTATING_FUNCS or name.endswith("_"):
             out.append(u)
     return out
 

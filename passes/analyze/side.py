@@ -58,7 +58,8 @@ class SideValues:
         return Val(lf.func(*(args or [sympy.Integer(0)])), shape)
 
     def constant_tensor(self, node) -> Optional[Val]:
-        """A registered buffer holding tril/triu of ones is an index predicate."""
+        """A constant two-valued band (a registered ``tril`` buffer, or a mask
+        dynamo folded into a constant) is an index predicate."""
         real = self.real_values.get(node)
         if real is None or real.requires_grad or real.dim() < 2 or real.numel() > (1 << 24):
             return None
@@ -66,14 +67,15 @@ class SideValues:
             src = node.meta.get("grapharg")
             if src is None or "_buffers" not in str(getattr(src, "source", "")):
                 return None
-        ones = torch.ones(real.shape[-2:], dtype=torch.bool, device=real.device)
-        flat = real.reshape(-1, *real.shape[-2:]) != 0
-        shape = C.shape_of(node)
-        for cond, pattern in ((AX[0] <= AX[1], torch.tril(ones)), (AX[0] >= AX[1], torch.triu(ones))):
-            if bool((flat == pattern).all()):
-                e = cond if real.dtype == torch.bool else sympy.Piecewise((1, cond), (0, True))
-                return Val(e, shape)
-        return None
+        found = band_of(real)
+        if found is None:
+            return None
+        cond, inside, outside = found
+        if real.dtype == torch.bool:
+            e = cond if inside else sympy.Not(cond)
+        else:
+            e = sympy.Piecewise((self.const(inside), cond), (self.const(outside), True))
+        return Val(e, C.shape_of(node))
 
     def side_op(self, node, op) -> Optional[Val]:
         name, k = op.name, op.kw
@@ -195,3 +197,31 @@ class SideValues:
                     _size_eq(a, b) for a, b in zip(old_sizes, new_sizes)):
                 return None  # a real slice of a captured tensor: capture the slice
         return Val(_subs(x.expr, sub), new)
+
+
+def band_of(real: torch.Tensor):
+    """``(cond, inside, outside)`` when every [.., L, S] slice of ``real`` is
+    ``inside`` where ``cond`` (``A1 <= A2 + d`` or ``A1 >= A2 + d``) holds and
+    ``outside`` elsewhere; None otherwise."""
+    m = real.reshape(-1, *real.shape[-2:])
+    values = torch.unique(m)
+    if values.numel() != 2:
+        return None
+    lo, hi = values.tolist()
+    rows, cols = m.shape[-2:]
+    col = torch.arange(cols, device=m.device)[None, :]
+    row = torch.arange(rows, device=m.device)[:, None]
+    for inside, outside in ((hi, lo), (lo, hi)):
+        first = (m[0, 0] == inside).nonzero()
+        if first.numel() == 0:
+            continue
+        n_in, start = int((m[0, 0] == inside).sum()), int(first[0, 0])
+        for cond, band in ((AX[0] <= AX[1] + (n_in - 1), col <= row + (n_in - 1)),
+                           (AX[0] >= AX[1] + start, col >= row + start)):
+            if bool(((m == inside) == band).all()):
+                return cond, _py(inside), _py(outside)
+    return None
+
+
+def _py(x):
+    return bool(x) if isinstance(x, bool) else x
