@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import sys
 import textwrap
@@ -32,7 +33,7 @@ UNKNOWN_LOCATION = "<unknown>"
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)(?:, in (?P<func>[^\s,]+))?')
 # Frames in these folders are library code, not the user's: a frame whose
 # directory path holds one of them is skipped, except the shipped example models.
-_LIBRARY_DIRS = ("torch", "attn_compiler")
+_SITE_DIRS = ("site-packages", "dist-packages")
 _USER_LIKE_DIRS = (("attn_compiler", "models"),)
 
 
@@ -62,12 +63,21 @@ def _basename(path: str) -> str:
 
 
 def _is_library_frame(path: str) -> bool:
-    dirs = path.replace("\\", "/").split("/")[:-1]
+    path = path.replace("\\", "/")
+    dirs = path.split("/")[:-1]
     for user_dirs in _USER_LIKE_DIRS:
         n = len(user_dirs)
         if any(tuple(dirs[i:i + n]) == user_dirs for i in range(len(dirs) - n + 1)):
             return False
-    return any(d in _LIBRARY_DIRS for d in dirs)
+    if "attn_compiler" in dirs:
+        return True
+    # torch itself: its installed package folder, not any folder called "torch"
+    # (a virtual environment under /opt/torch/ holds user code too)
+    if any(a in _SITE_DIRS and b == "torch" for a, b in zip(dirs, dirs[1:])):
+        return True
+    torch_mod = sys.modules.get("torch")
+    root = os.path.dirname(getattr(torch_mod, "__file__", "") or "")
+    return bool(root) and path.startswith(root.replace("\\", "/") + "/")
 
 
 def location_from_stack_trace(stack_trace: Optional[str]) -> str:

@@ -105,3 +105,11 @@ def test_record_is_thread_safe():
     for t in threads:
         t.join()
     assert len(attn_compiler.report()) == 800
+
+
+def test_a_virtual_environment_under_a_torch_folder_is_not_library_code():
+    trace = ('File "/opt/torch/.venv/lib/python3.12/site-packages/transformers/models/bart/'
+             'modeling_bart.py", line 250, in forward\n'
+             'File "/opt/torch/.venv/lib/python3.12/site-packages/torch/nn/functional.py", '
+             'line 3, in softmax\n')
+    assert location_from_stack_trace(trace) == "modeling_bart.py:250 in forward"
