@@ -69,7 +69,7 @@ def from_op_layout(o: torch.Tensor, op_labels: str, out_labels: str,
     return o.permute([op_labels.index(lab) for lab in out_labels]).contiguous()
 
 
-def dropout_seed(like: torch.Tensor) -> torch.Tensor:
+def dropout_seed() -> torch.Tensor:
     """A fresh 0-d int64 seed for the op's counter-based dropout RNG, drawn
-    from torch's default generator (so ``torch.manual_seed`` reproduces)."""
+    from torch's default CPU generator (so ``torch.manual_seed`` reproduces)."""
     return torch.randint(0, 2**62, (), dtype=torch.int64)

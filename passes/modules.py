@@ -107,7 +107,7 @@ def rewrite_module_site(gm: fx.GraphModule, site: ModuleSite) -> fx.Node:
 
     g, a = gm.graph, site.args
     with g.inserting_before(site.node):
-        seed = g.call_function(layout.dropout_seed, (a["query"],)) if site.spec.dropout_p else None
+        seed = g.call_function(layout.dropout_seed, ()) if site.spec.dropout_p else None
         new = g.call_function(mha_forward, (  # no failure point after this: the swap is atomic
             a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"],
             a["in_proj_bias"], a["out_proj_weight"], a["out_proj_bias"],

@@ -37,7 +37,7 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
                             None if _lead_is_one(o) else heads) for o in (m.q, m.k, m.v))
             caps = [call(layout.captured_view, get(c.node), c.axes, heads)
                     for c in analysis.captures]
-            seed = call(layout.dropout_seed, q) if analysis.spec.dropout_p > 0 else None
+            seed = call(layout.dropout_seed) if analysis.spec.dropout_p > 0 else None
             res = call(torch.ops.attn_compiler.attention.default, q, k, v, caps,
                        analysis.spec.dumps(), seed)
             out = call(operator.getitem, res, 0)

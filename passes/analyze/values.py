@@ -105,16 +105,6 @@ def is_one(size) -> bool:
     return isinstance(size, int) and size == 1
 
 
-def broadcast_shapes(*shapes):
-    rank = max(len(s) for s in shapes)
-    out = []
-    for i in range(rank):
-        dims = [s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0]
-        non1 = [d for d in dims if not is_one(d)]
-        out.append(non1[0] if non1 else 1)
-    return tuple(out)
-
-
 def is_bool(e) -> bool:
     """A sympy boolean (a Symbol is also a ``Boolean`` in sympy: not here)."""
     return isinstance(e, (sympy.core.relational.Relational, sympy.logic.boolalg.BooleanFunction,
