@@ -33,6 +33,11 @@ def to_op_layout(x: torch.Tensor, labels: str, target: str,
     return y
 
 
+def expand_batch(q: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A query of batch 1 as a stride-0 view over ``like``'s batch."""
+    return q.expand(like.shape[0], -1, -1, -1)
+
+
 FLAT = -1  # an axis of length B*H read at b * H + h
 
 

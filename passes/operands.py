@@ -27,6 +27,7 @@ class Operand:
     target: str               # labels of the op layout [batch.., row, col]
     factor: Any = 1           # scalar peeled off (scales)
     group: int = 1            # GQA: node is the narrow tensor, heads repeat ``group`` times
+    expand_batch: bool = False  # a query of batch 1 broadcast over the keys' batch
 
 
 def peel(node: fx.Node, labels: str) -> Tuple[fx.Node, str, Any]:
@@ -179,7 +180,10 @@ def _check_layouts(q: Operand, k: Operand, v: Operand, score_shape, wide_k, wide
     same = lambda a, b: all(_size_eq(x, y) for x, y in zip(a, b))  # noqa: E731
     score = op_lead(score_shape[:-2], heads)
     if not same(lead(q), score):
-        raise Decline("the query broadcasts over a batch axis")
+        qb, qh = lead(q)
+        if not (is_one(qb) and _size_eq(qh, score[1]) and _size_eq(lead(k)[0], score[0])):
+            raise Decline("the query broadcasts over a batch axis")
+        q.expand_batch = True  # Perceiver-style latents: a stride-0 view, no copy
     if not same(lead(k), lead(v)):
         if k.group > 1:
             _widen(k, wide_k)

@@ -35,6 +35,8 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
             heads = m.heads[1] if m.heads is not None else None
             q, k, v = (call(layout.to_op_layout, get(o.node), o.labels, o.target,
                             None if _lead_is_one(o) else heads) for o in (m.q, m.k, m.v))
+            if m.q.expand_batch:
+                q = call(layout.expand_batch, q, k)
             caps = [call(layout.captured_view, get(c.node), c.axes, heads)
                     for c in analysis.captures]
             seed = call(layout.dropout_seed) if analysis.spec.dropout_p > 0 else None

@@ -731,3 +731,16 @@ def sdpa_math_reference(query, key, value, attn_mask=None, is_causal=False, enab
     attn_weight = torch.softmax(attn_weight, dim=-1)
     attn_weight = torch.dropout(attn_weight, 0.0, train=True)
     return attn_weight @ value
+
+
+class PerceiverLatents(torch.nn.Module):
+    """Perceiver-style cross-attention: learned latent queries of batch 1
+    broadcast by the matmul over the batch of the inputs' keys/values."""
+
+    def __init__(self, heads=4, latents=6, dim=16):
+        super().__init__()
+        self.latents = torch.nn.Parameter(torch.randn(1, heads, latents, dim))
+
+    def forward(self, k, v):
+        s = self.latents @ k.transpose(-1, -2) * k.shape[-1] ** -0.5   # (B, H, Nl, Lk)
+        return s.softmax(-1) @ v
