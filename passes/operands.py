@@ -261,3 +261,12 @@ def view_written(node: fx.Node, depth: int = 4) -> bool:
         if d < depth:
             stack.extend((w, u, d + 1) for w in u.users)
     return False
+
+
+def storage_writers(node: fx.Node):
+    """The in-place ops that write ``node``'s storage: on the tensor an
+    in-place op returns, its base's writers."""
+    base = node
+    while base.args and isinstance(base.args[0], fx.Node) and base in mutating_users(base.args[0]):
+        base = base.args[0]
+    return mutating_users(base)

@@ -49,3 +49,23 @@ def test_a_wrong_folding_declines_the_site(monkeypatch):
     rep = attn_compiler.report()
     assert len(rep.declined) == 1 and "does not match" in rep.declined[0].reason, str(rep)
     torch.testing.assert_close(out, causal(q, k, v))
+
+
+def bias_written_in_place(q, k, v, bias):
+    n = q.shape[-2]
+    bias.add_(torch.ones(n, n).tril())  # not idempotent: a second write would show
+    s = q @ k.transpose(-1, -2) + bias
+    return s.softmax(-1) @ v
+
+
+def test_the_check_never_writes_the_users_tensors():
+    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    bias = torch.zeros(7, 7)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    out = torch.compile(bias_written_in_place, backend=attn_compiler.backend(inner="eager"))(
+        q, k, v, bias)
+    # the write is not folded: the op reads the written bias, as the model does
+    assert len(attn_compiler.report().fused) == 1
+    assert torch.equal(bias, torch.ones(7, 7).tril())  # written once, by the model
+    torch.testing.assert_close(out, bias_written_in_place(q, k, v, torch.zeros(7, 7)))

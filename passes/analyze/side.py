@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .. import canonicalize as C
-from ..operands import mutating_users, view_written
+from ..operands import storage_writers, view_written
 from .values import (AX, round_constants, Decline, Leaf, Val, _CASTS, _has_leaf, _size_eq, _subs, as_bool,
                      as_num, is_bool, is_one)
 
@@ -44,8 +44,11 @@ class SideValues:
         if node.op == "call_method" and node.target == "item":
             node = node.args[0]
             shape = C.shape_of(node)
+        # a captured tensor is read when the op runs; it must not be written
+        # between where the site reads it and there (the reader's own write included)
         reader = self.order.get(self._readers[-2]) if len(self._readers) > 1 else None
-        if reader is not None and any(self.order[m] > reader for m in mutating_users(node)):
+        if reader is not None and any(self.order[m] >= reader and m is not node
+                                      for m in storage_writers(node)):
             raise Decline(f"'{node.name}' is modified in place after the scores read it")
         for lf in self.leaves:
             if lf.node is node:

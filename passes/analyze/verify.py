@@ -42,7 +42,14 @@ class SideChecker:
             raise LookupError(f"no example value for {node.name}")
         args = fx.node.map_arg(node.args, self.real)
         kwargs = fx.node.map_arg(node.kwargs, self.real)
+        writes = _writes_in_place(node)
+        if writes and isinstance(args[0], torch.Tensor):
+            # never write the user's tensors (example inputs are the real ones):
+            # the in-place op runs on a copy, which is this node's value
+            args = (args[0].clone(),) + tuple(args[1:])
         out = getattr(self.interp, node.op)(node.target, args, kwargs)
+        if writes:
+            out = args[0]
         self.env[node] = out
         return out
 
@@ -88,3 +95,9 @@ def _numel_hint(node: fx.Node) -> int:
     for s in ev.shape:
         n *= s if isinstance(s, int) else (s.node.hint or 1)
     return n
+
+
+def _writes_in_place(node: fx.Node) -> bool:
+    from ..operands import mutating_users
+    return bool(node.args) and isinstance(node.args[0], fx.Node) and \
+        node in mutating_users(node.args[0])
