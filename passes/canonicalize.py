@@ -261,11 +261,18 @@ def _einsum(node: fx.Node) -> Optional[Contraction]:
     operands = args[1:]
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = list(operands[0])
-    if "->" not in eq or "." in eq or len(operands) != 2:
+    if "->" not in eq or len(operands) != 2:
         return None
     ins, out = eq.split("->")
     parts = ins.split(",")
     if len(parts) != 2:
+        return None
+    if "..." in eq:
+        expanded = _expand_ellipsis(parts, out, [_rank(o) for o in operands])
+        if expanded is None:
+            return None
+        parts, out = expanded
+    if "." in "".join(parts) + out:
         return None
     a, b = parts
     if any(len(set(s)) != len(s) for s in (a, b, out)):
@@ -277,6 +284,24 @@ def _einsum(node: fx.Node) -> Optional[Contraction]:
     if _rank(operands[0]) != len(a) or _rank(operands[1]) != len(b):
         return None
     return Contraction(node, operands[0], a, operands[1], b, out)
+
+
+def _expand_ellipsis(parts, out, ranks):
+    """Name the axes ``...`` stands for (right-aligned across operands, as
+    einsum broadcasts them) with letters the equation does not use."""
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in "".join(parts) + out]
+    counts = []
+    for p, r in zip(parts, ranks):
+        n = r - (len(p) - 3) if "..." in p else 0
+        if n < 0 or r < 0:
+            return None
+        counts.append(n)
+    m = max(counts)
+    if m > len(free):
+        return None
+    letters = "".join(free[:m])
+    new_parts = [p.replace("...", letters[m - n:]) for p, n in zip(parts, counts)]
+    return new_parts, out.replace("...", letters)
 
 
 # ---- small helpers ---------------------------------------------------------

@@ -16,6 +16,7 @@ import torch.fx as fx
 from attn_compiler import layout
 
 from . import canonicalize as C
+from .analyze.values import _size_eq
 from attn_compiler import ops as _ops  # noqa: F401  registers torch.ops.attn_compiler
 
 
@@ -45,6 +46,7 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
             out = call(operator.getitem, res, 0)
             group = C.shape_of(m.qk.node)[2] if m.batch_rank == 3 else None
             final = call(layout.from_op_layout, out, m.op_out_labels, m.out_labels, group)
+        _fake_run(created, get, anchor)
     except Exception:
         for n in reversed(created):
             g.erase_node(n)
@@ -59,6 +61,33 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
         u.replace_all_uses_with(to)
         g.erase_node(u)
     return final
+
+
+def _fake_run(created, get, anchor: fx.Node) -> None:
+    """Run the new nodes on the graph's fake tensors before committing the
+    rewrite: a layout or op error, or an output that differs from the
+    replaced node's in shape or dtype, raises here (the site is declined)
+    instead of inside the inner compiler or the user's model."""
+    from torch.fx.node import map_arg
+
+    env = {}
+
+    def val(n):
+        return env[n] if n in env else C.example_value(get(n))
+
+    want = C.example_value(anchor)
+    mode = getattr(want, "fake_mode", None)
+    if mode is None:
+        return  # no fake tensors recorded: nothing to run against
+    with mode:
+        for n in created:
+            env[n] = n.target(*map_arg(n.args, val), **map_arg(n.kwargs, val))
+            n.meta["example_value"] = env[n]
+    got = env[created[-1]]
+    if got.dtype != want.dtype or len(got.shape) != len(want.shape) or not all(
+            _size_eq(a, b) for a, b in zip(got.shape, want.shape)):
+        raise RuntimeError(f"rewritten site gives {tuple(got.shape)} {got.dtype}, "
+                           f"the graph had {tuple(want.shape)} {want.dtype}")
 
 
 def _lead_is_one(o) -> bool:

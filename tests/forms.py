@@ -744,3 +744,22 @@ class PerceiverLatents(torch.nn.Module):
     def forward(self, k, v):
         s = self.latents @ k.transpose(-1, -2) * k.shape[-1] ** -0.5   # (B, H, Nl, Lk)
         return s.softmax(-1) @ v
+
+
+def einsum_ellipsis(q, k, v):
+    """``einsum('... i d, ... j d -> ... i j')``: batch and head axes behind an
+    ellipsis (lucidrains-style helpers that work for any number of them)."""
+    s = torch.einsum("... i d, ... j d -> ... i j", q, k) * q.shape[-1] ** -0.5
+    return torch.einsum("... i j, ... j d -> ... i d", s.softmax(dim=-1), v)
+
+
+def diffusers_attn_processor(q, k, v, mask=None):
+    """diffusers' classic AttnProcessor on [B*H, L, D]: ``baddbmm`` on an
+    uninitialised ``torch.empty`` with ``beta=0`` (or on the mask with
+    ``beta=1``), ``alpha=scale``, softmax, cast, ``bmm``."""
+    if mask is None:
+        base, beta = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype), 0
+    else:
+        base, beta = mask, 1
+    scores = torch.baddbmm(base, q, k.transpose(-1, -2), beta=beta, alpha=q.shape[-1] ** -0.5)
+    return torch.bmm(scores.softmax(dim=-1).to(q.dtype), v)

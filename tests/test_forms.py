@@ -96,6 +96,7 @@ CASES = [
     Case("fairseq_bmm_reshaped", _fn(forms.fairseq_bmm_reshaped)),
     Case("einsum_bhqd", _fn(forms.einsum_bhqd)),
     Case("einsum_bhqd_D80", _fn(forms.einsum_bhqd, d=80, lq=7)),
+    Case("einsum_ellipsis", _fn(forms.einsum_ellipsis, lq=11)),
     Case("einsum_bqhd", lambda dt: (forms.einsum_bqhd,
                                     [_t(B, 11, H, D, dtype=dt), _t(B, L, H, D, dtype=dt), _t(B, L, H, D, dtype=dt)])),
     Case("guided_diffusion_split_scale", lambda dt: (forms.guided_diffusion_split_scale,

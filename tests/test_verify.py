@@ -69,3 +69,22 @@ def test_the_check_never_writes_the_users_tensors():
     assert len(attn_compiler.report().fused) == 1
     assert torch.equal(bias, torch.ones(7, 7).tril())  # written once, by the model
     torch.testing.assert_close(out, bias_written_in_place(q, k, v, torch.zeros(7, 7)))
+
+
+def test_a_broken_rewrite_is_declined_before_it_reaches_the_model(monkeypatch):
+    from attn_compiler import layout
+
+    original = layout.to_op_layout
+
+    def wrong_layout(x, labels, target, heads=None):  # a bug of ours: drops a query row
+        y = original(x, labels, target, heads)
+        return y[..., 1:, :] if target.endswith("ij") else y  # the query's layout
+
+    monkeypatch.setattr(layout, "to_op_layout", wrong_layout)
+    q, k, v = (torch.randn(2, 3, 9, 8) for _ in range(3))
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    out = torch.compile(causal, backend=attn_compiler.backend(inner="aot_eager"))(q, k, v)
+    rep = attn_compiler.report()
+    assert len(rep.declined) == 1 and "internal error" in rep.declined[0].reason, str(rep)
+    torch.testing.assert_close(out, causal(q, k, v))

@@ -73,7 +73,8 @@ class ScoreInterpreter(SideValues):
         else:
             raise Decline(f"scores of rank {len(sshape)} (3-D to 5-D supported)")
         self.op_sizes = op_sizes
-        flat = S.b * _sym(op_sizes[1]) + S.h
+        # the op's flat batch index; with one op batch (b is always 0) it is h
+        flat = S.h if is_one(op_sizes[0]) else S.b * _sym(op_sizes[1]) + S.h
         self.flat = flat
         self.score_frame = Frame(lead, op_sizes, flat)
 
