@@ -105,6 +105,8 @@ def rewrite_module_site(gm: fx.GraphModule, site: ModuleSite) -> fx.Node:
     from attn_compiler import layout
     from attn_compiler.nn_modules import mha_forward
 
+    from .rewrite import _fake_run
+
     g, a = gm.graph, site.args
     with g.inserting_before(site.node):
         seed = g.call_function(layout.dropout_seed, ()) if site.spec.dropout_p else None
@@ -117,6 +119,14 @@ def rewrite_module_site(gm: fx.GraphModule, site: ModuleSite) -> fx.Node:
             [m for m, _ in site.masks], tuple(ax for _, ax in site.masks),
             site.spec.dumps(), seed))
     new.meta["stack_trace"] = site.node.meta.get("stack_trace")
+    created = [n for n in (seed, new) if n is not None]
+    try:
+        users = list(site.node.users)
+        _fake_run(created, lambda n: n, users[0]) if users else None
+    except Exception:
+        for n in reversed(created):
+            g.erase_node(n)
+        raise
     for u in list(site.node.users):
         u.replace_all_uses_with(new)
         g.erase_node(u)
