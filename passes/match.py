@@ -1,6 +1,6 @@
 """Match: find every attention site in a dynamo FX graph.
 
-Entry point: ``find_sites(gm, real_values) -> list[SiteMatch | Declined]``.
+Entry point: ``find_sites(gm) -> list[SiteMatch | Declined]``.
 
 An attention site is anchored on a softmax (any spelling, canonicalize.py).
 From there we walk back through the score chain to the Q·Kᵀ contraction and
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, List, Optional, Tuple
 
-import torch
 import torch.fx as fx
 
 from . import canonicalize as C
@@ -35,7 +34,6 @@ _SEARCH_LIMIT = 64  # nodes walked back from a softmax looking for Q·Kᵀ
 class SiteMatch:
     softmax: fx.Node
     softmax_in: fx.Node
-    softmax_dtype: Optional[torch.dtype]
     qk: C.Contraction
     pv: C.Contraction
     q: Operand
@@ -45,7 +43,6 @@ class SiteMatch:
     op_out_labels: str
     batch_rank: int           # rank of the score batch (1 to 3)
     dropout_p: float
-    post_nodes: List[fx.Node]
     chain: set                # nodes from Q·Kᵀ to the softmax input (in-place ops included)
     dtype_users: List[fx.Node]  # ``x.type_as(scores)``: read the scores' dtype only
     heads: Optional[Tuple] = None  # 3-D scores viewed as [B, H, L, L]: (B, H)
@@ -141,7 +138,7 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
         if post is None:
             return None
         raise Decline(post)
-    return _build(node, x, dtype, qk, pv, post, p_operand, dropout_p)
+    return _build(node, x, qk, pv, p_operand, dropout_p)
 
 
 def _pv_of(user: fx.Node, p: fx.Node) -> Optional[Tuple[C.Contraction, int]]:
@@ -213,7 +210,7 @@ def _dropout_p(op: C.COp) -> float:
 # ---- operands ----------------------------------------------------------------
 
 
-def _build(sm, x, dtype, qk: C.Contraction, pv: C.Contraction, post, p_index, dropout_p):
+def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p):
     o = qk.out_labels
     if len(o) not in (3, 4, 5):
         raise Decline(f"scores of rank {len(o)} (3-D to 5-D supported)")
@@ -255,8 +252,8 @@ def _build(sm, x, dtype, qk: C.Contraction, pv: C.Contraction, post, p_index, dr
     dtype_users = _check_chain_users(chain, _softmax_body(x, sm))
     if len(batch) == 3:
         _check_grouped(q, k, v, C.shape_of(qk.node))
-    return SiteMatch(sm, x, dtype, qk, pv, q, k, v, pv.out_labels, op_out, len(batch),
-                     dropout_p, post, chain, dtype_users, heads)
+    return SiteMatch(sm, x, qk, pv, q, k, v, pv.out_labels, op_out, len(batch),
+                     dropout_p, chain, dtype_users, heads)
 
 
 def chain_nodes(score: fx.Node, softmax_in: fx.Node, softmax: fx.Node) -> set:

@@ -116,10 +116,14 @@ def _module_sites(gm, graph_id: int, first: int) -> List[Site]:
 
 
 def _module_features(item) -> dict:
-    spec = item.spec
+    return dict(_spec_features(item.spec), module="nn.MultiheadAttention",
+                dtypes={"qkv": item.spec.out_dtype, "softmax": item.spec.softmax_dtype})
+
+
+def _spec_features(spec: S.AttentionSpec) -> dict:
+    """The report columns every site takes from its spec."""
     return {"scale": _scale_text(spec), "mask": spec.mask_kind, "score_mod": spec.describe_mod(),
-            "gqa_group": 1, "dropout": spec.dropout_p, "module": "nn.MultiheadAttention",
-            "dtypes": {"qkv": spec.out_dtype, "softmax": spec.softmax_dtype}, "spec": spec.dumps()}
+            "gqa_group": spec.gqa_group, "dropout": spec.dropout_p, "spec": spec.dumps()}
 
 
 def _remove_dead(gm: fx.GraphModule, roots: List[fx.Node]) -> None:
@@ -156,14 +160,7 @@ def features(m, spec: S.AttentionSpec) -> dict:
         heads = m.heads if len(operand.target) == 3 else None
         return tuple(op_lead(full[:-2], heads)) + tuple(full[-2:])
 
-    return {
-        "scale": _scale_text(spec),
-        "mask": spec.mask_kind,
-        "score_mod": spec.describe_mod(),
-        "gqa_group": spec.gqa_group,
-        "dropout": spec.dropout_p,
-        "dtypes": {"qkv": example_value(m.q.node).dtype, "softmax": spec.softmax_dtype},
-        "shapes": {"q": shape(m.q), "k": shape(m.k), "v": shape(m.v)},
-        "captured": [str(c.dims) for c in spec.captured],
-        "spec": spec.dumps(),
-    }
+    return dict(_spec_features(spec),
+                dtypes={"qkv": example_value(m.q.node).dtype, "softmax": spec.softmax_dtype},
+                shapes={"q": shape(m.q), "k": shape(m.k), "v": shape(m.v)},
+                captured=[str(c.dims) for c in spec.captured])

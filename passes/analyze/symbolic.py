@@ -85,7 +85,7 @@ class ScoreInterpreter(SideValues):
             raise Decline("softmax input does not depend on the scores")
         e = as_num(v.expr)
         self._note_prefix(e)
-        return Interpretation(e, self.prefix_scales, self.leaves, v.frame)
+        return Interpretation(e, self.prefix_scales, self.leaves)
 
     def resolve(self, node: fx.Node) -> fx.Node:
         """The version of ``node`` that the current reader sees: the last

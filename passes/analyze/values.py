@@ -98,7 +98,6 @@ class Interpretation:
     expr: Any                 # over R, b, h, q_idx, kv_idx, Lq, Lk, D and leaf calls
     prefix_scales: set
     leaves: List[Leaf]
-    softmax_frame: Frame
 
 
 def is_one(size) -> bool:
