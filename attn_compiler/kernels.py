@@ -1,0 +1,217 @@
+"""Launchers of the generated Triton kernels (forward, backward, decode).
+
+Entry points, each computing exactly what ``reference.attention_forward`` /
+``attention_backward`` compute, for one AttentionSpec:
+
+    forward(q, k, v, captured, spec, seed, config=None)  -> (out, lse)
+    backward(dout, q, k, v, captured, out, lse, spec, seed, config=None)
+                                                        -> (dq, dk, dv, dcaptured)
+    decode(q, k, v, captured, spec, seed=None, config=None, splits=None) -> (out, lse)
+
+Shapes as in ``attn_compiler.ops``: q (B, Hq, Lq, D), k/v (B|1, Hkv, Lk, D|Dv),
+captured tensors 4-D broadcastable to (B, Hq, Lq, Lk); any strides (no copies
+of q/k/v).  ``config`` is an ``autotune.KernelConfig`` (None: the default).
+The kernels' source comes from ``templates/`` through ``templates.codegen``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from attn_compiler import reference
+from attn_compiler.passes.analyze.spec import AttentionSpec
+from attn_compiler.templates import codegen
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """Block sizes and launch options of one kernel call."""
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _tile(config, default: Tile) -> Tile:
+    if config is None:
+        return default
+    return Tile(config.block_m, config.block_n, config.num_warps, config.num_stages)
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << (max(1, int(n)) - 1).bit_length())
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> Optional[str]:
+    """None when the Triton kernels run this call, else why they do not."""
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype} (kernels take float16/bfloat16/float32 with equal q/k/v dtypes)"
+    if q.shape[-1] > 256 or v.shape[-1] > 256:
+        return f"head dim {max(q.shape[-1], v.shape[-1])} > 256"
+    return codegen.unsupported_reason(spec)
+
+
+# ---- shared launch facts -------------------------------------------------------
+
+def _strides(t: torch.Tensor, broadcast_batch: bool = False) -> List[int]:
+    s = list(t.stride())
+    if broadcast_batch and t.shape[0] == 1:
+        s[0] = 0
+    return s
+
+
+def captured_args(captured: Sequence[torch.Tensor]) -> list:
+    """Pointer and (b, h, q, kv) strides per captured tensor; 0 on broadcast axes."""
+    out = []
+    for t in captured:
+        out.append(t)
+        out += [0 if n == 1 else s for n, s in zip(t.shape, t.stride())]
+    return out
+
+
+def dropout_x0(seed: Optional[torch.Tensor], spec: AttentionSpec) -> int:
+    """The seed's hash-chain prefix, + 2**40 (see _dropout_row_key)."""
+    if spec.dropout_p <= 0:
+        return 1 << 40
+    if seed is None:
+        raise ValueError("spec has dropout_p > 0: pass an int64 seed tensor")
+    s = int(seed.item())
+    x = reference._hash32(reference._hash32(s & reference._M32) ^ ((s >> 32) & reference._M32))
+    return int(x) + (1 << 40)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskPlan:
+    """How a kernel walks the KV blocks: MODE 0 no mask, 1 band, 2 general."""
+
+    mode: int
+    lo: int = 0
+    hi: int = 0
+    has_lo: bool = False
+    has_hi: bool = False
+
+
+def mask_plan(spec: AttentionSpec, lq: int, lk: int) -> MaskPlan:
+    pred = spec.mask_predicate
+    if pred is True or str(pred) == "True":
+        return MaskPlan(0)
+    band = codegen.band_of(spec)
+    if band is None:
+        return MaskPlan(2)
+    lo, hi = band.at(lq, lk)
+    if codegen.has_finite_fill(spec):
+        # skipping a fill block is exact only when no row is fills-only:
+        # row q keeps [max(0, q+lo), min(lk-1, q+hi)]; check both end rows
+        for row in (0, lq - 1):
+            a = 0 if lo is None else max(0, row + lo)
+            b = lk - 1 if hi is None else min(lk - 1, row + hi)
+            if a > b:
+                return MaskPlan(2)
+    return MaskPlan(1, lo or 0, hi or 0, lo is not None, hi is not None)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs: full-precision products (tf32 would cost ~3e-4 relative error)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---- forward ---------------------------------------------------------------------
+
+def default_tile(family: str, head_dim: int, dtype: torch.dtype) -> Tile:
+    if family == "fwd":
+        return Tile(128, 64, 8 if head_dim > 64 else 4, 3) if head_dim <= 128 else Tile(64, 32, 4, 2)
+    if family == "bwd":
+        return Tile(64, 64, 4, 2) if head_dim <= 128 else Tile(32, 32, 4, 1)
+    return Tile(16, 64, 4, 3)
+
+
+def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
+            seed: Optional[torch.Tensor] = None, config=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) from the generated forward kernel (see module doc)."""
+    reference.check_inputs(q, k, v, captured, spec)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    t = _tile(config, default_tile("fwd", D, q.dtype))
+    bm, bn = min(t.block_m, _pow2(Lq)), min(t.block_n, _pow2(Lk))
+    out = torch.empty((B, Hq, Lq, Dv), dtype=getattr(torch, spec.out_dtype), device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(-math.inf)
+    mod = codegen.load("fwd", spec)
+    plan = mask_plan(spec, Lq, Lk)
+    scale = spec.scale_value(D)
+    grid = (triton_cdiv(Lq, bm), B * Hq)
+    mod.attention_fwd[grid](
+        q, k, v, out, lse, *captured_args(captured),
+        *_strides(q), *_strides(k, True), *_strides(v, True), *_strides(out),
+        Hq, Hq // Hkv, Lq, Lk, scale, scale * codegen.LOG2E, dropout_x0(seed, spec),
+        1.0 / (1.0 - spec.dropout_p), plan.lo, plan.hi,
+        HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=bm, BLOCK_N=bn,
+        MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi,
+        EVEN_M=Lq % bm == 0, EVEN_N=Lk % bn == 0, DROPOUT=spec.dropout_p > 0,
+        DOT_PREC=_dot_precision(q.dtype), num_warps=t.num_warps, num_stages=t.num_stages)
+    return out, lse
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---- backward --------------------------------------------------------------------
+
+def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: AttentionSpec,
+             seed: Optional[torch.Tensor] = None, config=None):
+    """(dq, dk, dv, dcaptured) from the generated backward kernels: a preprocess
+    (delta, lse in log2 units), dK/dV per KV block, dQ per query block."""
+    reference.check_inputs(q, k, v, captured, spec)
+    B, Hq, Lq, D = q.shape
+    Bk, Hkv, Lk, Dv = k.shape[0], k.shape[1], k.shape[2], v.shape[3]
+    G = Hq // Hkv
+    t = _tile(config, default_tile("bwd", D, q.dtype))
+    bm, bn = min(t.block_m, _pow2(Lq)), min(t.block_n, _pow2(Lk))
+    dev = q.device
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    grad_ids = [i for i, c in enumerate(spec.captured) if c.requires_grad]
+    dcap = {i: torch.zeros(captured[i].shape, dtype=torch.float32, device=dev) for i in grad_ids}
+    if q.numel() == 0 or k.numel() == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        return dq, dk, dv, [dcap[i].to(captured[i].dtype) for i in grad_ids]
+    mod = codegen.load("bwd", spec)
+    plan = mask_plan(spec, Lq, Lk)
+    scale = spec.scale_value(D)
+    x0 = dropout_x0(seed, spec)
+    consts = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), DOT_PREC=_dot_precision(q.dtype))
+    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=dev)
+    lse2 = torch.empty_like(delta)
+    rinv = torch.empty_like(delta)
+    cap = captured_args(captured)
+    qs, ks, vs, dos = _strides(q), _strides(k, True), _strides(v, True), _strides(dout)
+    pre_m = 64
+    mod.attention_bwd_preprocess[(triton_cdiv(Lq, pre_m), B * Hq)](
+        q, k, v, out, dout, lse, delta, lse2, rinv, *cap, *qs, *ks, *vs, *_strides(out), *dos,
+        Hq, G, Lq, Lk, scale, scale * codegen.LOG2E, BLOCK_M=pre_m, BLOCK_N=32, **consts)
+    grad_args = []
+    for i in grad_ids:
+        g = dcap[i]
+        grad_args += [g] + [0 if n == 1 else s for n, s in zip(g.shape, g.stride())]
+    launch = dict(BLOCK_M=bm, BLOCK_N=bn, MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi,
+                  EVEN_N=Lk % bn == 0, DROPOUT=spec.dropout_p > 0, num_warps=t.num_warps,
+                  num_stages=t.num_stages, **consts)
+    drop_scale = 1.0 / (1.0 - spec.dropout_p)
+    broadcast = Bk == 1 and B > 1
+    mod.attention_bwd_dkdv[(triton_cdiv(Lk, bn), Bk * Hkv)](
+        q, k, v, dout, lse2, rinv, delta, dk, dv, *cap, *grad_args, *qs, *ks, *vs, *dos,
+        *_strides(dk), *_strides(dv), B, Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale,
+        plan.lo, plan.hi, KV_BATCH_BROADCAST=broadcast, **launch)
+    mod.attention_bwd_dq[(triton_cdiv(Lq, bm), B * Hq)](
+        q, k, v, dout, lse2, rinv, delta, dq, *cap, *qs, *ks, *vs, *dos, *_strides(dq),
+        Hq, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale, plan.lo, plan.hi, **launch)
+    return dq, dk, dv, [dcap[i].to(captured[i].dtype) for i in grad_ids]

@@ -1,0 +1,505 @@
+"""Kernel source generation: an AttentionSpec + a template file -> Triton source.
+
+Entry points: ``generate(family, spec) -> Generated`` (source text, its hash and
+the launch facts the launcher needs) and ``load(family, spec)`` (the imported
+module, cached in memory and on disk by the source hash).
+
+Notation (shared with the templates)
+------------------------------------
+    qk        raw tile of Q·Kᵀ in float32, before any scaling
+    score     qk * SCALE: the spec's ``score`` symbol
+    z2        the modified score in log2 units: score_mod(score) * log2(e)
+    keep      the spec's mask predicate (True = position kept)
+    q_idx     query row indices of the tile, kv_idx key column indices; their
+              shapes are (BLOCK_M, 1)/(1, BLOCK_N) in a row-major tile and
+              (1, BLOCK_M)/(BLOCK_N, 1) in the transposed tiles of dK/dV
+    off_b, off_h   batch and query-head index (scalars, or a column for the
+              packed query heads of the decode kernel)
+    PARTIAL / FULL  a block that may hold masked positions (the whole score_mod,
+              with its mask branches, is evaluated) / a block proven to be kept
+              everywhere (only the kept branch is evaluated: no mask work)
+
+A template is Python source with hooks: a line holding only ``{{NAME}}`` is
+replaced by generated lines at that indentation; ``{{NAME}}`` inside a line by
+a string.  The printer turns sympy into ``tl.`` expressions; the backward's
+hooks print ``sympy.diff`` of the score modification (``spec.dscore``,
+``spec.dcaptured``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import math
+import os
+import re
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import sympy
+from sympy.core.function import AppliedUndef
+
+from attn_compiler.passes.analyze import spec as spec_mod
+from attn_compiler.passes.analyze.spec import (
+    MASK_FILL_THRESHOLD, AttentionSpec, Lk, Lq, _kept_value, _relation_offsets, kv_idx, q_idx, score)
+
+TEMPLATE_DIR = Path(__file__).resolve().parent
+FAMILIES = ("fwd", "bwd", "decode")
+LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) == exp2(x * LOG2E)
+_FLT_MAX = 3.4028234663852886e38
+
+# ---- sympy -> Triton printer ---------------------------------------------------
+
+
+class Unsupported(Exception):
+    """The spec holds an expression the Triton printer cannot express."""
+
+
+_SYMBOL_NAMES = {"score": "score", "b": "off_b", "h": "off_h", "q_idx": "q_idx", "kv_idx": "kv_idx",
+                 "Lq": "Lq", "Lk": "Lk", "D": "HEAD_D"}
+
+
+def _num(e) -> str:
+    if e is sympy.S.NegativeInfinity:
+        return 'float("-inf")'
+    if e is sympy.S.Infinity:
+        return 'float("inf")'
+    if e is sympy.S.NaN:
+        return 'float("nan")'
+    if e.is_Integer:
+        return str(int(e))
+    if e.is_number and e.is_extended_real:
+        return repr(float(e))
+    raise Unsupported(f"non-real constant {e}")
+
+
+class TritonPrinter:
+    """Prints a sympy expression of the spec as one Triton expression.
+
+    Integers stay integers (index arithmetic is exact); a float anywhere makes
+    Triton promote to float32.  Piecewise becomes nested ``tl.where`` from the
+    last piece, like ``torch_eval`` (so a ``-oo`` branch is exactly -inf).
+    """
+
+    def __init__(self, names: Optional[Dict[str, str]] = None):
+        self.names = dict(_SYMBOL_NAMES, **(names or {}))
+
+    def __call__(self, e) -> str:
+        return self.p(sympy.sympify(e))
+
+    def p(self, e) -> str:  # noqa: C901 - one branch per node type
+        if isinstance(e, sympy.logic.boolalg.BooleanTrue):
+            return "1"
+        if isinstance(e, sympy.logic.boolalg.BooleanFalse):
+            return "0"
+        if e.is_Number or isinstance(e, sympy.NumberSymbol):
+            return _num(e)
+        if isinstance(e, sympy.Symbol):
+            if e.name not in self.names:
+                raise Unsupported(f"unknown symbol {e.name}")
+            return self.names[e.name]
+        if isinstance(e, AppliedUndef):
+            name = e.func.__name__
+            if tuple(e.args) != spec_mod.INDEX_SYMBOLS:
+                raise Unsupported(f"captured tensor read at shifted indices: {e}")
+            return name
+        if isinstance(e, sympy.Add):
+            return "(" + " + ".join(self.p(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Mul):
+            num, den = [], []
+            for a in e.args:
+                if isinstance(a, sympy.Pow) and a.exp == -1 and not a.base.is_number:
+                    den.append(self.p(a.base))
+                else:
+                    num.append(self.p(a))
+            text = " * ".join(num) if num else "1.0"
+            for d in den:
+                text = f"({text}) / {d}"
+            return f"({text})"
+        if isinstance(e, sympy.Pow):
+            return self._pow(e)
+        fn = _UNARY.get(e.func)
+        if fn is not None:
+            return fn.format(self.p(e.args[0]))
+        if isinstance(e, (sympy.Max, sympy.Min)):
+            f = "tl.maximum" if isinstance(e, sympy.Max) else "tl.minimum"
+            out = self.p(e.args[0])
+            for a in e.args[1:]:
+                out = f"{f}({out}, {self.p(a)})"
+            return out
+        if isinstance(e, sympy.Mod):
+            a, m = (self.p(x) for x in e.args)
+            if all(x.is_integer for x in e.args):
+                return f"((({a}) % ({m}) + ({m})) % ({m}))"   # sympy: sign of the divisor
+            return f"(({a}) - ({m}) * tl.floor(({a}) / ({m})))"
+        if isinstance(e, (sympy.floor, sympy.ceiling)):
+            if e.args[0].is_integer:
+                return self.p(e.args[0])
+            f = "tl.floor" if isinstance(e, sympy.floor) else "tl.ceil"
+            return f"{f}(({self.p(e.args[0])}).to(tl.float32))"
+        if isinstance(e, sympy.Heaviside):
+            x = self.p(e.args[0])
+            h0 = float(e.args[1]) if len(e.args) > 1 else 0.5
+            return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, 0.0, {h0!r}))"
+        if isinstance(e, sympy.sign):
+            x = self.p(e.args[0])
+            return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, -1.0, 0.0))"
+        if isinstance(e, sympy.core.relational.Relational):
+            op = _RELATIONS.get(type(e))
+            if op is None:
+                raise Unsupported(f"relation {type(e).__name__}")
+            return f"({self.p(e.lhs)} {op} {self.p(e.rhs)})"
+        if isinstance(e, (sympy.And, sympy.Or)):
+            op = " & " if isinstance(e, sympy.And) else " | "
+            return "(" + op.join(f"({self.p(a)} != 0)" for a in e.args) + ")"
+        if isinstance(e, sympy.Not):
+            return f"({self.p(e.args[0])} == 0)"
+        if isinstance(e, sympy.Piecewise):
+            out = 'float("nan")'
+            for val, cond in reversed(e.args):
+                if cond is sympy.true:
+                    out = self.p(val)
+                elif cond is not sympy.false:
+                    out = f"tl.where({self.p(cond)} != 0, {self.p(val)}, {out})"
+            return out
+        raise Unsupported(f"unsupported operation {type(e).__name__} in {e}")
+
+    def _pow(self, e) -> str:
+        base, ex = e.args
+        x = self.p(base)
+        if ex == sympy.S.Half:
+            return f"tl.sqrt(({x}).to(tl.float32))"
+        if ex == -sympy.S.Half:
+            return f"tl.math.rsqrt(({x}).to(tl.float32))"
+        if ex.is_Integer and int(ex) == -1:
+            return f"(1.0 / ({x}))"
+        if ex.is_Integer and 0 < int(ex) <= 8:
+            return "(" + " * ".join([f"({x})"] * int(ex)) + ")"
+        if ex.is_Integer and -8 <= int(ex) < 0:
+            return "(1.0 / (" + " * ".join([f"({x})"] * -int(ex)) + "))"
+        # x ** y = exp2(y * log2 x) for x > 0 (what a float pow of a positive base is)
+        return f"tl.math.exp2(({self.p(ex)}) * tl.math.log2(({x}).to(tl.float32)))"
+
+
+_UNARY = {
+    sympy.exp: "tl.exp({})",
+    sympy.log: "tl.log({})",
+    # tanh(x) = 2 sigmoid(2x) - 1: core Triton ops only (also in the interpreter)
+    sympy.tanh: "(2.0 * tl.sigmoid(2.0 * ({})) - 1.0)",
+    sympy.sin: "tl.sin({})",
+    sympy.cos: "tl.cos({})",
+    sympy.Abs: "tl.abs({})",
+}
+_RELATIONS = {sympy.Eq: "==", sympy.Ne: "!=", sympy.Lt: "<", sympy.Le: "<=", sympy.Gt: ">", sympy.Ge: ">="}
+
+
+# ---- what a spec needs from a kernel -------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+    """Kept positions satisfy ``lo <= kv_idx - q_idx <= hi`` (None: unbounded);
+    bounds are sympy in Lq, Lk (offset-causal masks use Lk - Lq)."""
+
+    lo: Optional[sympy.Expr]
+    hi: Optional[sympy.Expr]
+
+    def at(self, lq: int, lk: int) -> Tuple[Optional[int], Optional[int]]:
+        sub = {Lq: lq, Lk: lk}
+        return tuple(None if x is None else int(sympy.sympify(x).subs(sub)) for x in (self.lo, self.hi))
+
+
+def band_of(spec: AttentionSpec) -> Optional[Band]:
+    """The band of a mask made of index relations only (causal, windows), else None."""
+    pred = spec.mask_predicate
+    if pred is sympy.true or pred is sympy.false or pred.free_symbols - {q_idx, kv_idx, Lq, Lk}:
+        return None
+    rng = _relation_offsets(pred)
+    return None if rng is None else Band(*rng)
+
+
+def has_finite_fill(spec: AttentionSpec) -> bool:
+    """A masked value is finite (finfo.min, -1e9): rows of fills only are uniform,
+    as in eager, and need their own handling (see the templates' notes)."""
+    for a in sympy.preorder_traversal(spec.score_mod):
+        if a.is_Number and a.is_finite and a.is_extended_real and bool(a <= MASK_FILL_THRESHOLD):
+            return True
+    return False
+
+
+def unsupported_reason(spec: AttentionSpec) -> Optional[str]:
+    """None when the Triton kernels can compute ``spec``, else why not."""
+    if spec.softmax_dtype != "float32":
+        return f"softmax in {spec.softmax_dtype} (the kernels accumulate in float32)"
+    try:
+        _Hooks(spec)
+    except Unsupported as exc:
+        return f"score modification not printable to Triton: {exc}"
+    return None
+
+
+# ---- hooks ---------------------------------------------------------------------
+
+def _indent(lines: Sequence[str], pad: str) -> str:
+    return "\n".join(pad + ln if ln else "" for ln in lines)
+
+
+class _Hooks:
+    """Generated code fragments for one spec (see the notation above)."""
+
+    def __init__(self, spec: AttentionSpec):
+        self.spec = spec
+        self.pr = TritonPrinter()
+        self.n_cap = len(spec.captured)
+        self.kept = _kept_value(spec.score_mod)
+        self.pure_mask = self.kept == score      # score_mod is masking only
+        self.finite_fill = has_finite_fill(spec)
+        self.band = band_of(spec)
+        # print everything once now so an unsupported node fails early
+        self._z2("PARTIAL")
+        self._z2("FULL")
+        self.dscore_lines("PARTIAL", "row")
+
+    # -- captured tensors ---------------------------------------------------
+    def captured_params(self, grads: bool = False) -> str:
+        out = []
+        for i in range(self.n_cap):
+            out.append(f"T{i}, t{i}_sb, t{i}_sh, t{i}_sq, t{i}_sk")
+        if grads:
+            for i in self.grad_ids:
+                out.append(f"DT{i}, dt{i}_sb, dt{i}_sh, dt{i}_sq, dt{i}_sk")
+        return "".join(", " + x for x in out)
+
+    @property
+    def grad_ids(self) -> List[int]:
+        return [i for i, c in enumerate(self.spec.captured) if c.requires_grad]
+
+    def used_captured(self, expr) -> List[int]:
+        names = {f.func.__name__ for f in sympy.sympify(expr).atoms(AppliedUndef)}
+        return [i for i in range(self.n_cap) if f"t{i}" in names]
+
+    def load_lines(self, ids: Sequence[int]) -> List[str]:
+        """Loads of captured tensors, each by its broadcast strides (a stride-0
+        axis is not indexed at all, so a padding mask loads one row)."""
+        lines = []
+        for i in ids:
+            c = self.spec.captured[i]
+            terms = [f"off_b * t{i}_sb", f"off_h * t{i}_sh"]
+            bounds = []
+            if c.dims[2]:
+                terms.append(f"q_idx * t{i}_sq")
+                bounds.append("(q_idx < Lq)")
+            if c.dims[3]:
+                terms.append(f"kv_idx * t{i}_sk")
+                bounds.append("(kv_idx < Lk)")
+            ptr = f"T{i} + " + " + ".join(terms)
+            mask = f", mask={' & '.join(bounds)}, other=0" if bounds else ""
+            conv = "" if c.dtype == "bool" or not c.dtype.startswith(("float", "bfloat")) else ".to(tl.float32)"
+            lines.append(f"t{i} = tl.load({ptr}{mask}){conv}")
+        return lines
+
+    # -- forward score -------------------------------------------------------
+    def _z2(self, kind: str) -> Tuple[List[str], bool]:
+        """Lines computing z2 from qk; (lines, needs_score)."""
+        expr = self.spec.score_mod if kind == "PARTIAL" else self.kept
+        if self.pure_mask and kind == "FULL":
+            return ["z2 = qk * SCALE2"], False
+        if self.pure_mask:
+            keep = self.pr(self.spec.mask_predicate)
+            return [f"z2 = tl.where({keep} != 0, qk * SCALE2, {self._fill2()})"], False
+        lines = ["score = qk * SCALE", f"z = {self.pr(expr)}"]
+        if self.finite_fill:
+            # [Note: finite fills] finfo.min * log2(e) overflows to -inf; clamp
+            # to -FLT_MAX so a row of fills stays uniform, as eager's softmax.
+            lines.append(f"z2 = tl.where(z == float('-inf'), z, tl.maximum(z * {LOG2E!r}, {-_FLT_MAX!r}))")
+        else:
+            lines.append(f"z2 = z * {LOG2E!r}")
+        return lines, True
+
+    def _fill2(self) -> str:
+        fill = self.spec.mask_fill
+        if fill is None or fill == -math.inf:
+            return 'float("-inf")'
+        return repr(max(fill * LOG2E, -_FLT_MAX))
+
+    def score_lines(self, kind: str) -> List[str]:
+        lines, _ = self._z2(kind)
+        expr = self.spec.score_mod if kind == "PARTIAL" else self.kept
+        return self.load_lines(self.used_captured(expr)) + lines
+
+    # -- backward: dS and dT -------------------------------------------------
+    def dscore_lines(self, kind: str, orient: str, grads: bool = True) -> List[str]:
+        """From ``dz`` (= P ∘ (dP - delta), 0 where P == 0) and ``p``: ``ds`` =
+        dz ∘ ∂mod/∂score, and the atomic adds of dz ∘ ∂mod/∂tI into the
+        captured gradients.  A factor is applied as in the reference: exactly 0
+        where P == 0 or the derivative is 0 (a selection, like eager's where)."""
+        spec = self.spec
+        expr = spec.score_mod if kind == "PARTIAL" else self.kept
+        d = sympy.diff(expr, score)
+        lines = []
+        needed = set(self.used_captured(d))
+        gids = self.grad_ids if grads else []
+        for i in gids:
+            needed |= set(self.used_captured(sympy.diff(expr, spec_mod.captured_call(i))))
+        needs_score = any(score in sympy.sympify(x).free_symbols for x in
+                          [d] + [sympy.diff(expr, spec_mod.captured_call(i)) for i in gids])
+        lines += self.load_lines(sorted(needed))
+        if needs_score:
+            lines.append("score = qk * SCALE")
+        if d == 1:
+            lines.append("ds = dz")
+        else:
+            lines.append(f"dmod = {self.pr(d)}")
+            lines.append("ds = tl.where((p == 0) | (dmod == 0), 0.0, dz * dmod)")
+        qax, kax = (0, 1) if orient == "row" else (1, 0)
+        for i in gids:
+            di = sympy.diff(expr, spec_mod.captured_call(i))
+            if di == 0:
+                continue
+            c = spec.captured[i]
+            g = "dz" if di == 1 else "tl.where((p == 0) | (dt == 0), 0.0, dz * dt)"
+            if di != 1:
+                lines.append(f"dt = {self.pr(di)}")
+            lines.append(f"g{i} = {g}")
+            if di == 1:
+                lines.append(f"g{i} = tl.where(p == 0, 0.0, g{i})")
+            lines += self._grad_store(i, c.dims, qax, kax)
+        return lines
+
+    def _grad_store(self, i: int, dims, qax: int, kax: int) -> List[str]:
+        base = f"DT{i} + off_b * dt{i}_sb + off_h * dt{i}_sh"
+        qv, kv = "offs_m", "offs_n"
+        g = f"g{i}"
+        if dims[2] and dims[3]:
+            ptr = f"{base} + q_idx * dt{i}_sq + kv_idx * dt{i}_sk"
+            return [f"tl.atomic_add({ptr}, {g}, mask=(q_idx < Lq) & (kv_idx < Lk))"]
+        if dims[3]:
+            return [f"tl.atomic_add({base} + {kv} * dt{i}_sk, tl.sum({g}, axis={qax}), mask={kv} < Lk)"]
+        if dims[2]:
+            return [f"tl.atomic_add({base} + {qv} * dt{i}_sq, tl.sum({g}, axis={kax}), mask={qv} < Lq)"]
+        return [f"tl.atomic_add({base}, tl.sum(tl.sum({g}, axis=1), axis=0))"]
+
+    # -- dropout -------------------------------------------------------------
+    def has_dropout(self) -> bool:
+        return self.spec.dropout_p > 0
+
+    def threshold(self) -> int:
+        return min(int(self.spec.dropout_p * 2.0 ** 32), 2 ** 32 - 1)
+
+
+# ---- template filling --------------------------------------------------------
+
+_HOOK_LINE = re.compile(r"^(?P<pad>[ \t]*)\{\{(?P<name>[A-Z0-9_]+)\}\}[ \t]*$", re.M)
+_HOOK_INLINE = re.compile(r"\{\{(?P<name>[A-Z0-9_]+)\}\}")
+
+
+def fill(template: str, hooks: Dict[str, object]) -> str:
+    """Replace ``{{NAME}}`` hooks: whole-line hooks take a list of lines."""
+    def line(m):
+        val = hooks[m.group("name")]
+        lines = val if isinstance(val, (list, tuple)) else [str(val)]
+        return _indent(lines or ["pass"], m.group("pad"))
+    out = _HOOK_LINE.sub(line, template)
+    out = _HOOK_INLINE.sub(lambda m: str(hooks[m.group("name")]), out)
+    missing = _HOOK_INLINE.findall(out)
+    if missing:
+        raise KeyError(f"template hooks left unfilled: {missing}")
+    return out
+
+
+def template_text(name: str) -> str:
+    return (TEMPLATE_DIR / name).read_text()
+
+
+def _hooks_for(family: str, h: _Hooks) -> Dict[str, object]:
+    spec = h.spec
+    common = {
+        "SPEC": spec.dumps().replace("\\", "\\\\").replace('"""', "'''"),
+        "CAPTURED_PARAMS": h.captured_params(),
+        "CAPTURED_PARAMS_GRAD": h.captured_params(grads=True),
+        "CAPTURED_ARGS": h.captured_params(),
+        "CAPTURED_ARGS_GRAD": h.captured_params(grads=True),
+        "SCORE_PARTIAL": h.score_lines("PARTIAL"),
+        "SCORE_FULL": h.score_lines("FULL"),
+        "DROPOUT_THRESHOLD": h.threshold() if h.has_dropout() else 0,
+        "FINITE_FILL": bool(h.finite_fill),
+    }
+    if family == "bwd":
+        common.update({
+            "DSCORE_PARTIAL_ROW": h.dscore_lines("PARTIAL", "row", grads=False),
+            "DSCORE_FULL_ROW": h.dscore_lines("FULL", "row", grads=False),
+            "DSCORE_PARTIAL_COL": h.dscore_lines("PARTIAL", "col"),
+            "DSCORE_FULL_COL": h.dscore_lines("FULL", "col"),
+        })
+    return common
+
+
+TEMPLATES = {"fwd": "attention_fwd.py.tmpl", "bwd": "attention_bwd.py.tmpl",
+             "decode": "attention_decode.py.tmpl"}
+COMMON_TEMPLATE = "attention_common.py.tmpl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Generated:
+    family: str
+    source: str
+    digest: str
+
+
+@functools.lru_cache(maxsize=512)
+def _generate(family: str, spec_text: str) -> Generated:
+    spec = AttentionSpec.loads(spec_text)
+    h = _Hooks(spec)
+    hooks = _hooks_for(family, h)
+    parts = [COMMON_TEMPLATE] + (["attention_fwd.py.tmpl"] if family == "bwd" else []) + [TEMPLATES[family]]
+    src = "\n\n".join(fill(template_text(name), hooks) for name in parts)
+    digest = hashlib.sha256(src.encode()).hexdigest()[:20]
+    return Generated(family, src, digest)
+
+
+def generate(family: str, spec: AttentionSpec) -> Generated:
+    """The Triton source of ``family`` ("fwd", "bwd", "decode") for ``spec``."""
+    if family not in TEMPLATES:
+        raise ValueError(f"unknown kernel family {family!r}; expected one of {FAMILIES}")
+    return _generate(family, spec.dumps())
+
+
+def cache_dir() -> Path:
+    """Where generated kernel modules are written (keyed by source hash)."""
+    root = os.environ.get("ATTN_COMPILER_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "attn_compiler")
+    return Path(root) / "kernels"
+
+
+_modules: Dict[str, object] = {}
+_lock = threading.Lock()
+
+
+def load(family: str, spec: AttentionSpec):
+    """Import the generated module of ``family`` for ``spec`` (written once to
+    the cache folder under its hash, atomically, so processes can share it)."""
+    gen = generate(family, spec)
+    name = f"attn_compiler_gen_{family}_{gen.digest}"
+    with _lock:
+        mod = _modules.get(name)
+        if mod is not None:
+            return mod
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.py"
+        if not path.exists() or path.read_text() != gen.source:
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".py.tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(gen.source)
+            os.replace(tmp, path)
+        spec_obj = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec_obj)
+        sys.modules[name] = mod          # triton's jit looks functions up by module
+        spec_obj.loader.exec_module(mod)
+        _modules[name] = mod
+        return mod
