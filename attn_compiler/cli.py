@@ -1,4 +1,4 @@
-"""Command line: ``python -m attn_compiler {demo,explain} ...``.
+"""Command line: ``python -m attn_compiler {demo,explain,report} ...``.
 
 ``demo``     compiles the shipped GPT, checks logits and every parameter gradient
              against a float64 golden (compiled error at most twice eager's, see
@@ -7,6 +7,8 @@
 ``explain``  compiles a model from a user's file with the eager inner backend,
              runs one forward and prints which attention sites were fused and why
              others were declined.
+``report``   prints the autotune cache: per kernel family, spec and shape
+             bucket, the chosen candidate, its config and the timings.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -190,6 +193,69 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# report
+
+
+def _natural(text: str) -> Tuple[Any, ...]:
+    """Sort key that orders ``lq128`` before ``lq1024``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
+
+
+def _config_text(config: Optional[dict]) -> str:
+    from attn_compiler.autotune import KernelConfig
+
+    if config is None:
+        return "-"
+    try:
+        return str(KernelConfig.from_dict(config))
+    except (TypeError, ValueError):
+        return str(config)
+
+
+def _autotune_rows(entries: Dict[str, dict]) -> List[Tuple[str, ...]]:
+    """One row per cache entry, sorted by key; the spec hash is shortened."""
+    from attn_compiler.autotune import TuneKey
+
+    rows = []
+    for key, entry in entries.items():
+        parts = TuneKey.parse(key) or TuneKey(key, "?", "?", "?", "?")
+        choice = str(entry.get("choice"))
+        times = entry.get("times_ms") if isinstance(entry.get("times_ms"), dict) else {}
+        timed = {n: t for n, t in times.items() if isinstance(t, (int, float))}
+        others = sorted((t, n) for n, t in timed.items() if n != choice)
+        rest = [f"{n} {t:.4g}" for t, n in others]
+        rest += [f"{n} failed" for n in sorted(set(times) - set(timed) - {choice})]
+        best = f"{timed[choice]:.4g}" if choice in timed else "-"
+        rows.append((parts.family, parts.spec_hash[:12], parts.bucket, parts.gpu, parts.triton,
+                     choice, _config_text(entry.get("config")), best, ", ".join(rest) or "-"))
+    return sorted(rows, key=lambda r: tuple(_natural(c) for c in r[:6]))
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from attn_compiler.autotune import TuneCache
+
+    cache = TuneCache(None if args.cache_dir is None else os.path.join(args.cache_dir, "autotune.json"))
+    entries = cache.entries()
+    if args.clear:
+        try:
+            cache.clear()
+        except OSError as exc:
+            raise CliError(f"cannot clear {cache.path}: {exc}") from exc
+        print(f"autotune cache {cache.path}: cleared {len(entries)} entries")
+        return 0
+    if not entries:
+        print(f"autotune cache {cache.path}: empty")
+        return 0
+    print(f"autotune cache {cache.path}: {len(entries)} entries")
+    headers = ("family", "spec hash", "shape bucket", "GPU", "triton", "choice", "config",
+               "best ms", "others (ms)")
+    print(tabulate(_autotune_rows(entries), headers=headers, disable_numparse=True))
+    return 0
+
+
+# ---------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--train", action="store_true", help="train mode with gradients (default: eval, no_grad)")
     e.add_argument("--inner", choices=INNERS, default="eager", help="compiler for the rest of the graph")
     e.set_defaults(func=run_explain)
+
+    r = sub.add_parser("report", help="print the autotune cache: chosen kernels and their timings")
+    r.add_argument("--cache-dir", metavar="DIR",
+                   help="folder of autotune.json (default: $ATTN_COMPILER_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/attn_compiler, else ~/.cache/attn_compiler)")
+    r.add_argument("--clear", action="store_true", help="delete every entry instead of printing them")
+    r.set_defaults(func=run_report)
     return p
 
 

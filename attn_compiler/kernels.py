@@ -215,3 +215,75 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
         q, k, v, dout, lse2, rinv, delta, dq, *cap, *qs, *ks, *vs, *dos, *_strides(dq),
         Hq, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale, plan.lo, plan.hi, **launch)
     return dq, dk, dv, [dcap[i].to(captured[i].dtype) for i in grad_ids]
+
+
+# ---- decode ------------------------------------------------------------------------
+
+DECODE_MAX_ROWS = 64   # G * Lq packed rows per program (beyond: the forward kernel)
+
+
+def decode_applies(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> bool:
+    """Split-KV decode suits short queries (G * Lq <= 64 packed rows), no dropout."""
+    G = q.shape[1] // k.shape[1]
+    return spec.dropout_p == 0 and G * q.shape[2] <= DECODE_MAX_ROWS
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def num_splits(units: int, n_blocks: int, sms: int, max_splits: int = 128) -> int:
+    """Split count from the occupancy (FlashAttention's rule): the smallest
+    split count whose wave efficiency is within 85 % of the best."""
+    if units >= 0.8 * sms or n_blocks <= 1:
+        return 1
+    cands = range(1, min(max_splits, n_blocks, sms) + 1)
+    eff = {}
+    for s in cands:
+        waves = units * s / sms
+        eff[s] = waves / math.ceil(waves)
+    best = max(eff.values())
+    return next(s for s in cands if eff[s] >= 0.85 * best)
+
+
+def decode(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
+           seed: Optional[torch.Tensor] = None, config=None, splits: Optional[int] = None):
+    """(out, lse) from the split-KV decode kernels (see ``decode_applies``)."""
+    reference.check_inputs(q, k, v, captured, spec)
+    if not decode_applies(q, k, spec):
+        raise ValueError("decode kernel: needs G * Lq <= 64 query rows per KV head and no dropout")
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = Hq // Hkv
+    t = _tile(config, default_tile("decode", D, q.dtype))
+    bn = min(t.block_n, _pow2(Lk))
+    bm = _pow2(G * Lq)
+    out = torch.empty((B, Hq, Lq, Dv), dtype=getattr(torch, spec.out_dtype), device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(-math.inf)
+    n_blocks = triton_cdiv(Lk, bn)
+    s = splits or num_splits(B * Hkv, n_blocks, _sm_count(q.device))
+    s = max(1, min(s, n_blocks))
+    chunk = triton_cdiv(n_blocks, s) * bn
+    s = triton_cdiv(Lk, chunk)
+    n_rows = B * Hq * Lq
+    acc = torch.empty((s, n_rows, Dv), dtype=torch.float32, device=q.device)
+    mx = torch.empty((s, n_rows), dtype=torch.float32, device=q.device)
+    ls = torch.empty_like(mx)
+    mod = codegen.load("decode", spec)
+    plan = mask_plan(spec, Lq, Lk)
+    scale = spec.scale_value(D)
+    mod.attention_decode_split[(s, B * Hkv)](
+        q, k, v, acc, mx, ls, *captured_args(captured), *_strides(q), *_strides(k, True), *_strides(v, True),
+        Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E, plan.lo, plan.hi, chunk, n_rows,
+        HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=bm, BLOCK_N=bn,
+        MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi, DOT_PREC=_dot_precision(q.dtype),
+        num_warps=t.num_warps, num_stages=t.num_stages)
+    block_r = 16
+    mod.attention_decode_reduce[(triton_cdiv(n_rows, block_r),)](
+        acc, mx, ls, out, lse, n_rows, s, Hq, Lq, *_strides(out), HEAD_DV=Dv, BLOCK_DV=_pow2(Dv),
+        BLOCK_R=block_r)
+    return out, lse

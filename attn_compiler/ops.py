@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from attn_compiler import reference
+from attn_compiler import dispatch, reference
 from attn_compiler.passes.analyze.spec import AttentionSpec
 
 _NS = "attn_compiler"
@@ -38,7 +38,7 @@ def _spec(text: str) -> AttentionSpec:
 @torch.library.custom_op(f"{_NS}::attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, captured: List[torch.Tensor],
                spec: str, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    return reference.attention_forward(q, k, v, captured, _spec(spec), seed)
+    return dispatch.forward(q, k, v, captured, _spec(spec), seed)
 
 
 @_attention.register_fake
@@ -57,7 +57,7 @@ def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                         captured: List[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
                         spec: str, seed: Optional[torch.Tensor]
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
-    dq, dk, dv, dcap = reference.attention_backward(dout, q, k, v, captured, out, lse, _spec(spec), seed)
+    dq, dk, dv, dcap = dispatch.backward(dout, q, k, v, captured, out, lse, _spec(spec), seed)
     return dq, dk, dv, dcap
 
 
@@ -94,6 +94,8 @@ _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- python entry point --------------------------------------------------------
+
+implementation = dispatch.implementation  # ops.implementation("triton"|"reference"|"auto")
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, captured: Sequence[torch.Tensor] = (),
               spec: Union[AttentionSpec, str] = None, seed: Optional[torch.Tensor] = None

@@ -1,11 +1,14 @@
 """Shared test setup: Triton's interpreter on CPU, the gpu marker, a clean site report."""
 import os
 
-# Read when a @triton.jit function runs; set before any kernel module is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU the generated Triton kernels run in Triton's interpreter on CPU
+# tensors.  Read when a @triton.jit function runs: set before any kernel module
+# is imported.  With a GPU they compile for it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,214 @@
+"""Which implementation runs one call of the attention op, with which tuned config.
+
+Entry points: ``forward(...)`` and ``backward(...)`` (called by
+``attn_compiler.ops``), ``implementation(name)`` (a context manager forcing one
+implementation: ``"auto"``, ``"triton"``, ``"reference"``) and ``tunings()``
+(what the autotuner chose in this process, for the report).
+
+``auto`` runs the generated Triton kernels on CUDA tensors whenever they can
+compute the spec (``kernels.unsupported_reason``), else the blockwise PyTorch
+reference (CPU, float64, head dims over 256).  On CUDA every (kernel family,
+generated source, shape bucket) is tuned once: the candidates are kernel
+configs (and, for the forward of short queries, the split-KV decode kernel),
+each checked against the first one's output before it is timed; the choice is
+kept in the persistent cache (``autotune.TuneCache``).  Under CUDA-graph
+capture, or with ``ATTN_COMPILER_AUTOTUNE=0``, the cached or default config
+runs without timing.  ``ATTN_COMPILER_AUTOTUNE=max`` tries the whole pruned
+config space instead of the short list.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import threading
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from attn_compiler import autotune, kernels, reference
+from attn_compiler.autotune import KernelConfig
+from attn_compiler.passes.analyze.spec import AttentionSpec
+
+log = logging.getLogger("attn_compiler")
+
+IMPLEMENTATIONS = ("auto", "triton", "reference")
+_impl = "auto"
+_lock = threading.Lock()
+_tunings: Dict[str, autotune.Choice] = {}
+
+# Short candidate lists (block_m, block_n, num_warps, num_stages); the pruning
+# rules of autotune drop the ones that do not fit a problem.
+_SHORT = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3),
+            (64, 64, 4, 3), (64, 32, 4, 2)],
+    "bwd": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2),
+            (32, 128, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+    "decode": [(16, 64, 4, 2), (16, 64, 4, 3), (16, 128, 4, 2), (16, 128, 8, 3), (16, 256, 8, 2),
+               (16, 32, 4, 2)],
+}
+
+
+@contextlib.contextmanager
+def implementation(name: str) -> Iterator[None]:
+    """Force the op's implementation inside the context (tests, benchmarks)."""
+    global _impl
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {name!r}; use one of {IMPLEMENTATIONS}")
+    old, _impl = _impl, name
+    try:
+        yield
+    finally:
+        _impl = old
+
+
+def current() -> str:
+    return _impl
+
+
+def tunings() -> Dict[str, autotune.Choice]:
+    """Choices made by the autotuner in this process: cache key -> Choice."""
+    with _lock:
+        return dict(_tunings)
+
+
+def _use_triton(q, k, v, spec: AttentionSpec) -> bool:
+    if _impl == "reference":
+        return False
+    why = kernels.unsupported_reason(q, k, v, spec)
+    if _impl == "triton":
+        if why is not None:
+            raise NotImplementedError(f"the Triton kernels cannot run this call: {why}")
+        return True
+    return q.is_cuda and why is None
+
+
+# ---- config candidates -------------------------------------------------------------
+
+def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
+    D, Lq, Lk = q.shape[-1], q.shape[2], k.shape[2]
+    causal = spec.mask_kind.startswith("causal")
+    if os.environ.get("ATTN_COMPILER_AUTOTUNE", "").strip().lower() == "max":
+        space = autotune.config_space(family, head_dim=D, dtype=q.dtype, lq=Lq, lk=Lk, causal=causal,
+                                      hopper=False)
+        return [c for c in space if c.variant == "ptr"]
+    problem = autotune.Problem(D, q.dtype, Lq, Lk, causal, False)
+    out = []
+    for m, n, w, s in _SHORT[family]:
+        c = KernelConfig(m, n, w, s)
+        if autotune.first_failing_rule(family, c, problem) is None:
+            out.append(c)
+    return out or [autotune.default_config(family, D, q.dtype, causal)]
+
+
+def _key(family: str, spec: AttentionSpec, q, k, v) -> str:
+    from attn_compiler.templates import codegen
+
+    gen = codegen.generate("bwd" if family == "bwd" else ("decode" if family == "decode" else "fwd"), spec)
+    B, Hq, Lq, D = q.shape
+    bucket = autotune.shape_bucket(B, Hq, k.shape[1], Lq, k.shape[2], D, v.shape[-1], q.dtype)
+    return autotune.make_key(family, gen.digest, bucket)
+
+
+def _same(a, b) -> Optional[str]:
+    """None when two candidate results agree (first tensor of each), else why not."""
+    x = a[0] if isinstance(a, (tuple, list)) else a
+    y = b[0] if isinstance(b, (tuple, list)) else b
+    x, y = x.float(), y.float()
+    if not torch.equal(torch.isnan(x), torch.isnan(y)):
+        return "nan pattern differs from the first candidate"
+    x, y = torch.nan_to_num(x), torch.nan_to_num(y)
+    err = float((x - y).norm() / y.norm().clamp_min(1e-30))
+    tol = 2e-2 if a[0].dtype in (torch.float16, torch.bfloat16) else 1e-4
+    return None if err <= tol else f"differs from the first candidate by {err:.2e}"
+
+
+def _choose(family: str, key: str, candidates: Dict[str, Callable[[], object]],
+            configs: Dict[str, Optional[KernelConfig]], default: str) -> str:
+    """The candidate name to run (tuned on CUDA, else ``default``)."""
+    with _lock:
+        hit = _tunings.get(key)
+    if hit is not None and hit.name in candidates:
+        return hit.name
+    on_cuda = torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") == "1"
+    if not on_cuda:
+        return default
+    first: List[object] = []
+
+    def check(name, result):
+        if not first:
+            first.append(result)
+            return None
+        return _same(result, first[0])
+
+    try:
+        choice = autotune.tune(key, candidates, check=check, configs=configs)
+    except autotune.TuningUnavailable:
+        return default
+    except RuntimeError as exc:            # every candidate failed: the caller falls back
+        raise _NoKernel(str(exc)) from exc
+    with _lock:
+        _tunings[key] = choice
+    if not choice.from_cache:
+        log.info("autotune %s: %s (%.3f ms)", key, choice.name, choice.times_ms.get(choice.name) or 0.0)
+    return choice.name
+
+
+# ---- entry points ---------------------------------------------------------------------
+
+class _NoKernel(RuntimeError):
+    """No Triton candidate ran correctly for this call."""
+
+
+def _run(candidates, name_fn, fallback):
+    """Run the chosen candidate; under ``auto`` a kernel failure falls back to
+    the reference (with a warning) instead of failing the user's model."""
+    try:
+        return candidates[name_fn()]()
+    except Exception as exc:  # noqa: BLE001
+        if _impl == "triton":
+            raise
+        log.warning("Triton attention kernel failed (%s: %s); running the PyTorch reference",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return fallback()
+
+def forward(q, k, v, captured, spec: AttentionSpec, seed) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not _use_triton(q, k, v, spec):
+        return reference.attention_forward(q, k, v, captured, spec, seed)
+    candidates: Dict[str, Callable[[], object]] = {}
+    configs: Dict[str, Optional[KernelConfig]] = {}
+    for c in _configs("fwd", q, k, v, spec):
+        name = f"fwd {c}"
+        candidates[name] = functools.partial(kernels.forward, q, k, v, captured, spec, seed, c)
+        configs[name] = c
+    default = f"fwd {autotune.default_config('fwd', q.shape[-1], q.dtype)}"
+    if default not in candidates:
+        c = autotune.default_config("fwd", q.shape[-1], q.dtype)
+        candidates[default] = functools.partial(kernels.forward, q, k, v, captured, spec, seed, c)
+        configs[default] = c
+    if kernels.decode_applies(q, k, spec):
+        for c in _configs("decode", q, k, v, spec):
+            name = f"decode {c}"
+            candidates[name] = functools.partial(kernels.decode, q, k, v, captured, spec, seed, c)
+            configs[name] = c
+    return _run(candidates, lambda: _choose("fwd", _key("fwd", spec, q, k, v), candidates, configs, default),
+                lambda: reference.attention_forward(q, k, v, captured, spec, seed))
+
+
+def backward(dout, q, k, v, captured, out, lse, spec: AttentionSpec, seed):
+    if not _use_triton(q, k, v, spec):
+        return reference.attention_backward(dout, q, k, v, captured, out, lse, spec, seed)
+    candidates: Dict[str, Callable[[], object]] = {}
+    configs: Dict[str, Optional[KernelConfig]] = {}
+    for c in _configs("bwd", q, k, v, spec):
+        name = f"bwd {c}"
+        candidates[name] = functools.partial(kernels.backward, dout, q, k, v, captured, out, lse, spec, seed, c)
+        configs[name] = c
+    c = autotune.default_config("bwd", q.shape[-1], q.dtype)
+    default = f"bwd {c}"
+    if default not in candidates:
+        candidates[default] = functools.partial(kernels.backward, dout, q, k, v, captured, out, lse, spec, seed, c)
+        configs[default] = c
+    return _run(candidates, lambda: _choose("bwd", _key("bwd", spec, q, k, v), candidates, configs, default),
+                lambda: reference.attention_backward(dout, q, k, v, captured, out, lse, spec, seed))
