@@ -43,8 +43,9 @@ _tunings: Dict[str, autotune.Choice] = {}
 _SHORT = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3),
             (64, 64, 4, 3), (64, 32, 4, 2)],
-    "bwd": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2),
-            (32, 128, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+    # bwd (M, N): dK/dV own N key rows and step M query rows; dQ the mirror
+    "bwd": [(64, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2), (32, 128, 4, 3), (64, 128, 8, 2),
+            (32, 64, 4, 2), (16, 128, 4, 2), (32, 32, 4, 1)],
     "decode": [(16, 64, 4, 2), (16, 64, 4, 3), (16, 128, 4, 2), (16, 128, 8, 3), (16, 256, 8, 2),
                (16, 32, 4, 2)],
 }
@@ -161,54 +162,78 @@ class _NoKernel(RuntimeError):
     """No Triton candidate ran correctly for this call."""
 
 
-def _run(candidates, name_fn, fallback):
-    """Run the chosen candidate; under ``auto`` a kernel failure falls back to
-    the reference (with a warning) instead of failing the user's model."""
-    try:
-        return candidates[name_fn()]()
-    except Exception as exc:  # noqa: BLE001
-        if _impl == "triton":
-            raise
-        log.warning("Triton attention kernel failed (%s: %s); running the PyTorch reference",
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        return fallback()
+def _signature(family: str, spec: AttentionSpec, q, k, v, captured) -> tuple:
+    return (family, spec.dumps(), tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device,
+            tuple(tuple(t.shape) for t in captured), _impl)
+
+
+_picked: Dict[tuple, Tuple[Callable, Optional[KernelConfig]]] = {}
+
+
+def _pick(family: str, sig: tuple, build: Callable[[], Tuple[dict, dict, str]]):
+    """(kernel function, config) for a call signature: tuned once, then a dict lookup."""
+    hit = _picked.get(sig)
+    if hit is not None:
+        return hit
+    candidates, configs, default, key, fns = build()
+    name = _choose(family, key, candidates, configs, default)
+    hit = (fns[name], configs.get(name))
+    _picked[sig] = hit
+    return hit
+
+
+def _fallback(exc: Exception, fallback):
+    if _impl == "triton":
+        raise exc
+    log.warning("Triton attention kernel failed (%s: %s); running the PyTorch reference",
+                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    return fallback()
+
 
 def forward(q, k, v, captured, spec: AttentionSpec, seed) -> Tuple[torch.Tensor, torch.Tensor]:
     if not _use_triton(q, k, v, spec):
         return reference.attention_forward(q, k, v, captured, spec, seed)
-    candidates: Dict[str, Callable[[], object]] = {}
-    configs: Dict[str, Optional[KernelConfig]] = {}
-    for c in _configs("fwd", q, k, v, spec):
-        name = f"fwd {c}"
-        candidates[name] = functools.partial(kernels.forward, q, k, v, captured, spec, seed, c)
-        configs[name] = c
-    default = f"fwd {autotune.default_config('fwd', q.shape[-1], q.dtype)}"
-    if default not in candidates:
+
+    def build():
+        candidates, configs, fns = {}, {}, {}
+        families = [("fwd", kernels.forward)]
+        if kernels.decode_applies(q, k, spec):
+            families.append(("decode", kernels.decode))
+        for fam, fn in families:
+            for c in _configs(fam, q, k, v, spec):
+                name = f"{fam} {c}"
+                candidates[name] = functools.partial(fn, q, k, v, captured, spec, seed, c)
+                configs[name], fns[name] = c, fn
         c = autotune.default_config("fwd", q.shape[-1], q.dtype)
-        candidates[default] = functools.partial(kernels.forward, q, k, v, captured, spec, seed, c)
-        configs[default] = c
-    if kernels.decode_applies(q, k, spec):
-        for c in _configs("decode", q, k, v, spec):
-            name = f"decode {c}"
-            candidates[name] = functools.partial(kernels.decode, q, k, v, captured, spec, seed, c)
-            configs[name] = c
-    return _run(candidates, lambda: _choose("fwd", _key("fwd", spec, q, k, v), candidates, configs, default),
-                lambda: reference.attention_forward(q, k, v, captured, spec, seed))
+        default = f"fwd {c}"
+        if default not in candidates:
+            candidates[default] = functools.partial(kernels.forward, q, k, v, captured, spec, seed, c)
+            configs[default], fns[default] = c, kernels.forward
+        return candidates, configs, default, _key("fwd", spec, q, k, v), fns
+
+    try:
+        fn, cfg = _pick("fwd", _signature("fwd", spec, q, k, v, captured), build)
+        return fn(q, k, v, captured, spec, seed, cfg)
+    except Exception as exc:  # noqa: BLE001 - never fail the user's model under "auto"
+        return _fallback(exc, lambda: reference.attention_forward(q, k, v, captured, spec, seed))
 
 
 def backward(dout, q, k, v, captured, out, lse, spec: AttentionSpec, seed):
     if not _use_triton(q, k, v, spec):
         return reference.attention_backward(dout, q, k, v, captured, out, lse, spec, seed)
-    candidates: Dict[str, Callable[[], object]] = {}
-    configs: Dict[str, Optional[KernelConfig]] = {}
-    for c in _configs("bwd", q, k, v, spec):
-        name = f"bwd {c}"
-        candidates[name] = functools.partial(kernels.backward, dout, q, k, v, captured, out, lse, spec, seed, c)
-        configs[name] = c
-    c = autotune.default_config("bwd", q.shape[-1], q.dtype)
-    default = f"bwd {c}"
-    if default not in candidates:
-        candidates[default] = functools.partial(kernels.backward, dout, q, k, v, captured, out, lse, spec, seed, c)
-        configs[default] = c
-    return _run(candidates, lambda: _choose("bwd", _key("bwd", spec, q, k, v), candidates, configs, default),
-                lambda: reference.attention_backward(dout, q, k, v, captured, out, lse, spec, seed))
+
+    def build():
+        candidates, configs, fns = {}, {}, {}
+        cs = _configs("bwd", q, k, v, spec)
+        c0 = autotune.default_config("bwd", q.shape[-1], q.dtype)
+        for c in cs + ([c0] if c0 not in cs else []):
+            name = f"bwd {c}"
+            candidates[name] = functools.partial(kernels.backward, dout, q, k, v, captured, out, lse, spec, seed, c)
+            configs[name], fns[name] = c, kernels.backward
+        return candidates, configs, f"bwd {c0}", _key("bwd", spec, q, k, v), fns
+
+    try:
+        fn, cfg = _pick("bwd", _signature("bwd", spec, q, k, v, captured), build)
+        return fn(dout, q, k, v, captured, out, lse, spec, seed, cfg)
+    except Exception as exc:  # noqa: BLE001
+        return _fallback(exc, lambda: reference.attention_backward(dout, q, k, v, captured, out, lse, spec, seed))

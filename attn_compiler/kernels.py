@@ -16,6 +16,7 @@ The kernels' source comes from ``templates/`` through ``templates.codegen``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -98,6 +99,13 @@ class MaskPlan:
 
 
 def mask_plan(spec: AttentionSpec, lq: int, lk: int) -> MaskPlan:
+    """How the kernels walk KV blocks for this spec and lengths (cached)."""
+    return _mask_plan(spec.dumps(), int(lq), int(lk))
+
+
+@functools.lru_cache(maxsize=4096)
+def _mask_plan(text: str, lq: int, lk: int) -> MaskPlan:
+    spec = AttentionSpec.loads(text)
     pred = spec.mask_predicate
     if pred is True or str(pred) == "True":
         return MaskPlan(0)
@@ -211,7 +219,10 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
         q, k, v, dout, lse2, rinv, delta, dk, dv, *cap, *grad_args, *qs, *ks, *vs, *dos,
         *_strides(dk), *_strides(dv), B, Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale,
         plan.lo, plan.hi, KV_BATCH_BROADCAST=broadcast, **launch)
-    mod.attention_bwd_dq[(triton_cdiv(Lq, bm), B * Hq)](
+    # dQ owns the long side of the tile along the queries (see the template's note)
+    bm2, bn2 = min(t.block_n, _pow2(Lq)), min(t.block_m, _pow2(Lk))
+    launch.update(BLOCK_M=bm2, BLOCK_N=bn2, EVEN_N=Lk % bn2 == 0)
+    mod.attention_bwd_dq[(triton_cdiv(Lq, bm2), B * Hq)](
         q, k, v, dout, lse2, rinv, delta, dq, *cap, *qs, *ks, *vs, *dos, *_strides(dq),
         Hq, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale, plan.lo, plan.hi, **launch)
     return dq, dk, dv, [dcap[i].to(captured[i].dtype) for i in grad_ids]

@@ -232,6 +232,12 @@ def has_finite_fill(spec: AttentionSpec) -> bool:
 
 def unsupported_reason(spec: AttentionSpec) -> Optional[str]:
     """None when the Triton kernels can compute ``spec``, else why not."""
+    return _unsupported_reason(spec.dumps())
+
+
+@functools.lru_cache(maxsize=512)
+def _unsupported_reason(text: str) -> Optional[str]:
+    spec = AttentionSpec.loads(text)
     if spec.softmax_dtype != "float32":
         return f"softmax in {spec.softmax_dtype} (the kernels accumulate in float32)"
     try:
@@ -477,17 +483,23 @@ def cache_dir() -> Path:
 
 
 _modules: Dict[str, object] = {}
+_by_spec: Dict[Tuple[str, str], object] = {}
 _lock = threading.Lock()
 
 
 def load(family: str, spec: AttentionSpec):
     """Import the generated module of ``family`` for ``spec`` (written once to
     the cache folder under its hash, atomically, so processes can share it)."""
+    text = spec.dumps()
+    mod = _by_spec.get((family, text))
+    if mod is not None:          # the per-call path: one dict lookup
+        return mod
     gen = generate(family, spec)
     name = f"attn_compiler_gen_{family}_{gen.digest}"
     with _lock:
         mod = _modules.get(name)
         if mod is not None:
+            _by_spec[(family, text)] = mod
             return mod
         folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
@@ -502,4 +514,5 @@ def load(family: str, spec: AttentionSpec):
         sys.modules[name] = mod          # triton's jit looks functions up by module
         spec_obj.loader.exec_module(mod)
         _modules[name] = mod
+        _by_spec[(family, text)] = mod
         return mod

@@ -135,6 +135,11 @@ class AttentionSpec:
 
     # ---- serialisation -------------------------------------------------
     def dumps(self) -> str:
+        """The spec as a JSON string (cached: kernels key their caches on it per call)."""
+        return self._text
+
+    @functools.cached_property
+    def _text(self) -> str:
         d = {
             "score_mod": sympy.srepr(self.score_mod),
             "scale": sympy.srepr(self.scale),
@@ -169,7 +174,11 @@ class AttentionSpec:
         return hashlib.sha256(self.dumps().encode()).hexdigest()[:16]
 
     def scale_value(self, head_dim: int) -> float:
-        return float(self.scale.subs(D, head_dim))
+        cache = self.__dict__.setdefault("_scale_values", {})   # per call of the op: keep it cheap
+        val = cache.get(head_dim)
+        if val is None:
+            val = cache[head_dim] = float(self.scale.subs(D, head_dim))
+        return val
 
 
 def _srepr_namespace():
