@@ -205,6 +205,42 @@ def _row(i: int, site: Site) -> List[str]:
     ]
 
 
+TUNE_COLUMNS = ("#", "pass", "candidates", "choice", "TFLOP/s", "% peak", "vs original", "vs SDPA", "kernels")
+PEAK_TFLOPS = 798.0   # dense bf16 matmul measured on the H200 (ENVIRONMENT.md)
+
+
+def site_flops(f: Mapping[str, Any]) -> Optional[float]:
+    """4·B·H·Lq·Lk·D (half under a causal mask), ×3.5 with the backward."""
+    shapes = f.get("shapes") or {}
+    try:
+        B, H, Lq, D = (int(x) for x in shapes["q"])
+        Lk = int(shapes["k"][2])
+    except (KeyError, TypeError, ValueError):
+        return None
+    flops = 4.0 * B * H * Lq * Lk * D
+    if str(f.get("mask", "")).startswith("causal"):
+        flops /= 2
+    return flops * (3.5 if f.get("training") else 1.0)
+
+
+def _tune_row(i: int, site: Site) -> List[str]:
+    f = site.features
+    times = f["times_ms"]
+    choice = f.get("choice", "")
+    best = times.get(choice)
+    cand = "\n".join(f"{k} {v:.3f}" if v is not None else f"{k} failed" for k, v in times.items())
+    flops = site_flops(f)
+    tf = flops / (best * 1e-3) / 1e12 if flops and best else None
+
+    def ratio(name):
+        other = times.get(name)
+        return f"{other / best:.2f}x" if other and best else "-"
+    kernels = f.get("kernels") or {}
+    return [str(i), "fwd+bwd" if f.get("training") else "fwd", cand, choice,
+            "-" if tf is None else f"{tf:.1f}", "-" if tf is None else f"{100 * tf / PEAK_TFLOPS:.0f}%",
+            ratio("original"), ratio("sdpa"), "\n".join(f"{k} {v}" for k, v in kernels.items()) or "-"]
+
+
 def _plain(value: Any) -> Any:
     """``value`` made of JSON types only (sympy, torch and other objects as str)."""
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -247,6 +283,10 @@ class Report(list):
 
         rows = [_row(i, s) for i, s in enumerate(self)]
         table = tabulate(rows, headers=COLUMNS, tablefmt="simple", disable_numparse=True)
+        tuned = [_tune_row(i, s) for i, s in enumerate(self) if s.features.get("times_ms")]
+        if tuned:
+            table += "\n\nautotune (median ms of each candidate; TFLOP/s of the choice)\n" + tabulate(
+                tuned, headers=TUNE_COLUMNS, tablefmt="simple", disable_numparse=True)
         return f"{self.summary()}\n{table}"
 
     def __repr__(self) -> str:

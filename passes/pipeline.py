@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from attn_compiler._compat import is_fake_tensor
 from attn_compiler.report import DECLINED, FUSED, Site, location_from_stack_trace
+from attn_compiler.sdpa import sdpa_attention
 
 from .analyze import spec as S
 from .analyze.build import analyze
@@ -25,7 +26,8 @@ from .analyze.verify import SideChecker
 from .analyze.values import Decline
 from .match import Declined, find_sites
 from .operands import op_lead
-from .rewrite import rewrite
+from .choose import ORIGINAL, SDPA, choose, decision_features
+from .rewrite import op_node, rewrite, undo
 
 log = logging.getLogger("attn_compiler")
 counters: Counter = Counter()  # "fused", "declined": tests observe these
@@ -71,9 +73,18 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> Lis
             try:
                 analysis = analyze(item, values, checker)
                 site.features = features(item, analysis.spec)
-                rewrite(gm, item, analysis, replaced)
-                site.status = FUSED
-                dead.append(item.pv.node)
+                sources = [replaced.get(o.node, o.node) for o in (item.q, item.k, item.v)]
+                final = rewrite(gm, item, analysis, replaced)
+                decision = choose(gm, item, analysis, final, op_node(final), checker, sources)
+                site.features.update(decision_features(decision))
+                if decision.choice == ORIGINAL:
+                    undo(gm, item.pv.node, final, replaced)
+                    site.reason = _kept_reason(decision)
+                else:
+                    if decision.choice == SDPA:
+                        op_node(final).target = sdpa_attention
+                    site.status = FUSED
+                    dead.append(item.pv.node)
             except Decline as e:
                 site.reason = str(e)
             except Exception as e:  # noqa: BLE001 - a bug of ours must not break the model
@@ -90,6 +101,14 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> Lis
         gm.graph.lint()
         gm.recompile()
     return sites
+
+
+def _kept_reason(decision) -> str:
+    if decision.note:
+        return decision.note
+    t = decision.times_ms
+    return (f"kept as written: the original subgraph is faster "
+            f"({t.get(ORIGINAL, 0):.3f} ms vs {t.get('attn_compiler') or float('nan'):.3f} ms fused)")
 
 
 def _module_sites(gm, graph_id: int, first: int) -> List[Site]:

@@ -53,6 +53,7 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
         raise
     anchor.replace_all_uses_with(final)
     replaced[anchor] = final
+    final.meta["attn_compiler_nodes"] = list(created)     # what undo() erases
     for u in m.dtype_users:  # y.type_as(scores) -> y.to(scores.dtype)
         dtype = C.example_value(u.kwargs.get("other", u.args[1] if len(u.args) > 1 else None)).dtype
         with g.inserting_before(u):
@@ -95,3 +96,18 @@ def _lead_is_one(o) -> bool:
     sizes = dict(zip(o.labels, C.shape_of(o.node)))
     lead = [sizes.get(lab, 1) for lab in o.target[:-2]]
     return len(lead) == 1 and isinstance(lead[0], int) and lead[0] == 1
+
+
+def op_node(final: fx.Node) -> fx.Node:
+    """The attention op call among the nodes a rewrite created."""
+    return next(n for n in final.meta["attn_compiler_nodes"]
+                if n.target is torch.ops.attn_compiler.attention.default)
+
+
+def undo(gm: fx.GraphModule, anchor: fx.Node, final: fx.Node, replaced: Dict[fx.Node, fx.Node]) -> None:
+    """Put the original site back (its nodes were left in the graph)."""
+    final.replace_all_uses_with(anchor)
+    for n in reversed(final.meta["attn_compiler_nodes"]):
+        if not n.users:
+            gm.graph.erase_node(n)
+    replaced.pop(anchor, None)
