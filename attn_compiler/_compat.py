@@ -48,6 +48,19 @@ def lookup_inner_backend(name: Union[str, Callable]) -> Callable:
         ) from exc
 
 
+def inductor_with_mode(mode: str) -> Callable:
+    """Inductor as the inner compiler with a ``torch.compile`` mode
+    ("default", "reduce-overhead" (CUDA graphs), "max-autotune"...)."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = list_mode_options(mode)
+
+    def inner(gm, example_inputs):
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    return inner
+
+
 def is_fake_tensor(x) -> bool:
     """Whether ``x`` is a fake tensor (shapes only, no data)."""
     from torch._subclasses.fake_tensor import FakeTensor

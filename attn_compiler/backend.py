@@ -12,7 +12,7 @@ import logging
 from typing import Any, Callable
 
 from .report import record
-from ._compat import lookup_inner_backend
+from ._compat import lookup_inner_backend, inductor_with_mode
 
 log = logging.getLogger("attn_compiler")
 _graph_ids = itertools.count()
@@ -21,10 +21,14 @@ _graph_ids = itertools.count()
 def backend(inner: str = "inductor", **options: Any) -> Callable:
     """A backend ``(gm, example_inputs) -> callable`` that fuses attention and
     compiles everything else with ``inner`` ("inductor", "aot_eager", "eager"
-    or any dynamo backend callable)."""
-    inner_fn = lookup_inner_backend(inner)
+    or any dynamo backend callable).  ``mode`` ("reduce-overhead" for CUDA
+    graphs, "max-autotune", ...) goes to inductor as torch.compile's mode would."""
+    mode = options.pop("mode", None)
     if options:
         raise TypeError(f"unknown attn_compiler backend options: {sorted(options)}")
+    if mode is not None and inner != "inductor":
+        raise ValueError(f"mode={mode!r} needs inner='inductor' (got {inner!r})")
+    inner_fn = inductor_with_mode(mode) if mode is not None else lookup_inner_backend(inner)
 
     def attn_compiler(gm, example_inputs):
         from attn_compiler.passes.pipeline import attention_pass

@@ -123,6 +123,12 @@ class _Runner:
         return out.detach()
 
 
+def _hint(x) -> int:
+    """A size as an int; a symbolic (dynamic) size by its value this time, no guard."""
+    node = getattr(x, "node", None)
+    return int(node.hint) if node is not None and getattr(node, "hint", None) is not None else int(x)
+
+
 def _detach(v):
     return v.detach() if isinstance(v, torch.Tensor) else v
 
@@ -207,8 +213,8 @@ def _key(spec, op_node: fx.Node, training: bool) -> str:
     from attn_compiler.templates import codegen
 
     q, k, v = (C.example_value(a) for a in op_node.args[:3])
-    B, Hq, Lq, D = (int(x) for x in q.shape)
-    bucket = autotune.shape_bucket(B, Hq, int(k.shape[1]), Lq, int(k.shape[2]), D, int(v.shape[-1]), q.dtype)
+    B, Hq, Lq, D = (_hint(x) for x in q.shape)
+    bucket = autotune.shape_bucket(B, Hq, _hint(k.shape[1]), Lq, _hint(k.shape[2]), D, _hint(v.shape[-1]), q.dtype)
     digest = codegen.generate("fwd", spec).digest + ("t" if training else "i")
     return autotune.make_key("site", digest, bucket)
 
