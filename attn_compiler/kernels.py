@@ -111,7 +111,9 @@ def _mask_plan(text: str, lq: int, lk: int) -> MaskPlan:
         return MaskPlan(0)
     band = codegen.band_of(spec)
     if band is None:
-        return MaskPlan(2)
+        # a tensor or other predicate: a block map skips dropped tiles, unless a
+        # finite fill must stay in the softmax (a row of fills is uniform)
+        return MaskPlan(2 if codegen.has_finite_fill(spec) else 3)
     lo, hi = band.at(lq, lk)
     if codegen.has_finite_fill(spec):
         # skipping a fill block is exact only when no row is fills-only:
@@ -122,6 +124,33 @@ def _mask_plan(text: str, lq: int, lk: int) -> MaskPlan:
             if a > b:
                 return MaskPlan(2)
     return MaskPlan(1, lo or 0, hi or 0, lo is not None, hi is not None)
+
+
+def _map_axes(spec: AttentionSpec) -> Tuple[bool, bool, bool]:
+    """Whether the mask predicate varies along (b, h, q_idx)."""
+    from sympy.core.function import AppliedUndef
+
+    from attn_compiler.passes.analyze import spec as S
+
+    pred = spec.mask_predicate
+    names = {f.func.__name__ for f in pred.atoms(AppliedUndef)}
+    caps = [c for i, c in enumerate(spec.captured) if f"t{i}" in names]
+    import sympy
+    syms = pred.xreplace({f: sympy.Dummy() for f in pred.atoms(AppliedUndef)}).free_symbols  # outside reads
+    return tuple(sym in syms or any(c.dims[d] for c in caps) for d, sym in enumerate((S.b, S.h, S.q_idx)))
+
+
+def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: int, bm: int, bn: int):
+    """(Map, sm_b, sm_h, sm_m): the int8 tile map of a tensor mask for (bm, bn)
+    tiles, built by the generated ``attention_block_map`` kernel."""
+    ub, uh, uq = _map_axes(spec)
+    nb, nh, nm = (B if ub else 1), (Hq if uh else 1), (triton_cdiv(Lq, bm) if uq else 1)
+    dev = captured[0].device if captured else torch.device("cpu")
+    m = torch.empty((nb, nh, nm, triton_cdiv(Lk, bn)), dtype=torch.int8, device=dev)
+    sb, sh, sm = (m.stride(0) if ub else 0), (m.stride(1) if uh else 0), (m.stride(2) if uq else 0)
+    mod.attention_block_map[(nm, nb * nh)](m, sb, sh, sm, nb, nh, *captured_args(captured), Lq, Lk,
+                                            BLOCK_M=bm, BLOCK_N=bn)
+    return m, sb, sh, sm
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -155,8 +184,9 @@ def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     plan = mask_plan(spec, Lq, Lk)
     scale = spec.scale_value(D)
     grid = (triton_cdiv(Lq, bm), B * Hq)
+    bmap = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn) if plan.mode == 3 else (lse, 0, 0, 0)
     mod.attention_fwd[grid](
-        q, k, v, out, lse, *captured_args(captured),
+        q, k, v, out, lse, *bmap, *captured_args(captured),
         *_strides(q), *_strides(k, True), *_strides(v, True), *_strides(out),
         Hq, Hq // Hkv, Lq, Lk, scale, scale * codegen.LOG2E, dropout_x0(seed, spec),
         1.0 / (1.0 - spec.dropout_p), plan.lo, plan.hi,
@@ -215,15 +245,17 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
                   num_stages=t.num_stages, **consts)
     drop_scale = 1.0 / (1.0 - spec.dropout_p)
     broadcast = Bk == 1 and B > 1
+    bmap = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn) if plan.mode == 3 else (lse2, 0, 0, 0)
     mod.attention_bwd_dkdv[(triton_cdiv(Lk, bn), Bk * Hkv)](
-        q, k, v, dout, lse2, rinv, delta, dk, dv, *cap, *grad_args, *qs, *ks, *vs, *dos,
+        q, k, v, dout, lse2, rinv, delta, dk, dv, *bmap, *cap, *grad_args, *qs, *ks, *vs, *dos,
         *_strides(dk), *_strides(dv), B, Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale,
         plan.lo, plan.hi, KV_BATCH_BROADCAST=broadcast, **launch)
     # dQ owns the long side of the tile along the queries (see the template's note)
     bm2, bn2 = min(t.block_n, _pow2(Lq)), min(t.block_m, _pow2(Lk))
     launch.update(BLOCK_M=bm2, BLOCK_N=bn2, EVEN_N=Lk % bn2 == 0)
+    bmap = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm2, bn2) if plan.mode == 3 else (lse2, 0, 0, 0)
     mod.attention_bwd_dq[(triton_cdiv(Lq, bm2), B * Hq)](
-        q, k, v, dout, lse2, rinv, delta, dq, *cap, *qs, *ks, *vs, *dos, *_strides(dq),
+        q, k, v, dout, lse2, rinv, delta, dq, *bmap, *cap, *qs, *ks, *vs, *dos, *_strides(dq),
         Hq, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale, plan.lo, plan.hi, **launch)
     return dq, dk, dv, [dcap[i].to(captured[i].dtype) for i in grad_ids]
 

@@ -336,6 +336,12 @@ class _Hooks:
         expr = self.spec.score_mod if kind == "PARTIAL" else self.kept
         return self.load_lines(self.used_captured(expr)) + lines
 
+    def keep_lines(self) -> List[str]:
+        """``keep``: the mask predicate of a tile (int1), for the block map."""
+        pred = self.spec.mask_predicate
+        return self.load_lines(self.used_captured(pred)) + [
+            f"keep = (({self.pr(pred)}) + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)) != 0"]
+
     # -- backward: dS and dT -------------------------------------------------
     def dscore_lines(self, kind: str, orient: str, grads: bool = True) -> List[str]:
         """From ``dz`` (= P ∘ (dP - delta), 0 where P == 0) and ``p``: ``ds`` =
@@ -432,6 +438,7 @@ def _hooks_for(family: str, h: _Hooks) -> Dict[str, object]:
         "SCORE_FULL": h.score_lines("FULL"),
         "DROPOUT_THRESHOLD": h.threshold() if h.has_dropout() else 0,
         "FINITE_FILL": bool(h.finite_fill),
+        "KEEP": h.keep_lines(),
     }
     if family == "bwd":
         common.update({
