@@ -1,0 +1,315 @@
+"""What the benchmarks here share: FLOP and byte counts, timing, peak memory,
+numerics against a float64 golden, and the sweep over implementations.
+
+Entry points for a benchmark script: :func:`run_sweep` walks the cases within
+a time budget; :func:`run_impls` builds each implementation for one case and
+hands each of its passes to :func:`measure`: first call (compile, timed apart)
+-> numerics -> peak memory -> steady-state median time.  Every failure becomes
+a row (results.py), never a crash.
+
+Conventions (README.md in this folder):
+
+- forward FLOPs = 4·B·H·Lq·Lk·D (two matmuls of 2·Lq·Lk·D each), half of that
+  when causal; a backward is 2.5× the forward, so fwd+bwd = 3.5× fwd.
+- % of peak is against the measured dense bf16 matmul rate of one H200
+  (798 TFLOP/s); decode GB/s against its measured device copy rate (4.3 TB/s).
+- a row whose numerics fail is marked FAIL and never timed.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import gc
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from results import (
+    ERROR,
+    FAIL,
+    OK,
+    PEAK_GBPS,
+    PEAK_TFLOPS,
+    SKIPPED,
+    UNSUPPORTED,
+    Results,
+)
+
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5, torch.float64: 1e-10}
+BWD_FACTOR = 2.5           # backward FLOPs / forward FLOPs (dQ, dK, dV, and the recomputed scores)
+
+# SDPA's words for "no backend can run this case": unsupported, not broken.
+_UNSUPPORTED_HINTS = ("No available kernel", "No viable backend")
+# After one of these the CUDA context is unusable: the sweep stops.
+_FATAL_HINTS = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                "misaligned address", "illegal instruction")
+
+
+# ---- physics -------------------------------------------------------------------
+
+def attention_flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool, bwd: bool) -> float:
+    """4·B·H·Lq·Lk·D for the forward (QKᵀ and PV), halved when causal; ×3.5 with the backward."""
+    fwd = 4.0 * B * H * Lq * Lk * D * (0.5 if causal else 1.0)
+    return fwd * (1.0 + BWD_FACTOR) if bwd else fwd
+
+
+def kv_bytes(B: int, Lk: int, Hkv: int, D: int, itemsize: int = 2) -> float:
+    """Bytes of K and V a decode step must read once: 2·B·Lk·Hkv·D·itemsize."""
+    return 2.0 * B * Lk * Hkv * D * itemsize
+
+
+# ---- device helpers ----------------------------------------------------------------
+
+def on_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if on_cuda() else "cpu")
+
+
+def sync() -> None:
+    if on_cuda():
+        torch.cuda.synchronize()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if on_cuda():
+        torch.cuda.empty_cache()
+
+
+def reset_compiled() -> None:
+    """Forget compiled graphs, so each case compiles fresh (no recompile limit,
+    no automatic dynamic shapes carried over from the previous case)."""
+    from attn_compiler._compat import reset_dynamo
+
+    reset_dynamo()
+
+
+def environment() -> dict[str, str]:
+    """Device, versions and date: stamped on every row."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "-"
+    name = torch.cuda.get_device_name() if on_cuda() else f"cpu ({platform.machine()})"
+    return {"device": name, "torch": torch.__version__, "triton": triton_version,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+# ---- timing and memory -----------------------------------------------------------
+
+def _clear_grads(tensors: Sequence[torch.Tensor]) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def time_ms(fn: Callable[[], Any], grad_to_none: Sequence[torch.Tensor] = (), cpu_reps: int = 3) -> float:
+    """Median milliseconds of ``fn()``: Triton's do_bench on CUDA (L2 flushed
+    between calls), else the median of a few perf_counter runs after one warm-up."""
+    if on_cuda():
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, grad_to_none=list(grad_to_none) or None,
+                              return_mode="median"))
+    _clear_grads(grad_to_none)
+    fn()
+    times = []
+    for _ in range(cpu_reps):
+        _clear_grads(grad_to_none)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mib(fn: Callable[[], Any]) -> float | None:
+    """MiB allocated at the peak of one ``fn()`` call beyond what was already
+    allocated (the inputs); None off CUDA."""
+    if not on_cuda():
+        return None
+    sync()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ---- numerics ----------------------------------------------------------------------
+
+def rel_errors(got: dict[str, torch.Tensor | None], golden: dict[str, torch.Tensor]) -> dict[str, float]:
+    """‖got − golden‖/‖golden‖ per name (float64; NaN or inf where the golden has none is inf)."""
+    from attn_compiler.testing import rel_err
+
+    out = {}
+    for name, ref in golden.items():
+        t = got.get(name)
+        out[name] = math.inf if t is None else rel_err(t, ref)
+    return out
+
+
+def worst(errs: dict[str, float]) -> tuple[str, float]:
+    """The name and value of the largest error (NaN counts as largest)."""
+    name = max(errs, key=lambda k: math.inf if math.isnan(errs[k]) else errs[k])
+    return name, errs[name]
+
+
+# ---- one measurement -----------------------------------------------------------------
+
+def short_error(exc: BaseException, width: int = 160) -> str:
+    """``Type: first non-empty line of the message``, truncated."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def classify_error(exc: BaseException) -> str:
+    if isinstance(exc, NotImplementedError) or any(h in str(exc) for h in _UNSUPPORTED_HINTS):
+        return UNSUPPORTED
+    return ERROR
+
+
+def is_fatal(note: str) -> bool:
+    """Whether an error message means the CUDA context is lost."""
+    return any(h in note for h in _FATAL_HINTS)
+
+
+@dataclasses.dataclass
+class Work:
+    """What to measure: ``run()`` does one call (forward, or forward+backward);
+    ``outputs(result)`` gives the tensors to compare with ``golden`` (float64,
+    same names); ``flops`` or ``nbytes`` turn time into a rate."""
+
+    run: Callable[[], Any]
+    outputs: Callable[[Any], dict[str, torch.Tensor | None]]
+    golden: dict[str, torch.Tensor]
+    tolerance: float
+    flops: float | None = None
+    nbytes: float | None = None
+    grad_to_none: Sequence[torch.Tensor] = ()
+
+
+def measure(work: Work) -> dict[str, Any]:
+    """first call (compile, timed apart) -> numerics -> peak memory -> timing.
+
+    Returns the measured fields of one row; any exception becomes an
+    ``error``/``unsupported`` row with the message, never a crash.
+    """
+    row: dict[str, Any] = {"status": ERROR, "ms": None, "first_call_s": None, "rel_err": None,
+                           "peak_mib": None, "note": ""}
+    try:
+        _clear_grads(work.grad_to_none)
+        t0 = time.perf_counter()
+        result = work.run()
+        sync()
+        row["first_call_s"] = round(time.perf_counter() - t0, 3)
+        errs = rel_errors(work.outputs(result), work.golden)
+        del result
+        name, err = worst(errs)
+        row["rel_err"] = err
+        row["errs"] = errs
+        if not err <= work.tolerance:   # NaN fails too
+            row.update(status=FAIL, note=f"numerics: {name} rel err {err:.2e} > {work.tolerance:.0e}")
+            return row
+        row["peak_mib"] = peak_mib(lambda: (_clear_grads(work.grad_to_none), work.run()))
+        ms = time_ms(work.run, work.grad_to_none)
+        row.update(status=OK, ms=ms)
+        if work.flops is not None:
+            row["tflops"] = work.flops / (ms * 1e-3) / 1e12
+            row["pct_peak"] = 100.0 * row["tflops"] / PEAK_TFLOPS
+        if work.nbytes is not None:
+            row["gbps"] = work.nbytes / (ms * 1e-3) / 1e9
+            row["pct_bw"] = 100.0 * row["gbps"] / PEAK_GBPS
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a row
+        row.update(status=classify_error(exc), note=short_error(exc))
+        if is_fatal(str(exc)):
+            row["fatal"] = True
+    finally:
+        _clear_grads(work.grad_to_none)
+        free_memory()
+    return row
+
+
+# ---- the sweep -------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Impl:
+    """One implementation built for one case."""
+
+    forward: Callable[[], torch.Tensor]                        # one forward call -> out
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # around fwd and bwd
+    note: Callable[[], str] = str                              # appended to the note of every row
+
+
+Row = Callable[..., dict]        # row(impl_name, pass_name, **fields) -> the full row of a case
+
+
+def run_impls(names: Sequence[str], passes: Sequence[str], build: Callable[[str], Impl],
+              works: Callable[[Impl], dict[str, Work]], row: Row, results: Results) -> bool:
+    """Build each implementation and measure each of its passes; True when the
+    CUDA context was lost (the caller stops)."""
+    for name in names:
+        reset_compiled()
+        try:
+            impl = build(name)
+        except Exception as exc:  # noqa: BLE001 - a baseline that cannot be built is a row
+            for p in passes:
+                results.add(row(name, p, status=classify_error(exc), note=short_error(exc)))
+            continue
+        failed = None
+        for p, work in works(impl).items():
+            if p not in passes:
+                continue
+            if failed is not None:      # the forward raised: do not compile again to learn it twice
+                results.add(row(name, p, status=failed["status"], note="forward: " + failed["note"]))
+                continue
+            fields = measure(work)
+            said = impl.note()
+            if said:
+                fields["note"] = "; ".join(n for n in (fields["note"], said) if n)
+            results.add(row(name, p, **fields))
+            if fields.get("fatal"):
+                return True
+            if fields["status"] in (ERROR, UNSUPPORTED):
+                failed = fields
+        del impl
+    return False
+
+
+def run_sweep(cases: Sequence[Any], run_case: Callable[[Any], bool], skip: Callable[[Any, str], None],
+              budget_s: float | None, elapsed: Callable[[], float]) -> None:
+    """``run_case`` each case in order; ``skip(case, why)`` those past the budget
+    (a case is not started when a case of the mean length so far would end past
+    it) or after the CUDA context was lost."""
+    took: list[float] = []
+    stop = ""
+    for case in cases:
+        start = elapsed()
+        if not stop and budget_s is not None and start + statistics.fmean(took or [0.0]) > budget_s:
+            stop = f"time budget of {budget_s:.0f} s"
+        if stop:
+            skip(case, stop)
+            continue
+        try:
+            lost = run_case(case)
+        except Exception as exc:  # noqa: BLE001 - inputs or golden failed (e.g. out of memory)
+            skip(case, f"the case could not be set up: {short_error(exc)}")
+            lost = is_fatal(str(exc))
+        if lost:
+            stop = "CUDA context lost by an earlier error"
+        took.append(elapsed() - start)
+
+
+def skipped(names: Sequence[str], passes: Sequence[str], row: Row, results: Results, why: str) -> None:
+    for name in names:
+        for p in passes:
+            results.add(row(name, p, status=SKIPPED, note=why))
