@@ -152,7 +152,7 @@ def run_case(case: Case, names: Sequence[str], results: Results, seed: int) -> b
         return {"decode": common.Work(run, lambda out: {"out": out}, gold, common.TOLERANCE[case.dtype],
                                       flops=common.attention_flops(case.B, case.Hq, 1, case.Lk, case.D,
                                                                    False, False),
-                                      nbytes=case.nbytes)}
+                                      nbytes=case.nbytes, graph=True)}
 
     return common.run_impls(names, ("decode",), lambda name: BUILDERS[name](case, x), works, _row(case),
                             results)

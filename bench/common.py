@@ -196,6 +196,19 @@ class Work:
     flops: float | None = None
     nbytes: float | None = None
     grad_to_none: Sequence[torch.Tensor] = ()
+    graph: bool = False       # time CUDA-graph replays (launch overhead out: decode-sized work)
+
+
+def time_graph_ms(fn: Callable[[], Any]) -> float:
+    """Median milliseconds of ``fn()`` replayed from a CUDA graph (METHOD: many
+    small launches are timed as graph replays); falls back to ``time_ms``."""
+    if not on_cuda():
+        return time_ms(fn)
+    from triton.testing import do_bench_cudagraph
+
+    fn()                      # warm up (and tune) outside the capture
+    sync()
+    return float(do_bench_cudagraph(fn, rep=100, return_mode="median"))
 
 
 def measure(work: Work) -> dict[str, Any]:
@@ -221,7 +234,15 @@ def measure(work: Work) -> dict[str, Any]:
             row.update(status=FAIL, note=f"numerics: {name} rel err {err:.2e} > {work.tolerance:.0e}")
             return row
         row["peak_mib"] = peak_mib(lambda: (_clear_grads(work.grad_to_none), work.run()))
-        ms = time_ms(work.run, work.grad_to_none)
+        if work.graph:
+            try:
+                ms = time_graph_ms(work.run)
+                row["timing"] = "cuda graph"
+            except Exception as exc:  # noqa: BLE001 - not capturable: time the launches
+                ms = time_ms(work.run, work.grad_to_none)
+                row["timing"] = f"launches (graph capture failed: {short_error(exc, 60)})"
+        else:
+            ms = time_ms(work.run, work.grad_to_none)
         row.update(status=OK, ms=ms)
         if work.flops is not None:
             row["tflops"] = work.flops / (ms * 1e-3) / 1e12

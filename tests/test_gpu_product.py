@@ -35,8 +35,7 @@ def test_inductor_runs_triton_kernels(mode):
     torch._dynamo.reset()
     attn_compiler.reset()
     model = SoftcapCausal()
-    compiled = torch.compile(model, backend="attn_compiler", mode=mode) if mode is None else \
-        torch.compile(model, backend=attn_compiler.backend(inner="inductor", mode=mode))
+    compiled = torch.compile(model, backend=attn_compiler.backend(inner="inductor", mode=mode))
     args = _inputs()
     for _ in range(3):        # CUDA graphs: warm-up, record, replay
         out = compiled(*args)
@@ -56,7 +55,7 @@ def test_dynamic_lengths_reuse_one_tuning():
     torch._dynamo.reset()
     attn_compiler.reset()
     model = SoftcapCausal()
-    compiled = torch.compile(model, backend="attn_compiler", dynamic=True)
+    compiled = torch.compile(model, backend=attn_compiler.backend(), dynamic=True)
     with dispatch.implementation("triton"):
         for L in (300, 301, 317, 500):
             args = _inputs(L=L, grad=False)
@@ -72,7 +71,7 @@ def test_training_step_matches_eager_gradients():
     torch.manual_seed(0)
     torch._dynamo.reset()
     model = SoftcapCausal()
-    compiled = torch.compile(model, backend="attn_compiler")
+    compiled = torch.compile(model, backend=attn_compiler.backend())
     args = _inputs(L=384)
     g = torch.randn(2, 8, 384, 128, device="cuda", dtype=torch.bfloat16)
     ours = torch.autograd.grad(compiled(*args), args, g)
