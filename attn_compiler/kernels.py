@@ -242,8 +242,9 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     for i in grad_ids:
         g = dcap[i]
         grad_args += [g] + [0 if n == 1 else s for n, s in zip(g.shape, g.stride())]
+    pow2_d = _pow2(D) == D and _pow2(Dv) == Dv
     launch = dict(BLOCK_M=bm, BLOCK_N=bn, MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi,
-                  EVEN_N=Lk % bn == 0, DROPOUT=spec.dropout_p > 0, num_warps=t.num_warps,
+                  EVEN_N=Lk % bn == 0 and Lq % bm == 0 and pow2_d, DROPOUT=spec.dropout_p > 0, num_warps=t.num_warps,
                   num_stages=t.num_stages, **consts)
     drop_scale = 1.0 / (1.0 - spec.dropout_p)
     broadcast = Bk == 1 and B > 1
@@ -254,7 +255,7 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
         plan.lo, plan.hi, KV_BATCH_BROADCAST=broadcast, **launch)
     # dQ owns the long side of the tile along the queries (see the template's note)
     bm2, bn2 = min(t.block_n, _pow2(Lq)), min(t.block_m, _pow2(Lk))
-    launch.update(BLOCK_M=bm2, BLOCK_N=bn2, EVEN_N=Lk % bn2 == 0)
+    launch.update(BLOCK_M=bm2, BLOCK_N=bn2, EVEN_N=Lk % bn2 == 0 and pow2_d)
     bmap = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm2, bn2) if plan.mode == 3 else (lse2, 0, 0, 0)
     mod.attention_bwd_dq[(triton_cdiv(Lq, bm2), B * Hq)](
         q, k, v, dout, lse2, rinv, delta, dq, *bmap, *cap, *qs, *ks, *vs, *dos, *_strides(dq),
@@ -279,15 +280,24 @@ def _sm_count(device: torch.device) -> int:
     return 4
 
 
-def num_splits(units: int, n_blocks: int, sms: int, max_splits: int = 128) -> int:
-    """Split count from the occupancy (FlashAttention's rule): the smallest
-    split count whose wave efficiency is within 85 % of the best."""
-    if units >= 0.8 * sms or n_blocks <= 1:
+# Decode programs are small (a few warps, little shared memory) and bound by
+# memory latency: several resident per multiprocessor keep enough loads in flight.
+DECODE_PROGRAMS_PER_SM = 4
+
+
+def num_splits(units: int, n_blocks: int, sms: int, max_splits: int = 128,
+               per_sm: int = DECODE_PROGRAMS_PER_SM) -> int:
+    """Split count from the occupancy (FlashAttention's rule over ``per_sm``
+    program slots per multiprocessor): the smallest split count whose wave
+    efficiency is within 85 % of the best; 1 when ``units`` programs already
+    fill the slots."""
+    slots = sms * per_sm
+    if units >= 0.8 * slots or n_blocks <= 1:
         return 1
-    cands = range(1, min(max_splits, n_blocks, sms) + 1)
+    cands = range(1, min(max_splits, n_blocks, slots) + 1)
     eff = {}
     for s in cands:
-        waves = units * s / sms
+        waves = units * s / slots
         eff[s] = waves / math.ceil(waves)
     best = max(eff.values())
     return next(s for s in cands if eff[s] >= 0.85 * best)

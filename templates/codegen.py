@@ -363,6 +363,8 @@ class _Hooks:
             lines.append("score = qk * SCALE")
         if d == 1:
             lines.append("ds = dz")
+        elif kind == "FULL":          # kept everywhere: the derivative is the kept branch's
+            lines.append(f"ds = dz * ({self.pr(d)})")
         else:
             lines.append(f"dmod = {self.pr(d)}")
             lines.append("ds = tl.where((p == 0) | (dmod == 0), 0.0, dz * dmod)")
