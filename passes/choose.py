@@ -14,7 +14,9 @@ user's tensors are never written):
   eagerly (what the site costs when nothing fuses it).
 
 With training inputs (an operand requires grad) a candidate is timed forward +
-backward.  Each candidate's output is compared with ours first: a candidate
+backward.  Times are CUDA-graph replays where the candidate can be captured
+(the kernels' cost, not the Python cost of running a subgraph node by node),
+else plain launches.  Each candidate's output is compared with ours first: a candidate
 that disagrees is dropped; if the original disagrees, the site is kept as it
 was (we cannot show we compute the user's function).  The decision is cached
 per (kernel source, shape bucket, training) in the autotune cache.  Timing
@@ -123,6 +125,15 @@ class _Runner:
         return out.detach()
 
 
+def _graph_bench(fn) -> float:
+    """GPU time of a candidate (CUDA-graph replays, so the Python cost of
+    interpreting the subgraph is not what decides); plain timing if the
+    candidate cannot be captured."""
+    from attn_compiler.dispatch import _graph_bench as bench
+
+    return bench(fn)
+
+
 def _hint(x) -> int:
     """A size as an int; a symbolic (dynamic) size by its value this time, no guard."""
     node = getattr(x, "node", None)
@@ -181,7 +192,7 @@ def choose(gm: fx.GraphModule, m, analysis, final: fx.Node, op_node: fx.Node, ch
         return None
 
     try:
-        choice = autotune.tune(key, candidates, check=check, bench=BENCH)
+        choice = autotune.tune(key, candidates, check=check, bench=BENCH or _graph_bench)
     except (autotune.TuningUnavailable, RuntimeError) as exc:
         return Decision(OURS, training=training, note=f"not timed ({exc})")
     finally:

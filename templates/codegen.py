@@ -293,7 +293,8 @@ class _Hooks:
         lines = []
         for i in ids:
             c = self.spec.captured[i]
-            terms = [f"off_b * t{i}_sb", f"off_h * t{i}_sh"]
+            # 64-bit offsets: a (B, H, L, L) bias passes 2**31 elements at L = 8k, B*H = 32
+            terms = [f"off_b.to(tl.int64) * t{i}_sb", f"off_h.to(tl.int64) * t{i}_sh"]
             bounds = []
             if c.dims[2]:
                 terms.append(f"q_idx * t{i}_sq")
@@ -384,7 +385,7 @@ class _Hooks:
         return lines
 
     def _grad_store(self, i: int, dims, qax: int, kax: int) -> List[str]:
-        base = f"DT{i} + off_b * dt{i}_sb + off_h * dt{i}_sh"
+        base = f"DT{i} + off_b.to(tl.int64) * dt{i}_sb + off_h.to(tl.int64) * dt{i}_sh"
         qv, kv = "offs_m", "offs_n"
         g = f"g{i}"
         if dims[2] and dims[3]:

@@ -36,7 +36,7 @@ def test_inductor_runs_triton_kernels(mode):
     attn_compiler.reset()
     model = SoftcapCausal()
     compiled = torch.compile(model, backend=attn_compiler.backend(inner="inductor", mode=mode))
-    args = _inputs()
+    args = _inputs(L=2048)    # large enough that the fused kernel clearly wins the never-slower timing
     for _ in range(3):        # CUDA graphs: warm-up, record, replay
         out = compiled(*args)
     golden = model(*[a.detach().double() for a in args])
@@ -62,9 +62,10 @@ def test_dynamic_lengths_reuse_one_tuning():
             out = compiled(*args)
             golden = model(*[a.double() for a in args])
             golden_check(out, model(*args), golden, name=f"L={L}")
-    keys = [k for k in dispatch.tunings() if k.startswith("fwd|")]
+    # lengths 300..500 share the 512 bucket: one tuning for all of them
+    keys = [k for k in dispatch.tunings() if k.startswith("fwd|") and " d128 " in k and "bh16 " in k]
     buckets = {k.split("|")[2] for k in keys}
-    assert all("lq512 lk512" in b for b in buckets), buckets
+    assert buckets and all("lq512 lk512" in b for b in buckets), buckets
 
 
 def test_training_step_matches_eager_gradients():
