@@ -23,7 +23,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from attn_compiler.passes.analyze.spec import AttentionSpec, _kept_value, captured_call, kv_idx, q_idx, score
+from attn_compiler.passes.analyze.spec import AttentionSpec, _kept_value, captured_call, score
 from attn_compiler.templates import codegen
 
 

@@ -1,0 +1,155 @@
+"""Never slower (passes/choose.py) and the SDPA candidate (attn_compiler/sdpa.py).
+
+Timing is CUDA-only in use; here the chooser runs on CPU with a fake bench
+(``choose.TIME_ON_CPU``, ``choose.BENCH``) so each outcome is forced: ours,
+SDPA, or the original subgraph kept as written.  Numbers must match eager in
+every outcome, and the report must say what was chosen and by how much.
+"""
+import sympy
+import pytest
+import torch
+
+import attn_compiler
+from attn_compiler import sdpa
+from attn_compiler.passes import choose
+from attn_compiler.passes.analyze.spec import (
+    D, AttentionSpec, CapturedTensor, captured_call, kv_idx, q_idx, score)
+
+oo = sympy.oo
+T0 = captured_call(0)
+
+
+class Causal(torch.nn.Module):
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-2, -1) / (q.shape[-1] ** 0.5)
+        L = q.shape[-2]
+        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+
+class Softcap(torch.nn.Module):
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        return torch.softmax(20.0 * torch.tanh(s / 20.0), -1) @ v
+
+
+@pytest.fixture
+def timed(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTN_COMPILER_CACHE_DIR", str(tmp_path))
+    from attn_compiler import autotune
+    monkeypatch.setattr(autotune, "_default_cache", None, raising=False)
+    monkeypatch.setattr(choose, "TIME_ON_CPU", True)
+    yield
+    torch._dynamo.reset()
+
+
+def _run(model, winner, monkeypatch, grad=True):
+    monkeypatch.setattr(choose, "BENCH", lambda fn: 1.0 if fn.name == winner else 2.0)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 24, 16, requires_grad=grad) for _ in range(3))
+    ref = model(q, k, v)
+    out = torch.compile(model, backend=attn_compiler.backend(inner="aot_eager"))(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if grad:
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    return attn_compiler.report()
+
+
+@pytest.mark.parametrize("winner", ["attn_compiler", "sdpa", "original"])
+def test_fastest_candidate_stays_and_numbers_match(winner, timed, monkeypatch):
+    rep = _run(Causal(), winner, monkeypatch)
+    site = rep[0]
+    assert site.features["choice"] == winner
+    assert set(site.features["times_ms"]) == {"attn_compiler", "sdpa", "original"}
+    assert site.features["training"] is True
+    assert site.fused == (winner != "original"), str(rep)
+    if winner == "original":
+        assert "original subgraph is faster" in site.reason
+    table = str(rep)
+    assert "autotune" in table and "fwd+bwd" in table and "vs original" in table
+
+
+def test_no_sdpa_candidate_when_sdpa_cannot_express_the_site(timed, monkeypatch):
+    rep = _run(Softcap(), "attn_compiler", monkeypatch, grad=False)
+    assert set(rep[0].features["times_ms"]) == {"attn_compiler", "original"}
+    assert rep[0].features["training"] is False
+
+
+def test_original_that_disagrees_keeps_the_site_as_written(timed, monkeypatch):
+    monkeypatch.setattr(choose, "_tolerance", lambda dtype: -1.0)   # every comparison fails
+    rep = _run(Causal(), "attn_compiler", monkeypatch)
+    assert not rep[0].fused and rep[0].features["choice"] == "original"
+    assert "differ" in rep[0].reason
+
+
+def test_decision_is_cached(timed, monkeypatch):
+    _run(Causal(), "sdpa", monkeypatch)
+    calls = []
+    monkeypatch.setattr(choose, "BENCH", lambda fn: calls.append(fn.name) or 1.0)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    q, k, v = (torch.randn(2, 3, 24, 16, requires_grad=True) for _ in range(3))
+    torch.compile(Causal(), backend=attn_compiler.backend(inner="aot_eager"))(q, k, v)
+    rep = attn_compiler.report()
+    assert calls == [] and rep[0].features["choice"] == "sdpa"
+    assert "cache" in rep[0].features.get("choice_note", "")
+
+
+def test_untimed_on_cpu_keeps_the_rewrite():
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    q, k, v = (torch.randn(2, 3, 24, 16) for _ in range(3))
+    torch.compile(Causal(), backend=attn_compiler.backend(inner="aot_eager"))(q, k, v)
+    site = attn_compiler.report()[0]
+    assert site.fused and site.features["choice"] == "attn_compiler"
+    assert "not timed" in site.features["choice_note"]
+
+
+def _spec(mod, captured=(), dropout=0.0, dtype="float32"):
+    return AttentionSpec(score_mod=mod, scale=1 / sympy.sqrt(D), captured=tuple(captured), dropout_p=dropout,
+                         out_dtype=dtype, prob_dtype=dtype)
+
+
+@pytest.mark.parametrize("mod,captured,form", [
+    (score, (), sdpa.SdpaForm()),
+    (sympy.Piecewise((-oo, kv_idx > q_idx), (score, True)), (), sdpa.SdpaForm(causal=True)),
+    (sympy.Piecewise((score, sympy.Ne(T0, 0)), (-oo, True)), (CapturedTensor((True, False, False, True), "bool"),),
+     sdpa.SdpaForm(bool_mask=0)),
+    (score + T0, (CapturedTensor((False, True, True, True), "float32"),), sdpa.SdpaForm(additive=0)),
+    (20 * sympy.tanh(score / 20), (), None),                                  # soft-cap
+    (sympy.Piecewise((-oo, kv_idx > q_idx + 3), (score, True)), (), None),    # offset causal
+    (sympy.Piecewise((score, (kv_idx <= q_idx) & sympy.Ne(T0, 0)), (-oo, True)),
+     (CapturedTensor((True, False, False, True), "bool"),), None),            # causal and padding
+    (sympy.Piecewise((score, sympy.Ne(T0, 0)), (-1e9, True)), (CapturedTensor((True, False, False, True), "bool"),),
+     None),                                                                   # finite fill
+])
+def test_sdpa_form(mod, captured, form):
+    assert sdpa.sdpa_form(_spec(mod, captured)) == form
+
+
+def test_sdpa_form_declines_dropout():
+    assert sdpa.sdpa_form(_spec(score, dropout=0.1)) is None
+
+
+@pytest.mark.parametrize("mod,captured", [
+    (sympy.Piecewise((-oo, kv_idx > q_idx), (score, True)), ()),
+    (sympy.Piecewise((score, sympy.Ne(T0, 0)), (-oo, True)), (CapturedTensor((True, False, False, True), "bool"),)),
+    (score + T0, (CapturedTensor((False, True, True, True), "float32"),)),
+])
+def test_sdpa_attention_matches_the_reference(mod, captured):
+    from attn_compiler import reference
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 20, 16) for _ in range(3))
+    caps = []
+    if captured and captured[0].dtype == "bool":
+        caps = [torch.rand(2, 1, 1, 20) > 0.3]
+    elif captured:
+        caps = [torch.randn(1, 4, 20, 20)]
+    spec = _spec(mod, captured)
+    ours, _ = sdpa.sdpa_attention(q, k, v, caps, spec.dumps())
+    ref, _ = reference.attention_forward(q, k, v, caps, spec, None)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
