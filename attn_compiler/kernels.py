@@ -96,6 +96,7 @@ class MaskPlan:
     hi: int = 0
     has_lo: bool = False
     has_hi: bool = False
+    empty_rows: bool = False     # a band that leaves some query row no key at all
 
 
 def mask_plan(spec: AttentionSpec, lq: int, lk: int) -> MaskPlan:
@@ -115,15 +116,13 @@ def _mask_plan(text: str, lq: int, lk: int) -> MaskPlan:
         # finite fill must stay in the softmax (a row of fills is uniform)
         return MaskPlan(2 if codegen.has_finite_fill(spec) else 3)
     lo, hi = band.at(lq, lk)
-    if codegen.has_finite_fill(spec):
-        # skipping a fill block is exact only when no row is fills-only:
-        # row q keeps [max(0, q+lo), min(lk-1, q+hi)]; check both end rows
-        for row in (0, lq - 1):
-            a = 0 if lo is None else max(0, row + lo)
-            b = lk - 1 if hi is None else min(lk - 1, row + hi)
-            if a > b:
-                return MaskPlan(2)
-    return MaskPlan(1, lo or 0, hi or 0, lo is not None, hi is not None)
+    # row q keeps [max(0, q+lo), min(lk-1, q+hi)]; the rows keeping nothing sit
+    # at the two ends, so the end rows tell whether any exists
+    empty = any((0 if lo is None else max(0, row + lo)) > (lk - 1 if hi is None else min(lk - 1, row + hi))
+                for row in (0, lq - 1))
+    if empty and codegen.has_finite_fill(spec):
+        return MaskPlan(2)        # a row of fills only is uniform: every block counts
+    return MaskPlan(1, lo or 0, hi or 0, lo is not None, hi is not None, empty_rows=empty)
 
 
 def _map_axes(spec: AttentionSpec) -> Tuple[bool, bool, bool]:
@@ -254,10 +253,16 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     drop_scale = 1.0 / (1.0 - spec.dropout_p)
     broadcast = Bk == 1 and B > 1
     bmap = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn) if plan.mode == 3 else (lse2, 0, 0, 0)
+    if plan.empty_rows:
+        # [Note: fully masked rows] eager's dV is nan at every key of a head with
+        # a row that keeps no key: dK/dV walk every block for such a band
+        launch_kv = dict(launch, MODE=2)
+    else:
+        launch_kv = launch
     mod.attention_bwd_dkdv[(triton_cdiv(Lk, bn), Bk * Hkv)](
         q, k, v, dout, lse2, rinv, delta, dk, dv, *bmap, *cap, *grad_args, *qs, *ks, *vs, *dos,
         *_strides(dk), *_strides(dv), B, Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale,
-        plan.lo, plan.hi, KV_BATCH_BROADCAST=broadcast, **launch)
+        plan.lo, plan.hi, KV_BATCH_BROADCAST=broadcast, **launch_kv)
     # dQ owns the long side of the tile along the queries (see the template's note)
     bm2, bn2 = min(t.block_n, _pow2(Lq)), min(t.block_m, _pow2(Lk))
     launch.update(BLOCK_M=bm2, BLOCK_N=bn2, EVEN_N=Lk % bn2 == 0 and pow2_d)

@@ -230,6 +230,17 @@ def has_finite_fill(spec: AttentionSpec) -> bool:
     return False
 
 
+def may_hold_fills(spec: AttentionSpec) -> bool:
+    """A finite fill may reach the softmax: a constant one, or a float tensor
+    added to the score (Hugging Face's additive 0 / finfo.min masks: the kernel
+    cannot see its values, so it keeps the finite-fill numerics)."""
+    if has_finite_fill(spec):
+        return True
+    names = {f.func.__name__ for f in spec.score_mod.atoms(AppliedUndef)}
+    return any(f"t{i}" in names and c.dtype.startswith(("float", "bfloat"))
+               for i, c in enumerate(spec.captured))
+
+
 def unsupported_reason(spec: AttentionSpec) -> Optional[str]:
     """None when the Triton kernels can compute ``spec``, else why not."""
     return _unsupported_reason(spec.dumps())
@@ -262,7 +273,7 @@ class _Hooks:
         self.n_cap = len(spec.captured)
         self.kept = _kept_value(spec.score_mod)
         self.pure_mask = self.kept == score      # score_mod is masking only
-        self.finite_fill = has_finite_fill(spec)
+        self.finite_fill = may_hold_fills(spec)
         self.band = band_of(spec)
         # print everything once now so an unsupported node fails early
         self._z2("PARTIAL")

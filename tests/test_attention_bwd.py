@@ -1,0 +1,210 @@
+"""The generated backward kernels (templates/attention_bwd.py.tmpl via
+``kernels.backward``: preprocess, dK/dV, dQ, dBias by atomics) against the
+float64 golden of the blockwise reference.
+
+Golden-relative (STYLE.md §2, helpers in tests/kernel_checks.py): our forward
+feeds our backward; the golden backward gets the golden forward's out and lse
+in float64; dq, dk, dv and every captured gradient must satisfy
+err(ours) <= 2·err(eager) + tiny.  Odd lengths (37, 45, 53) with small tiles
+(16 x 32, 16 x 16) make several blocks in both directions.
+"""
+from __future__ import annotations
+
+import pytest
+import sympy
+import torch
+
+from attn_compiler import kernels, reference
+from attn_compiler.autotune import KernelConfig
+from attn_compiler.passes.analyze.spec import captured_call
+from kernel_checks import (
+    F32_MIN, T0, alibi_slopes, captured_spec, causal_mod, check_backward, kv_idx, make_spec,
+    masked, offset_causal_mod, padding_keep, padding_mod, q_idx, qkv, randn, score, softcap_causal_mod,
+    window_mod)
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::RuntimeWarning")   # numpy inside Triton's interpreter
+
+TILE_16x32 = KernelConfig(16, 32, 4, 1)
+TILE_16 = KernelConfig(16, 16, 4, 1)
+SEED = torch.tensor(987654321, dtype=torch.int64)
+
+
+def test_causal():
+    q, k, v = qkv(Lq=37, seed=1)
+    check_backward(q, k, v, [], make_spec(causal_mod()), config=TILE_16x32)
+
+
+def test_sliding_window():
+    q, k, v = qkv(Lq=53, seed=2)
+    check_backward(q, k, v, [], make_spec(window_mod(20)), config=TILE_16)
+
+
+def test_softcap():
+    q, k, v = qkv(Lq=37, qscale=6.0, seed=3)          # scores reach the cap: tanh' well below 1
+    check_backward(q, k, v, [], make_spec(softcap_causal_mod(5.0)), config=TILE_16x32)
+
+
+def test_gqa_offset_causal():
+    """dK/dV walk the G query heads of their KV head; the band mirrored for Lq < Lk."""
+    q, k, v = qkv(Hq=4, Hkv=2, Lq=21, Lk=45, seed=4)
+    check_backward(q, k, v, [], make_spec(offset_causal_mod(), group=2), config=TILE_16x32)
+
+
+def test_kv_batch_broadcast_mqa():
+    """K/V of batch 1 for q of batch 2: dk/dv are summed over q's batch."""
+    q, k, v = qkv(B=2, Bkv=1, Hq=4, Hkv=1, Lq=37, seed=5)
+    _, dk, dv, _ = check_backward(q, k, v, [], make_spec(causal_mod(), group=4), config=TILE_16x32)
+    assert dk.shape == k.shape and dv.shape == v.shape
+
+
+@pytest.mark.parametrize("mask", ["causal", "padding"])
+def test_even_lengths_unmasked_loads(mask):
+    """Lengths multiples of the tiles and power-of-two head dims: the unmasked-load
+    paths of dK/dV and dQ (band walk for causal, block map for padding)."""
+    q, k, v = qkv(Hq=4, Hkv=2, Lq=64, Lk=64, Dh=16, seed=18)
+    if mask == "causal":
+        caps, spec = [], make_spec(causal_mod(), group=2)
+    else:
+        caps = [padding_keep(2, 64)]
+        spec = make_spec(padding_mod(), group=2, captured=[captured_spec("B..K", "bool")])
+    assert kernels.mask_plan(spec, 64, 64).mode == (1 if mask == "causal" else 3)
+    check_backward(q, k, v, caps, spec, config=TILE_16x32)
+
+
+def test_odd_head_dims():
+    q, k, v = qkv(Lq=37, Lk=45, Dh=24, Dv=40, seed=6)
+    check_backward(q, k, v, [], make_spec(offset_causal_mod()), config=KernelConfig(32, 16, 4, 1))
+
+
+def test_noncontiguous_inputs():
+    q, k, v = qkv(Hq=4, Hkv=2, Lq=37, layout="blhd", seed=7)
+    dq, *_ = check_backward(q, k, v, [], make_spec(causal_mod(), group=2), config=TILE_16x32)
+    assert dq.shape == q.shape
+
+
+def test_half_precision_bias_grad():
+    q, k, v = qkv(Lq=37, Lk=45, dtype=torch.float16, seed=8)
+    bias = randn(1, 2, 37, 45, seed=1)
+    spec = make_spec(causal_mod(score + T0), dtype=torch.float16, captured=[captured_spec(".HQK", grad=True)])
+    check_backward(q, k, v, [bias], spec, config=TILE_16x32)
+
+
+# ---- captured gradients (atomics) -----------------------------------------------------
+
+@pytest.mark.parametrize("dims, mod", [
+    (".HQK", causal_mod(score + T0)),                 # per-position bias, broadcast over b: atomics over b
+    ("B..K", score + T0),                             # per (batch, key) bias
+    (".H..", causal_mod(score + T0 * (kv_idx - q_idx))),   # learned ALiBi slopes: one scalar per head
+], ids=["bias_1HQK", "bias_B11K", "alibi_slopes_1H11"])
+def test_captured_gradient(dims, mod):
+    B, H, Lq, Lk = 2, 4, 37, 45
+    q, k, v = qkv(B=B, Hq=H, Lq=Lq, Lk=Lk, seed=9)
+    shape = [n if c != "." else 1 for n, c in zip((B, H, Lq, Lk), dims, strict=True)]
+    t0 = alibi_slopes(H) if dims == ".H.." else randn(shape, seed=2)
+    spec = make_spec(mod, captured=[captured_spec(dims, grad=True)])
+    *_, dcap = check_backward(q, k, v, [t0], spec, config=TILE_16x32)
+    assert len(dcap) == 1 and dcap[0].shape == t0.shape and dcap[0].dtype == t0.dtype
+
+
+def test_per_head_temperature_gradient():
+    """score * t0, t0 [1, H, 1, 1]: dS multiplies by a scalar load (a FULL block's
+    derivative is the kept branch's, no tile-vs-scalar selection)."""
+    B, H = 2, 4
+    q, k, v = qkv(B=B, Hq=H, Lq=37, seed=10)
+    temp = 0.5 + randn(1, H, 1, 1, seed=3).abs()
+    spec = make_spec(causal_mod(score * T0), captured=[captured_spec(".H..", grad=True)])
+    check_backward(q, k, v, [temp], spec, config=TILE_16x32)
+
+
+def test_only_captured_with_requires_grad_get_gradients():
+    q, k, v = qkv(Lq=21, seed=11)
+    bias, keep = randn(1, 2, 21, 21, seed=4), padding_keep(2, 21)
+    mod = masked(sympy.Ne(captured_call(1), 0), score + T0)
+    spec = make_spec(mod, captured=[captured_spec(".HQK"), captured_spec("B..K", "bool")])
+    *_, dcap = check_backward(q, k, v, [bias, keep], spec, config=TILE_16)
+    assert dcap == []
+    spec = make_spec(mod, captured=[captured_spec(".HQK", grad=True), captured_spec("B..K", "bool")])
+    *_, dcap = check_backward(q, k, v, [bias, keep], spec, config=TILE_16)
+    assert len(dcap) == 1 and dcap[0].shape == bias.shape
+
+
+# ---- dropout ----------------------------------------------------------------------------
+
+def test_dropout_same_masks_as_the_reference():
+    """Forward and backward regenerate the reference's keep-mask from the seed."""
+    q, k, v = qkv(Hq=4, Hkv=2, Lq=37, Lk=45, seed=12)
+    check_backward(q, k, v, [], make_spec(offset_causal_mod(), group=2, dropout_p=0.3), seed=SEED,
+                   config=TILE_16x32)
+
+
+# ---- fully masked rows ------------------------------------------------------------------
+
+def test_finite_fill_fully_masked_rows():
+    """finfo.min fill, last batch fully padded: lse cannot hold log l next to
+    |m| ~ 3e38, so the preprocess recomputes the row stats ([Note: rows of fills]);
+    the fully masked rows still pass gradient to V (uniform P)."""
+    q, k, v = qkv(Lq=37, Lk=45, seed=13)
+    keep = padding_keep(2, 45, full_row=True)
+    spec = make_spec(padding_mod(fill=sympy.Float(F32_MIN)), captured=[captured_spec("B..K", "bool")])
+    _, _, dv, _ = check_backward(q, k, v, [keep], spec, config=TILE_16x32)
+    assert torch.isfinite(dv).all() and dv[1].abs().sum() > 0
+
+
+def test_finite_fill_causal_rows():
+    """finfo.min fill on kv_idx <= q_idx - 3: rows 0..2 keep nothing (MODE 2)."""
+    q, k, v = qkv(Lq=37, seed=14)
+    spec = make_spec(masked(kv_idx <= q_idx - 3, fill=sympy.Float(F32_MIN)))
+    assert kernels.mask_plan(spec, 37, 37).mode == 2
+    check_backward(q, k, v, [], spec, config=TILE_16)
+
+
+def test_padding_mask_block_map():
+    """-inf padding (no row fully masked): dK/dV and dQ walk the block map (MODE 3),
+    whose skipped and FULL tiles differ between batches."""
+    q, k, v = qkv(Lq=37, Lk=45, seed=15)
+    keep = padding_keep(2, 45)
+    keep[0, ..., 20:] = False                         # batch 0: KV tiles 2 skipped, 0 FULL
+    spec = make_spec(padding_mod(), captured=[captured_spec("B..K", "bool")])
+    assert kernels.mask_plan(spec, 37, 45).mode == 3
+    check_backward(q, k, v, [keep], spec, config=TILE_16)
+
+
+def _check_fully_masked(q, k, v, caps, spec):
+    out, _ = kernels.forward(q, k, v, caps, spec, config=TILE_16)
+    want_out, _ = reference.attention_forward(q, k, v, caps, spec, None)
+    assert torch.isnan(out).any() and torch.equal(torch.isnan(out), torch.isnan(want_out))
+    check_backward(q, k, v, caps, spec, config=TILE_16)
+
+
+def test_neginf_fully_masked_batch_block_map():
+    """-inf padding, last batch every key padded (MODE 3): its rows are NaN, and
+    dV is NaN at every key of that batch as in eager and the reference (the
+    dK/dV walk visits map tiles holding a fully masked row); dq of those rows 0."""
+    q, k, v = qkv(Lq=37, Lk=45, seed=16)
+    keep = padding_keep(2, 45, full_row=True)
+    spec = make_spec(padding_mod(), captured=[captured_spec("B..K", "bool")])
+    assert kernels.mask_plan(spec, 37, 45).mode == 3
+    _check_fully_masked(q, k, v, [keep], spec)
+
+
+def test_neginf_fully_masked_rows_band():
+    """Offset causal with Lq > Lk: rows 0..7 keep no key."""
+    q, k, v = qkv(Lq=45, Lk=37, seed=17)
+    spec = make_spec(offset_causal_mod())
+    assert kernels.mask_plan(spec, 45, 37).mode == 1
+    _check_fully_masked(q, k, v, [], spec)
+
+
+def test_additive_finfo_min_mask_fully_masked_row():
+    """Fed the reference forward's out/lse, so only the backward is under test."""
+    q, k, v = qkv(Lq=37, Lk=45, seed=16)
+    add = torch.where(padding_keep(2, 45, full_row=True), 0.0, F32_MIN)
+    spec = make_spec(score + T0, captured=[captured_spec("B..K")])
+    out, lse = reference.attention_forward(q, k, v, [add], spec, None)
+    dout = randn(out.shape, seed=4)
+    ours = kernels.backward(dout, q, k, v, [add], out, lse, spec, None, config=TILE_16x32)
+    want = reference.attention_backward(dout, q, k, v, [add], out, lse, spec, None)
+    for a, b in zip(ours[:3], want[:3], strict=True):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,145 @@
+"""attn_compiler.dispatch: which implementation runs the ``attn_compiler::attention``
+op, through the op itself (autograd, opcheck, torch.compile).
+
+On CPU ``implementation("triton")`` runs the generated kernels in Triton's
+interpreter: the path CI takes to run the kernels inside a compiled model (with
+a GPU the same tests run the compiled kernels, autotuning off).  ``"auto"``
+runs the blockwise reference on CPU tensors.
+"""
+from __future__ import annotations
+
+import pytest
+import sympy
+import torch
+from torch import nn
+
+import attn_compiler
+from attn_compiler import dispatch, kernels, ops
+from attn_compiler.testing import golden_check
+from kernel_checks import T0, captured_spec, causal_mod, kv_idx, make_spec, masked, q_idx, qkv, randn, score
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::RuntimeWarning")   # numpy inside Triton's interpreter
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts of kernels.forward / kernels.backward calls; no tuned pick carried
+    over, no timing (the default config runs)."""
+    monkeypatch.setenv("ATTN_COMPILER_AUTOTUNE", "0")
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        fn = getattr(kernels, name)
+
+        def wrapper(*args, _fn=fn, _name=name, **kw):
+            calls[_name] += 1
+            return _fn(*args, **kw)
+        monkeypatch.setattr(kernels, name, wrapper)
+    monkeypatch.setattr(dispatch, "_picked", {})
+    return calls
+
+
+def _bias_problem(dtype=torch.float32, device=None):
+    q, k, v = qkv(B=2, Hq=4, Hkv=2, Lq=21, Lk=29, dtype=dtype, seed=1, device=device)
+    bias = randn(1, 4, 21, 29, seed=2).to(q.device, dtype)
+    spec = make_spec(causal_mod(score + T0), dtype=dtype, group=2, captured=[captured_spec(".HQK", grad=True)])
+    return [t.requires_grad_() for t in (q, k, v, bias)], spec
+
+
+def _fwd_bwd(leaves, spec, impl):
+    q, k, v, bias = leaves
+    with dispatch.implementation(impl):
+        out, lse = ops.attention(q, k, v, [bias], spec)
+        grads = torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out))
+    return [out, *grads], lse
+
+
+def test_triton_equals_the_reference_forward_and_backward(counted):
+    leaves, spec = _bias_problem()
+    ours, lse = _fwd_bwd(leaves, spec, "triton")
+    assert counted == {"forward": 1, "backward": 1}
+    eager, eager_lse = _fwd_bwd(leaves, spec, "reference")
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    golden, _ = _fwd_bwd(leaves64, spec, "reference")
+    for what, a, e, g in zip(["out", "dq", "dk", "dv", "dbias"], ours, eager, golden, strict=True):
+        assert a.dtype == e.dtype and a.shape == e.shape, what
+        golden_check(a, e, g, name=what)
+    torch.testing.assert_close(lse, eager_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_refuses_float64_with_a_reason():
+    leaves, spec = _bias_problem(torch.float64)
+    with dispatch.implementation("triton"), pytest.raises(NotImplementedError, match="float64"):
+        ops.attention(*leaves[:3], [leaves[3]], spec)
+
+
+def test_unknown_implementation():
+    with pytest.raises(ValueError, match="unknown implementation 'cuda'"), dispatch.implementation("cuda"):
+        pass
+    assert dispatch.current() == "auto"
+
+
+def test_auto_runs_the_reference_on_cpu(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the Triton kernels ran under 'auto' on CPU")
+    monkeypatch.setattr(kernels, "forward", boom)
+    monkeypatch.setattr(kernels, "backward", boom)
+    monkeypatch.setattr(kernels, "decode", boom)
+    leaves, spec = _bias_problem(device="cpu")
+    ours, _ = _fwd_bwd(leaves, spec, "auto")
+    ref, _ = _fwd_bwd(leaves, spec, "reference")
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_implementation_is_restored_after_an_error():
+    with pytest.raises(RuntimeError), dispatch.implementation("triton"):
+        assert dispatch.current() == "triton"
+        raise RuntimeError
+    assert dispatch.current() == "auto"
+
+
+# ---- torch.compile: the interpreter inside a compiled model ---------------------------------
+
+class CausalSelfAttention(nn.Module):
+    """Hand-written causal attention as GPT-style models write it; (B, H, L, D) in."""
+
+    def forward(self, q, k, v):
+        L = q.shape[-2]
+        s = (q @ k.transpose(-2, -1)) * (1.0 / q.shape[-1] ** 0.5)          # (B, H, L, L)
+        mask = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~mask, float("-inf"))
+        return torch.softmax(s, dim=-1) @ v                                  # (B, H, L, D)
+
+
+def test_compiled_module_runs_the_kernels(counted):
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    q, k, v = (t.requires_grad_() for t in qkv(B=1, Hq=2, Lq=24, seed=3))
+    model = CausalSelfAttention()
+    compiled = torch.compile(model, backend=attn_compiler.backend(inner="aot_eager"))
+    with dispatch.implementation("triton"):
+        out = compiled(q, k, v)
+        grads = torch.autograd.grad(out.sin().sum(), (q, k, v))
+    assert len(attn_compiler.report().fused) == 1, str(attn_compiler.report())
+    assert counted["forward"] >= 1 and counted["backward"] >= 1
+    ref = model(q, k, v)
+    ref_grads = torch.autograd.grad(ref.sin().sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+# ---- opcheck ------------------------------------------------------------------------------
+
+def test_opcheck_with_the_triton_implementation(counted):
+    q, k, v = (t.requires_grad_() for t in qkv(B=1, Hq=2, Hkv=1, Lq=17, Lk=20, seed=4))
+    bias = randn(1, 2, 17, 20, seed=5).requires_grad_()
+    # a non-band index mask: the kernels walk a block map (MODE 3)
+    spec = make_spec(masked(sympy.Ne(q_idx - kv_idx, 5), score + T0), group=2,
+                     captured=[captured_spec(".HQK", grad=True)]).dumps()
+    with dispatch.implementation("triton"):
+        torch.library.opcheck(torch.ops.attn_compiler.attention.default, (q, k, v, [bias], spec, None))
+    assert counted["forward"] >= 1 and counted["backward"] >= 1     # test_aot_dispatch_dynamic differentiates
+
