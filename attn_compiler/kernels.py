@@ -260,7 +260,7 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     else:
         launch_kv = launch
     mod.attention_bwd_dkdv[(triton_cdiv(Lk, bn), Bk * Hkv)](
-        q, k, v, dout, lse2, rinv, delta, dk, dv, *bmap, *cap, *grad_args, *qs, *ks, *vs, *dos,
+        q, k, v, dout, lse2, rinv, delta, dk, dv, *bmap, *cap, *qs, *ks, *vs, *dos,
         *_strides(dk), *_strides(dv), B, Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale,
         plan.lo, plan.hi, KV_BATCH_BROADCAST=broadcast, **launch_kv)
     # dQ owns the long side of the tile along the queries (see the template's note)
@@ -268,7 +268,7 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     launch.update(BLOCK_M=bm2, BLOCK_N=bn2, EVEN_N=Lk % bn2 == 0 and pow2_d)
     bmap = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm2, bn2) if plan.mode == 3 else (lse2, 0, 0, 0)
     mod.attention_bwd_dq[(triton_cdiv(Lq, bm2), B * Hq)](
-        q, k, v, dout, lse2, rinv, delta, dq, *bmap, *cap, *qs, *ks, *vs, *dos, *_strides(dq),
+        q, k, v, dout, lse2, rinv, delta, dq, *bmap, *cap, *grad_args, *qs, *ks, *vs, *dos, *_strides(dq),
         Hq, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale, plan.lo, plan.hi, **launch)
     return dq, dk, dv, [dcap[i].to(captured[i].dtype) for i in grad_ids]
 

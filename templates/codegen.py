@@ -344,9 +344,20 @@ class _Hooks:
         return repr(max(fill * LOG2E, -_FLT_MAX))
 
     def score_lines(self, kind: str) -> List[str]:
-        lines, _ = self._z2(kind)
+        """z2 from qk (the captured tensors are loaded by ``tile_loads``)."""
+        return self._z2(kind)[0]
+
+    def tile_loads(self, kind: str, bwd: bool = False) -> List[str]:
+        """Loads of the captured tensors a tile reads, issued before Q·Kᵀ so
+        their latency hides behind the matmul (the backward's also cover the
+        derivatives)."""
         expr = self.spec.score_mod if kind == "PARTIAL" else self.kept
-        return self.load_lines(self.used_captured(expr)) + lines
+        ids = set(self.used_captured(expr))
+        if bwd:
+            ids |= set(self.used_captured(sympy.diff(expr, score)))
+            for i in self.grad_ids:
+                ids |= set(self.used_captured(sympy.diff(expr, spec_mod.captured_call(i))))
+        return self.load_lines(sorted(ids))
 
     def keep_lines(self) -> List[str]:
         """``keep``: the mask predicate of a tile (int1), for the block map."""
@@ -364,13 +375,9 @@ class _Hooks:
         expr = spec.score_mod if kind == "PARTIAL" else self.kept
         d = sympy.diff(expr, score)
         lines = []
-        needed = set(self.used_captured(d))
         gids = self.grad_ids if grads else []
-        for i in gids:
-            needed |= set(self.used_captured(sympy.diff(expr, spec_mod.captured_call(i))))
         needs_score = any(score in sympy.sympify(x).free_symbols for x in
                           [d] + [sympy.diff(expr, spec_mod.captured_call(i)) for i in gids])
-        lines += self.load_lines(sorted(needed))
         if needs_score:
             lines.append("score = qk * SCALE")
         if d == 1:
@@ -390,7 +397,7 @@ class _Hooks:
             if di != 1:
                 lines.append(f"dt = {self.pr(di)}")
             lines.append(f"g{i} = {g}")
-            if di == 1:
+            if di == 1 and kind == "PARTIAL":
                 lines.append(f"g{i} = tl.where(p == 0, 0.0, g{i})")
             lines += self._grad_store(i, c.dims, qax, kax)
         return lines
@@ -450,16 +457,22 @@ def _hooks_for(family: str, h: _Hooks) -> Dict[str, object]:
         "CAPTURED_ARGS_GRAD": h.captured_params(grads=True),
         "SCORE_PARTIAL": h.score_lines("PARTIAL"),
         "SCORE_FULL": h.score_lines("FULL"),
+        "LOADS_PARTIAL": h.tile_loads("PARTIAL"),
+        "LOADS_FULL": h.tile_loads("FULL"),
+        "LOADS_PARTIAL_BWD": h.tile_loads("PARTIAL", bwd=True),
+        "LOADS_FULL_BWD": h.tile_loads("FULL", bwd=True),
         "DROPOUT_THRESHOLD": h.threshold() if h.has_dropout() else 0,
         "FINITE_FILL": bool(h.finite_fill),
         "KEEP": h.keep_lines(),
     }
     if family == "bwd":
         common.update({
-            "DSCORE_PARTIAL_ROW": h.dscore_lines("PARTIAL", "row", grads=False),
-            "DSCORE_FULL_ROW": h.dscore_lines("FULL", "row", grads=False),
-            "DSCORE_PARTIAL_COL": h.dscore_lines("PARTIAL", "col"),
-            "DSCORE_FULL_COL": h.dscore_lines("FULL", "col"),
+            # captured gradients are added by the dQ kernel: its tiles are row-major
+            # (key columns contiguous), so the atomic adds coalesce
+            "DSCORE_PARTIAL_ROW": h.dscore_lines("PARTIAL", "row"),
+            "DSCORE_FULL_ROW": h.dscore_lines("FULL", "row"),
+            "DSCORE_PARTIAL_COL": h.dscore_lines("PARTIAL", "col", grads=False),
+            "DSCORE_FULL_COL": h.dscore_lines("FULL", "col", grads=False),
         })
     return common
 
