@@ -320,3 +320,16 @@ def test_spec_text_round_trip_keeps_the_kernel():
     spec = dataclasses.replace(_spec(CAUSAL), dropout_p=0.25)
     assert codegen.generate("fwd", AttentionSpec.loads(spec.dumps())).digest == codegen.generate("fwd", spec).digest
     assert math.isclose(codegen._Hooks(spec).threshold(), 0.25 * 2 ** 32)
+
+
+def test_templates_cli_prints_a_kernel(capsys):
+    """``python -m attn_compiler.templates`` prints the generated source of a spec."""
+    from attn_compiler.templates.__main__ import main
+
+    assert main(["--mask", "causal", "--softcap", "30", "--family", "bwd"]) == 0
+    src = capsys.readouterr().out
+    assert "def attention_bwd_dkdv" in src and "tl.sigmoid" in src and "Notation" in src
+    assert main(["--mask", "window:8", "--bias"]) == 0
+    assert "def attention_fwd" in capsys.readouterr().out
+    assert main(["--mask", "sideways"]) == 2
+    assert "unknown mask" in capsys.readouterr().err
