@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import threading
@@ -103,13 +104,31 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
     return out or [autotune.default_config(family, D, q.dtype, causal)]
 
 
-def _key(family: str, spec: AttentionSpec, q, k, v) -> str:
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def source_digest(spec: AttentionSpec, families, extra_files=()) -> str:
+    """A hash of everything that decides what a tuning measured: the generated
+    source of ``families`` for ``spec`` and the launchers (kernels.py, this
+    module, ``extra_files``), so a cached choice never outlives the code."""
     from attn_compiler.templates import codegen
 
-    gen = codegen.generate("bwd" if family == "bwd" else ("decode" if family == "decode" else "fwd"), spec)
+    h = hashlib.sha256()
+    for fam in families:
+        h.update(codegen.generate(fam, spec).digest.encode())
+    for path in (kernels.__file__, __file__, *extra_files):
+        h.update(_file_digest(path).encode())
+    return h.hexdigest()[:20]
+
+
+def _key(family: str, spec: AttentionSpec, q, k, v) -> str:
+    families = ("bwd",) if family == "bwd" else ("fwd", "decode")
     B, Hq, Lq, D = q.shape
     bucket = autotune.shape_bucket(B, Hq, k.shape[1], Lq, k.shape[2], D, v.shape[-1], q.dtype)
-    return autotune.make_key(family, gen.digest, bucket)
+    return autotune.make_key(family, source_digest(spec, families), bucket)
 
 
 def _same(a, b) -> Optional[str]:

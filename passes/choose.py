@@ -221,12 +221,12 @@ def _kernel_choices(spec, site_key: str) -> Dict[str, str]:
 
 
 def _key(spec, op_node: fx.Node, training: bool) -> str:
-    from attn_compiler.templates import codegen
+    from attn_compiler.dispatch import source_digest
 
     q, k, v = (C.example_value(a) for a in op_node.args[:3])
     B, Hq, Lq, D = (_hint(x) for x in q.shape)
     bucket = autotune.shape_bucket(B, Hq, _hint(k.shape[1]), Lq, _hint(k.shape[2]), D, _hint(v.shape[-1]), q.dtype)
-    digest = codegen.generate("fwd", spec).digest + ("t" if training else "i")
+    digest = source_digest(spec, ("fwd", "decode", "bwd"), (__file__, sdpa.__file__)) + ("t" if training else "i")
     return autotune.make_key("site", digest, bucket)
 
 
