@@ -293,6 +293,7 @@ def _sm_count(device: torch.device) -> int:
 # Decode programs are small (a few warps, little shared memory) and bound by
 # memory latency: several resident per multiprocessor keep enough loads in flight.
 DECODE_PROGRAMS_PER_SM = 4
+DECODE_MAX_SPLITS = 64   # the combine holds a (splits, Dv) float32 tile per row
 
 
 def num_splits(units: int, n_blocks: int, sms: int, max_splits: int = 128,
@@ -330,7 +331,7 @@ def decode(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     if out.numel() == 0:
         return out, lse.fill_(-math.inf)
     n_blocks = triton_cdiv(Lk, bn)
-    s = splits or num_splits(B * Hkv, n_blocks, _sm_count(q.device))
+    s = splits or num_splits(B * Hkv, n_blocks, _sm_count(q.device), max_splits=DECODE_MAX_SPLITS)
     s = max(1, min(s, n_blocks))
     chunk = triton_cdiv(n_blocks, s) * bn
     s = triton_cdiv(Lk, chunk)
@@ -347,8 +348,7 @@ def decode(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
         HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=bm, BLOCK_N=bn,
         MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi, DOT_PREC=_dot_precision(q.dtype),
         num_warps=t.num_warps, num_stages=t.num_stages)
-    block_r = 16
-    mod.attention_decode_reduce[(triton_cdiv(n_rows, block_r),)](
+    mod.attention_decode_reduce[(n_rows,)](
         acc, mx, ls, out, lse, n_rows, s, Hq, Lq, *_strides(out), HEAD_DV=Dv, BLOCK_DV=_pow2(Dv),
-        BLOCK_R=block_r)
+        BLOCK_S=_pow2(s, least=2), num_warps=4)
     return out, lse
