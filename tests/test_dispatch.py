@@ -112,12 +112,13 @@ class CausalSelfAttention(nn.Module):
         return torch.softmax(s, dim=-1) @ v                                  # (B, H, L, D)
 
 
-def test_compiled_module_runs_the_kernels(counted):
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_compiled_module_runs_the_kernels(counted, inner):
     torch._dynamo.reset()
     attn_compiler.reset()
     q, k, v = (t.requires_grad_() for t in qkv(B=1, Hq=2, Lq=24, seed=3))
     model = CausalSelfAttention()
-    compiled = torch.compile(model, backend=attn_compiler.backend(inner="aot_eager"))
+    compiled = torch.compile(model, backend=attn_compiler.backend(inner=inner))
     with dispatch.implementation("triton"):
         out = compiled(q, k, v)
         grads = torch.autograd.grad(out.sin().sum(), (q, k, v))
