@@ -200,6 +200,7 @@ def _signature(family: str, spec: AttentionSpec, q, k, v, captured) -> tuple:
 
 
 _picked: Dict[tuple, Tuple[Callable, Optional[KernelConfig]]] = {}
+_MAX_PICKED = 4096
 
 
 def _pick(family: str, sig: tuple, build: Callable[[], Tuple[dict, dict, str]]):
@@ -210,6 +211,8 @@ def _pick(family: str, sig: tuple, build: Callable[[], Tuple[dict, dict, str]]):
     candidates, configs, default, key, fns = build()
     name = _choose(family, key, candidates, configs, default)
     hit = (fns[name], configs.get(name))
+    if len(_picked) >= _MAX_PICKED:      # many distinct dynamic lengths: start over (tunings stay)
+        _picked.clear()
     _picked[sig] = hit
     return hit
 
