@@ -19,6 +19,7 @@ config space instead of the short list.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -101,7 +102,15 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
         c = KernelConfig(m, n, w, s)
         if autotune.first_failing_rule(family, c, problem) is None:
             out.append(c)
+    if family == "fwd" and _hopper(q):
+        # the same tiles with K/V through tensor descriptors (TMA); a call they
+        # do not suit raises and the tuner drops them
+        out += [dataclasses.replace(c, variant="tma") for c in out[:3]]
     return out or [autotune.default_config(family, D, q.dtype, causal)]
+
+
+def _hopper(q: torch.Tensor) -> bool:
+    return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
 
 
 @functools.lru_cache(maxsize=None)

@@ -37,12 +37,35 @@ class Tile:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    variant: str = "ptr"
 
 
 def _tile(config, default: Tile) -> Tile:
     if config is None:
         return default
-    return Tile(config.block_m, config.block_n, config.num_warps, config.num_stages)
+    return Tile(config.block_m, config.block_n, config.num_warps, config.num_stages,
+                getattr(config, "variant", "ptr"))
+
+
+_allocator_set = False
+
+
+def _tma_ready(k: torch.Tensor, v: torch.Tensor) -> None:
+    """Check that K/V suit tensor descriptors (else ValueError: the tuner drops
+    the candidate) and give Triton the scratch allocator device-side
+    descriptors need (once, on first use of a "tma" config)."""
+    global _allocator_set
+    for name, t in (("k", k), ("v", v)):
+        d, size = t.shape[-1], t.element_size()
+        if t.stride(-1) != 1 or _pow2(d) != d:
+            raise ValueError(f"tma variant: {name} needs a unit head-dim stride and a power-of-two head dim")
+        if any((st * size) % 16 for st in t.stride()[:-1]) or t.data_ptr() % 16:
+            raise ValueError(f"tma variant: {name} rows must be 16-byte aligned")
+    if k.is_cuda and not _allocator_set:
+        import triton
+
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _allocator_set = True
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -191,6 +214,8 @@ def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     scale = spec.scale_value(D)
     grid = (triton_cdiv(Lq, bm), B * Hq)
     bmap = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn) if plan.mode == 3 else (lse, 0, 0, 0)
+    if t.variant == "tma":
+        _tma_ready(k, v)
     mod.attention_fwd[grid](
         q, k, v, out, lse, *bmap, *captured_args(captured),
         *_strides(q), *_strides(k, True), *_strides(v, True), *_strides(out),
@@ -199,7 +224,8 @@ def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
         HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=bm, BLOCK_N=bn,
         MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi,
         EVEN_M=Lq % bm == 0, EVEN_N=Lk % bn == 0, DROPOUT=spec.dropout_p > 0,
-        DOT_PREC=_dot_precision(q.dtype), num_warps=t.num_warps, num_stages=t.num_stages)
+        DOT_PREC=_dot_precision(q.dtype), TMA=t.variant == "tma", num_warps=t.num_warps,
+        num_stages=t.num_stages)
     return out, lse
 
 

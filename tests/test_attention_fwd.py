@@ -261,3 +261,20 @@ def test_bf16_realistic_size_on_gpu(mod):
                                       qscale=3.0 if mod == "softcap" else 1.0))
     spec = make_spec(causal_mod() if mod == "causal" else softcap_causal_mod(30.0), dtype=torch.bfloat16)
     check_forward(q, k, v, [], spec, name=f"gpu/{mod}")
+
+
+def test_tma_variant_matches_and_refuses_unsuited_layouts():
+    """K/V through tensor descriptors (the "tma" config variant) give the pointer
+    path's result; a K without a unit head-dim stride is refused (the tuner then
+    drops that candidate)."""
+    tma = KernelConfig(16, 32, 4, 2, "tma")
+    for mod in (score, causal_mod()):
+        spec = make_spec(mod, group=2)
+        q, k, v = qkv(B=2, Hq=4, Hkv=2, Lq=45, Lk=70, Dh=32, seed=21)
+        ours, lse = kernels.forward(q, k, v, [], spec, None, tma)
+        ref, ref_lse = kernels.forward(q, k, v, [], spec, None, KernelConfig(16, 32, 4, 2))
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)
+    k_t = k.transpose(-1, -2).contiguous().transpose(-1, -2)          # head-dim stride != 1
+    with pytest.raises(ValueError, match="tma variant"):
+        kernels.forward(q, k_t, v, [], spec, None, tma)
