@@ -9,9 +9,11 @@ implementation: ``"auto"``, ``"triton"``, ``"reference"``) and ``tunings()``
 compute the spec (``kernels.unsupported_reason``), else the blockwise PyTorch
 reference (CPU, float64, head dims over 256).  On CUDA every (kernel family,
 generated source, shape bucket) is tuned once: the candidates are kernel
-configs (and, for the forward of short queries, the split-KV decode kernel),
-each checked against the first one's output before it is timed; the choice is
-kept in the persistent cache (``autotune.TuneCache``).  Under CUDA-graph
+configs (on Hopper also the forward's tensor-descriptor "tma" variant, and for
+the forward of short queries the split-KV decode kernel), each checked against
+the first one's output and then timed as CUDA-graph replays; the choice is
+kept in the persistent cache (``autotune.TuneCache``), keyed by a hash of the
+generated source and of the launcher code.  Under CUDA-graph
 capture, or with ``ATTN_COMPILER_AUTOTUNE=0``, the cached or default config
 runs without timing.  ``ATTN_COMPILER_AUTOTUNE=max`` tries the whole pruned
 config space instead of the short list.
