@@ -32,6 +32,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from attn_compiler import autotune, kernels, reference
+from attn_compiler.testing import disagreement
 from attn_compiler.autotune import KernelConfig
 from attn_compiler.passes.analyze.spec import AttentionSpec
 
@@ -104,15 +105,11 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
         c = KernelConfig(m, n, w, s)
         if autotune.first_failing_rule(family, c, problem) is None:
             out.append(c)
-    if family == "fwd" and _hopper(q):
+    if family == "fwd" and kernels.is_hopper(q):
         # the same tiles with K/V through tensor descriptors (TMA); a call they
         # do not suit raises and the tuner drops them
         out += [dataclasses.replace(c, variant="tma") for c in out[:3]]
-    return out or [autotune.default_config(family, D, q.dtype, causal)]
-
-
-def _hopper(q: torch.Tensor) -> bool:
-    return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    return out or [kernels.default_config(family, q)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,20 +139,7 @@ def _key(family: str, spec: AttentionSpec, q, k, v) -> str:
     return autotune.make_key(family, source_digest(spec, families), bucket)
 
 
-def _same(a, b) -> Optional[str]:
-    """None when two candidate results agree (first tensor of each), else why not."""
-    x = a[0] if isinstance(a, (tuple, list)) else a
-    y = b[0] if isinstance(b, (tuple, list)) else b
-    x, y = x.float(), y.float()
-    if not torch.equal(torch.isnan(x), torch.isnan(y)):
-        return "nan pattern differs from the first candidate"
-    x, y = torch.nan_to_num(x), torch.nan_to_num(y)
-    err = float((x - y).norm() / y.norm().clamp_min(1e-30))
-    tol = 2e-2 if a[0].dtype in (torch.float16, torch.bfloat16) else 1e-4
-    return None if err <= tol else f"differs from the first candidate by {err:.2e}"
-
-
-def _graph_bench(fn) -> float:
+def graph_bench(fn) -> float:
     """Median ms of CUDA-graph replays of ``fn``: kernel time without the
     Python launch cost, which would otherwise decide between small kernels
     (a one-launch forward vs the two-launch split-KV decode).  Falls back to
@@ -184,14 +168,14 @@ def _choose(family: str, key: str, candidates: Dict[str, Callable[[], object]],
         if not first:
             first.append(result)
             return None
-        return _same(result, first[0])
+        a = result[0] if isinstance(result, (tuple, list)) else result
+        b = first[0][0] if isinstance(first[0], (tuple, list)) else first[0]
+        return disagreement(a, b)
 
     try:
-        choice = autotune.tune(key, candidates, check=check, configs=configs, bench=_graph_bench)
+        choice = autotune.tune(key, candidates, check=check, configs=configs, bench=graph_bench)
     except autotune.TuningUnavailable:
         return default
-    except RuntimeError as exc:            # every candidate failed: the caller falls back
-        raise _NoKernel(str(exc)) from exc
     with _lock:
         _tunings[key] = choice
     if not choice.from_cache:
@@ -200,10 +184,6 @@ def _choose(family: str, key: str, candidates: Dict[str, Callable[[], object]],
 
 
 # ---- entry points ---------------------------------------------------------------------
-
-class _NoKernel(RuntimeError):
-    """No Triton candidate ran correctly for this call."""
-
 
 def _signature(family: str, spec: AttentionSpec, q, k, v, captured) -> tuple:
     return (family, spec.dumps(), tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device,
@@ -250,7 +230,7 @@ def forward(q, k, v, captured, spec: AttentionSpec, seed) -> Tuple[torch.Tensor,
                 name = f"{fam} {c}"
                 candidates[name] = functools.partial(fn, q, k, v, captured, spec, seed, c)
                 configs[name], fns[name] = c, fn
-        c = autotune.default_config("fwd", q.shape[-1], q.dtype)
+        c = kernels.default_config("fwd", q)
         default = f"fwd {c}"
         if default not in candidates:
             candidates[default] = functools.partial(kernels.forward, q, k, v, captured, spec, seed, c)
@@ -271,7 +251,7 @@ def backward(dout, q, k, v, captured, out, lse, spec: AttentionSpec, seed):
     def build():
         candidates, configs, fns = {}, {}, {}
         cs = _configs("bwd", q, k, v, spec)
-        c0 = autotune.default_config("bwd", q.shape[-1], q.dtype)
+        c0 = kernels.default_config("bwd", q)
         for c in cs + ([c0] if c0 not in cs else []):
             name = f"bwd {c}"
             candidates[name] = functools.partial(kernels.backward, dout, q, k, v, captured, out, lse, spec, seed, c)

@@ -22,29 +22,25 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from attn_compiler import reference
+from attn_compiler import autotune, reference
 from attn_compiler.passes.analyze.spec import AttentionSpec
 from attn_compiler.templates import codegen
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@dataclasses.dataclass(frozen=True)
-class Tile:
-    """Block sizes and launch options of one kernel call."""
-
-    block_m: int = 64
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-    variant: str = "ptr"
+def _pow2(n: int, least: int = 16) -> int:
+    """Next power of two, at least ``least`` (tile widths)."""
+    return max(least, autotune.next_pow2(n))
 
 
-def _tile(config, default: Tile) -> Tile:
-    if config is None:
-        return default
-    return Tile(config.block_m, config.block_n, config.num_warps, config.num_stages,
-                getattr(config, "variant", "ptr"))
+def is_hopper(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def default_config(family: str, q: torch.Tensor) -> autotune.KernelConfig:
+    """The config a launch without one runs (``autotune.default_config``)."""
+    return autotune.default_config(family, q.shape[-1], q.dtype, hopper=is_hopper(q))
 
 
 _allocator_set = False
@@ -66,10 +62,6 @@ def _tma_ready(k: torch.Tensor, v: torch.Tensor) -> None:
 
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
         _allocator_set = True
-
-
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, 1 << (max(1, int(n)) - 1).bit_length())
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> Optional[str]:
@@ -137,28 +129,34 @@ def _mask_plan(text: str, lq: int, lk: int) -> MaskPlan:
     if band is None:
         # a tensor or other predicate: a block map skips dropped tiles, unless a
         # finite fill must stay in the softmax (a row of fills is uniform)
-        return MaskPlan(2 if codegen.has_finite_fill(spec) else 3)
+        return MaskPlan(2 if spec.has_finite_fill else 3)
     lo, hi = band.at(lq, lk)
     # row q keeps [max(0, q+lo), min(lk-1, q+hi)]; the rows keeping nothing sit
     # at the two ends, so the end rows tell whether any exists
     empty = any((0 if lo is None else max(0, row + lo)) > (lk - 1 if hi is None else min(lk - 1, row + hi))
                 for row in (0, lq - 1))
-    if empty and codegen.has_finite_fill(spec):
+    if empty and spec.has_finite_fill:
         return MaskPlan(2)        # a row of fills only is uniform: every block counts
     return MaskPlan(1, lo or 0, hi or 0, lo is not None, hi is not None, empty_rows=empty)
 
 
 def _map_axes(spec: AttentionSpec) -> Tuple[bool, bool, bool]:
-    """Whether the mask predicate varies along (b, h, q_idx)."""
+    """Whether the mask predicate varies along (b, h, q_idx) (cached per spec)."""
+    return _map_axes_of(spec.dumps())
+
+
+@functools.lru_cache(maxsize=512)
+def _map_axes_of(text: str) -> Tuple[bool, bool, bool]:
+    import sympy
     from sympy.core.function import AppliedUndef
 
     from attn_compiler.passes.analyze import spec as S
 
-    pred = spec.mask_predicate
-    names = {f.func.__name__ for f in pred.atoms(AppliedUndef)}
-    caps = [c for i, c in enumerate(spec.captured) if f"t{i}" in names]
-    import sympy
-    syms = pred.xreplace({f: sympy.Dummy() for f in pred.atoms(AppliedUndef)}).free_symbols  # outside reads
+    pred = AttentionSpec.loads(text).mask_predicate
+    reads = pred.atoms(AppliedUndef)
+    names = {f.func.__name__ for f in reads}
+    caps = [c for i, c in enumerate(AttentionSpec.loads(text).captured) if f"t{i}" in names]
+    syms = pred.xreplace({f: sympy.Dummy() for f in reads}).free_symbols   # reads outside tensors
     return tuple(sym in syms or any(c.dims[d] for c in caps) for d, sym in enumerate((S.b, S.h, S.q_idx)))
 
 
@@ -184,26 +182,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 # ---- forward ---------------------------------------------------------------------
 
-def default_tile(family: str, head_dim: int, dtype: torch.dtype) -> Tile:
-    """The tile run without tuning.  float32 operands take twice the shared
-    memory and 3xTF32 products keep split copies: small tiles there (a 128x64
-    float32 forward tile at D=128 asked for 320 KiB on the H200)."""
-    if dtype == torch.float32:
-        return {"fwd": Tile(64, 32, 4, 2), "bwd": Tile(32, 32, 4, 1)}.get(family, Tile(16, 32, 4, 2))
-    if family == "fwd":
-        return Tile(128, 64, 8 if head_dim > 64 else 4, 3) if head_dim <= 128 else Tile(64, 32, 4, 2)
-    if family == "bwd":
-        return Tile(64, 64, 4, 2) if head_dim <= 128 else Tile(32, 32, 4, 1)
-    return Tile(16, 64, 4, 3)
-
-
 def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
             seed: Optional[torch.Tensor] = None, config=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) from the generated forward kernel (see module doc)."""
     reference.check_inputs(q, k, v, captured, spec)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    t = _tile(config, default_tile("fwd", D, q.dtype))
+    t = config or default_config("fwd", q)
     bm, bn = min(t.block_m, _pow2(Lq)), min(t.block_n, _pow2(Lk))
     out = torch.empty((B, Hq, Lq, Dv), dtype=getattr(torch, spec.out_dtype), device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
@@ -243,7 +228,7 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     B, Hq, Lq, D = q.shape
     Bk, Hkv, Lk, Dv = k.shape[0], k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
-    t = _tile(config, default_tile("bwd", D, q.dtype))
+    t = config or default_config("bwd", q)
     bm, bn = min(t.block_m, _pow2(Lq)), min(t.block_n, _pow2(Lk))
     dev = q.device
     dq = torch.empty_like(q)
@@ -349,7 +334,7 @@ def decode(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
-    t = _tile(config, default_tile("decode", D, q.dtype))
+    t = config or default_config("decode", q)
     bn = min(t.block_n, _pow2(Lk))
     bm = _pow2(G * Lq)
     out = torch.empty((B, Hq, Lq, Dv), dtype=getattr(torch, spec.out_dtype), device=q.device)

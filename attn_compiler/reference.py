@@ -45,12 +45,11 @@ import dataclasses
 import math
 from typing import Iterator, Optional, Sequence, Tuple
 
-import sympy
 import torch
 
 from attn_compiler.passes.analyze import torch_eval
 from attn_compiler.passes.analyze.spec import (
-    DIM_NAMES, MASK_FILL_THRESHOLD, AttentionSpec, Lk, Lq, _relation_offsets, kv_idx, q_idx)
+    DIM_NAMES, AttentionSpec, Lk, Lq, _relation_offsets, kv_idx, q_idx)
 
 # Elements of one (B, Hq, BLOCK_M, BLOCK_N) score block: 1M fp32 = 4 MiB.
 BLOCK_ELEMENTS = 1 << 20
@@ -245,7 +244,7 @@ def _skippable(pb: _Problem):
     spec = pb.spec
     pred = spec.mask_predicate
     if spec.mask_fill != -math.inf or pred.free_symbols - {q_idx, kv_idx, Lq, Lk} or \
-            torch_eval.can_evaluate(pred) is not None or _has_finite_fill(spec):
+            torch_eval.can_evaluate(pred) is not None or spec.has_finite_fill:
         return lambda *a: False
     band = _relation_offsets(pred)            # kept iff lo <= kv_idx - q_idx <= hi
     if band is not None:
@@ -259,13 +258,6 @@ def _skippable(pb: _Problem):
                "Lq": pb.Lq, "Lk": pb.Lk}
         return not bool(torch_eval.evaluate(pred, env).any())
     return skip
-
-
-def _has_finite_fill(spec: AttentionSpec) -> bool:
-    """Whether some Piecewise value is a finite fill (finfo.min): no skipping then."""
-    e = sympy.piecewise_fold(spec.score_mod)
-    vals = [v for v, _ in e.args] if isinstance(e, sympy.Piecewise) else [e]
-    return any(v.is_number and v.is_finite and bool(v <= MASK_FILL_THRESHOLD) for v in vals)
 
 
 # ---- forward ----------------------------------------------------------------

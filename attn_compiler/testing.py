@@ -113,3 +113,18 @@ def golden_check(ours: torch.Tensor, eager: torch.Tensor, golden: torch.Tensor, 
         raise AssertionError(f"{name or 'tensor'}: rel err {e_ours:.3e} > {k} * eager {e_eager:.3e} + "
                              f"{tiny:.1e} (dtype {ours.dtype}, shape {tuple(ours.shape)})")
     return e_ours, e_eager
+
+
+# How far two correct implementations of one attention may be apart (relative
+# error of one against the other), by output dtype: the autotuner and the
+# never-slower choice drop a candidate beyond this.
+AGREEMENT = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+AGREEMENT_DEFAULT = 1e-4
+
+
+def disagreement(a: torch.Tensor, b: torch.Tensor) -> Optional[str]:
+    """None when ``a`` agrees with ``b`` (same nan/inf positions, relative
+    error within ``AGREEMENT``), else how far apart they are."""
+    err = rel_err(a, b)
+    tol = AGREEMENT.get(b.dtype, AGREEMENT_DEFAULT)
+    return None if err <= tol else f"relative difference {err:.2e} (allowed {tol:.0e})"

@@ -33,6 +33,8 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from attn_compiler import autotune, sdpa
+from attn_compiler.dispatch import graph_bench
+from attn_compiler.testing import disagreement
 
 from . import canonicalize as C
 from .operands import mutating_users
@@ -95,6 +97,7 @@ class _Runner:
             for a in n.all_input_nodes:
                 if a not in inside and a not in sources and a not in self.leaves:
                     self.leaves[a] = _detach(checker.real(a))
+        self.writes = {n for n in nodes if _writes(n)}   # in-place ops (graph facts, once)
         self.src_vals = [_detach(checker.real(s)) for s in sources]
         for v in self.src_vals:
             if training and isinstance(v, torch.Tensor) and v.is_floating_point():
@@ -108,11 +111,11 @@ class _Runner:
         for n in self.nodes:
             args = map_arg(n.args, env.__getitem__)
             kwargs = map_arg(n.kwargs, env.__getitem__)
-            if _writes(n) and n.args[0] not in fresh:
+            if n in self.writes and n.args[0] not in fresh:
                 args = (args[0].clone(),) + tuple(args[1:])   # never write an input
             target = self.override.get(n, n.target)
             out = getattr(self.interp, n.op)(target, args, kwargs)
-            env[n] = args[0] if _writes(n) else out
+            env[n] = args[0] if n in self.writes else out
             fresh.add(n)
         out = env[self.nodes[-1]]
         if self.training and out.requires_grad:
@@ -125,15 +128,6 @@ class _Runner:
         return out.detach()
 
 
-def _graph_bench(fn) -> float:
-    """GPU time of a candidate (CUDA-graph replays, so the Python cost of
-    interpreting the subgraph is not what decides); plain timing if the
-    candidate cannot be captured."""
-    from attn_compiler.dispatch import _graph_bench as bench
-
-    return bench(fn)
-
-
 def _hint(x) -> int:
     """A size as an int; a symbolic (dynamic) size by its value this time, no guard."""
     node = getattr(x, "node", None)
@@ -142,18 +136,6 @@ def _hint(x) -> int:
 
 def _detach(v):
     return v.detach() if isinstance(v, torch.Tensor) else v
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    if not torch.equal(torch.isnan(a), torch.isnan(b)):
-        return float("inf")
-    a, b = torch.nan_to_num(a), torch.nan_to_num(b)
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    return {torch.bfloat16: 3e-2, torch.float16: 5e-3}.get(dtype, 1e-4)
 
 
 def choose(gm: fx.GraphModule, m, analysis, final: fx.Node, op_node: fx.Node, checker,
@@ -185,14 +167,13 @@ def choose(gm: fx.GraphModule, m, analysis, final: fx.Node, op_node: fx.Node, ch
         if name == OURS:
             first.append(out)
             return None
-        err = _rel(out, first[0]) if first else 0.0
-        if err > _tolerance(out.dtype):
-            disagree[name] = f"differs from attn_compiler by {err:.2e}"
-            return disagree[name]
-        return None
+        why = disagreement(out, first[0]) if first else None
+        if why:
+            disagree[name] = f"differs from attn_compiler: {why}"
+        return disagree.get(name)
 
     try:
-        choice = autotune.tune(key, candidates, check=check, bench=BENCH or _graph_bench)
+        choice = autotune.tune(key, candidates, check=check, bench=BENCH or graph_bench)
     except (autotune.TuningUnavailable, RuntimeError) as exc:
         return Decision(OURS, training=training, note=f"not timed ({exc})")
     finally:

@@ -46,7 +46,7 @@ from sympy.core.function import AppliedUndef
 from attn_compiler.passes.analyze import spec as spec_mod
 from attn_compiler.templates.printer import TritonPrinter, Unsupported  # noqa: F401  (re-exported)
 from attn_compiler.passes.analyze.spec import (
-    MASK_FILL_THRESHOLD, AttentionSpec, Lk, Lq, _kept_value, _relation_offsets, kv_idx, q_idx, score)
+    AttentionSpec, Lk, Lq, _kept_value, _relation_offsets, kv_idx, q_idx, score)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 FAMILIES = ("fwd", "bwd", "decode")
@@ -77,20 +77,11 @@ def band_of(spec: AttentionSpec) -> Optional[Band]:
     return None if rng is None else Band(*rng)
 
 
-def has_finite_fill(spec: AttentionSpec) -> bool:
-    """A masked value is finite (finfo.min, -1e9): rows of fills only are uniform,
-    as in eager, and need their own handling (see the templates' notes)."""
-    for a in sympy.preorder_traversal(spec.score_mod):
-        if a.is_Number and a.is_finite and a.is_extended_real and bool(a <= MASK_FILL_THRESHOLD):
-            return True
-    return False
-
-
 def may_hold_fills(spec: AttentionSpec) -> bool:
     """A finite fill may reach the softmax: a constant one, or a float tensor
     added to the score (Hugging Face's additive 0 / finfo.min masks: the kernel
     cannot see its values, so it keeps the finite-fill numerics)."""
-    if has_finite_fill(spec):
+    if spec.has_finite_fill:
         return True
     names = {f.func.__name__ for f in spec.score_mod.atoms(AppliedUndef)}
     return any(f"t{i}" in names and c.dtype.startswith(("float", "bfloat"))
@@ -132,8 +123,8 @@ class _Hooks:
         self.finite_fill = may_hold_fills(spec)
         self.band = band_of(spec)
         # print everything once now so an unsupported node fails early
-        self._z2("PARTIAL")
-        self._z2("FULL")
+        self.score_lines("PARTIAL")
+        self.score_lines("FULL")
         self.dscore_lines("PARTIAL", "row")
 
     # -- captured tensors ---------------------------------------------------
@@ -176,14 +167,15 @@ class _Hooks:
         return lines
 
     # -- forward score -------------------------------------------------------
-    def _z2(self, kind: str) -> Tuple[List[str], bool]:
-        """Lines computing z2 from qk; (lines, needs_score)."""
+    def score_lines(self, kind: str) -> List[str]:
+        """Lines computing z2 from qk (the captured tensors are loaded by
+        ``tile_loads``)."""
         expr = self.spec.score_mod if kind == "PARTIAL" else self.kept
         if self.pure_mask and kind == "FULL":
-            return ["z2 = qk * SCALE2"], False
+            return ["z2 = qk * SCALE2"]
         if self.pure_mask:
             keep = self.pr(self.spec.mask_predicate)
-            return [f"z2 = tl.where({keep} != 0, qk * SCALE2, {self._fill2()})"], False
+            return [f"z2 = tl.where({keep} != 0, qk * SCALE2, {self._fill2()})"]
         lines = ["score = qk * SCALE", f"z = {self.pr(expr)}"]
         if self.finite_fill:
             # [Note: finite fills] finfo.min * log2(e) overflows to -inf; clamp
@@ -191,17 +183,13 @@ class _Hooks:
             lines.append(f"z2 = tl.where(z == float('-inf'), z, tl.maximum(z * {LOG2E!r}, {-_FLT_MAX!r}))")
         else:
             lines.append(f"z2 = z * {LOG2E!r}")
-        return lines, True
+        return lines
 
     def _fill2(self) -> str:
         fill = self.spec.mask_fill
         if fill is None or fill == -math.inf:
             return 'float("-inf")'
         return repr(max(fill * LOG2E, -_FLT_MAX))
-
-    def score_lines(self, kind: str) -> List[str]:
-        """z2 from qk (the captured tensors are loaded by ``tile_loads``)."""
-        return self._z2(kind)[0]
 
     def tile_loads(self, kind: str, bwd: bool = False) -> List[str]:
         """Loads of the captured tensors a tile reads, issued before Q·Kᵀ so

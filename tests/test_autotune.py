@@ -21,7 +21,6 @@ from attn_compiler.autotune import (
     make_key,
     pruned_configs,
     shape_bucket,
-    small_space,
     tune,
 )
 
@@ -77,8 +76,6 @@ def test_spaces_are_nonempty_and_split_the_full_space(family, head_dim, dtype, h
     assert len(set(kept)) == len(kept)
     names = {name for name, _ in autotune.PRUNE_RULES[family]}
     assert set(dropped.values()) <= names
-    small = small_space(family, **problem)
-    assert 1 <= len(small) <= 3 and all(max(c.block_m, c.block_n) <= 32 for c in small)
 
 
 def test_fwd_space_axes():
@@ -147,12 +144,6 @@ def test_rule_decode_warps_over_tile():
     assert KernelConfig(16, 32, 8, 2) in dropped and KernelConfig(16, 64, 8, 2) not in dropped
 
 
-def test_small_space_follows_the_rules():
-    assert small_space("fwd", **dict(PROBLEM, causal=True)) == [
-        KernelConfig(16, 16, 4, 1), KernelConfig(32, 16, 4, 2), KernelConfig(32, 32, 4, 2)]
-    assert small_space("decode", **PROBLEM) == [KernelConfig(16, 16, 2, 2), KernelConfig(16, 32, 4, 2)]
-
-
 @pytest.mark.parametrize("family, head_dim, hopper, expected", [
     ("fwd", 64, False, "128x64 w4 s3 ptr"),
     ("fwd", 128, True, "128x64 w8 s3 ptr"),
@@ -164,6 +155,11 @@ def test_small_space_follows_the_rules():
 ])
 def test_default_config(family, head_dim, hopper, expected):
     assert str(default_config(family, head_dim, torch.bfloat16, False, hopper)) == expected
+
+
+def test_default_config_float32_uses_small_tiles():
+    assert str(default_config("fwd", 128, torch.float32, False, True)) == "64x32 w4 s2 ptr"
+    assert str(default_config("bwd", 128, torch.float32)) == "32x32 w4 s1 ptr"
 
 
 @pytest.mark.parametrize("family", autotune.FAMILIES)

@@ -80,7 +80,7 @@ def test_no_sdpa_candidate_when_sdpa_cannot_express_the_site(timed, monkeypatch)
 
 
 def test_original_that_disagrees_keeps_the_site_as_written(timed, monkeypatch):
-    monkeypatch.setattr(choose, "_tolerance", lambda dtype: -1.0)   # every comparison fails
+    monkeypatch.setattr(choose, "disagreement", lambda a, b: "off")   # every comparison fails
     rep = _run(Causal(), "attn_compiler", monkeypatch)
     assert not rep[0].fused and rep[0].features["choice"] == "original"
     assert "differ" in rep[0].reason

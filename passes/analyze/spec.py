@@ -107,6 +107,14 @@ class AttentionSpec:
         return fills[0] if fills else None
 
     @functools.cached_property
+    def has_finite_fill(self) -> bool:
+        """Some constant of the score_mod is a finite fill (finfo.min, -1e9):
+        a row of fills only is then uniform, as in eager, so blocks of fills
+        cannot simply be skipped."""
+        return any(a.is_number and a.is_finite and a.is_extended_real and bool(a <= MASK_FILL_THRESHOLD)
+                   for a in sympy.preorder_traversal(self.score_mod))
+
+    @functools.cached_property
     def mask_kind(self) -> str:
         """A name for the mask: none, causal, sliding_window, index, tensor."""
         return classify_mask(self.mask_predicate)
