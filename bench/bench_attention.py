@@ -330,12 +330,8 @@ def main(argv=None) -> int:
     results = Results(args.out, "attention", common.environment())
     print(f"{len(cases)} cases x {len(names)} implementations x {len(passes)} passes on "
           f"{results.env['device']} (torch {results.env['torch']}, triton {results.env['triton']})", flush=True)
-    common.run_sweep(cases, lambda case: run_case(case, names, passes, results, args.seed),
-                     lambda case, why: common.skipped(names, passes, _row(case), results, why),
-                     args.budget_s, results.elapsed)
-    results.write_markdown(COLUMNS)
-    print(f"\n{attention_summary(results.rows)}\n\nrows: {results.path} ({len(results.rows)}), "
-          f"all columns: {results.md_path}; {results.elapsed():.0f} s", flush=True)
+    common.sweep_and_report(cases, names, passes, lambda case: run_case(case, names, passes, results, args.seed),
+                            _row, results, args.budget_s, COLUMNS, attention_summary)
     return 0
 
 

@@ -189,12 +189,8 @@ def main(argv=None) -> int:
     cases = build_cases(args)
     results = Results(args.out, "decode", common.environment())
     print(f"{len(cases)} cases x {len(names)} implementations on {results.env['device']}", flush=True)
-    common.run_sweep(cases, lambda case: run_case(case, names, results, args.seed),
-                     lambda case, why: common.skipped(names, ("decode",), _row(case), results, why),
-                     args.budget_s, results.elapsed)
-    results.write_markdown(COLUMNS)
-    print(f"\n{decode_summary(results.rows)}\n\nrows: {results.path} ({len(results.rows)}), "
-          f"all columns: {results.md_path}; {results.elapsed():.0f} s", flush=True)
+    common.sweep_and_report(cases, names, ("decode",), lambda case: run_case(case, names, results, args.seed),
+                            _row, results, args.budget_s, COLUMNS, decode_summary)
     return 0
 
 

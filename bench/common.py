@@ -330,6 +330,18 @@ def run_sweep(cases: Sequence[Any], run_case: Callable[[Any], bool], skip: Calla
         took.append(elapsed() - start)
 
 
+def sweep_and_report(cases: Sequence[Any], names: Sequence[str], passes: Sequence[str],
+                     run_case: Callable[[Any], bool], row_of: Callable[[Any], Row], results: Results,
+                     budget_s: float | None, columns: Sequence[str], summary: Callable[[list], str]) -> None:
+    """The end of every benchmark script: the sweep (cases past the budget are
+    written as skipped), every row as markdown, the short table printed last."""
+    run_sweep(cases, run_case, lambda case, why: skipped(names, passes, row_of(case), results, why),
+              budget_s, results.elapsed)
+    results.write_markdown(columns)
+    print(f"\n{summary(results.rows)}\n\nrows: {results.path} ({len(results.rows)}), "
+          f"all columns: {results.md_path}; {results.elapsed():.0f} s", flush=True)
+
+
 def skipped(names: Sequence[str], passes: Sequence[str], row: Row, results: Results, why: str) -> None:
     for name in names:
         for p in passes:

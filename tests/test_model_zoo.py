@@ -198,11 +198,16 @@ VISION = {
 }
 
 
+def _tiny_vision() -> dict:
+    """The vision tower config CLIP and BLIP share here."""
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                num_attention_heads=4, image_size=16, patch_size=4, attention_dropout=0.0)
+
+
 def clip():
     text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
                 num_attention_heads=4, max_position_embeddings=32, attention_dropout=0.0)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
-                  num_attention_heads=4, image_size=16, patch_size=4, attention_dropout=0.0)
+    vision = _tiny_vision()
     cfg = T.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16,
                        attn_implementation="eager")
     return T.CLIPModel(cfg)
@@ -213,8 +218,7 @@ def blip():
                 num_attention_heads=4, max_position_embeddings=32,
                 attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
                 encoder_hidden_size=32)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
-                  num_attention_heads=4, image_size=16, patch_size=4, attention_dropout=0.0)
+    vision = _tiny_vision()
     cfg = T.BlipConfig(text_config=text, vision_config=vision, projection_dim=16,
                        attn_implementation="eager")
     return T.BlipForImageTextRetrieval(cfg)
