@@ -13,7 +13,8 @@ Notation::
     D       head_dim rounded up to a power of two (the tile width Triton needs)
     w, s    num_warps, num_stages (software-pipelining depth of the K/V loads)
     ptr     K/V loaded through pointer arithmetic (every GPU)
-    tma     K/V loaded through tensor descriptors (Hopper's TMA unit)
+    tma     K/V loaded through tensor descriptors (Hopper's TMA unit; fwd)
+    fused   dK/dV and dQ programs in one launch (bwd; ptr: two launches)
     family  "fwd" (attention forward), "bwd" (dQ, dK, dV), "decode" (few query
             rows against a long KV cache)
 
@@ -56,7 +57,9 @@ log = logging.getLogger("attn_compiler")
 FAMILIES = ("fwd", "bwd", "decode")
 # cache keys also hold whole-site choices (ours vs SDPA vs the original subgraph)
 KEY_FAMILIES = FAMILIES + ("site",)
-VARIANTS = ("ptr", "tma")
+VARIANTS = ("ptr", "tma", "fused")
+# the variants each family's space holds (tma: Hopper only)
+FAMILY_VARIANTS = {"fwd": ("ptr", "tma"), "bwd": ("ptr", "fused"), "decode": ("ptr",)}
 SMEM_BYTES = 227 * 1024  # largest shared memory one block may use on sm_90 (H100/H200)
 CACHE_VERSION = 1  # bump when the layout of autotune.json changes
 
@@ -201,7 +204,7 @@ def first_failing_rule(family: str, config: KernelConfig, problem: Problem) -> s
 
 
 def _full_space(family: str, hopper: bool) -> list[KernelConfig]:
-    variants = VARIANTS if hopper and family == "fwd" else ("ptr",)
+    variants = tuple(v for v in FAMILY_VARIANTS[family] if hopper or v != "tma")
     return [KernelConfig(m, n, w, s, v)
             for v in variants for m, n, w, s in itertools.product(*_AXES[family])]
 

@@ -98,7 +98,7 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
     if os.environ.get("ATTN_COMPILER_AUTOTUNE", "").strip().lower() == "max":
         space = autotune.config_space(family, head_dim=D, dtype=q.dtype, lq=Lq, lk=Lk, causal=causal,
                                       hopper=False)
-        return [c for c in space if c.variant == "ptr"]
+        return [c for c in space if c.variant != "tma"]
     problem = autotune.Problem(D, q.dtype, Lq, Lk, causal, False)
     out = []
     for m, n, w, s in _SHORT[family]:
@@ -109,6 +109,9 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
         # the same tiles with K/V through tensor descriptors (TMA); a call they
         # do not suit raises and the tuner drops them
         out += [dataclasses.replace(c, variant="tma") for c in out[:3]]
+    if family == "bwd":
+        # the same tiles with dK/dV and dQ in one launch
+        out += [dataclasses.replace(c, variant="fused") for c in out[:4]]
     return out or [kernels.default_config(family, q)]
 
 

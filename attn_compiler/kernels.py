@@ -223,7 +223,8 @@ def triton_cdiv(a: int, b: int) -> int:
 def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: AttentionSpec,
              seed: Optional[torch.Tensor] = None, config=None):
     """(dq, dk, dv, dcaptured) from the generated backward kernels: a preprocess
-    (delta, lse in log2 units), dK/dV per KV block, dQ per query block."""
+    (delta, lse in log2 units), dK/dV per KV block, dQ per query block (two
+    launches, or one for the config variant "fused")."""
     reference.check_inputs(q, k, v, captured, spec)
     B, Hq, Lq, D = q.shape
     Bk, Hkv, Lk, Dv = k.shape[0], k.shape[1], k.shape[2], v.shape[3]
@@ -264,23 +265,33 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     drop_scale = 1.0 / (1.0 - spec.dropout_p)
     broadcast = Bk == 1 and B > 1
     bmap = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn) if plan.mode == 3 else (lse2, 0, 0, 0)
+    mode_kv = plan.mode
     if plan.empty_rows:
         # [Note: fully masked rows] eager's dV is nan at every key of a head with
         # a row that keeps no key: dK/dV walk every block for such a band
-        launch_kv = dict(launch, MODE=2)
-    else:
-        launch_kv = launch
+        mode_kv = 2
+    # dQ owns the long side of the tile along the queries (see the template's note)
+    bm2, bn2 = min(t.block_n, _pow2(Lq)), min(t.block_m, _pow2(Lk))
+    even_q = Lk % bn2 == 0 and pow2_d
+    bmap2 = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm2, bn2) if plan.mode == 3 else (lse2, 0, 0, 0)
+    band = (plan.lo, plan.hi)
+    if t.variant == "fused" and bm2 == bn and bn2 == bm:
+        nkv, nq = triton_cdiv(Lk, bn), triton_cdiv(Lq, bm2)
+        grid = (nkv + nq * G * (B if broadcast else 1), Bk * Hkv)
+        mod.attention_bwd_fused[grid](
+            q, k, v, dout, lse2, rinv, delta, dq, dk, dv, *bmap, *bmap2, *cap, *grad_args, *qs, *ks, *vs, *dos,
+            *_strides(dq), *_strides(dk), *_strides(dv), B, Hq, Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E,
+            x0, drop_scale, *band, nkv, nq, MODE_KV=mode_kv, KV_BATCH_BROADCAST=broadcast, EVEN_Q=even_q,
+            **launch)
+        return dq, dk, dv, [dcap[i].to(captured[i].dtype) for i in grad_ids]
     mod.attention_bwd_dkdv[(triton_cdiv(Lk, bn), Bk * Hkv)](
         q, k, v, dout, lse2, rinv, delta, dk, dv, *bmap, *cap, *qs, *ks, *vs, *dos,
         *_strides(dk), *_strides(dv), B, Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale,
-        plan.lo, plan.hi, KV_BATCH_BROADCAST=broadcast, **launch_kv)
-    # dQ owns the long side of the tile along the queries (see the template's note)
-    bm2, bn2 = min(t.block_n, _pow2(Lq)), min(t.block_m, _pow2(Lk))
-    launch.update(BLOCK_M=bm2, BLOCK_N=bn2, EVEN_N=Lk % bn2 == 0 and pow2_d)
-    bmap = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm2, bn2) if plan.mode == 3 else (lse2, 0, 0, 0)
+        *band, KV_BATCH_BROADCAST=broadcast, **dict(launch, MODE=mode_kv))
+    launch.update(BLOCK_M=bm2, BLOCK_N=bn2, EVEN_N=even_q)
     mod.attention_bwd_dq[(triton_cdiv(Lq, bm2), B * Hq)](
-        q, k, v, dout, lse2, rinv, delta, dq, *bmap, *cap, *grad_args, *qs, *ks, *vs, *dos, *_strides(dq),
-        Hq, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale, plan.lo, plan.hi, **launch)
+        q, k, v, dout, lse2, rinv, delta, dq, *bmap2, *cap, *grad_args, *qs, *ks, *vs, *dos, *_strides(dq),
+        Hq, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale, *band, **launch)
     return dq, dk, dv, [dcap[i].to(captured[i].dtype) for i in grad_ids]
 
 

@@ -145,25 +145,35 @@ class _Hooks:
         names = {f.func.__name__ for f in sympy.sympify(expr).atoms(AppliedUndef)}
         return [i for i in range(self.n_cap) if f"t{i}" in names]
 
-    def load_lines(self, ids: Sequence[int]) -> List[str]:
+    def load_lines(self, ids: Sequence[int], orient: str = "row") -> List[str]:
         """Loads of captured tensors, each by its broadcast strides (a stride-0
-        axis is not indexed at all, so a padding mask loads one row)."""
+        axis is not indexed at all, so a padding mask loads one row).
+
+        ``orient`` "col" is the dK/dV kernel's transposed tile (key rows, query
+        columns): a tensor with both a query and a key axis is then read as a
+        (query, key) tile along its contiguous key axis and transposed in
+        registers, not gathered column by column."""
         lines = []
         for i in ids:
             c = self.spec.captured[i]
             # 64-bit offsets: a (B, H, L, L) bias passes 2**31 elements at L = 8k, B*H = 32
             terms = [f"off_b.to(tl.int64) * t{i}_sb", f"off_h.to(tl.int64) * t{i}_sh"]
             bounds = []
+            plane = orient == "col" and c.dims[2] and c.dims[3]
+            qi, ki = ("offs_m[:, None]", "offs_n[None, :]") if plane else ("q_idx", "kv_idx")
             if c.dims[2]:
-                terms.append(f"q_idx * t{i}_sq")
-                bounds.append("(q_idx < Lq)")
+                terms.append(f"{qi} * t{i}_sq")
+                bounds.append(f"({qi} < Lq)")
             if c.dims[3]:
-                terms.append(f"kv_idx * t{i}_sk")
-                bounds.append("(kv_idx < Lk)")
+                terms.append(f"{ki} * t{i}_sk")
+                bounds.append(f"({ki} < Lk)")
             ptr = f"T{i} + " + " + ".join(terms)
             mask = f", mask={' & '.join(bounds)}, other=0" if bounds else ""
             conv = "" if c.dtype == "bool" or not c.dtype.startswith(("float", "bfloat")) else ".to(tl.float32)"
-            lines.append(f"t{i} = tl.load({ptr}{mask}){conv}")
+            load = f"tl.load({ptr}{mask})"
+            if plane:
+                load = f"tl.trans({load})"
+            lines.append(f"t{i} = {load}{conv}")
         return lines
 
     # -- forward score -------------------------------------------------------
@@ -191,7 +201,7 @@ class _Hooks:
             return 'float("-inf")'
         return repr(max(fill * LOG2E, -_FLT_MAX))
 
-    def tile_loads(self, kind: str, bwd: bool = False) -> List[str]:
+    def tile_loads(self, kind: str, bwd: bool = False, orient: str = "row") -> List[str]:
         """Loads of the captured tensors a tile reads, issued before Q·Kᵀ so
         their latency hides behind the matmul (the backward's also cover the
         derivatives)."""
@@ -201,7 +211,7 @@ class _Hooks:
             ids |= set(self.used_captured(sympy.diff(expr, score)))
             for i in self.grad_ids:
                 ids |= set(self.used_captured(sympy.diff(expr, spec_mod.captured_call(i))))
-        return self.load_lines(sorted(ids))
+        return self.load_lines(sorted(ids), orient)
 
     def keep_lines(self) -> List[str]:
         """``keep``: the mask predicate of a tile (int1), for the block map."""
@@ -252,12 +262,12 @@ class _Hooks:
         g = f"g{i}"
         if dims[2] and dims[3]:
             ptr = f"{base} + q_idx * dt{i}_sq + kv_idx * dt{i}_sk"
-            return [f"tl.atomic_add({ptr}, {g}, mask=(q_idx < Lq) & (kv_idx < Lk))"]
+            return [f"tl.atomic_add({ptr}, {g}, mask=(q_idx < Lq) & (kv_idx < Lk), sem='relaxed')"]
         if dims[3]:
-            return [f"tl.atomic_add({base} + {kv} * dt{i}_sk, tl.sum({g}, axis={qax}), mask={kv} < Lk)"]
+            return [f"tl.atomic_add({base} + {kv} * dt{i}_sk, tl.sum({g}, axis={qax}), mask={kv} < Lk, sem='relaxed')"]
         if dims[2]:
-            return [f"tl.atomic_add({base} + {qv} * dt{i}_sq, tl.sum({g}, axis={kax}), mask={qv} < Lq)"]
-        return [f"tl.atomic_add({base}, tl.sum(tl.sum({g}, axis=1), axis=0))"]
+            return [f"tl.atomic_add({base} + {qv} * dt{i}_sq, tl.sum({g}, axis={kax}), mask={qv} < Lq, sem='relaxed')"]
+        return [f"tl.atomic_add({base}, tl.sum(tl.sum({g}, axis=1), axis=0), sem='relaxed')"]
 
     # -- dropout -------------------------------------------------------------
     def has_dropout(self) -> bool:
@@ -305,6 +315,8 @@ def _hooks_for(family: str, h: _Hooks) -> Dict[str, object]:
         "LOADS_FULL": h.tile_loads("FULL"),
         "LOADS_PARTIAL_BWD": h.tile_loads("PARTIAL", bwd=True),
         "LOADS_FULL_BWD": h.tile_loads("FULL", bwd=True),
+        "LOADS_PARTIAL_COL": h.tile_loads("PARTIAL", bwd=True, orient="col"),
+        "LOADS_FULL_COL": h.tile_loads("FULL", bwd=True, orient="col"),
         "DROPOUT_THRESHOLD": h.threshold() if h.has_dropout() else 0,
         "FINITE_FILL": bool(h.finite_fill),
         "KEEP": h.keep_lines(),
