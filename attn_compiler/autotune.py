@@ -13,7 +13,8 @@ Notation::
     D       head_dim rounded up to a power of two (the tile width Triton needs)
     w, s    num_warps, num_stages (software-pipelining depth of the K/V loads)
     ptr     K/V loaded through pointer arithmetic (every GPU)
-    tma     K/V loaded through tensor descriptors (Hopper's TMA unit; fwd)
+    tma     tiles loaded through tensor descriptors (Hopper's TMA unit): K/V and
+            learned-bias planes in fwd, the bias planes in bwd
     fused   dK/dV and dQ programs in one launch (bwd; ptr: two launches)
     family  "fwd" (attention forward), "bwd" (dQ, dK, dV), "decode" (few query
             rows against a long KV cache)
@@ -59,7 +60,7 @@ FAMILIES = ("fwd", "bwd", "decode")
 KEY_FAMILIES = FAMILIES + ("site",)
 VARIANTS = ("ptr", "tma", "fused")
 # the variants each family's space holds (tma: Hopper only)
-FAMILY_VARIANTS = {"fwd": ("ptr", "tma"), "bwd": ("ptr", "fused"), "decode": ("ptr",)}
+FAMILY_VARIANTS = {"fwd": ("ptr", "tma"), "bwd": ("ptr", "fused", "tma"), "decode": ("ptr",)}
 SMEM_BYTES = 227 * 1024  # largest shared memory one block may use on sm_90 (H100/H200)
 CACHE_VERSION = 1  # bump when the layout of autotune.json changes
 

@@ -35,6 +35,7 @@ from attn_compiler import autotune, kernels, reference
 from attn_compiler.testing import disagreement
 from attn_compiler.autotune import KernelConfig
 from attn_compiler.passes.analyze.spec import AttentionSpec
+from attn_compiler.templates import codegen
 
 log = logging.getLogger("attn_compiler")
 
@@ -110,8 +111,12 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
         # do not suit raises and the tuner drops them
         out += [dataclasses.replace(c, variant="tma") for c in out[:3]]
     if family == "bwd":
+        short = list(out)
         # the same tiles with dK/dV and dQ in one launch
-        out += [dataclasses.replace(c, variant="fused") for c in out[:4]]
+        out += [dataclasses.replace(c, variant="fused") for c in short[:4]]
+        if kernels.is_hopper(q) and codegen.tma_planes(spec):
+            # and with a learned bias read through tensor descriptors
+            out += [dataclasses.replace(c, variant="tma") for c in short[:4]]
     return out or [kernels.default_config(family, q)]
 
 

@@ -46,22 +46,35 @@ def default_config(family: str, q: torch.Tensor) -> autotune.KernelConfig:
 _allocator_set = False
 
 
-def _tma_ready(k: torch.Tensor, v: torch.Tensor) -> None:
-    """Check that K/V suit tensor descriptors (else ValueError: the tuner drops
-    the candidate) and give Triton the scratch allocator device-side
-    descriptors need (once, on first use of a "tma" config)."""
+def _tma_ready(spec: AttentionSpec, captured: Sequence[torch.Tensor], *kv: torch.Tensor) -> None:
+    """Check that the tensors a "tma" config reads through tensor descriptors
+    suit them: ``kv`` (K and V: the forward's) and the captured planes
+    (``codegen.tma_planes``: a learned bias), else ValueError (the tuner drops
+    the candidate); give Triton the scratch allocator device-side descriptors
+    need (once, on first use)."""
     global _allocator_set
-    for name, t in (("k", k), ("v", v)):
-        d, size = t.shape[-1], t.element_size()
+    for name, t in zip(("k", "v"), kv):
+        d = t.shape[-1]
         if t.stride(-1) != 1 or _pow2(d) != d:
             raise ValueError(f"tma variant: {name} needs a unit head-dim stride and a power-of-two head dim")
-        if any((st * size) % 16 for st in t.stride()[:-1]) or t.data_ptr() % 16:
-            raise ValueError(f"tma variant: {name} rows must be 16-byte aligned")
-    if k.is_cuda and not _allocator_set:
+        _check_rows_aligned(name, t, t.stride()[:-1])
+    for i in codegen.tma_planes(spec):
+        t = captured[i]
+        if t.stride(3) != 1:
+            raise ValueError(f"tma variant: captured tensor {i} needs a unit stride along the keys")
+        # only the axes the kernel indexes: broadcast (size-1) axes contribute no offset
+        _check_rows_aligned(f"captured tensor {i}", t, [st for n, st in zip(t.shape[:3], t.stride()[:3]) if n > 1])
+    if not _allocator_set and any(t.is_cuda for t in kv + tuple(captured)):
         import triton
 
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
         _allocator_set = True
+
+
+def _check_rows_aligned(name: str, t: torch.Tensor, strides) -> None:
+    size = t.element_size()
+    if any((st * size) % 16 for st in strides) or t.data_ptr() % 16:
+        raise ValueError(f"tma variant: {name} rows must be 16-byte aligned")
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> Optional[str]:
@@ -200,7 +213,7 @@ def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     grid = (triton_cdiv(Lq, bm), B * Hq)
     bmap = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn) if plan.mode == 3 else (lse, 0, 0, 0)
     if t.variant == "tma":
-        _tma_ready(k, v)
+        _tma_ready(spec, captured, k, v)
     mod.attention_fwd[grid](
         q, k, v, out, lse, *bmap, *captured_args(captured),
         *_strides(q), *_strides(k, True), *_strides(v, True), *_strides(out),
@@ -275,6 +288,12 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     even_q = Lk % bn2 == 0 and pow2_d
     bmap2 = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm2, bn2) if plan.mode == 3 else (lse2, 0, 0, 0)
     band = (plan.lo, plan.hi)
+    tma = t.variant == "tma"          # captured planes through tensor descriptors
+    if tma:
+        if not codegen.tma_planes(spec):
+            raise ValueError("tma variant: the backward reads no captured plane (the ptr variant is the same)")
+        _tma_ready(spec, captured)
+    launch["TMA"] = tma
     if t.variant == "fused" and bm2 == bn and bn2 == bm:
         nkv, nq = triton_cdiv(Lk, bn), triton_cdiv(Lq, bm2)
         grid = (nkv + nq * G * (B if broadcast else 1), Bk * Hkv)

@@ -88,6 +88,12 @@ def may_hold_fills(spec: AttentionSpec) -> bool:
                for i, c in enumerate(spec.captured))
 
 
+def tma_planes(spec: AttentionSpec) -> List[int]:
+    """Indices of the captured float tensors with both a query and a key axis."""
+    return [i for i, c in enumerate(spec.captured)
+            if c.dims[2] and c.dims[3] and c.dtype.startswith(("float", "bfloat"))]
+
+
 def unsupported_reason(spec: AttentionSpec) -> Optional[str]:
     """None when the Triton kernels can compute ``spec``, else why not."""
     return _unsupported_reason(spec.dumps())
@@ -138,6 +144,35 @@ class _Hooks:
         return "".join(", " + x for x in out)
 
     @property
+    def planes(self) -> List[int]:
+        """Captured float tensors with a query and a key axis (a learned bias):
+        the TMA variants read their (query, key) tiles through tensor
+        descriptors, so no tile of 64-bit addresses is held in registers."""
+        return tma_planes(self.spec)
+
+    def captured_args_x(self, grads: bool = False) -> str:
+        """``captured_params`` with each plane passed as its ``T{i}x`` (the
+        descriptor under TMA, else the pointer)."""
+        text = self.captured_params(grads)
+        for i in self.planes:
+            text = text.replace(f", T{i}, ", f", T{i}x, ")
+        return text
+
+    def descriptor_lines(self) -> List[str]:
+        """``T{i}x`` for each plane: a (BLOCK_M, BLOCK_N) tile descriptor of the
+        (Lq, Lk) plane of (off_b, off_h) under TMA, else the pointer."""
+        if not self.planes:
+            return ["pass"]
+        lines = ["if TMA:"]
+        for i in self.planes:
+            lines.append(f"    T{i}x = tl.make_tensor_descriptor(T{i} + off_b.to(tl.int64) * t{i}_sb + "
+                         f"off_h.to(tl.int64) * t{i}_sh, shape=[Lq, Lk], strides=[t{i}_sq, 1], "
+                         f"block_shape=[BLOCK_M, BLOCK_N])")
+        lines.append("else:")
+        lines += [f"    T{i}x = T{i}" for i in self.planes]
+        return lines
+
+    @property
     def grad_ids(self) -> List[int]:
         return [i for i, c in enumerate(self.spec.captured) if c.requires_grad]
 
@@ -145,14 +180,16 @@ class _Hooks:
         names = {f.func.__name__ for f in sympy.sympify(expr).atoms(AppliedUndef)}
         return [i for i in range(self.n_cap) if f"t{i}" in names]
 
-    def load_lines(self, ids: Sequence[int], orient: str = "row") -> List[str]:
+    def load_lines(self, ids: Sequence[int], orient: str = "row", tma: bool = False) -> List[str]:
         """Loads of captured tensors, each by its broadcast strides (a stride-0
         axis is not indexed at all, so a padding mask loads one row).
 
         ``orient`` "col" is the dK/dV kernel's transposed tile (key rows, query
         columns): a tensor with both a query and a key axis is then read as a
         (query, key) tile along its contiguous key axis and transposed in
-        registers, not gathered column by column."""
+        registers, not gathered column by column.  ``tma``: planes (see
+        ``planes``) are read through their descriptor when the kernel's TMA
+        flag is set."""
         lines = []
         for i in ids:
             c = self.spec.captured[i]
@@ -173,7 +210,13 @@ class _Hooks:
             load = f"tl.load({ptr}{mask})"
             if plane:
                 load = f"tl.trans({load})"
-            lines.append(f"t{i} = {load}{conv}")
+            if tma and i in self.planes:
+                # the tile's origin: (TILE0, start_n) row-wise, (start_m, TILE0) in dK/dV
+                desc = (f"tl.trans(T{i}.load([start_m, TILE0]))" if orient == "col"
+                        else f"T{i}.load([TILE0, start_n])")
+                lines += ["if TMA:", f"    t{i} = {desc}{conv}", "else:", f"    t{i} = {load}{conv}"]
+            else:
+                lines.append(f"t{i} = {load}{conv}")
         return lines
 
     # -- forward score -------------------------------------------------------
@@ -201,7 +244,7 @@ class _Hooks:
             return 'float("-inf")'
         return repr(max(fill * LOG2E, -_FLT_MAX))
 
-    def tile_loads(self, kind: str, bwd: bool = False, orient: str = "row") -> List[str]:
+    def tile_loads(self, kind: str, bwd: bool = False, orient: str = "row", tma: bool = True) -> List[str]:
         """Loads of the captured tensors a tile reads, issued before Q·Kᵀ so
         their latency hides behind the matmul (the backward's also cover the
         derivatives)."""
@@ -211,7 +254,7 @@ class _Hooks:
             ids |= set(self.used_captured(sympy.diff(expr, score)))
             for i in self.grad_ids:
                 ids |= set(self.used_captured(sympy.diff(expr, spec_mod.captured_call(i))))
-        return self.load_lines(sorted(ids), orient)
+        return self.load_lines(sorted(ids), orient, tma)
 
     def keep_lines(self) -> List[str]:
         """``keep``: the mask predicate of a tile (int1), for the block map."""
@@ -311,8 +354,13 @@ def _hooks_for(family: str, h: _Hooks) -> Dict[str, object]:
         "CAPTURED_ARGS_GRAD": h.captured_params(grads=True),
         "SCORE_PARTIAL": h.score_lines("PARTIAL"),
         "SCORE_FULL": h.score_lines("FULL"),
-        "LOADS_PARTIAL": h.tile_loads("PARTIAL"),
-        "LOADS_FULL": h.tile_loads("FULL"),
+        "LOADS_PARTIAL": h.tile_loads("PARTIAL", tma=False),
+        "LOADS_FULL": h.tile_loads("FULL", tma=False),
+        "LOADS_PARTIAL_FWD": h.tile_loads("PARTIAL"),
+        "LOADS_FULL_FWD": h.tile_loads("FULL"),
+        "CAPTURED_DESCRIPTORS": h.descriptor_lines(),
+        "CAPTURED_ARGS_X": h.captured_args_x(),
+        "CAPTURED_ARGS_GRAD_X": h.captured_args_x(grads=True),
         "LOADS_PARTIAL_BWD": h.tile_loads("PARTIAL", bwd=True),
         "LOADS_FULL_BWD": h.tile_loads("FULL", bwd=True),
         "LOADS_PARTIAL_COL": h.tile_loads("PARTIAL", bwd=True, orient="col"),

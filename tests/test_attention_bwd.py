@@ -244,3 +244,21 @@ def test_fused_launch_equals_two_launches(case):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     if case == "bias_grad":
         check_backward(q, k, v, caps, spec, config=KernelConfig(16, 32, 4, 1, "fused"))
+
+
+def test_tma_variant_reads_the_bias_through_descriptors():
+    """The backward's "tma" variant (bias tiles through tensor descriptors, in
+    dK/dV transposed) gives the pointer path's gradients; a spec without a
+    captured plane refuses it (nothing would differ)."""
+    q, k, v = qkv(B=2, Hq=2, Lq=37, Lk=40, seed=36)
+    bias = randn(1, 2, 37, 40, seed=7)
+    spec = make_spec(causal_mod(score + T0), captured=[captured_spec(".HQK", grad=True)])
+    out, lse = kernels.forward(q, k, v, [bias], spec, None, config=TILE_16x32)
+    dout = randn(out.shape, seed=13)
+    ptr = kernels.backward(dout, q, k, v, [bias], out, lse, spec, None, config=TILE_16x32)
+    tma = kernels.backward(dout, q, k, v, [bias], out, lse, spec, None, config=KernelConfig(16, 32, 4, 1, "tma"))
+    for a, b in zip([*ptr[:3], *ptr[3]], [*tma[:3], *tma[3]], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="tma variant"):
+        kernels.backward(dout, q, k, v, [], out, lse, make_spec(causal_mod()), None,
+                         config=KernelConfig(16, 32, 4, 1, "tma"))

@@ -278,3 +278,13 @@ def test_tma_variant_matches_and_refuses_unsuited_layouts():
     k_t = k.transpose(-1, -2).contiguous().transpose(-1, -2)          # head-dim stride != 1
     with pytest.raises(ValueError, match="tma variant"):
         kernels.forward(q, k_t, v, [], spec, None, tma)
+    # a learned bias (1, H, Lq, Lk) is read through its own descriptor
+    q, k, v = qkv(B=2, Hq=2, Lq=45, Lk=72, Dh=32, seed=22)
+    bias = randn(1, 2, 45, 72, seed=6)
+    spec = make_spec(causal_mod(score + T0), captured=[captured_spec(".HQK")])
+    ours, lse = kernels.forward(q, k, v, [bias], spec, None, tma)
+    ref, ref_lse = kernels.forward(q, k, v, [bias], spec, None, KernelConfig(16, 32, 4, 2))
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="captured tensor 0"):    # rows of 45 floats: not 16-byte aligned
+        kernels.forward(q, k, v, [randn(1, 2, 72, 45, seed=6).transpose(-1, -2)], spec, None, tma)
