@@ -244,17 +244,35 @@ class _Hooks:
             return 'float("-inf")'
         return repr(max(fill * LOG2E, -_FLT_MAX))
 
-    def tile_loads(self, kind: str, bwd: bool = False, orient: str = "row", tma: bool = True) -> List[str]:
-        """Loads of the captured tensors a tile reads, issued before Q·Kᵀ so
-        their latency hides behind the matmul (the backward's also cover the
-        derivatives)."""
+    def _tile_ids(self, kind: str, bwd: bool) -> set:
         expr = self.spec.score_mod if kind == "PARTIAL" else self.kept
         ids = set(self.used_captured(expr))
         if bwd:
             ids |= set(self.used_captured(sympy.diff(expr, score)))
             for i in self.grad_ids:
                 ids |= set(self.used_captured(sympy.diff(expr, spec_mod.captured_call(i))))
+        return ids
+
+    def _invariant(self, i: int, orient: str) -> bool:
+        """Whether captured tensor ``i`` is the same for every tile of a block
+        walk: no key axis when the walk steps over keys ("row": forward, dQ,
+        decode), no query axis when it steps over queries ("col": dK/dV)."""
+        dims = self.spec.captured[i].dims
+        return not (dims[3] if orient == "row" else dims[2])
+
+    def tile_loads(self, kind: str, bwd: bool = False, orient: str = "row", tma: bool = True) -> List[str]:
+        """Loads of the captured tensors a tile reads, issued before Q·Kᵀ so
+        their latency hides behind the matmul (the backward's also cover the
+        derivatives); those the walk does not change are in ``walk_loads``."""
+        ids = {i for i in self._tile_ids(kind, bwd) if not self._invariant(i, orient)}
         return self.load_lines(sorted(ids), orient, tma)
+
+    def walk_loads(self, bwd: bool = False, orient: str = "row") -> List[str]:
+        """Loads, once before a block walk, of the captured tensors that are the
+        same for all its tiles (a per-head ALiBi slope, a per-query vector in
+        the forward, a key padding mask in dK/dV)."""
+        ids = self._tile_ids("PARTIAL", bwd) | self._tile_ids("FULL", bwd)
+        return self.load_lines(sorted(i for i in ids if self._invariant(i, orient)), orient) or ["pass"]
 
     def keep_lines(self) -> List[str]:
         """``keep``: the mask predicate of a tile (int1), for the block map."""
@@ -359,6 +377,9 @@ def _hooks_for(family: str, h: _Hooks) -> Dict[str, object]:
         "LOADS_PARTIAL_FWD": h.tile_loads("PARTIAL"),
         "LOADS_FULL_FWD": h.tile_loads("FULL"),
         "CAPTURED_DESCRIPTORS": h.descriptor_lines(),
+        "LOADS_WALK": h.walk_loads(),
+        "LOADS_WALK_BWD": h.walk_loads(bwd=True),
+        "LOADS_WALK_COL": h.walk_loads(bwd=True, orient="col"),
         "CAPTURED_ARGS_X": h.captured_args_x(),
         "CAPTURED_ARGS_GRAD_X": h.captured_args_x(grads=True),
         "LOADS_PARTIAL_BWD": h.tile_loads("PARTIAL", bwd=True),

@@ -56,6 +56,7 @@ def test_dynamic_lengths_reuse_one_tuning():
     attn_compiler.reset()
     model = SoftcapCausal()
     compiled = torch.compile(model, backend=attn_compiler.backend(), dynamic=True)
+    before = set(dispatch.tunings())          # tunings are per process: other tests' stay
     with dispatch.implementation("triton"):
         for L in (300, 301, 317, 500):
             args = _inputs(L=L, grad=False)
@@ -63,7 +64,7 @@ def test_dynamic_lengths_reuse_one_tuning():
             golden = model(*[a.double() for a in args])
             golden_check(out, model(*args), golden, name=f"L={L}")
     # lengths 300..500 share the 512 bucket: one tuning for all of them
-    keys = [k for k in dispatch.tunings() if k.startswith("fwd|") and " d128 " in k and "bh16 " in k]
+    keys = [k for k in set(dispatch.tunings()) - before if k.startswith("fwd|") and " d128 " in k]
     buckets = {k.split("|")[2] for k in keys}
     assert buckets and all("lq512 lk512" in b for b in buckets), buckets
 
