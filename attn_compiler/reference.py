@@ -335,8 +335,9 @@ def _backward_rows(pb: _Problem, m0, m1, rows, dk, dv, dcap, skip):
     qg = _grouped(pb.q[:, :, m0:m1], pb, M, cd)                   # (B, Hkv, G*M, D)
     dog = _grouped(dout_b, pb, M, cd)                             # (B, Hkv, G*M, Dv)
     dqg = torch.zeros(qg.shape, dtype=cd, device=qg.device)
-    # [Note: huge fills] lse = m + log l cannot hold log l when |m| ~ finfo.min
-    # (a row of fills only); such rows get (m, l) recomputed exactly.
+    # [Note: huge fills] lse = m + log l cannot hold log l when |m| is large
+    # (a row of fills only: finfo.min, -1e9, -1e4); such rows get (m, l)
+    # recomputed exactly.
     huge = (lse_b.abs() > _HUGE_LSE) & torch.isfinite(lse_b)
     stats = _row_stats(pb, qg, m0, m1, skip) if bool(huge.any()) else None
     for n0 in range(0, pb.Lk, pb.bn):
@@ -367,7 +368,11 @@ def _backward_rows(pb: _Problem, m0, m1, rows, dk, dv, dcap, skip):
     return _ungrouped(dqg, pb, M)
 
 
-_HUGE_LSE = 1.0e30  # |lse| beyond this is a fill-only row (see the note in _backward_rows)
+# |lse| beyond this: a row of fills, whose lse = m + log l lost log l to
+# float32 rounding (spacing 2**-15 at 256, 64 at 1e9, so P = exp(z - lse) would
+# be off); such rows get (m, l) recomputed (see the note in _backward_rows).
+# The generated backward uses the same bound.
+_HUGE_LSE = 256.0
 
 
 def _row_stats(pb: _Problem, qg, m0, m1, skip):

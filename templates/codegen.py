@@ -43,6 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import sympy
 from sympy.core.function import AppliedUndef
 
+from attn_compiler import reference
 from attn_compiler.passes.analyze import spec as spec_mod
 from attn_compiler.templates.printer import TritonPrinter, Unsupported  # noqa: F401  (re-exported)
 from attn_compiler.passes.analyze.spec import (
@@ -222,27 +223,25 @@ class _Hooks:
     # -- forward score -------------------------------------------------------
     def score_lines(self, kind: str) -> List[str]:
         """Lines computing z2 from qk (the captured tensors are loaded by
-        ``tile_loads``)."""
+        ``tile_loads``): z * log2(e), or z itself when finite fills may reach
+        the softmax ([Note: finite fills] in the common template)."""
         expr = self.spec.score_mod if kind == "PARTIAL" else self.kept
+        qk_scaled = "qk * SCALE" if self.finite_fill else "qk * SCALE2"
         if self.pure_mask and kind == "FULL":
-            return ["z2 = qk * SCALE2"]
+            return [f"z2 = {qk_scaled}"]
         if self.pure_mask:
             keep = self.pr(self.spec.mask_predicate)
-            return [f"z2 = tl.where({keep} != 0, qk * SCALE2, {self._fill2()})"]
+            return [f"z2 = tl.where({keep} != 0, {qk_scaled}, {self._fill2()})"]
         lines = ["score = qk * SCALE", f"z = {self.pr(expr)}"]
-        if self.finite_fill:
-            # [Note: finite fills] finfo.min * log2(e) overflows to -inf; clamp
-            # to -FLT_MAX so a row of fills stays uniform, as eager's softmax.
-            lines.append(f"z2 = tl.where(z == float('-inf'), z, tl.maximum(z * {LOG2E!r}, {-_FLT_MAX!r}))")
-        else:
-            lines.append(f"z2 = z * {LOG2E!r}")
+        lines.append("z2 = z" if self.finite_fill else f"z2 = z * {LOG2E!r}")
         return lines
 
     def _fill2(self) -> str:
+        """The mask's fill in z2 units."""
         fill = self.spec.mask_fill
         if fill is None or fill == -math.inf:
             return 'float("-inf")'
-        return repr(max(fill * LOG2E, -_FLT_MAX))
+        return repr(float(fill)) if self.finite_fill else repr(max(fill * LOG2E, -_FLT_MAX))
 
     def _tile_ids(self, kind: str, bwd: bool) -> set:
         expr = self.spec.score_mod if kind == "PARTIAL" else self.kept
@@ -388,6 +387,7 @@ def _hooks_for(family: str, h: _Hooks) -> Dict[str, object]:
         "LOADS_FULL_COL": h.tile_loads("FULL", bwd=True, orient="col"),
         "DROPOUT_THRESHOLD": h.threshold() if h.has_dropout() else 0,
         "FINITE_FILL": bool(h.finite_fill),
+        "FILL_LSE": repr(float(reference._HUGE_LSE)),
         "KEEP": h.keep_lines(),
     }
     if family == "bwd":

@@ -196,10 +196,13 @@ def test_neginf_fully_masked_rows_band():
     _check_fully_masked(q, k, v, [], spec)
 
 
-def test_additive_finfo_min_mask_fully_masked_row():
-    """Fed the reference forward's out/lse, so only the backward is under test."""
+@pytest.mark.parametrize("fill", [F32_MIN, -1e9], ids=["finfo_min", "minus_1e9"])
+def test_additive_finfo_min_mask_fully_masked_row(fill):
+    """Fed the reference forward's out/lse, so only the backward is under test.
+    A -1e9 fill also hides log l in the row's lse (float32 spacing 64 there):
+    such rows are recomputed too, else their P would be 1, not 1/Lk."""
     q, k, v = qkv(Lq=37, Lk=45, seed=16)
-    add = torch.where(padding_keep(2, 45, full_row=True), 0.0, F32_MIN)
+    add = torch.where(padding_keep(2, 45, full_row=True), 0.0, fill)
     spec = make_spec(score + T0, captured=[captured_spec("B..K")])
     out, lse = reference.attention_forward(q, k, v, [add], spec, None)
     dout = randn(out.shape, seed=4)
@@ -208,6 +211,13 @@ def test_additive_finfo_min_mask_fully_masked_row():
     for a, b in zip(ours[:3], want[:3], strict=True):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # and eager's own softmax backward (in the same float32, where -1e9 + score
+    # rounds to -1e9): the uniform rows pass 1/Lk of dO to V
+    qe, ke, ve = (t.clone().requires_grad_() for t in (q, k, v))
+    s_e = (qe @ ke.transpose(-1, -2)) / q.shape[-1] ** 0.5 + add
+    torch.softmax(s_e, -1).matmul(ve).backward(dout)
+    for a, g in zip(ours[:3], (qe.grad, ke.grad, ve.grad), strict=True):
+        torch.testing.assert_close(a, g, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["causal_gqa", "bias_grad", "padding_map", "kv_broadcast", "window_dropout"])

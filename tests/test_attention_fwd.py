@@ -184,14 +184,16 @@ def _general(keep, fill=-sympy.oo):
 ], ids=["causal", "window", "offset_causal"])
 def test_block_skipping_changes_no_bit(lq, lk, keep):
     """A skipped block adds exactly nothing and a FULL block only drops mask
-    work: the band walk (MODE 1), the block map (MODE 3) and every block
-    PARTIAL (MODE 2, a finite fill) give bit-identical out and lse."""
+    work: the band walk (MODE 1) and the block map (MODE 3) give bit-identical
+    out and lse; every block PARTIAL (MODE 2, a finite fill) the same up to
+    rounding (its scores stay in natural units: [Note: finite fills])."""
     specs = [make_spec(masked(keep)), make_spec(_general(keep)), make_spec(_general(keep, F32_MIN))]
     assert [kernels.mask_plan(s, lq, lk).mode for s in specs] == [1, 3, 2]
     q, k, v = qkv(Lq=lq, Lk=lk, seed=8)
     (o1, l1), (o3, l3), (o2, l2) = (kernels.forward(q, k, v, [], s, config=TILE_16) for s in specs)
-    assert torch.equal(o1, o3) and torch.equal(o1, o2)
-    assert torch.equal(l1, l3) and torch.equal(l1, l2)
+    assert torch.equal(o1, o3) and torch.equal(l1, l3)
+    torch.testing.assert_close(o2, o1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(l2, l1, rtol=1e-6, atol=1e-6)
     eager, _, golden, _ = references_forward(q, k, v, [], specs[0])
     golden_check(o1, eager, golden, name="band")
 
@@ -209,11 +211,12 @@ def test_block_map_of_a_padding_mask():
     m, sb, sh, sm = kernels.block_map(mod, spec, [keep], B, 2, Lq, Lk, 16, 16)
     assert m.shape == (B, 1, 1, 4) and sh == 0 and sm == 0 and sb == m.stride(0)
     assert m.flatten(1).tolist() == [[2, 2, 1, 0], [0, 2, 2, 1]]
-    # and the forward that walks it: bit-identical to the finite-fill (MODE 2) walk
+    # and the forward that walks it: the finite-fill (MODE 2) walk up to rounding
     q, k, v = qkv(B=B, Lq=Lq, Lk=Lk, seed=13)
     out, _, _ = check_forward(q, k, v, [keep], spec, config=TILE_16)
     fill = make_spec(padding_mod(fill=sympy.Float(F32_MIN)), captured=[captured_spec("B..K", "bool")])
-    assert torch.equal(out, kernels.forward(q, k, v, [keep], fill, config=TILE_16)[0])
+    torch.testing.assert_close(out, kernels.forward(q, k, v, [keep], fill, config=TILE_16)[0],
+                               rtol=1e-6, atol=1e-6)
 
 
 # ---- dropout -------------------------------------------------------------------------
