@@ -209,18 +209,25 @@ TUNE_COLUMNS = ("#", "pass", "candidates", "choice", "TFLOP/s", "% peak", "vs or
 PEAK_TFLOPS = 798.0   # dense bf16 matmul measured on the H200 (ENVIRONMENT.md)
 
 
+BWD_FACTOR = 2.5   # backward FLOPs / forward FLOPs (dQ, dK, dV and the recomputed scores)
+
+
+def attention_flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool, bwd: bool) -> float:
+    """The FLOPs TFLOP/s figures count (here and in bench/): 4·B·H·Lq·Lk·D for
+    the forward (Q·Kᵀ and P·V), halved under a causal mask; ×3.5 with the backward."""
+    fwd = 4.0 * B * H * Lq * Lk * D * (0.5 if causal else 1.0)
+    return fwd * (1.0 + BWD_FACTOR) if bwd else fwd
+
+
 def site_flops(f: Mapping[str, Any]) -> Optional[float]:
-    """4·B·H·Lq·Lk·D (half under a causal mask), ×3.5 with the backward."""
+    """``attention_flops`` of a fused site's features (None without shapes)."""
     shapes = f.get("shapes") or {}
     try:
         B, H, Lq, D = (int(x) for x in shapes["q"])
         Lk = int(shapes["k"][2])
     except (KeyError, TypeError, ValueError):
         return None
-    flops = 4.0 * B * H * Lq * Lk * D
-    if str(f.get("mask", "")).startswith("causal"):
-        flops /= 2
-    return flops * (3.5 if f.get("training") else 1.0)
+    return attention_flops(B, H, Lq, Lk, D, str(f.get("mask", "")).startswith("causal"), bool(f.get("training")))
 
 
 def _tune_row(i: int, site: Site) -> List[str]:

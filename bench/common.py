@@ -40,8 +40,10 @@ from results import (
     Results,
 )
 
+# one FLOP count for the benchmarks and the site report
+from attn_compiler.report import BWD_FACTOR, attention_flops  # noqa: E402,F401
+
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5, torch.float64: 1e-10}
-BWD_FACTOR = 2.5           # backward FLOPs / forward FLOPs (dQ, dK, dV, and the recomputed scores)
 
 # SDPA's words for "no backend can run this case": unsupported, not broken.
 _UNSUPPORTED_HINTS = ("No available kernel", "No viable backend")
@@ -51,12 +53,6 @@ _FATAL_HINTS = ("illegal memory access", "device-side assert", "unspecified laun
 
 
 # ---- physics -------------------------------------------------------------------
-
-def attention_flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool, bwd: bool) -> float:
-    """4·B·H·Lq·Lk·D for the forward (QKᵀ and PV), halved when causal; ×3.5 with the backward."""
-    fwd = 4.0 * B * H * Lq * Lk * D * (0.5 if causal else 1.0)
-    return fwd * (1.0 + BWD_FACTOR) if bwd else fwd
-
 
 def kv_bytes(B: int, Lk: int, Hkv: int, D: int, itemsize: int = 2) -> float:
     """Bytes of K and V a decode step must read once: 2·B·Lk·Hkv·D·itemsize."""
