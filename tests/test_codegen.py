@@ -333,3 +333,42 @@ def test_templates_cli_prints_a_kernel(capsys):
     assert "def attention_fwd" in capsys.readouterr().out
     assert main(["--mask", "sideways"]) == 2
     assert "unknown mask" in capsys.readouterr().err
+
+
+def _walk(source: str, func: str, loop: str) -> tuple[str, str]:
+    """(code before the block loop, the loop's body) of a generated block function."""
+    body = source[source.index(f"def {func}("):]
+    body = body[:body.index("\n\n\n")]
+    i = body.index(loop)
+    return body[:i], body[i:]
+
+
+def test_walk_invariant_tensors_load_once_per_walk():
+    """A per-head slope (ALiBi) is read once before the KV walk, not per tile;
+    a learned bias (q and k axes) per tile; in dK/dV (walking queries) a key
+    padding mask is the invariant one."""
+    slope = CapturedTensor((False, True, False, False), "float32")
+    alibi = _spec(sympy.Piecewise((score + captured_call(0) * (kv_idx - q_idx), kv_idx <= q_idx), (-oo, True)),
+                  captured=[slope])
+    before, loop = _walk(codegen.generate("fwd", alibi).source, "_fwd_blocks", "for start_n in range")
+    assert "t0 = tl.load(T0" in before and "t0 = tl.load(" not in loop
+    before, loop = _walk(codegen.generate("fwd", _spec(CAUSAL + captured_call(0), captured=[BIAS_GRAD])).source,
+                         "_fwd_blocks", "for start_n in range")
+    assert "t0 = " not in before and "t0 = tl.load(" in loop and "T0.load([TILE0, start_n])" in loop
+    pad = CapturedTensor((True, False, False, True), "bool")
+    padded = _spec(sympy.Piecewise((score, sympy.Ne(captured_call(0), 0)), (-oo, True)), captured=[pad])
+    before, loop = _walk(codegen.generate("bwd", padded).source, "_dkdv_blocks", "for start_m in range")
+    assert "t0 = tl.load(T0" in before and "t0 = tl.load(" not in loop
+    before, loop = _walk(codegen.generate("bwd", padded).source, "_dq_blocks", "for start_n in range")
+    assert "t0 = " not in before and "t0 = tl.load(" in loop
+
+
+def test_finite_fill_scores_stay_in_natural_units():
+    """[Note: finite fills]: with a float tensor added to the score (an HF
+    additive mask may hold finfo.min) z2 is z, exponentiated as (z2 - m)·log2 e;
+    without one, z2 = z·log2 e and no per-score clamp exists either way."""
+    fills = codegen.generate("fwd", _spec(score + captured_call(0), captured=[BIAS_GRAD])).source
+    plain = codegen.generate("fwd", _spec(sympy.tanh(score))).source
+    assert "z2 = z\n" in fills and "FINITE_FILL = tl.constexpr(True)" in fills
+    assert "z2 = z * 1.44" in plain and "FINITE_FILL = tl.constexpr(False)" in plain
+    assert "tl.maximum(z *" not in fills + plain
