@@ -80,6 +80,8 @@ def make_inputs(case: Case, device, seed: int = 0) -> Inputs:
         extra = impls.alibi_slopes(case.H, device)
     elif case.variant == "bias":
         extra = randn(1, case.H, case.N, case.N)
+    elif case.variant == "padding":
+        extra = impls.padding_mask(case.B, case.N, case.dtype, device)
     return Inputs(randn(*shape), randn(*shape), randn(*shape), randn(*shape, grad=False), extra)
 
 
@@ -93,6 +95,7 @@ def golden(case: Case, x: Inputs, grads: bool) -> dict[str, torch.Tensor]:
 
     q, k, v = f64(x.q), f64(x.k), f64(x.v)
     bias = f64(x.extra) if case.variant == "bias" else None
+    pad = x.extra.to(torch.float64) if case.variant == "padding" else None
     slopes = x.extra.to(torch.float64) if case.variant == "alibi" else None
     out = torch.empty_like(q, requires_grad=False)
     rows = max(1, min(case.N, (1 << 26) // (case.B * case.H * case.N)))   # 512 MiB of fp64 scores
@@ -100,7 +103,7 @@ def golden(case: Case, x: Inputs, grads: bool) -> dict[str, torch.Tensor]:
     for m0 in range(0, case.N, rows):
         m1 = min(case.N, m0 + rows)
         qi = torch.arange(m0, m1, device=q.device)[:, None]                  # (rows, 1)
-        add = slopes * (kv - qi) if slopes is not None else bias[:, :, m0:m1] if bias is not None else None
+        add = slopes * (kv - qi) if slopes is not None else bias[:, :, m0:m1] if bias is not None else pad
         o = reference_attention(q[:, :, m0:m1], k, v, softcap=impls.SOFTCAP if case.variant == "softcap" else None,
                                 bias=add, mask=(kv <= qi) if case.causal else None)
         if grads:
@@ -135,6 +138,9 @@ def _sdpa(backend: str) -> Callable[[Case, Inputs], common.Impl]:
             if above is not None:
                 mask = mask.masked_fill(above, float("-inf"))
             mask = mask.to(case.dtype)
+
+        if case.variant == "padding":                    # (B, 1, 1, N), or (B, 1, N, N) with the causal -inf
+            mask = x.extra if above is None else torch.where(above, float("-inf"), x.extra)
 
         def forward():
             m = mask
@@ -182,6 +188,11 @@ def _flex(case: Case, x: Inputs) -> common.Impl:
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bias[0, h, q_idx, kv_idx]
+    elif case.variant == "padding":
+        pad = x.extra.view(case.B, case.N)               # (B, N) additive
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + pad[b, kv_idx]
     block_mask = (create_block_mask(causal, None, None, case.N, case.N, device=x.q.device)
                   if case.causal else None)
     compiled = torch.compile(flex_attention, dynamic=False)
@@ -299,7 +310,7 @@ def parse_args(argv=None):
     ap.add_argument("--only", help=f"comma list of implementations (default all: {','.join(IMPLS)})")
     ap.add_argument("--shapes", help="comma list of BxHxNxD, replacing the grid (e.g. 4x16x4096x128)")
     ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
-    ap.add_argument("--variants", default="softcap,alibi,bias",
+    ap.add_argument("--variants", default="softcap,alibi,bias,padding",
                     help="comma list of score variants, or 'none'; run causal at 4x16x4096x128 "
                          "(at the first of --shapes when given)")
     ap.add_argument("--passes", default="fwd,fwd+bwd")

@@ -8,6 +8,8 @@ Score variants (``variant``), all after the 1/sqrt(D) scale:
     softcap  z = 50·tanh(score / 50)                     (Gemma-2)
     alibi    z = score + slope_h·(kv_idx − q_idx)        slope_h = 2^(−8(h+1)/H)
     bias     z = score + bias[0, h, q_idx, kv_idx]       learned, (1, H, Lq, Lk), gets dBias
+    padding  z = score + mask[b, 0, 0, kv_idx]           Hugging Face's additive key padding:
+                                                         0 or finfo(dtype).min, (B, 1, 1, Lk)
 
 ``causal`` masks kv_idx > q_idx with −inf on top of any variant.
 """
@@ -19,8 +21,18 @@ import math
 import torch
 from torch import nn
 
-VARIANTS = ("none", "softcap", "alibi", "bias")
+VARIANTS = ("none", "softcap", "alibi", "bias", "padding")
 SOFTCAP = 50             # Gemma-2's attention logit cap
+
+
+def padding_mask(B: int, N: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(B, 1, 1, N) additive mask as Hugging Face builds it: 0 where a key is
+    kept, finfo(dtype).min where it is padding; batch b pads its last
+    b·N/(2B) keys (batch 0 none)."""
+    pad = torch.arange(B, device=device)[:, None] * N // (2 * B)            # (B, 1)
+    padded = torch.arange(N, device=device)[None, :] >= N - pad              # (B, N)
+    mask = torch.zeros(B, 1, 1, N, dtype=dtype, device=device)
+    return mask.masked_fill_(padded[:, None, None, :], torch.finfo(dtype).min)
 
 
 def alibi_slopes(H: int, device) -> torch.Tensor:
@@ -60,7 +72,7 @@ class HandWrittenAttention(nn.Module):
         elif self.variant == "alibi":
             rel = torch.arange(Lk, device=s.device)[None, :] - torch.arange(Lq, device=s.device)[:, None]
             s = s + extra * rel                                      # (1, H, 1, 1) * (Lq, Lk)
-        elif self.variant == "bias":
+        elif self.variant in ("bias", "padding"):
             s = s + extra
         if self.causal:
             keep = torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).tril()
@@ -127,6 +139,9 @@ def ours_spec(causal: bool, variant: str, dtype: torch.dtype, gqa_group: int = 1
     elif variant == "bias":
         z = score + captured_call(0)
         captured = (CapturedTensor((False, True, True, True), name, requires_grad=True),)
+    elif variant == "padding":
+        z = score + captured_call(0)
+        captured = (CapturedTensor((True, False, False, True), name),)
     if causal:
         z = sympy.Piecewise((-sympy.oo, kv_idx - q_idx > 0), (z, True))
     spec = AttentionSpec(score_mod=z, scale=1 / sympy.sqrt(D), captured=captured, gqa_group=gqa_group,

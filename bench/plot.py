@@ -7,7 +7,7 @@ Writes beside the rows (only the rows with status ok are drawn):
 - ``attention_tflops.png``: TFLOP/s against N per implementation, one panel
   per (head dim, mask, pass), plain scores only;
 - ``attention_memory.png``: peak MiB of fwd+bwd against N (log scale);
-- ``attention_variants.png``: TFLOP/s of the score variants (softcap, ALiBi,
+- ``attention_variants.png``: TFLOP/s of the score variants (softcap, ALiBi, padding,
   learned bias), bars per implementation;
 - ``decode_gbps.png``: GB/s of K/V read per decode case, bars per implementation,
   with the card's copy rate drawn across.
