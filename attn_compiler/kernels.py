@@ -125,6 +125,7 @@ class MaskPlan:
     has_lo: bool = False
     has_hi: bool = False
     empty_rows: bool = False     # a band that leaves some query row no key at all
+    fill_rows: bool = False      # block map of a finite-fill mask: see attention_block_map
 
 
 def mask_plan(spec: AttentionSpec, lq: int, lk: int) -> MaskPlan:
@@ -140,9 +141,10 @@ def _mask_plan(text: str, lq: int, lk: int) -> MaskPlan:
         return MaskPlan(0)
     band = codegen.band_of(spec)
     if band is None:
-        # a tensor or other predicate: a block map skips dropped tiles, unless a
-        # finite fill must stay in the softmax (a row of fills is uniform)
-        return MaskPlan(2 if spec.has_finite_fill else 3)
+        # a tensor or other predicate: a block map skips dropped tiles; with a
+        # finite fill only where every row of the query block keeps some key (a
+        # row of fills only is uniform over every key, as in eager)
+        return MaskPlan(3, fill_rows=spec.has_finite_fill)
     lo, hi = band.at(lq, lk)
     # row q keeps [max(0, q+lo), min(lk-1, q+hi)]; the rows keeping nothing sit
     # at the two ends, so the end rows tell whether any exists
@@ -182,7 +184,8 @@ def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: 
     m = torch.empty((nb, nh, nm, triton_cdiv(Lk, bn)), dtype=torch.int8, device=dev)
     sb, sh, sm = (m.stride(0) if ub else 0), (m.stride(1) if uh else 0), (m.stride(2) if uq else 0)
     mod.attention_block_map[(nm, nb * nh)](m, sb, sh, sm, nb, nh, *captured_args(captured), Lq, Lk,
-                                            BLOCK_M=bm, BLOCK_N=bn)
+                                            BLOCK_M=bm, BLOCK_N=bn,
+                                            FILL_ROWS=mask_plan(spec, Lq, Lk).fill_rows)
     return m, sb, sh, sm
 
 

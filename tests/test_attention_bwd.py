@@ -15,6 +15,7 @@ import sympy
 import torch
 
 from attn_compiler import kernels, reference
+from attn_compiler.templates import codegen
 from attn_compiler.autotune import KernelConfig
 from attn_compiler.passes.analyze.spec import captured_call
 from kernel_checks import (
@@ -273,3 +274,39 @@ def test_tma_variant_reads_the_bias_through_descriptors():
     with pytest.raises(ValueError, match="tma variant"):
         kernels.backward(dout, q, k, v, [], out, lse, make_spec(causal_mod()), None,
                          config=KernelConfig(16, 32, 4, 1, "tma"))
+
+
+def test_causal_padding_finite_fill_block_map():
+    """Hugging Face's eager mask as the analyzer reads it: causal and a key
+    padding tensor, masked scores + finfo.min.  The block map skips dropped
+    tiles (MODE 3), except in query blocks with a row of fills only (left
+    padding: rows 0-2 of batch 1), which stay uniform; fed the reference's
+    out/lse and compared with it, then the whole forward+backward with eager."""
+    B, L = 2, 45
+    q, k, v = qkv(B=B, Lq=L, Lk=L, seed=37)
+    keep = torch.ones(B, 1, 1, L, dtype=torch.bool, device=q.device)
+    keep[1, ..., :3] = False
+    mod = masked(sympy.And(kv_idx <= q_idx, sympy.Ne(T0, 0)), fill=score + F32_MIN)
+    spec = make_spec(mod, captured=[captured_spec("B..K", "bool")])
+    assert kernels.mask_plan(spec, L, L) == kernels.MaskPlan(3, fill_rows=True)
+    tiles = kernels.block_map(codegen.load("fwd", spec), spec, [keep], B, 2, L, L, 16, 16)[0]
+    assert (tiles[0] == 0).any() and (tiles[1, :, 0] > 0).all()   # skips, but not beside rows of fills
+    out, lse = reference.attention_forward(q, k, v, [keep], spec, None)
+    ours_out, ours_lse = kernels.forward(q, k, v, [keep], spec, None, config=TILE_16)
+    torch.testing.assert_close(ours_out, out, rtol=1e-5, atol=1e-6)
+    dout = randn(out.shape, seed=6)
+    ours = kernels.backward(dout, q, k, v, [keep], out, lse, spec, None, config=TILE_16)
+    want = reference.attention_backward(dout, q, k, v, [keep], out, lse, spec, None)
+    for a, b in zip(ours[:3], want[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # eager, in float32 (where score + finfo.min rounds to finfo.min)
+    qe, ke, ve = (t.clone().requires_grad_() for t in (q, k, v))
+    s_e = (qe @ ke.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    allowed = torch.ones(L, L, dtype=torch.bool, device=q.device).tril() & keep
+    s_e = torch.where(allowed, s_e, s_e + F32_MIN)
+    p_e = torch.softmax(s_e, -1)
+    assert torch.allclose(p_e[1, :, :3], torch.full_like(p_e[1, :, :3], 1 / L))   # rows of fills: uniform
+    p_e.matmul(ve).backward(dout)
+    torch.testing.assert_close(ours_out, p_e.detach() @ v, rtol=1e-5, atol=1e-6)
+    for a, g in zip(ours[:3], (qe.grad, ke.grad, ve.grad), strict=True):
+        torch.testing.assert_close(a, g, rtol=1e-4, atol=1e-5)

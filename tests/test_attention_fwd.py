@@ -166,7 +166,9 @@ def test_mask_plans():
     assert plan(make_spec(window_mod(40)), 70, 70) == kernels.MaskPlan(1, -39, 0, True, True)
     pad = [captured_spec("B..K", "bool")]
     assert plan(make_spec(padding_mod(), captured=pad), 37, 45).mode == 3
-    assert plan(make_spec(padding_mod(fill=sympy.Float(F32_MIN)), captured=pad), 37, 45).mode == 2
+    # a finite fill: the block map still skips, except in blocks with a row of fills only
+    assert plan(make_spec(padding_mod(fill=sympy.Float(F32_MIN)), captured=pad), 37, 45) == \
+        kernels.MaskPlan(3, fill_rows=True)
     # a finite-fill band: skipping is exact only while every row keeps something
     assert plan(make_spec(causal_mod().subs(-sympy.oo, F32_MIN)), 37, 37).mode == 1
     assert plan(make_spec(masked(kv_idx <= q_idx - 3, fill=sympy.Float(F32_MIN))), 37, 37).mode == 2
@@ -185,10 +187,10 @@ def _general(keep, fill=-sympy.oo):
 def test_block_skipping_changes_no_bit(lq, lk, keep):
     """A skipped block adds exactly nothing and a FULL block only drops mask
     work: the band walk (MODE 1) and the block map (MODE 3) give bit-identical
-    out and lse; every block PARTIAL (MODE 2, a finite fill) the same up to
-    rounding (its scores stay in natural units: [Note: finite fills])."""
+    out and lse; the block map of a finite fill the same up to rounding (its
+    scores stay in natural units: [Note: finite fills])."""
     specs = [make_spec(masked(keep)), make_spec(_general(keep)), make_spec(_general(keep, F32_MIN))]
-    assert [kernels.mask_plan(s, lq, lk).mode for s in specs] == [1, 3, 2]
+    assert [kernels.mask_plan(s, lq, lk).mode for s in specs] == [1, 3, 3]
     q, k, v = qkv(Lq=lq, Lk=lk, seed=8)
     (o1, l1), (o3, l3), (o2, l2) = (kernels.forward(q, k, v, [], s, config=TILE_16) for s in specs)
     assert torch.equal(o1, o3) and torch.equal(l1, l3)
@@ -211,12 +213,20 @@ def test_block_map_of_a_padding_mask():
     m, sb, sh, sm = kernels.block_map(mod, spec, [keep], B, 2, Lq, Lk, 16, 16)
     assert m.shape == (B, 1, 1, 4) and sh == 0 and sm == 0 and sb == m.stride(0)
     assert m.flatten(1).tolist() == [[2, 2, 1, 0], [0, 2, 2, 1]]
-    # and the forward that walks it: the finite-fill (MODE 2) walk up to rounding
+    # and the forward that walks it: the finite-fill walk the same up to rounding
     q, k, v = qkv(B=B, Lq=Lq, Lk=Lk, seed=13)
     out, _, _ = check_forward(q, k, v, [keep], spec, config=TILE_16)
     fill = make_spec(padding_mod(fill=sympy.Float(F32_MIN)), captured=[captured_spec("B..K", "bool")])
     torch.testing.assert_close(out, kernels.forward(q, k, v, [keep], fill, config=TILE_16)[0],
                                rtol=1e-6, atol=1e-6)
+    # a finite fill's map: the same while every row keeps a key; a block with a
+    # row of fills only (batch 1 all padded: uniform, as eager) skips nothing
+    m_fill = kernels.block_map(codegen.load("fwd", fill), fill, [keep], B, 2, Lq, Lk, 16, 16)[0]
+    assert torch.equal(m_fill, m)
+    keep[1] = False
+    m_fill = kernels.block_map(codegen.load("fwd", fill), fill, [keep], B, 2, Lq, Lk, 16, 16)[0]
+    assert m_fill.flatten(1).tolist() == [[2, 2, 1, 0], [1, 1, 1, 1]]
+    check_forward(q, k, v, [keep], fill, config=TILE_16, name="fill rows")
 
 
 # ---- dropout -------------------------------------------------------------------------
