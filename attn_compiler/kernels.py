@@ -239,7 +239,7 @@ def triton_cdiv(a: int, b: int) -> int:
 def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: AttentionSpec,
              seed: Optional[torch.Tensor] = None, config=None):
     """(dq, dk, dv, dcaptured) from the generated backward kernels: a preprocess
-    (delta, lse in log2 units), dK/dV per KV block, dQ per query block (two
+    (delta, lse in the scores' z2 units), dK/dV per KV block, dQ per query block (two
     launches, or one for the config variant "fused")."""
     reference.check_inputs(q, k, v, captured, spec)
     B, Hq, Lq, D = q.shape
