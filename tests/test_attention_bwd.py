@@ -310,3 +310,17 @@ def test_causal_padding_finite_fill_block_map():
     torch.testing.assert_close(ours_out, p_e.detach() @ v, rtol=1e-5, atol=1e-6)
     for a, g in zip(ours[:3], (qe.grad, ke.grad, ve.grad), strict=True):
         torch.testing.assert_close(a, g, rtol=1e-4, atol=1e-5)
+
+
+# ---- on the GPU: realistic size, every backward variant ----------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["ptr", "fused", "tma"])
+def test_bf16_backward_variants_on_gpu(variant):
+    """bf16 at 2×4×1024×128, causal with a learned bias that gets its gradient:
+    the two-launch, one-launch and tensor-descriptor backwards, golden-relative."""
+    q, k, v = (t.cuda() for t in qkv(B=2, Hq=4, Lq=1024, Dh=128, dtype=torch.bfloat16, seed=38))
+    bias = randn(1, 4, 1024, 1024, seed=8).to("cuda", torch.bfloat16)
+    spec = make_spec(causal_mod(score + T0), dtype=torch.bfloat16,
+                     captured=[captured_spec(".HQK", "bfloat16", grad=True)])
+    check_backward(q, k, v, [bias], spec, config=KernelConfig(64, 64, 4, 2, variant), name=f"gpu/{variant}")
