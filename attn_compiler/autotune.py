@@ -16,6 +16,8 @@ Notation::
     tma     tiles loaded through tensor descriptors (Hopper's TMA unit): K/V and
             learned-bias planes in fwd, the bias planes in bwd
     fused   dK/dV and dQ programs in one launch (bwd; ptr: two launches)
+    paired  one launch, program j doing dK/dV of KV block j and dQ of query block j
+            (bwd; equal work per program under a causal mask)
     family  "fwd" (attention forward), "bwd" (dQ, dK, dV), "decode" (few query
             rows against a long KV cache)
 
@@ -58,9 +60,9 @@ log = logging.getLogger("attn_compiler")
 FAMILIES = ("fwd", "bwd", "decode")
 # cache keys also hold whole-site choices (ours vs SDPA vs the original subgraph)
 KEY_FAMILIES = FAMILIES + ("site",)
-VARIANTS = ("ptr", "tma", "fused")
+VARIANTS = ("ptr", "tma", "fused", "paired")
 # the variants each family's space holds (tma: Hopper only)
-FAMILY_VARIANTS = {"fwd": ("ptr", "tma"), "bwd": ("ptr", "fused", "tma"), "decode": ("ptr",)}
+FAMILY_VARIANTS = {"fwd": ("ptr", "tma"), "bwd": ("ptr", "fused", "paired", "tma"), "decode": ("ptr",)}
 SMEM_BYTES = 227 * 1024  # largest shared memory one block may use on sm_90 (H100/H200)
 CACHE_VERSION = 1  # bump when the layout of autotune.json changes
 

@@ -117,6 +117,8 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
         short = list(out)
         # the same tiles with dK/dV and dQ in one launch
         out += [dataclasses.replace(c, variant="fused") for c in short[:2]]
+        if spec.mask_kind.startswith("causal"):
+            out += [dataclasses.replace(c, variant="paired") for c in short[:2]]
         if kernels.is_hopper(q) and codegen.tma_planes(spec):
             # and with a learned bias read through tensor descriptors
             out += [dataclasses.replace(c, variant="tma") for c in short[:2]]

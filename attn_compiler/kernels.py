@@ -240,7 +240,7 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
              seed: Optional[torch.Tensor] = None, config=None):
     """(dq, dk, dv, dcaptured) from the generated backward kernels: a preprocess
     (delta, lse in the scores' z2 units), dK/dV per KV block, dQ per query block (two
-    launches, or one for the config variant "fused")."""
+    launches, or one for the config variants "fused" and "paired")."""
     reference.check_inputs(q, k, v, captured, spec)
     B, Hq, Lq, D = q.shape
     Bk, Hkv, Lk, Dv = k.shape[0], k.shape[1], k.shape[2], v.shape[3]
@@ -297,10 +297,13 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
             raise ValueError("tma variant: the backward reads no captured plane (the ptr variant is the same)")
         _tma_ready(spec, captured)
     launch["TMA"] = tma
-    if t.variant == "fused" and bm2 == bn and bn2 == bm:
+    if t.variant in ("fused", "paired") and bm2 == bn and bn2 == bm:
         nkv, nq = triton_cdiv(Lk, bn), triton_cdiv(Lq, bm2)
-        grid = (nkv + nq * G * (B if broadcast else 1), Bk * Hkv)
-        mod.attention_bwd_fused[grid](
+        if t.variant == "fused":
+            kernel, grid = mod.attention_bwd_fused, (nkv + nq * G * (B if broadcast else 1), Bk * Hkv)
+        else:
+            kernel, grid = mod.attention_bwd_paired, (max(nkv, nq), Bk * Hkv)
+        kernel[grid](
             q, k, v, dout, lse2, rinv, delta, dq, dk, dv, *bmap, *bmap2, *cap, *grad_args, *qs, *ks, *vs, *dos,
             *_strides(dq), *_strides(dk), *_strides(dv), B, Hq, Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E,
             x0, drop_scale, *band, nkv, nq, MODE_KV=mode_kv, KV_BATCH_BROADCAST=broadcast, EVEN_Q=even_q,

@@ -221,10 +221,13 @@ def test_additive_finfo_min_mask_fully_masked_row(fill):
         torch.testing.assert_close(a, g, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["causal_gqa", "bias_grad", "padding_map", "kv_broadcast", "window_dropout"])
-def test_fused_launch_equals_two_launches(case):
-    """The config variant "fused" (dK/dV and dQ programs in one launch) runs the
-    same tiles in the same order as the two launches: identical dq, dk, dv."""
+@pytest.mark.parametrize("variant", ["fused", "paired"])
+@pytest.mark.parametrize("case", ["causal_gqa", "bias_grad", "padding_map", "kv_broadcast", "window_dropout",
+                                  "short_q"])
+def test_fused_launch_equals_two_launches(case, variant):
+    """The config variants "fused" and "paired" (dK/dV and dQ programs in one
+    launch) run the same tiles in the same order as the two launches:
+    identical dq, dk, dv."""
     caps, seed = [], None
     if case == "causal_gqa":
         q, k, v = qkv(Hq=4, Hkv=2, Lq=45, Lk=45, seed=31)
@@ -240,15 +243,18 @@ def test_fused_launch_equals_two_launches(case):
     elif case == "kv_broadcast":
         q, k, v = qkv(B=2, Bkv=1, Hq=4, Hkv=1, Lq=37, seed=34)
         spec = make_spec(causal_mod(), group=4)
-    else:
+    elif case == "window_dropout":
         q, k, v = qkv(Lq=50, seed=35)
         spec = make_spec(window_mod(20), dropout_p=0.2)
         seed = SEED
+    else:                                 # fewer query blocks than KV blocks
+        q, k, v = qkv(Hq=4, Hkv=2, Lq=21, Lk=75, seed=39)
+        spec = make_spec(offset_causal_mod(), group=2)
     out, lse = kernels.forward(q, k, v, caps, spec, seed, config=TILE_16x32)
     dout = randn(out.shape, seed=12)
     split = kernels.backward(dout, q, k, v, caps, out, lse, spec, seed, config=TILE_16x32)
     fused = kernels.backward(dout, q, k, v, caps, out, lse, spec, seed,
-                             config=KernelConfig(16, 32, 4, 1, "fused"))
+                             config=KernelConfig(16, 32, 4, 1, variant))
     # one program's code either way: bit-equal under the interpreter; compiled for
     # a GPU, the fused kernel is scheduled as a whole and may round differently
     tol = 0.0 if q.device.type == "cpu" else 1e-6
@@ -315,7 +321,7 @@ def test_causal_padding_finite_fill_block_map():
 # ---- on the GPU: realistic size, every backward variant ----------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["ptr", "fused", "tma"])
+@pytest.mark.parametrize("variant", ["ptr", "fused", "paired", "tma"])
 def test_bf16_backward_variants_on_gpu(variant):
     """bf16 at 2×4×1024×128, causal with a learned bias that gets its gradient:
     the two-launch, one-launch and tensor-descriptor backwards, golden-relative."""
