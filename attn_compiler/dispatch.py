@@ -135,8 +135,6 @@ def source_digest(spec: AttentionSpec, families, extra_files=()) -> str:
     """A hash of everything that decides what a tuning measured: the generated
     source of ``families`` for ``spec`` and the launchers (kernels.py, this
     module, ``extra_files``), so a cached choice never outlives the code."""
-    from attn_compiler.templates import codegen
-
     h = hashlib.sha256()
     for fam in families:
         h.update(codegen.generate(fam, spec).digest.encode())

@@ -297,7 +297,11 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
             raise ValueError("tma variant: the backward reads no captured plane (the ptr variant is the same)")
         _tma_ready(spec, captured)
     launch["TMA"] = tma
-    if t.variant in ("fused", "paired") and bm2 == bn and bn2 == bm:
+    if t.variant in ("fused", "paired"):
+        if (bm2, bn2) != (bn, bm):
+            # one launch runs dQ on the mirrored tile; clamped to short lengths
+            # the two differ (the tuner drops the candidate: ptr is the same)
+            raise ValueError(f"{t.variant} variant: tiles {bm}x{bn} and {bm2}x{bn2} do not mirror")
         nkv, nq = triton_cdiv(Lk, bn), triton_cdiv(Lq, bm2)
         if t.variant == "fused":
             kernel, grid = mod.attention_bwd_fused, (nkv + nq * G * (B if broadcast else 1), Bk * Hkv)

@@ -85,14 +85,13 @@ def may_hold_fills(spec: AttentionSpec) -> bool:
     if spec.has_finite_fill:
         return True
     names = {f.func.__name__ for f in spec.score_mod.atoms(AppliedUndef)}
-    return any(f"t{i}" in names and c.dtype.startswith(("float", "bfloat"))
-               for i, c in enumerate(spec.captured))
+    return any(f"t{i}" in names and c.is_float for i, c in enumerate(spec.captured))
 
 
 def tma_planes(spec: AttentionSpec) -> List[int]:
     """Indices of the captured float tensors with both a query and a key axis."""
     return [i for i, c in enumerate(spec.captured)
-            if c.dims[2] and c.dims[3] and c.dtype.startswith(("float", "bfloat"))]
+            if c.dims[2] and c.dims[3] and c.is_float]
 
 
 def unsupported_reason(spec: AttentionSpec) -> Optional[str]:
@@ -207,7 +206,7 @@ class _Hooks:
                 bounds.append(f"({ki} < Lk)")
             ptr = f"T{i} + " + " + ".join(terms)
             mask = f", mask={' & '.join(bounds)}, other=0" if bounds else ""
-            conv = "" if c.dtype == "bool" or not c.dtype.startswith(("float", "bfloat")) else ".to(tl.float32)"
+            conv = ".to(tl.float32)" if c.is_float else ""
             load = f"tl.load({ptr}{mask})"
             if plane:
                 load = f"tl.trans({load})"

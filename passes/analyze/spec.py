@@ -76,6 +76,11 @@ class CapturedTensor:
     dtype: str
     requires_grad: bool = False
 
+    @property
+    def is_float(self) -> bool:
+        """A floating-point tensor (float16/bfloat16/float32/float64)."""
+        return self.dtype.startswith(("float", "bfloat"))
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
