@@ -18,6 +18,8 @@ Notation::
     fused   dK/dV and dQ programs in one launch (bwd; ptr: two launches)
     paired  one launch, program j doing dK/dV of KV block j and dQ of query block j
             (bwd; equal work per program under a causal mask)
+    +dQ     bwd with two launches: the dQ launch's own tile, ``64x64 w4 s2 ptr
+            +dQ 128x64 w8 s3`` (dQ: 128 query rows, 64 keys per step)
     family  "fwd" (attention forward), "bwd" (dQ, dK, dV), "decode" (few query
             rows against a long KV cache)
 
@@ -80,6 +82,16 @@ def _pow2(n: int) -> bool:
 # configs
 
 
+def _check_tile(block_m, block_n, num_warps, num_stages) -> None:
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if not (isinstance(value, int) and value >= 16 and _pow2(value)):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's smallest tile), got {value!r}")
+    if not (isinstance(num_warps, int) and _pow2(num_warps) and num_warps <= 32):
+        raise ValueError(f"num_warps must be a power of two <= 32, got {num_warps!r}")
+    if not (isinstance(num_stages, int) and num_stages >= 1):
+        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """One launch configuration of an attention kernel (see the notation above)."""
@@ -89,24 +101,48 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     variant: str = "ptr"
+    # bwd with two launches (ptr, tma): the dQ launch's own (query rows, key
+    # step, warps, stages); () runs dQ on the mirror of this tile (block_n query
+    # rows, block_m keys per step) with the same warps and stages
+    dq: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 16 and _pow2(value)):
-                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's smallest tile), got {value!r}")
-        if not (isinstance(self.num_warps, int) and _pow2(self.num_warps) and self.num_warps <= 32):
-            raise ValueError(f"num_warps must be a power of two <= 32, got {self.num_warps!r}")
-        if not (isinstance(self.num_stages, int) and self.num_stages >= 1):
-            raise ValueError(f"num_stages must be an int >= 1, got {self.num_stages!r}")
+        _check_tile(self.block_m, self.block_n, self.num_warps, self.num_stages)
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if not isinstance(self.dq, tuple):
+            object.__setattr__(self, "dq", tuple(self.dq))   # a JSON list from the cache
+        if self.dq:
+            if len(self.dq) != 4:
+                raise ValueError(f"dq must be (block_m, block_n, num_warps, num_stages), got {self.dq!r}")
+            _check_tile(*self.dq)
+            if self.variant in ("fused", "paired"):
+                raise ValueError(f"the {self.variant} variant runs dQ on the mirrored tile: no dq tile")
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages} {self.variant}"
+        text = f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages} {self.variant}"
+        if self.dq:
+            m, n, w, s = self.dq
+            text += f" +dQ {m}x{n} w{w} s{s}"
+        return text
+
+    def dq_launch(self) -> tuple[int, int, int, int]:
+        """(query rows, key step, warps, stages) of the backward's dQ launch."""
+        return self.dq or (self.block_n, self.block_m, self.num_warps, self.num_stages)
+
+    def dq_as_tile(self) -> KernelConfig:
+        """The config whose mirror is the dQ launch (for the prune rules)."""
+        m, n, w, s = self.dq_launch()
+        return KernelConfig(n, m, w, s)
 
     def as_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        """JSON-ready fields; ``dq`` only when set (a list)."""
+        data = dataclasses.asdict(self)
+        if self.dq:
+            data["dq"] = list(self.dq)
+        else:
+            del data["dq"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> KernelConfig:
@@ -147,11 +183,11 @@ def _fwd_smem(c: KernelConfig, p: Problem) -> int:
 
 
 def _bwd_smem(c: KernelConfig, p: Problem) -> int:
-    """The larger of the two bwd loops: dK/dV keeps K, V resident and streams Q, dO;
-    dQ keeps Q, dO resident and streams K, V (each streamed tile ``num_stages`` deep)."""
-    dkdv = 2 * c.block_n * p.d + 2 * c.num_stages * c.block_m * p.d
-    dq = 2 * c.block_m * p.d + 2 * c.num_stages * c.block_n * p.d
-    return max(dkdv, dq) * p.elem_bytes
+    """The dK/dV loop: K, V of block_n keys resident, Q and dO of block_m rows
+    streamed ``num_stages`` deep.  (The dQ loop, Q and dO resident and K, V
+    streamed, is the same sum on its mirrored tile; a separate dQ tile is
+    checked as its own config, see :func:`first_failing_rule`.)"""
+    return (2 * c.block_n * p.d + 2 * c.num_stages * c.block_m * p.d) * p.elem_bytes
 
 
 # Head dims above 128 (D = 256): the fp32 accumulators alone fill most of the
@@ -203,7 +239,11 @@ def _check_family(family: str) -> None:
 def first_failing_rule(family: str, config: KernelConfig, problem: Problem) -> str | None:
     """Name of the first rule of ``family`` that drops ``config``, or None if it is kept."""
     _check_family(family)
-    return next((name for name, drops in PRUNE_RULES[family] if drops(config, problem)), None)
+    rule = next((name for name, drops in PRUNE_RULES[family] if drops(config, problem)), None)
+    if rule is None and family == "bwd" and config.dq:
+        dq = config.dq_as_tile()
+        rule = next((f"dq_{name}" for name, drops in PRUNE_RULES[family] if drops(dq, problem)), None)
+    return rule
 
 
 def _full_space(family: str, hopper: bool) -> list[KernelConfig]:

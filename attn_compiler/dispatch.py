@@ -51,10 +51,12 @@ _SHORT = {
     # 4k): 128x128 w8 s3 causal, 128x64 w4 s2 non-causal, 64x64 w4 s3 tma with a bias
     "fwd": [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 32, 4, 2)],
     # bwd (M, N): dK/dV own N key rows and step M query rows; dQ the mirror.
-    # Winners: 64x64 w4 s2 (ptr causal, fused non-causal), 64x128 w8 s2 tma with a bias
-    # 32x128 w8: 128 key rows over two warpgroups (64 each, as wgmma needs) with
-    # half the accumulator registers per thread of 64x64 w4 (which spills)
-    "bwd": [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 3), (32, 32, 4, 1), (32, 128, 8, 2)],
+    # Measured (bwd ms, 4x16x4096x128 causal / non-causal / 1x16x16384 causal;
+    # 8x16x2048x64 causal): 64x128 w8 s3 2.09 / 3.37 / 7.15 (FlexAttention's
+    # tile for D=128; s2 is 10 % slower), 64x64 w4 s2 2.17 / 3.47 / 7.83,
+    # 32x64 w4 s3 best at D=64 (0.66 vs 0.70); 32x128 w8 lost everywhere (3.07 s2).
+    # 64x128 w8 s2 stays for the learned-bias tma variant (its winner, run 6).
+    "bwd": [(64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 1)],
     "decode": [(16, 64, 4, 2), (16, 64, 4, 3), (16, 128, 4, 2), (16, 128, 8, 3), (16, 256, 8, 2),
                (16, 32, 4, 2)],
 }
@@ -115,13 +117,20 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
         out += [dataclasses.replace(c, variant="tma") for c in out[:3]]
     if family == "bwd":
         short = list(out)
+        # the second tile's dK/dV with the first's dQ launch (64x64 w4 s2 +dQ
+        # 128x64 w8 s3: 3.29 ms non-causal at 4x16x4096x128 vs 3.38 / 3.44 for
+        # either tile alone; causal 2.12 vs 2.09, bench/RESULTS.md run 11)
+        if len(short) >= 2:
+            c = dataclasses.replace(short[1], dq=short[0].dq_launch())
+            if autotune.first_failing_rule(family, c, problem) is None:
+                out.append(c)
         # the same tiles with dK/dV and dQ in one launch
         out += [dataclasses.replace(c, variant="fused") for c in short[:2]]
         if spec.mask_kind.startswith("causal"):
             out += [dataclasses.replace(c, variant="paired") for c in short[:2]]
         if kernels.is_hopper(q) and codegen.tma_planes(spec):
             # and with a learned bias read through tensor descriptors
-            out += [dataclasses.replace(c, variant="tma") for c in short[:2]]
+            out += [dataclasses.replace(c, variant="tma") for c in short[:2] + short[3:4]]
     return out or [kernels.default_config(family, q)]
 
 

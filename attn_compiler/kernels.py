@@ -286,8 +286,10 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
         # [Note: fully masked rows] eager's dV is nan at every key of a head with
         # a row that keeps no key: dK/dV walk every block for such a band
         mode_kv = 2
-    # dQ owns the long side of the tile along the queries (see the template's note)
-    bm2, bn2 = min(t.block_n, _pow2(Lq)), min(t.block_m, _pow2(Lk))
+    # dQ owns the long side of the tile along the queries (see the template's note),
+    # or the config's own dQ tile
+    m2, n2, warps2, stages2 = t.dq_launch()
+    bm2, bn2 = min(m2, _pow2(Lq)), min(n2, _pow2(Lk))
     even_q = Lk % bn2 == 0 and pow2_d
     bmap2 = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm2, bn2) if plan.mode == 3 else (lse2, 0, 0, 0)
     band = (plan.lo, plan.hi)
@@ -317,7 +319,7 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
         q, k, v, dout, lse2, rinv, delta, dk, dv, *bmap, *cap, *qs, *ks, *vs, *dos,
         *_strides(dk), *_strides(dv), B, Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale,
         *band, KV_BATCH_BROADCAST=broadcast, **dict(launch, MODE=mode_kv))
-    launch.update(BLOCK_M=bm2, BLOCK_N=bn2, EVEN_N=even_q)
+    launch.update(BLOCK_M=bm2, BLOCK_N=bn2, EVEN_N=even_q, num_warps=warps2, num_stages=stages2)
     mod.attention_bwd_dq[(triton_cdiv(Lq, bm2), B * Hq)](
         q, k, v, dout, lse2, rinv, delta, dq, *bmap2, *cap, *grad_args, *qs, *ks, *vs, *dos, *_strides(dq),
         Hq, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale, *band, **launch)

@@ -333,3 +333,43 @@ def test_bf16_backward_variants_on_gpu(variant):
     spec = make_spec(causal_mod(score + T0), dtype=torch.bfloat16,
                      captured=[captured_spec(".HQK", "bfloat16", grad=True)])
     check_backward(q, k, v, [bias], spec, config=KernelConfig(64, 64, 4, 2, variant), name=f"gpu/{variant}")
+
+
+@pytest.mark.parametrize("dq", [(16, 16, 4, 1), (32, 32, 2, 2)])
+@pytest.mark.parametrize("case", ["causal_bias_grad", "padding_map"])
+def test_own_dq_tile(case, dq, monkeypatch):
+    """A config may run the dQ launch on its own tile (``KernelConfig.dq``):
+    the dQ kernel is launched with it, the gradients stay golden-relative (the
+    dQ block map is built for that tile), and a dq tile equal to the mirror
+    changes nothing."""
+    if case == "causal_bias_grad":
+        q, k, v = qkv(B=2, Hq=4, Hkv=2, Lq=45, Lk=45, seed=42)
+        caps = [randn(1, 4, 45, 45, seed=8)]
+        spec = make_spec(causal_mod(score + T0), captured=[captured_spec(".HQK", grad=True)], group=2)
+    else:
+        q, k, v = qkv(B=2, Lq=40, Lk=53, seed=43)
+        caps = [padding_keep(2, 53)]
+        spec = make_spec(padding_mod(), captured=[captured_spec("B..K", "bool")])
+    mod = codegen.load("bwd", spec)
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(mod, "attention_bwd_dq", Recorder(mod.attention_bwd_dq))
+    check_backward(q, k, v, caps, spec, config=KernelConfig(16, 32, 4, 1, dq=dq), name=f"dq{dq}")
+    assert launches == [dq]
+    out, lse = kernels.forward(q, k, v, caps, spec, None, config=TILE_16x32)
+    dout = randn(out.shape, seed=14)
+    mirrored = kernels.backward(dout, q, k, v, caps, out, lse, spec, None, config=TILE_16x32)
+    explicit = kernels.backward(dout, q, k, v, caps, out, lse, spec, None,
+                                config=KernelConfig(16, 32, 4, 1, dq=TILE_16x32.dq_launch()))
+    for a, b in zip(mirrored[:3], explicit[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

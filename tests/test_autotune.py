@@ -48,6 +48,36 @@ def test_config_is_frozen_hashable_and_round_trips():
     assert json.loads(json.dumps(cfg.as_dict())) == cfg.as_dict()
 
 
+def test_config_with_its_own_dq_tile():
+    """A backward config may give its dQ launch its own tile; the default is the
+    mirror of the main tile.  It round-trips through the cache's JSON (a list)."""
+    plain = KernelConfig(64, 128, 8, 3)
+    assert plain.dq_launch() == (128, 64, 8, 3) and plain.dq_as_tile() == KernelConfig(64, 128, 8, 3)
+    cfg = KernelConfig(64, 64, 4, 2, dq=(128, 64, 8, 3))
+    assert str(cfg) == "64x64 w4 s2 ptr +dQ 128x64 w8 s3"
+    assert cfg.dq_launch() == (128, 64, 8, 3) and cfg.dq_as_tile() == KernelConfig(64, 128, 8, 3)
+    assert KernelConfig.from_dict(json.loads(json.dumps(cfg.as_dict()))) == cfg
+    assert "dq" not in plain.as_dict()           # the cache's entries as before
+    assert len({cfg, KernelConfig(64, 64, 4, 2, dq=[128, 64, 8, 3]), KernelConfig(64, 64, 4, 2)}) == 2
+    for bad, message in [((128, 64, 8), "dq must be"), ((128, 48, 8, 3), "block_n"), ((128, 64, 3, 3), "num_warps")]:
+        with pytest.raises(ValueError, match=message):
+            KernelConfig(64, 64, 4, 2, dq=bad)
+    with pytest.raises(ValueError, match="mirrored tile"):
+        KernelConfig(64, 64, 4, 2, "fused", dq=(128, 64, 8, 3))
+
+
+def test_dq_tile_is_pruned_by_the_same_rules():
+    """The rules see the dQ tile as a config of its own ("dq_" + the rule's name)."""
+    p = autotune.Problem(128, torch.float32, 1024, 1024, False, False)
+    fits = KernelConfig(32, 32, 4, 1)
+    assert autotune.first_failing_rule("bwd", fits, p) is None
+    assert autotune.first_failing_rule("bwd", KernelConfig(32, 32, 4, 1, dq=(128, 128, 8, 3)), p) == "dq_smem"
+    short_keys = autotune.Problem(64, torch.bfloat16, 1024, 16, False, False)
+    assert autotune.first_failing_rule("bwd", fits, short_keys) is None
+    assert autotune.first_failing_rule("bwd", KernelConfig(32, 32, 4, 1, dq=(128, 32, 4, 1)), short_keys) \
+        == "dq_block_n_over_lk"
+
+
 GOOD = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
 
 

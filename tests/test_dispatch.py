@@ -144,3 +144,21 @@ def test_opcheck_with_the_triton_implementation(counted):
         torch.library.opcheck(torch.ops.attn_compiler.attention.default, (q, k, v, [bias], spec, None))
     assert counted["forward"] >= 1 and counted["backward"] >= 1     # test_aot_dispatch_dynamic differentiates
 
+
+
+def test_backward_candidates_cross_the_first_two_dq_tiles():
+    """The backward's candidates include the second tile's dK/dV with the
+    first tile's dQ launch (run 11 of bench/RESULTS.md: faster than either
+    tile alone without a mask); every candidate passes the prune rules, its dQ
+    tile included."""
+    from attn_compiler import autotune
+    from attn_compiler.autotune import KernelConfig
+    q = torch.empty(2, 4, 4096, 128, dtype=torch.bfloat16)
+    spec = make_spec(causal_mod(), dtype=torch.bfloat16)
+    cands = dispatch._configs("bwd", q, q, q, spec)
+    assert KernelConfig(64, 64, 4, 2, dq=(128, 64, 8, 3)) in cands
+    assert [c for c in cands if c.dq] == [KernelConfig(64, 64, 4, 2, dq=(128, 64, 8, 3))]
+    assert not any(c.dq and c.variant != "ptr" for c in cands)
+    problem = autotune.Problem(128, torch.bfloat16, 4096, 4096, True, False)
+    assert all(autotune.first_failing_rule("bwd", c, problem) is None for c in cands)
+    assert len(set(cands)) == len(cands)
