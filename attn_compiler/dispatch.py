@@ -55,8 +55,10 @@ _SHORT = {
     # 8x16x2048x64 causal): 64x128 w8 s3 2.09 / 3.37 / 7.15 (FlexAttention's
     # tile for D=128; s2 is 10 % slower), 64x64 w4 s2 2.17 / 3.47 / 7.83,
     # 32x64 w4 s3 best at D=64 (0.66 vs 0.70); 32x128 w8 lost everywhere (3.07 s2).
-    # 64x128 w8 s2 stays for the learned-bias tma variant (its winner, run 6).
-    "bwd": [(64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 1)],
+    # 64x128 w8 s2 and 32x32 w4 s1 never won a 16-bit pointer backward (runs 8-10;
+    # 32x32 is float32's and D=256's default, which the tuner always adds):
+    # 64x128 w8 s2 only for the learned-bias tma variant (its winner in run 6).
+    "bwd": [(64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3)],
     "decode": [(16, 64, 4, 2), (16, 64, 4, 3), (16, 128, 4, 2), (16, 128, 8, 3), (16, 256, 8, 2),
                (16, 32, 4, 2)],
 }
@@ -106,10 +108,16 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
                                       hopper=False)
         return [c for c in space if c.variant != "tma"]
     problem = autotune.Problem(D, q.dtype, Lq, Lk, causal, False)
+    # a learned-bias plane streams a (M, N) tile per stage beside K and V in the
+    # forward: tiles that then overflow shared memory would only fail to launch
+    # (128x128 w8 s3 with a bf16 plane asked for 288 KiB)
+    plane_bytes = sum(getattr(torch, spec.captured[i].dtype).itemsize for i in codegen.tma_planes(spec))
     out = []
     for m, n, w, s in _SHORT[family]:
         c = KernelConfig(m, n, w, s)
         if autotune.first_failing_rule(family, c, problem) is None:
+            if family == "fwd" and autotune._fwd_smem(c, problem) + plane_bytes * m * n * s > autotune.SMEM_BYTES:
+                continue
             out.append(c)
     if family == "fwd" and kernels.is_hopper(q):
         # the same tiles with K/V through tensor descriptors (TMA); a call they
@@ -130,7 +138,9 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
             out += [dataclasses.replace(c, variant="paired") for c in short[:2]]
         if kernels.is_hopper(q) and codegen.tma_planes(spec):
             # and with a learned bias read through tensor descriptors
-            out += [dataclasses.replace(c, variant="tma") for c in short[:2] + short[3:4]]
+            tma = short[:2] + [KernelConfig(64, 128, 8, 2)]
+            out += [dataclasses.replace(c, variant="tma") for c in tma
+                    if autotune.first_failing_rule(family, c, problem) is None]
     return out or [kernels.default_config(family, q)]
 
 

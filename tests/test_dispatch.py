@@ -162,3 +162,16 @@ def test_backward_candidates_cross_the_first_two_dq_tiles():
     problem = autotune.Problem(128, torch.bfloat16, 4096, 4096, True, False)
     assert all(autotune.first_failing_rule("bwd", c, problem) is None for c in cands)
     assert len(set(cands)) == len(cands)
+
+
+def test_forward_candidates_leave_room_for_a_bias_plane():
+    """With a learned-bias plane the forward streams a bias tile per stage: the
+    tiles that would not fit Hopper's shared memory are not offered."""
+    from attn_compiler.autotune import KernelConfig
+    q = torch.empty(2, 4, 4096, 128, dtype=torch.bfloat16)
+    plain = dispatch._configs("fwd", q, q, q, make_spec(causal_mod(), dtype=torch.bfloat16))
+    biased = dispatch._configs("fwd", q, q, q, make_spec(causal_mod(score + T0), dtype=torch.bfloat16,
+                                                          captured=[captured_spec(".HQK", "bfloat16")]))
+    big = KernelConfig(128, 128, 8, 3)
+    assert big in plain and big not in biased
+    assert KernelConfig(128, 64, 8, 3) in biased and KernelConfig(64, 64, 4, 3) in biased
