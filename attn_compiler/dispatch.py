@@ -87,10 +87,10 @@ def tunings() -> Dict[str, autotune.Choice]:
         return dict(_tunings)
 
 
-def _use_triton(q, k, v, spec: AttentionSpec) -> bool:
+def _use_triton(q, k, v, spec: AttentionSpec, captured=()) -> bool:
     if _impl == "reference":
         return False
-    why = kernels.unsupported_reason(q, k, v, spec)
+    why = kernels.unsupported_reason(q, k, v, spec, captured)
     if _impl == "triton":
         if why is not None:
             raise NotImplementedError(f"the Triton kernels cannot run this call: {why}")
@@ -247,7 +247,7 @@ def _fallback(exc: Exception, fallback):
 
 
 def forward(q, k, v, captured, spec: AttentionSpec, seed) -> Tuple[torch.Tensor, torch.Tensor]:
-    if not _use_triton(q, k, v, spec):
+    if not _use_triton(q, k, v, spec, captured):
         return reference.attention_forward(q, k, v, captured, spec, seed)
 
     def build():
@@ -275,7 +275,7 @@ def forward(q, k, v, captured, spec: AttentionSpec, seed) -> Tuple[torch.Tensor,
 
 
 def backward(dout, q, k, v, captured, out, lse, spec: AttentionSpec, seed):
-    if not _use_triton(q, k, v, spec):
+    if not _use_triton(q, k, v, spec, captured):
         return reference.attention_backward(dout, q, k, v, captured, out, lse, spec, seed)
 
     def build():

@@ -77,12 +77,28 @@ def _check_rows_aligned(name: str, t: torch.Tensor, strides) -> None:
         raise ValueError(f"tma variant: {name} rows must be 16-byte aligned")
 
 
-def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> Optional[str]:
+# The kernels offset a (batch, head) base pointer in int64 and index inside it
+# in int32: (rows, head dim) of q/k/v/out, (q, kv) of a captured plane.
+INT32_MAX = 2**31 - 1
+
+
+def in_head_extent(t: torch.Tensor) -> int:
+    """Largest element offset inside one (batch, head) slice of a 4-D tensor:
+    what the kernels index in int32."""
+    return sum((n - 1) * abs(st) for n, st in zip(t.shape[2:], t.stride()[2:]) if n > 0)
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
+                       captured: Sequence[torch.Tensor] = ()) -> Optional[str]:
     """None when the Triton kernels run this call, else why they do not."""
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtype {q.dtype} (kernels take float16/bfloat16/float32 with equal q/k/v dtypes)"
     if q.shape[-1] > 256 or v.shape[-1] > 256:
         return f"head dim {max(q.shape[-1], v.shape[-1])} > 256"
+    for name, t in [("q", q), ("k", k), ("v", v)] + [(f"captured tensor {i}", c) for i, c in enumerate(captured)]:
+        if t.dim() == 4 and in_head_extent(t) > INT32_MAX:
+            return (f"{name} {tuple(t.shape)} with strides {t.stride()}: offsets inside one (batch, head) "
+                    f"exceed int32")
     return codegen.unsupported_reason(spec)
 
 

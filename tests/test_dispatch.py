@@ -175,3 +175,21 @@ def test_forward_candidates_leave_room_for_a_bias_plane():
     big = KernelConfig(128, 128, 8, 3)
     assert big in plain and big not in biased
     assert KernelConfig(128, 64, 8, 3) in biased and KernelConfig(64, 64, 4, 3) in biased
+
+
+def test_offsets_past_int32_inside_a_head_are_declined():
+    """The kernels index inside one (batch, head) slice in int32: a bias plane
+    of 50000 x 50000 (or q rows strided past 2**31 elements) is not run by
+    them (the op falls back), and ordinary long inputs are."""
+    spec = make_spec(causal_mod(score + T0), dtype=torch.bfloat16, captured=[captured_spec(".HQK", "bfloat16")])
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    q = torch.empty(1, 2, 50000, 128, **meta)
+    ok_bias = torch.empty(1, 2, 4096, 4096, **meta)
+    assert kernels.unsupported_reason(q, q, q, spec, [ok_bias]) is None
+    huge_bias = torch.empty_strided((1, 2, 50000, 50000), (0, 50000 * 50000, 50000, 1), **meta)
+    why = kernels.unsupported_reason(q, q, q, spec, [huge_bias])
+    assert why is not None and "captured tensor 0" in why and "int32" in why
+    # (B, L, H, D) viewed as (B, H, L, D): the row stride is H * D
+    blhd = torch.empty(1, 300000, 64, 128, **meta).transpose(1, 2)
+    why = kernels.unsupported_reason(blhd, blhd, blhd, make_spec(causal_mod(), dtype=torch.bfloat16))
+    assert why is not None and why.startswith("q ")
