@@ -134,10 +134,14 @@ class _Hooks:
         self.dscore_lines("PARTIAL", "row")
 
     # -- captured tensors ---------------------------------------------------
-    def captured_params(self, grads: bool = False) -> str:
+    def captured_params(self, grads: bool = False, plane_suffix: str = "") -> str:
+        """``, T0, t0_sb, ...`` per captured tensor (and its gradient's);
+        ``plane_suffix`` renames the planes' pointers (``T{i}x``)."""
+        planes = set(self.planes) if plane_suffix else set()
         out = []
         for i in range(self.n_cap):
-            out.append(f"T{i}, t{i}_sb, t{i}_sh, t{i}_sq, t{i}_sk")
+            name = f"T{i}{plane_suffix}" if i in planes else f"T{i}"
+            out.append(f"{name}, t{i}_sb, t{i}_sh, t{i}_sq, t{i}_sk")
         if grads:
             for i in self.grad_ids:
                 out.append(f"DT{i}, dt{i}_sb, dt{i}_sh, dt{i}_sq, dt{i}_sk")
@@ -153,10 +157,7 @@ class _Hooks:
     def captured_args_x(self, grads: bool = False) -> str:
         """``captured_params`` with each plane passed as its ``T{i}x`` (the
         descriptor under TMA, else the pointer)."""
-        text = self.captured_params(grads)
-        for i in self.planes:
-            text = text.replace(f", T{i}, ", f", T{i}x, ")
-        return text
+        return self.captured_params(grads, plane_suffix="x")
 
     def descriptor_lines(self) -> List[str]:
         """``T{i}x`` for each plane: a (BLOCK_M, BLOCK_N) tile descriptor of the
