@@ -122,7 +122,7 @@ class _Hooks:
 
     def __init__(self, spec: AttentionSpec):
         self.spec = spec
-        self.pr = TritonPrinter()
+        self.pr = TritonPrinter(precise_tanh="float32" in (spec.out_dtype, spec.prob_dtype))
         self.n_cap = len(spec.captured)
         self.kept = _kept_value(spec.score_mod)
         self.pure_mask = self.kept == score      # score_mod is masking only
@@ -296,7 +296,9 @@ class _Hooks:
             lines.append("score = qk * SCALE")
         if d == 1:
             lines.append("ds = dz")
-        elif kind == "FULL":          # kept everywhere: the derivative is the kept branch's
+        elif kind == "FULL" or d.is_number:
+            # kept everywhere (the derivative is the kept branch's), or a constant
+            # factor: dz is already exactly 0 where P == 0
             lines.append(f"ds = dz * ({self.pr(d)})")
         else:
             lines.append(f"dmod = {self.pr(d)}")
@@ -307,8 +309,12 @@ class _Hooks:
             if di == 0:
                 continue
             c = spec.captured[i]
-            g = "dz" if di == 1 else "tl.where((p == 0) | (dt == 0), 0.0, dz * dt)"
-            if di != 1:
+            if di == 1:
+                g = "dz"
+            elif di.is_number:        # a constant factor (DeBERTa's 1/sqrt(3D) on its c2p term)
+                g = f"dz * ({self.pr(di)})"
+            else:
+                g = "tl.where((p == 0) | (dt == 0), 0.0, dz * dt)"
                 lines.append(f"dt = {self.pr(di)}")
             lines.append(f"g{i} = {g}")
             if di == 1 and kind == "PARTIAL":

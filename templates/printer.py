@@ -8,6 +8,7 @@ cannot print.  Names in the printed text (shared with the templates): ``score``
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import sympy
@@ -46,8 +47,12 @@ class TritonPrinter:
     last piece, like ``torch_eval`` (so a ``-oo`` branch is exactly -inf).
     """
 
-    def __init__(self, names: Optional[Dict[str, str]] = None):
+    def __init__(self, names: Optional[Dict[str, str]] = None, precise_tanh: bool = False):
         self.names = dict(_SYMBOL_NAMES, **(names or {}))
+        # float32 specs: tanh through the common template's _tanh_f32 (a few
+        # ulps); 16-bit specs keep 2·sigmoid(2x) - 1, whose ~6e-8 absolute
+        # error is far below their rounding
+        self.precise_tanh = precise_tanh
 
     def __call__(self, e) -> str:
         return self.p(sympy.sympify(e))
@@ -57,7 +62,9 @@ class TritonPrinter:
             return "1"
         if isinstance(e, sympy.logic.boolalg.BooleanFalse):
             return "0"
-        if e.is_Number or isinstance(e, sympy.NumberSymbol):
+        if e.is_Number or isinstance(e, sympy.NumberSymbol) or e.is_number:
+            # a constant expression (sqrt(6), log(2), 2**(1/3)): its value, in
+            # float64 here, rounded once by Triton (a Python int has no .to())
             return _num(e)
         if isinstance(e, sympy.Symbol):
             if e.name not in self.names:
@@ -83,6 +90,8 @@ class TritonPrinter:
             return f"({text})"
         if isinstance(e, sympy.Pow):
             return self._pow(e)
+        if e.func is sympy.tanh and self.precise_tanh:
+            return f"_tanh_f32({self.p(e.args[0])})"
         fn = _UNARY.get(e.func)
         if fn is not None:
             return fn.format(self.p(e.args[0]))
@@ -142,6 +151,15 @@ class TritonPrinter:
             return "(" + " * ".join([f"({x})"] * int(ex)) + ")"
         if ex.is_Integer and -8 <= int(ex) < 0:
             return "(1.0 / (" + " * ".join([f"({x})"] * -int(ex)) + "))"
+        if base.is_number:
+            # a constant base (ALiBi's 2 ** (-8 h / H)): exp2 of y * log2(base), the
+            # log a Python float (NaN for a negative base, as a float pow gives)
+            b = float(base)
+            if b == 2.0:
+                return f"tl.math.exp2(({self.p(ex)}).to(tl.float32))"
+            if b <= 0.0:
+                raise Unsupported(f"power of a non-positive constant base: {e}")
+            return f"tl.math.exp2(({self.p(ex)}) * {math.log2(b)!r})"
         # x ** y = exp2(y * log2 x) for x > 0 (what a float pow of a positive base is)
         return f"tl.math.exp2(({self.p(ex)}) * tl.math.log2(({x}).to(tl.float32)))"
 

@@ -1,6 +1,6 @@
 """Compile the generated kernels for a Hopper GPU (sm_90) on a machine without one.
 
-Run as a script (``python tests/sm90_compile.py``) in a process where Triton's
+Run as a script (``python tests/sm90_compile.py [--regs] [case ...]``) in a process where Triton's
 interpreter is off: the launchers of ``attn_compiler.kernels`` run on CPU
 tensors as usual, but every kernel launch only compiles (``JITFunction.warmup``)
 for an sm_90 target through Triton's real code generator and ptxas.  This catches
@@ -59,6 +59,28 @@ class _Sm90Driver(CudaDriver):
 
 
 COMPILED: list = []
+# ``--regs``: also run ptxas -v on each kernel's PTX and record its registers
+# and spill bytes (what a GPU run reports as n_regs / n_spills), for studying
+# register pressure without a GPU
+REGS = "--regs" in sys.argv
+
+
+def _ptxas_usage(kernel) -> str:
+    import re
+    import subprocess
+    import tempfile
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    try:
+        log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    finally:
+        os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (f" regs={regs.group(1) if regs else '?'}"
+            f" spill_st={spill.group(1) if spill else '?'} spill_ld={spill.group(2) if spill else '?'}")
 
 
 @triton.jit
@@ -69,13 +91,15 @@ def _probe(X, n):
 def _compile_only(self, grid):
     def launch(*args, **kwargs):
         kernel = self.warmup(*args, grid=grid, **kwargs)
-        COMPILED.append((self.fn.__name__, kernel.metadata.shared, kernel.metadata.num_warps))
+        name = self.fn.__name__ + (_ptxas_usage(kernel) if REGS else "")
+        COMPILED.append((name, kernel.metadata.shared, kernel.metadata.num_warps))
     return launch
 
 
 def _cases():
     from attn_compiler.autotune import KernelConfig
-    from attn_compiler.passes.analyze.spec import D, AttentionSpec, CapturedTensor, captured_call, kv_idx, q_idx, score
+    from attn_compiler.passes.analyze.spec import (D, AttentionSpec, CapturedTensor, captured_call, h, kv_idx,
+                                                   q_idx, score)
 
     t0 = captured_call(0)
 
@@ -109,6 +133,10 @@ def _cases():
         ("dropout", spec(masked(causal), dropout_p=0.1), lambda B, H, L: [], ()),
         ("gqa_fp16", spec(masked(causal), dtype="float16", group=4), lambda B, H, L: [], ()),
         ("fp32", spec(masked(causal), dtype="float32"), lambda B, H, L: [], ()),
+        # float32 tanh (_tanh_f32), ALiBi slopes printed from 2 ** (-h - 1) (MPT's form)
+        ("softcap_fp32", spec(masked(causal, 50.0 * sympy.tanh(score / 50.0)), dtype="float32"),
+         lambda B, H, L: [], ()),
+        ("alibi_pow2", spec(masked(causal, score + 2 ** (-h - 1) * (kv_idx - q_idx))), lambda B, H, L: [], ()),
     ]
     shapes = [(2, 4, 256, 128), (1, 4, 200, 80)]      # tiles that divide / an uneven length and head dim
     # the other head dims the tuner's rules treat differently, for a few cases
@@ -131,7 +159,7 @@ def main() -> int:
         print(json.dumps({"unavailable": f"{type(e).__name__}: {e}"}), flush=True)
         return 0
     cases, shapes, more_shapes, fwd_cfgs, bwd_cfgs, KernelConfig = _cases()
-    only = set(sys.argv[1:])
+    only = {a for a in sys.argv[1:] if not a.startswith("--")}
     failures = 0
     for name, spec, make_caps, variants in cases:
         if only and name not in only:

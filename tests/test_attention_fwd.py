@@ -301,3 +301,15 @@ def test_tma_variant_matches_and_refuses_unsuited_layouts():
     torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="captured tensor 0"):    # rows of 45 floats: not 16-byte aligned
         kernels.forward(q, k, v, [randn(1, 2, 72, 45, seed=6).transpose(-1, -2)], spec, None, tma)
+
+
+def test_float32_softcap_of_small_scores():
+    """Gemma-2's 50·tanh(score / 50) in float32: score / 50 is small, where
+    2·sigmoid(2x) - 1 loses ~6e-8 absolutely (x50 on the score) and missed the
+    golden-relative bound; float32 specs use the accurate _tanh_f32 (forward,
+    and backward's 1 - tanh²)."""
+    q, k, v = qkv(Lq=37, Dh=32, seed=51)
+    spec = make_spec(softcap_causal_mod(50.0))
+    check_forward(q, k, v, [], spec, config=TILE_32x16)
+    from kernel_checks import check_backward
+    check_backward(q, k, v, [], spec, config=TILE_32x16)

@@ -152,6 +152,12 @@ PRINTER_CASES = {
     "index_vs_size": sympy.Piecewise((score, kv_idx < Lk - Lq + q_idx), (-oo, True)),
     "captured": score * T0 + T0,
     "captured_in_mask": sympy.Piecewise((score, T0 > 0), (sympy.Float(-1e9), True)),
+    # constant sub-expressions print as their values (DeBERTa-v2's sqrt(6) scale,
+    # MPT's ALiBi slopes 2 ** (-2 h - 2), a power of another constant base)
+    "constant_sqrt": sympy.sqrt(6) * score / 12,
+    "constant_log": sympy.log(2) * score + sympy.pi,
+    "power_of_two": 2 ** (-2 * h - 2) * (kv_idx - 8) + score,
+    "power_of_constant": 3 ** (h / 4) * score,
 }
 
 
@@ -163,6 +169,18 @@ def test_printer_matches_torch_eval(name, probe_dir):
     want = _reference(expr)
     assert torch.equal(torch.isnan(ours), torch.isnan(want)), text
     torch.testing.assert_close(ours, want, rtol=2e-6, atol=1e-6, equal_nan=True, msg=lambda m: f"{text}\n{m}")
+
+
+def test_printer_tanh_forms():
+    """16-bit specs print tanh as 2·sigmoid(2x) - 1; float32 specs call the
+    common template's _tanh_f32 (accurate near 0, see the fp32 softcap kernel test)."""
+    assert "tl.sigmoid" in TritonPrinter()(sympy.tanh(score))
+    assert TritonPrinter(precise_tanh=True)(sympy.tanh(score)) == "_tanh_f32(score)"
+    mod = 30 * sympy.tanh(score / 30)
+    fp32 = codegen.generate("fwd", _spec(mod, out_dtype="float32", prob_dtype="float32")).source
+    bf16 = codegen.generate("fwd", _spec(mod, out_dtype="bfloat16", prob_dtype="bfloat16")).source
+    assert fp32.count("_tanh_f32(") > 1                       # defined and called
+    assert bf16.count("_tanh_f32(") == 1 and "tl.sigmoid" in bf16   # only defined
 
 
 def test_printer_keeps_index_arithmetic_integer():

@@ -53,7 +53,7 @@ transformers = pytest.importorskip("transformers")
 import attn_compiler  # noqa: E402
 from attn_compiler.testing import golden_check, rel_err  # noqa: E402
 from test_real_models import (  # noqa: E402
-    _assert_all_fused, _compile, _seeded, _step, check_model)
+    _assert_all_fused, _compile, _seeded, _step, check_model, check_on_kernels)
 
 B = 2
 VOCAB = 100
@@ -318,6 +318,20 @@ DECODE_FAMILIES = ["gemma2", "gpt_neox", "falcon", "phi", "gpt_bigcode"]
 @pytest.mark.parametrize("family", DECODE_FAMILIES)
 def test_kv_cache_decode(family):
     """Prefill 8 tokens, then two one-token steps through the cache (eval, no_grad)."""
+    _kv_cache_decode(family)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")
+@pytest.mark.parametrize("family", ["gemma2", "gpt_bigcode"])
+def test_kv_cache_decode_through_the_generated_kernels(family):
+    """The same with every site on the generated kernels (softcap + sliding
+    window + GQA; multi-query), one-row queries against the cache included."""
+    from attn_compiler import dispatch
+    with dispatch.implementation("triton"):
+        _kv_cache_decode(family)
+
+
+def _kv_cache_decode(family):
     model = _seeded(DECODERS[family]).eval()
     golden_model = copy.deepcopy(model).double()
     compiled = _compile(copy.deepcopy(model))
@@ -346,3 +360,33 @@ def test_kv_cache_decode(family):
     for i, what in enumerate(("prefill", "decode step 1", "decode step 2")):
         golden_check(results["ours"][i], results["eager"][i], results["golden"][i],
                      name=f"{family} {what} logits")
+
+
+# ---------------------------------------------------------------- the generated kernels
+
+# the families whose specs differ most from the ones test_real_models.py runs
+# through the kernels: softcap + sliding window, a local window without scaling,
+# multi-query, ALiBi without padding, disentangled relative positions, a
+# relative-position bias in a vision model, shifted windows with a window mask
+KERNEL_FAMILIES = {
+    "gemma2": lambda: (DECODERS["gemma2"], {"input_ids": _ids(L)}, LAYERS, {}),
+    "gpt_neo": lambda: (DECODERS["gpt_neo"], {"input_ids": _ids(L)}, LAYERS, {}),
+    "falcon": lambda: (DECODERS["falcon"], {"input_ids": _ids(L)}, LAYERS, {}),
+    "mpt": lambda: (DECODERS["mpt"], {"input_ids": _ids(L)}, LAYERS, {}),
+    "deberta_v2": lambda: (ENCODERS["deberta_v2"], {"input_ids": _ids(L), "attention_mask": _padding_mask(L)},
+                           LAYERS, {}),
+    "beit": lambda: (VISION["beit"], {"pixel_values": _pixels()}, LAYERS,
+                     {"output_fn": lambda out: out.last_hidden_state}),
+    "swin": lambda: (VISION["swin"], {"pixel_values": _pixels()}, LAYERS,
+                     {"output_fn": lambda out: out.last_hidden_state}),
+}
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")
+@pytest.mark.parametrize("family", sorted(KERNEL_FAMILIES))
+def test_family_through_the_generated_kernels(family, monkeypatch):
+    """The same forward + backward checks with every fused site forced onto the
+    generated Triton kernels (Triton's interpreter on CPU)."""
+    build, inputs, n_sites, kwargs = KERNEL_FAMILIES[family]()
+    calls = check_on_kernels(monkeypatch, build, inputs, n_sites, **kwargs)
+    assert calls["forward"] >= 1 and calls["backward"] >= 1, calls
