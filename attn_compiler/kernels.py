@@ -91,8 +91,9 @@ def in_head_extent(t: torch.Tensor) -> int:
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
                        captured: Sequence[torch.Tensor] = ()) -> Optional[str]:
     """None when the Triton kernels run this call, else why they do not."""
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtype {q.dtype} (kernels take float16/bfloat16/float32 with equal q/k/v dtypes)"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype not in _DTYPES:
+        return (f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype} (kernels take float16/bfloat16/float32, "
+                f"q and k alike)")
     if q.shape[-1] > 256 or v.shape[-1] > 256:
         return f"head dim {max(q.shape[-1], v.shape[-1])} > 256"
     for name, t in [("q", q), ("k", k), ("v", v)] + [(f"captured tensor {i}", c) for i, c in enumerate(captured)]:
@@ -258,6 +259,10 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     (delta, lse in the scores' z2 units), dK/dV per KV block, dQ per query block (two
     launches, or one for the config variants "fused" and "paired")."""
     reference.check_inputs(q, k, v, captured, spec)
+    if dout.dtype != v.dtype:
+        # dO meets v in dO·Vᵀ; eager's P·V ran in v's dtype, so its gradient
+        # arrives there in that dtype too (an output cast up is cast back)
+        dout = dout.to(v.dtype)
     B, Hq, Lq, D = q.shape
     Bk, Hkv, Lk, Dv = k.shape[0], k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv

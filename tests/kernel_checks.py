@@ -171,7 +171,7 @@ def check_backward(q, k, v, caps, spec, *, seed=None, config=None, k_factor=2.0,
     """Our forward then ``kernels.backward``; dq, dk, dv and every captured
     gradient checked golden-relative.  Returns (dq, dk, dv, dcaptured)."""
     out, lse = kernels.forward(q, k, v, caps, spec, seed, config=config)
-    dout = randn(out.shape, seed=11).to(q.dtype)
+    dout = randn(out.shape, seed=11).to(out.dtype)      # autograd gives dO in the output's dtype
     ours = kernels.backward(dout, q, k, v, caps, out, lse, spec, seed, config=config)
     eager_out, eager_lse, gold_out, gold_lse = references_forward(q, k, v, caps, spec, seed)
     eager = reference.attention_backward(dout, q, k, v, caps, eager_out, eager_lse, spec, seed)

@@ -136,6 +136,7 @@ def _cases():
         # float32 tanh (_tanh_f32), ALiBi slopes printed from 2 ** (-h - 1) (MPT's form)
         ("softcap_fp32", spec(masked(causal, 50.0 * sympy.tanh(score / 50.0)), dtype="float32"),
          lambda B, H, L: [], ()),
+        ("upcast_qk", spec(masked(causal), dtype="float16"), lambda B, H, L: [], ()),
         ("alibi_pow2", spec(masked(causal, score + 2 ** (-h - 1) * (kv_idx - q_idx))), lambda B, H, L: [], ()),
     ]
     shapes = [(2, 4, 256, 128), (1, 4, 200, 80)]      # tiles that divide / an uneven length and head dim
@@ -167,25 +168,26 @@ def main() -> int:
         dtype = getattr(torch, spec.out_dtype)
         for B, H, L, Dh in shapes + more_shapes.get(name, []):
             Hkv = H // spec.gqa_group
-            q = torch.randn(B, H, L, Dh, dtype=dtype)
-            k, v = torch.randn(B, Hkv, L, Dh, dtype=dtype), torch.randn(B, Hkv, L, Dh, dtype=dtype)
+            qk_dtype = torch.float32 if name == "upcast_qk" else dtype     # GPT-J's q.float(), k.float()
+            q = torch.randn(B, H, L, Dh, dtype=qk_dtype)
+            k, v = torch.randn(B, Hkv, L, Dh, dtype=qk_dtype), torch.randn(B, Hkv, L, Dh, dtype=dtype)
             caps = make_caps(B, H, L)
             seed = torch.tensor(7, dtype=torch.int64) if spec.dropout_p else None
-            if dtype == torch.float32:
-                fc = [default_config("fwd", Dh, dtype, hopper=True)]
-                bc = [default_config("bwd", Dh, dtype, hopper=True)]
+            if qk_dtype == torch.float32:
+                fc = [default_config("fwd", Dh, qk_dtype, hopper=True)]
+                bc = [default_config("bwd", Dh, qk_dtype, hopper=True)]
             else:
                 fc = fwd_cfgs + [KernelConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, "tma")
                                  for c in fwd_cfgs[:1] if Dh in (64, 128, 256)]
                 bc = bwd_cfgs + [KernelConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, var)
                                  for c in bwd_cfgs[:1] for var in variants]
-            defaults = {default_config(fam, Dh, dtype, hopper=True) for fam in ("fwd", "bwd")}
+            defaults = {default_config(fam, Dh, qk_dtype, hopper=True) for fam in ("fwd", "bwd")}
             # what the tuner would offer: its prune rules drop the rest
-            problem = Problem(Dh, dtype, L, L, "causal" in name, True)
+            problem = Problem(Dh, qk_dtype, L, L, "causal" in name, True)
             fc = [c for c in fc if first_failing_rule("fwd", dataclasses.replace(c, variant="ptr"), problem) is None]
             bc = [c for c in bc if first_failing_rule("bwd", dataclasses.replace(c, variant="ptr"), problem) is None]
-            fc = list(dict.fromkeys(fc + [default_config("fwd", Dh, dtype, hopper=True)]))
-            bc = list(dict.fromkeys(bc + [default_config("bwd", Dh, dtype, hopper=True)]))
+            fc = list(dict.fromkeys(fc + [default_config("fwd", Dh, qk_dtype, hopper=True)]))
+            bc = list(dict.fromkeys(bc + [default_config("bwd", Dh, qk_dtype, hopper=True)]))
             jobs = [("fwd", c, lambda c=c: kernels.forward(q, k, v, caps, spec, seed, c)) for c in fc]
             out = torch.zeros(B, H, L, Dh, dtype=dtype)
             lse = torch.zeros(B, H, L)

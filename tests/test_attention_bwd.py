@@ -373,3 +373,18 @@ def test_own_dq_tile(case, dq, monkeypatch):
                                 config=KernelConfig(16, 32, 4, 1, dq=TILE_16x32.dq_launch()))
     for a, b in zip(mirrored[:3], explicit[:3], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_query_and_key_upcast_to_float32():
+    """GPT-J and CodeGen upcast q and k to float32 for Q·Kᵀ and cast P back to
+    v's dtype: q/k float32 with a float16 v run through the kernels (the
+    float32 product for the scores, v's dtype for P·V), forward and backward."""
+    q, k, _ = qkv(Lq=37, Dh=32, seed=52)
+    v = qkv(Lq=37, Dh=32, seed=53, dtype=torch.float16)[2]
+    spec = make_spec(causal_mod(), dtype=torch.float16)
+    assert kernels.unsupported_reason(q, k, v, spec) is None
+    out, lse = kernels.forward(q, k, v, [], spec, config=TILE_16x32)
+    assert out.dtype == torch.float16
+    check_backward(q, k, v, [], spec, config=TILE_16x32)
+    # q and k must agree
+    assert "q and k alike" in kernels.unsupported_reason(q, k.half(), v, spec)
