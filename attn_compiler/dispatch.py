@@ -216,7 +216,7 @@ def _choose(family: str, key: str, candidates: Dict[str, Callable[[], object]],
 # ---- entry points ---------------------------------------------------------------------
 
 def _signature(family: str, spec: AttentionSpec, q, k, v, captured) -> tuple:
-    return (family, spec.dumps(), tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device,
+    return (family, spec.dumps(), tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, v.dtype, q.device,
             tuple(tuple(t.shape) for t in captured), _impl)
 
 

@@ -269,9 +269,11 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     t = config or default_config("bwd", q)
     bm, bn = min(t.block_m, _pow2(Lq)), min(t.block_n, _pow2(Lk))
     dev = q.device
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    # contiguous, as the op's fake (meta) kernel says: inductor asserts the
+    # strides it was promised; the kernels write any strides
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     grad_ids = [i for i, c in enumerate(spec.captured) if c.requires_grad]
     dcap = {i: torch.zeros(captured[i].shape, dtype=torch.float32, device=dev) for i in grad_ids}
     if q.numel() == 0 or k.numel() == 0:
