@@ -62,7 +62,7 @@ class TritonPrinter:
             return "1"
         if isinstance(e, sympy.logic.boolalg.BooleanFalse):
             return "0"
-        if e.is_Number or isinstance(e, sympy.NumberSymbol) or e.is_number:
+        if e.is_number:
             # a constant expression (sqrt(6), log(2), 2**(1/3)): its value, in
             # float64 here, rounded once by Triton (a Python int has no .to())
             return _num(e)
@@ -152,8 +152,8 @@ class TritonPrinter:
         if ex.is_Integer and -8 <= int(ex) < 0:
             return "(1.0 / (" + " * ".join([f"({x})"] * -int(ex)) + "))"
         if base.is_number:
-            # a constant base (ALiBi's 2 ** (-8 h / H)): exp2 of y * log2(base), the
-            # log a Python float (NaN for a negative base, as a float pow gives)
+            # a constant base (ALiBi's 2 ** (-8 h / H)): exp2 of y * log2(base),
+            # the log a Python float
             b = float(base)
             if b == 2.0:
                 return f"tl.math.exp2(({self.p(ex)}).to(tl.float32))"

@@ -31,3 +31,21 @@ def _fresh_report():
     if reset is not None:
         reset()
     yield
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts of kernels.forward / kernels.backward calls; no tuned pick carried
+    over, no timing (the default config runs)."""
+    from attn_compiler import dispatch, kernels
+    monkeypatch.setenv("ATTN_COMPILER_AUTOTUNE", "0")
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        fn = getattr(kernels, name)
+
+        def wrapper(*args, _fn=fn, _name=name, **kw):
+            calls[_name] += 1
+            return _fn(*args, **kw)
+        monkeypatch.setattr(kernels, name, wrapper)
+    monkeypatch.setattr(dispatch, "_picked", {})
+    return calls

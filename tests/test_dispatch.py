@@ -22,23 +22,6 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::RuntimeWarning")   # numpy inside Triton's interpreter
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts of kernels.forward / kernels.backward calls; no tuned pick carried
-    over, no timing (the default config runs)."""
-    monkeypatch.setenv("ATTN_COMPILER_AUTOTUNE", "0")
-    calls = {"forward": 0, "backward": 0}
-    for name in calls:
-        fn = getattr(kernels, name)
-
-        def wrapper(*args, _fn=fn, _name=name, **kw):
-            calls[_name] += 1
-            return _fn(*args, **kw)
-        monkeypatch.setattr(kernels, name, wrapper)
-    monkeypatch.setattr(dispatch, "_picked", {})
-    return calls
-
-
 def _bias_problem(dtype=torch.float32, device=None):
     q, k, v = qkv(B=2, Hq=4, Hkv=2, Lq=21, Lk=29, dtype=dtype, seed=1, device=device)
     bias = randn(1, 4, 21, 29, seed=2).to(q.device, dtype)

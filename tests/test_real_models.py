@@ -389,21 +389,13 @@ def _llama_left_padding():
             "golden_inputs": {"input_ids": ids, "attention_mask": _causal_padding_mask_4d(mask, torch.float64)}}
 
 
-def check_on_kernels(monkeypatch, build, inputs, n_sites, **kwargs) -> dict:
+def check_on_kernels(build, inputs, n_sites, **kwargs) -> None:
     """``check_model`` with the op forced onto the generated kernels
-    (``dispatch.implementation("triton")``); returns how many times
-    ``kernels.forward`` and ``kernels.backward`` ran."""
-    from attn_compiler import dispatch, kernels
-    monkeypatch.setattr(dispatch, "_picked", {})   # no pick cached by an earlier test (it holds the kernels)
-    calls = {"forward": 0, "backward": 0}
-    for name in calls:
-        def counted(*args, _fn=getattr(kernels, name), _name=name, **kw):
-            calls[_name] += 1
-            return _fn(*args, **kw)
-        monkeypatch.setattr(kernels, name, counted)
+    (``dispatch.implementation("triton")``); count the calls with the
+    ``counted`` fixture."""
+    from attn_compiler import dispatch
     with dispatch.implementation("triton"):
         check_model(build, inputs, n_sites, **kwargs)
-    return calls
 
 
 # name: (model, check_model's keyword arguments, fused sites)
@@ -424,7 +416,7 @@ KERNEL_CASES = {
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")
 @pytest.mark.parametrize("case", sorted(KERNEL_CASES))
-def test_real_model_through_the_generated_kernels(case, monkeypatch):
+def test_real_model_through_the_generated_kernels(case, counted):
     """The same checks with every fused site forced onto the generated Triton
     kernels (forward and backward; Triton's interpreter on CPU): the specs real
     models produce (padding masks with finfo.min fills, left padding's fully
@@ -433,5 +425,5 @@ def test_real_model_through_the_generated_kernels(case, monkeypatch):
     reference the CPU path otherwise takes."""
     build, kwargs, n_sites = KERNEL_CASES[case]
     kwargs = kwargs()
-    calls = check_on_kernels(monkeypatch, build, kwargs.pop("inputs"), n_sites, **kwargs)
-    assert calls["forward"] >= n_sites and calls["backward"] >= n_sites, calls
+    check_on_kernels(build, kwargs.pop("inputs"), n_sites, **kwargs)
+    assert counted["forward"] >= n_sites and counted["backward"] >= n_sites, counted
