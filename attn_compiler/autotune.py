@@ -20,6 +20,8 @@ Notation::
             (bwd; equal work per program under a causal mask)
     +dQ     bwd with two launches: the dQ launch's own tile, ``64x64 w4 s2 ptr
             +dQ 128x64 w8 s3`` (dQ: 128 query rows, 64 keys per step)
+    k/SM    decode: the split count aims at k programs per multiprocessor
+            (``16x128 w4 s3 ptr 1/SM``); without it, ``DECODE_PROGRAMS_PER_SM``
     family  "fwd" (attention forward), "bwd" (dQ, dK, dV), "decode" (few query
             rows against a long KV cache)
 
@@ -105,9 +107,14 @@ class KernelConfig:
     # step, warps, stages); () runs dQ on the mirror of this tile (block_n query
     # rows, block_m keys per step) with the same warps and stages
     dq: tuple[int, ...] = ()
+    # decode: program slots per multiprocessor the split-KV count fills (fewer
+    # slots, fewer and longer splits); 0: the launcher's default
+    per_sm: int = 0
 
     def __post_init__(self) -> None:
         _check_tile(self.block_m, self.block_n, self.num_warps, self.num_stages)
+        if not isinstance(self.per_sm, int) or not 0 <= self.per_sm <= 32:
+            raise ValueError(f"per_sm must be an int in 0..32, got {self.per_sm!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if not isinstance(self.dq, tuple):
@@ -124,6 +131,8 @@ class KernelConfig:
         if self.dq:
             m, n, w, s = self.dq
             text += f" +dQ {m}x{n} w{w} s{s}"
+        if self.per_sm:
+            text += f" {self.per_sm}/SM"
         return text
 
     def dq_launch(self) -> tuple[int, int, int, int]:
@@ -136,12 +145,14 @@ class KernelConfig:
         return KernelConfig(n, m, w, s)
 
     def as_dict(self) -> dict[str, object]:
-        """JSON-ready fields; ``dq`` only when set (a list)."""
+        """JSON-ready fields; ``dq`` (a list) and ``per_sm`` only when set."""
         data = dataclasses.asdict(self)
         if self.dq:
             data["dq"] = list(self.dq)
         else:
             del data["dq"]
+        if not self.per_sm:
+            del data["per_sm"]
         return data
 
     @classmethod

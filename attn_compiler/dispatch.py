@@ -59,7 +59,11 @@ _SHORT = {
     # 32x32 is float32's and D=256's default, which the tuner always adds):
     # 64x128 w8 s2 only for the learned-bias tma variant (its winner in run 6).
     "bwd": [(64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3)],
-    "decode": [(16, 64, 4, 2), (16, 64, 4, 3), (16, 128, 4, 2), (16, 128, 8, 3), (16, 256, 8, 2),
+    # decode: 1x32:8x32768x128 bf16 (B=1), whole op in µs with the split count of
+    # 4 programs per SM (64 splits) / the best of 16-128 splits: 16x128 w4 s3
+    # 44.6 / 37.5 (16 splits), 16x64 w4 s3 45.9 / 38.2 (32), 16x64 w4 s2 40.5 /
+    # 40.5; at B=8 (8 splits either way) 246, 280, 247 (SDPA 37.0 and 245)
+    "decode": [(16, 128, 4, 3), (16, 64, 4, 3), (16, 64, 4, 2), (16, 128, 8, 3), (16, 256, 8, 2),
                (16, 32, 4, 2)],
 }
 
@@ -119,6 +123,9 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
             if family == "fwd" and autotune._fwd_smem(c, problem) + plane_bytes * m * n * s > autotune.SMEM_BYTES:
                 continue
             out.append(c)
+    if family == "decode":
+        # the first tiles also with fewer, longer splits (1 or 2 programs per SM)
+        out += [dataclasses.replace(c, per_sm=k) for c in out[:2] for k in (1, 2)]
     if family == "fwd" and kernels.is_hopper(q):
         # the same tiles with K/V through tensor descriptors (TMA); a call they
         # do not suit raises and the tuner drops them

@@ -407,7 +407,8 @@ def decode(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     if out.numel() == 0:
         return out, lse.fill_(-math.inf)
     n_blocks = triton_cdiv(Lk, bn)
-    s = splits or num_splits(B * Hkv, n_blocks, _sm_count(q.device), max_splits=DECODE_MAX_SPLITS)
+    s = splits or num_splits(B * Hkv, n_blocks, _sm_count(q.device), max_splits=DECODE_MAX_SPLITS,
+                             per_sm=t.per_sm or DECODE_PROGRAMS_PER_SM)
     s = max(1, min(s, n_blocks))
     chunk = triton_cdiv(n_blocks, s) * bn
     s = triton_cdiv(Lk, chunk)

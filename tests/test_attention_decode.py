@@ -137,3 +137,21 @@ def test_num_splits_rules():
     assert kernels.num_splits(4, 3, 132) == 3                         # never more splits than blocks
     assert kernels.num_splits(4, 1000, 132, per_sm=1) == 29           # 116 of 132: 88 % >= 85 % of 100 %
     assert kernels.num_splits(4, 1000, 132, max_splits=8, per_sm=1) == 7   # 28 of 132: within 85 % of 32
+
+
+def test_config_sets_the_programs_per_sm(monkeypatch):
+    """A decode config's ``per_sm`` reaches the split rule (the tuner tries 1
+    and 2 slots per SM beside the default), and the result stays golden."""
+    seen = []
+    rule = kernels.num_splits
+
+    def recording(*args, **kw):
+        seen.append(kw.get("per_sm"))
+        return rule(*args, **kw)
+    monkeypatch.setattr(kernels, "num_splits", recording)
+    q, k, v = qkv(B=1, Hq=4, Hkv=1, Lq=1, Lk=LK, seed=3)
+    spec = make_spec(offset_causal_mod(), group=4)
+    for per_sm in (0, 1):
+        check_forward(q, k, v, [], spec, config=KernelConfig(16, 16, 4, 1, per_sm=per_sm),
+                      name=f"decode/per_sm={per_sm}", launch=kernels.decode)
+    assert seen == [kernels.DECODE_PROGRAMS_PER_SM, 1]

@@ -66,6 +66,20 @@ def test_config_with_its_own_dq_tile():
         KernelConfig(64, 64, 4, 2, "fused", dq=(128, 64, 8, 3))
 
 
+def test_decode_config_with_its_programs_per_sm():
+    """A decode config may set the program slots per multiprocessor its split
+    count fills; it round-trips through the cache's JSON and is omitted there
+    when unset (older entries load unchanged)."""
+    cfg = KernelConfig(16, 128, 4, 3, per_sm=1)
+    assert str(cfg) == "16x128 w4 s3 ptr 1/SM"
+    assert KernelConfig.from_dict(json.loads(json.dumps(cfg.as_dict()))) == cfg
+    assert "per_sm" not in KernelConfig(16, 128, 4, 3).as_dict()
+    assert cfg != KernelConfig(16, 128, 4, 3)
+    for bad in (-1, 33, 1.5):
+        with pytest.raises(ValueError, match="per_sm"):
+            KernelConfig(16, 128, 4, 3, per_sm=bad)
+
+
 def test_dq_tile_is_pruned_by_the_same_rules():
     """The rules see the dQ tile as a config of its own ("dq_" + the rule's name)."""
     p = autotune.Problem(128, torch.float32, 1024, 1024, False, False)

@@ -8,6 +8,8 @@ runs the blockwise reference on CPU tensors.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import sympy
 import torch
@@ -145,6 +147,21 @@ def test_backward_candidates_cross_the_first_two_dq_tiles():
     problem = autotune.Problem(128, torch.bfloat16, 4096, 4096, True, False)
     assert all(autotune.first_failing_rule("bwd", c, problem) is None for c in cands)
     assert len(set(cands)) == len(cands)
+
+
+def test_decode_candidates_try_fewer_splits():
+    """Decode candidates: the tiles with the launcher's split count, and the
+    first two also with 1 and 2 programs per SM (B=1, KV 32k: 16 splits ran
+    37.5 µs where 64 ran 44.6, bench/RESULTS.md run 12)."""
+    from attn_compiler.autotune import KernelConfig
+    q = torch.empty(1, 32, 1, 128, dtype=torch.bfloat16)
+    k = torch.empty(1, 8, 32768, 128, dtype=torch.bfloat16)
+    spec = make_spec(score, dtype=torch.bfloat16, group=4)
+    cands = dispatch._configs("decode", q, k, k, spec)
+    assert len(set(cands)) == len(cands)
+    base = [c for c in cands if not c.per_sm]
+    assert [c for c in cands if c.per_sm] == [dataclasses.replace(c, per_sm=n) for c in base[:2] for n in (1, 2)]
+    assert KernelConfig(16, 128, 4, 3, per_sm=1) in cands
 
 
 def test_forward_candidates_leave_room_for_a_bias_plane():

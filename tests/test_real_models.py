@@ -78,7 +78,7 @@ def _step(model, inputs, output_fn):
     # A fixed random projection as the loss: pow(2).mean() after a final
     # LayerNorm is (almost) constant and would leave the gradients ~0.
     g = torch.Generator().manual_seed(5)
-    weights = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    weights = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
     (out * weights).mean().backward()  # in the output's dtype: the golden stays float64
     module = getattr(model, "_orig_mod", model)  # a compiled model's parameters, unprefixed
     grads = {n: p.grad for n, p in module.named_parameters()}
@@ -117,15 +117,21 @@ def check_grads(ours, eager, golden, what=""):
 
 
 def check_model(build, inputs, n_sites, *, inner="aot_eager", output_fn=_logits,
-                golden_inputs=None, golden_prepare=None):
+                golden_inputs=None, golden_prepare=None, device=None, dtype=None):
     """Forward + backward through eager fp32, float64 golden and ours; compare all.
 
     The loss is a fixed random projection of ``output_fn(model output)``.  ``golden_inputs``
     (default: ``inputs`` cast to float64) replaces the golden model's inputs
     where the float64 model needs an equivalent spelling; ``golden_prepare``
     switches the golden model to an equivalent code path that runs in float64.
+    ``device``/``dtype`` move the model and its inputs (eager and ours then run
+    in ``dtype``; the golden is the same rounded weights in float64).
     """
     model = _seeded(build)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+        inputs = {k: v.to(device=device, dtype=dtype if torch.is_floating_point(v) else None)
+                  for k, v in inputs.items()}
     golden_model = copy.deepcopy(model).double()
     if golden_prepare is not None:
         golden_prepare(golden_model)
@@ -134,6 +140,8 @@ def check_model(build, inputs, n_sites, *, inner="aot_eager", output_fn=_logits,
     eager_out, eager_grads = _step(model, inputs, output_fn)
     if golden_inputs is None:
         golden_inputs = _cast_inputs(inputs, torch.float64)
+    elif device is not None:
+        golden_inputs = {k: v.to(device) for k, v in golden_inputs.items()}
     gold_out, gold_grads = _step(golden_model, golden_inputs, output_fn)
     compiled = _compile(ours_model, inner)
     ours_out, ours_grads = _step(compiled, inputs, output_fn)
