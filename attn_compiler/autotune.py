@@ -307,6 +307,11 @@ def default_config(family: str, head_dim: int, dtype: torch.dtype, causal: bool 
             cfg = KernelConfig(64, 32, 4, 2)
     elif family == "bwd":
         cfg = KernelConfig(64, 64, 4, 2) if head_dim <= 128 else KernelConfig(32, 32, 4, 1)
+    elif head_dim <= 128:
+        # 16x128 w4 s3, splits for one program per SM: B=1 / B=8 at KV 32k with
+        # 32 over 8 heads ran 37.0 / 246.7 µs where 16x64 w4 s3 with the
+        # launcher's 4 per SM ran 46.7 / 282.5 (bench/RESULTS.md run 12)
+        cfg = KernelConfig(16, 128, 4, 3, per_sm=1)
     else:
         cfg = KernelConfig(16, 64, 4, 3)
     problem = Problem(head_dim, dtype, cfg.block_m, cfg.block_n, causal, hopper)

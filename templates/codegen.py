@@ -120,9 +120,10 @@ def _indent(lines: Sequence[str], pad: str) -> str:
 class _Hooks:
     """Generated code fragments for one spec (see the notation above)."""
 
-    def __init__(self, spec: AttentionSpec):
+    def __init__(self, spec: AttentionSpec, fast_tanh: bool = True):
         self.spec = spec
-        self.pr = TritonPrinter(precise_tanh="float32" in (spec.out_dtype, spec.prob_dtype))
+        self.pr = TritonPrinter(precise_tanh="float32" in (spec.out_dtype, spec.prob_dtype),
+                                fast_tanh=fast_tanh and spec.out_dtype == spec.prob_dtype == "bfloat16")
         self.n_cap = len(spec.captured)
         self.kept = _kept_value(spec.score_mod)
         self.pure_mask = self.kept == score      # score_mod is masking only
@@ -421,9 +422,9 @@ class Generated:
 
 
 @functools.lru_cache(maxsize=512)
-def _generate(family: str, spec_text: str) -> Generated:
+def _generate(family: str, spec_text: str, fast_tanh: bool = True) -> Generated:
     spec = AttentionSpec.loads(spec_text)
-    h = _Hooks(spec)
+    h = _Hooks(spec, fast_tanh)
     hooks = _hooks_for(family, h)
     parts = [COMMON_TEMPLATE] + (["attention_fwd.py.tmpl"] if family == "bwd" else []) + [TEMPLATES[family]]
     src = "\n\n".join(fill(template_text(name), hooks) for name in parts)
@@ -431,11 +432,15 @@ def _generate(family: str, spec_text: str) -> Generated:
     return Generated(family, src, digest)
 
 
-def generate(family: str, spec: AttentionSpec) -> Generated:
-    """The Triton source of ``family`` ("fwd", "bwd", "decode") for ``spec``."""
+def generate(family: str, spec: AttentionSpec, fast_tanh: bool = True) -> Generated:
+    """The Triton source of ``family`` ("fwd", "bwd", "decode") for ``spec``.
+
+    ``fast_tanh``: a bfloat16 spec's tanh may use the hardware's approximate
+    tanh (``_tanh_bf16``); off for calls whose q or k are float32 (eager's
+    scores are then float32-exact, the approximation's 2^-11 is not)."""
     if family not in TEMPLATES:
         raise ValueError(f"unknown kernel family {family!r}; expected one of {FAMILIES}")
-    return _generate(family, spec.dumps())
+    return _generate(family, spec.dumps(), fast_tanh)
 
 
 def cache_dir() -> Path:
@@ -448,23 +453,23 @@ def cache_dir() -> Path:
 
 
 _modules: Dict[str, object] = {}
-_by_spec: Dict[Tuple[str, str], object] = {}
+_by_spec: Dict[Tuple[str, str, bool], object] = {}
 _lock = threading.Lock()
 
 
-def load(family: str, spec: AttentionSpec):
+def load(family: str, spec: AttentionSpec, fast_tanh: bool = True):
     """Import the generated module of ``family`` for ``spec`` (written once to
     the cache folder under its hash, atomically, so processes can share it)."""
     text = spec.dumps()
-    mod = _by_spec.get((family, text))
+    mod = _by_spec.get((family, text, fast_tanh))
     if mod is not None:          # the per-call path: one dict lookup
         return mod
-    gen = generate(family, spec)
+    gen = generate(family, spec, fast_tanh)
     name = f"attn_compiler_gen_{family}_{gen.digest}"
     with _lock:
         mod = _modules.get(name)
         if mod is not None:
-            _by_spec[(family, text)] = mod
+            _by_spec[(family, text, fast_tanh)] = mod
             return mod
         folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
@@ -479,5 +484,5 @@ def load(family: str, spec: AttentionSpec):
         sys.modules[name] = mod          # triton's jit looks functions up by module
         spec_obj.loader.exec_module(mod)
         _modules[name] = mod
-        _by_spec[(family, text)] = mod
+        _by_spec[(family, text, fast_tanh)] = mod
         return mod

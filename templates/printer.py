@@ -47,12 +47,16 @@ class TritonPrinter:
     last piece, like ``torch_eval`` (so a ``-oo`` branch is exactly -inf).
     """
 
-    def __init__(self, names: Optional[Dict[str, str]] = None, precise_tanh: bool = False):
+    def __init__(self, names: Optional[Dict[str, str]] = None, precise_tanh: bool = False,
+                 fast_tanh: bool = False):
         self.names = dict(_SYMBOL_NAMES, **(names or {}))
         # float32 specs: tanh through the common template's _tanh_f32 (a few
-        # ulps); 16-bit specs keep 2·sigmoid(2x) - 1, whose ~6e-8 absolute
-        # error is far below their rounding
+        # ulps); bfloat16 specs of 16-bit scores (fast_tanh): _tanh_bf16, the
+        # hardware's approximate tanh (2^-11 relative, under their rounding);
+        # others keep 2·sigmoid(2x) - 1, whose ~6e-8 absolute error is far below
+        # their rounding
         self.precise_tanh = precise_tanh
+        self.fast_tanh = fast_tanh and not precise_tanh
 
     def __call__(self, e) -> str:
         return self.p(sympy.sympify(e))
@@ -92,6 +96,8 @@ class TritonPrinter:
             return self._pow(e)
         if e.func is sympy.tanh and self.precise_tanh:
             return f"_tanh_f32({self.p(e.args[0])})"
+        if e.func is sympy.tanh and self.fast_tanh:
+            return f"_tanh_bf16({self.p(e.args[0])})"
         fn = _UNARY.get(e.func)
         if fn is not None:
             return fn.format(self.p(e.args[0]))

@@ -195,7 +195,8 @@ def test_rule_decode_warps_over_tile():
     ("fwd", 256, True, "64x32 w4 s2 ptr"),
     ("bwd", 64, False, "64x64 w4 s2 ptr"),
     ("bwd", 256, False, "32x32 w4 s1 ptr"),
-    ("decode", 128, True, "16x64 w4 s3 ptr"),
+    ("decode", 128, True, "16x128 w4 s3 ptr 1/SM"),
+    ("decode", 256, True, "16x64 w4 s3 ptr"),
 ])
 def test_default_config(family, head_dim, hopper, expected):
     assert str(default_config(family, head_dim, torch.bfloat16, False, hopper)) == expected
