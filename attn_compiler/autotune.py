@@ -174,6 +174,9 @@ class Problem:
     lk: int
     causal: bool
     hopper: bool
+    # bytes per element of the learned-bias planes the forward streams beside
+    # K and V (one (M, N) tile per plane and stage); 0 without such planes
+    plane_bytes: int = 0
 
     @property
     def d(self) -> int:
@@ -189,8 +192,10 @@ Rule = tuple[str, Callable[[KernelConfig, Problem], bool]]  # predicate True: dr
 
 
 def _fwd_smem(c: KernelConfig, p: Problem) -> int:
-    """Q tile resident, K and V tiles in ``num_stages`` buffers each."""
-    return (c.block_m * p.d + 2 * c.num_stages * c.block_n * p.d) * p.elem_bytes
+    """Q tile resident, K and V tiles in ``num_stages`` buffers each, and the
+    bias planes' (M, N) tiles as deep (128x128 w8 s3 with a bf16 plane: 288 KiB)."""
+    return ((c.block_m * p.d + 2 * c.num_stages * c.block_n * p.d) * p.elem_bytes
+            + p.plane_bytes * c.block_m * c.block_n * c.num_stages)
 
 
 def _bwd_smem(c: KernelConfig, p: Problem) -> int:

@@ -111,18 +111,12 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
         space = autotune.config_space(family, head_dim=D, dtype=q.dtype, lq=Lq, lk=Lk, causal=causal,
                                       hopper=False)
         return [c for c in space if c.variant != "tma"]
-    problem = autotune.Problem(D, q.dtype, Lq, Lk, causal, False)
     # a learned-bias plane streams a (M, N) tile per stage beside K and V in the
-    # forward: tiles that then overflow shared memory would only fail to launch
-    # (128x128 w8 s3 with a bf16 plane asked for 288 KiB)
+    # forward: the smem rule drops tiles that would then only fail to launch
     plane_bytes = sum(getattr(torch, spec.captured[i].dtype).itemsize for i in codegen.tma_planes(spec))
-    out = []
-    for m, n, w, s in _SHORT[family]:
-        c = KernelConfig(m, n, w, s)
-        if autotune.first_failing_rule(family, c, problem) is None:
-            if family == "fwd" and autotune._fwd_smem(c, problem) + plane_bytes * m * n * s > autotune.SMEM_BYTES:
-                continue
-            out.append(c)
+    problem = autotune.Problem(D, q.dtype, Lq, Lk, causal, False, plane_bytes if family == "fwd" else 0)
+    out = [c for c in (KernelConfig(*t) for t in _SHORT[family])
+           if autotune.first_failing_rule(family, c, problem) is None]
     if family == "decode":
         # the first tiles also with fewer, longer splits (1 or 2 programs per SM)
         out += [dataclasses.replace(c, per_sm=k) for c in out[:2] for k in (1, 2)]

@@ -175,6 +175,10 @@ def test_forward_candidates_leave_room_for_a_bias_plane():
     big = KernelConfig(128, 128, 8, 3)
     assert big in plain and big not in biased
     assert KernelConfig(128, 64, 8, 3) in biased and KernelConfig(64, 64, 4, 3) in biased
+    from attn_compiler import autotune
+    with_plane = autotune.Problem(128, torch.bfloat16, 4096, 4096, True, True, plane_bytes=2)
+    assert autotune.first_failing_rule("fwd", big, with_plane) == "smem"       # the rule says why
+    assert autotune.first_failing_rule("fwd", big, dataclasses.replace(with_plane, plane_bytes=0)) is None
 
 
 def test_offsets_past_int32_inside_a_head_are_declined():
