@@ -243,8 +243,24 @@ def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
         MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi,
         EVEN_M=Lq % bm == 0, EVEN_N=Lk % bn == 0, DROPOUT=spec.dropout_p > 0,
         DOT_PREC=_dot_precision(q.dtype), TMA=t.variant == "tma", num_warps=t.num_warps,
-        num_stages=t.num_stages)
+        num_stages=t.num_stages, MAP_BLOCKS=map_blocks(plan, triton_cdiv(Lk, bn)))
     return out, lse
+
+
+# A block-map walk holds one map row (or column) in registers to walk it in runs
+# of equal tiles; longer maps are walked tile by tile.
+MAP_RUN_MAX_BLOCKS = 2048
+
+
+def map_blocks(plan: MaskPlan, *walks: int) -> int:
+    """The MAP_BLOCKS constexpr of a launch: a power of two covering the
+    longest block-map walk (``walks``: tiles per walk) when the kernels walk
+    the map in runs; 0 without a map, or tile by tile past
+    ``MAP_RUN_MAX_BLOCKS``.  Powers of two: lengths share compiled kernels."""
+    if plan.mode != 3:
+        return 0
+    n = _pow2(max(walks))
+    return n if n <= MAP_RUN_MAX_BLOCKS else 0
 
 
 def _fast_tanh(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -328,6 +344,9 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
             raise ValueError("tma variant: the backward reads no captured plane (the ptr variant is the same)")
         _tma_ready(spec, captured)
     launch["TMA"] = tma
+    # the walks: dK/dV over query blocks, dQ over key blocks (its own tile, or
+    # the mirrored one in one launch)
+    launch["MAP_BLOCKS"] = map_blocks(plan, triton_cdiv(Lq, bm), triton_cdiv(Lk, bn2), triton_cdiv(Lk, bm))
     if t.variant in ("fused", "paired"):
         if (bm2, bn2) != (bn, bm):
             # one launch runs dQ on the mirrored tile; clamped to short lengths

@@ -19,7 +19,7 @@ from attn_compiler.templates import codegen
 from attn_compiler.autotune import KernelConfig
 from attn_compiler.passes.analyze.spec import captured_call
 from kernel_checks import (
-    F32_MIN, T0, alibi_slopes, captured_spec, causal_mod, check_backward, kv_idx, make_spec,
+    DEVICE, F32_MIN, T0, alibi_slopes, captured_spec, causal_mod, check_backward, check_forward, kv_idx, make_spec,
     masked, offset_causal_mod, padding_keep, padding_mod, q_idx, qkv, randn, score, softcap_causal_mod,
     window_mod)
 
@@ -388,3 +388,41 @@ def test_query_and_key_upcast_to_float32():
     check_backward(q, k, v, [], spec, config=TILE_16x32)
     # q and k must agree
     assert "q and k alike" in kernels.unsupported_reason(q, k.half(), v, spec)
+
+
+# ---- block-map walks in runs ----------------------------------------------------------
+
+def _document_keep(B: int, Lq: int, Lk: int, empty_rows=()) -> torch.Tensor:
+    """Bool [B, 1, Lq, Lk]: keys and queries split into documents of uneven
+    lengths (a query sees its own document; batch 1 has other boundaries), and
+    the query rows ``empty_rows`` of batch 0 see no key at all."""
+    q_doc = torch.stack([torch.arange(Lq) // 23, torch.arange(Lq) // 31])
+    k_doc = torch.stack([torch.arange(Lk) // 29, torch.arange(Lk) // 37])
+    keep = (q_doc[:, :, None] == k_doc[:, None, :])[:B, None]
+    for r in empty_rows:
+        keep[0, 0, r] = False
+    return keep.to(DEVICE)
+
+
+@pytest.mark.parametrize("max_blocks", [kernels.MAP_RUN_MAX_BLOCKS, 0], ids=["runs", "tile_by_tile"])
+@pytest.mark.parametrize("empty_rows", [(), (5, 40, 41)], ids=["every_row_keeps", "empty_rows"])
+def test_block_map_walked_in_runs(monkeypatch, max_blocks, empty_rows):
+    """A document mask (runs of dropped, PARTIAL and FULL tiles that differ per
+    query block and batch): forward, dQ and dK/dV walk each map row / column
+    in runs of equal tiles [Note: runs of the block map], or tile by tile when
+    the map is too long to hold in registers; the two agree with the golden.
+    Rows that keep no key sit in runs of dropped tiles, which dK/dV must walk
+    (eager's dV is nan at every key of such a head)."""
+    monkeypatch.setattr(kernels, "MAP_RUN_MAX_BLOCKS", max_blocks)
+    Lq, Lk = 70, 90
+    q, k, v = qkv(Lq=Lq, Lk=Lk, seed=21)
+    keep = _document_keep(2, Lq, Lk, empty_rows)
+    spec = make_spec(masked(sympy.Ne(captured_call(0), 0)), captured=[captured_spec("B.QK", "bool")])
+    plan = kernels.mask_plan(spec, Lq, Lk)
+    assert plan.mode == 3
+    assert (kernels.map_blocks(plan, 6) > 0) == (max_blocks > 0)
+    if empty_rows:
+        _check_fully_masked(q, k, v, [keep], spec)
+    else:
+        check_backward(q, k, v, [keep], spec, config=TILE_16)
+    check_forward(q, k, v, [keep], spec, config=KernelConfig(16, 32, 4, 1))
