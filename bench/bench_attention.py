@@ -82,7 +82,17 @@ def make_inputs(case: Case, device, seed: int = 0) -> Inputs:
         extra = randn(1, case.H, case.N, case.N)
     elif case.variant == "padding":
         extra = impls.padding_mask(case.B, case.N, case.dtype, device)
+    elif case.variant == "keypad":
+        extra = impls.keypad_keep(case.B, case.N, device)
     return Inputs(randn(*shape), randn(*shape), randn(*shape), randn(*shape, grad=False), extra)
+
+
+def _keep_mask(causal: bool, keep, kv, qi):
+    """The golden's bool mask (True = kept): causal and / or the key padding."""
+    mask = (kv <= qi) if causal else None
+    if keep is not None:
+        mask = keep if mask is None else keep & mask
+    return mask
 
 
 def golden(case: Case, x: Inputs, grads: bool) -> dict[str, torch.Tensor]:
@@ -97,6 +107,7 @@ def golden(case: Case, x: Inputs, grads: bool) -> dict[str, torch.Tensor]:
     bias = f64(x.extra) if case.variant == "bias" else None
     pad = x.extra.to(torch.float64) if case.variant == "padding" else None
     slopes = x.extra.to(torch.float64) if case.variant == "alibi" else None
+    keep = x.extra if case.variant == "keypad" else None                     # (B, 1, 1, N) bool
     out = torch.empty_like(q, requires_grad=False)
     rows = max(1, min(case.N, (1 << 26) // (case.B * case.H * case.N)))   # 512 MiB of fp64 scores
     kv = torch.arange(case.N, device=q.device)[None, :]                      # (1, N)
@@ -105,7 +116,7 @@ def golden(case: Case, x: Inputs, grads: bool) -> dict[str, torch.Tensor]:
         qi = torch.arange(m0, m1, device=q.device)[:, None]                  # (rows, 1)
         add = slopes * (kv - qi) if slopes is not None else bias[:, :, m0:m1] if bias is not None else pad
         o = reference_attention(q[:, :, m0:m1], k, v, softcap=impls.SOFTCAP if case.variant == "softcap" else None,
-                                bias=add, mask=(kv <= qi) if case.causal else None)
+                                bias=add, mask=_keep_mask(case.causal, keep, kv, qi))
         if grads:
             o.backward(x.dout[:, :, m0:m1].to(torch.float64))
         out[:, :, m0:m1] = o.detach()
@@ -141,6 +152,8 @@ def _sdpa(backend: str) -> Callable[[Case, Inputs], common.Impl]:
 
         if case.variant == "padding":                    # (B, 1, 1, N), or (B, 1, N, N) with the causal -inf
             mask = x.extra if above is None else torch.where(above, float("-inf"), x.extra)
+        if case.variant == "keypad":                     # bool, True = kept
+            mask = x.extra if above is None else x.extra & ~above
 
         def forward():
             m = mask
@@ -195,6 +208,16 @@ def _flex(case: Case, x: Inputs) -> common.Impl:
             return score + pad[b, kv_idx]
     block_mask = (create_block_mask(causal, None, None, case.N, case.N, device=x.q.device)
                   if case.causal else None)
+    if case.variant == "keypad":                         # the padding as a block mask (built untimed)
+        keep = x.extra.view(case.B, case.N)
+
+        def keypad(b, h, q_idx, kv_idx):
+            return keep[b, kv_idx]
+
+        def keypad_causal(b, h, q_idx, kv_idx):
+            return keep[b, kv_idx] & (kv_idx <= q_idx)
+        block_mask = create_block_mask(keypad_causal if case.causal else keypad, case.B, None, case.N, case.N,
+                                       device=x.q.device)
     compiled = torch.compile(flex_attention, dynamic=False)
     return common.Impl(lambda: compiled(x.q, x.k, x.v, score_mod=score_mod, block_mask=block_mask))
 

@@ -10,6 +10,9 @@ Score variants (``variant``), all after the 1/sqrt(D) scale:
     bias     z = score + bias[0, h, q_idx, kv_idx]       learned, (1, H, Lq, Lk), gets dBias
     padding  z = score + mask[b, 0, 0, kv_idx]           Hugging Face's additive key padding:
                                                          0 or finfo(dtype).min, (B, 1, 1, Lk)
+    keypad   z = score where keep[b, 0, 0, kv_idx]       boolean key padding (masked_fill with
+             else −inf                                   -inf), (B, 1, 1, Lk); FlexAttention
+                                                         gets it as a block mask
 
 ``causal`` masks kv_idx > q_idx with −inf on top of any variant.
 """
@@ -21,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-VARIANTS = ("none", "softcap", "alibi", "bias", "padding")
+VARIANTS = ("none", "softcap", "alibi", "bias", "padding", "keypad")
 SOFTCAP = 50             # Gemma-2's attention logit cap
 
 
@@ -33,6 +36,12 @@ def padding_mask(B: int, N: int, dtype: torch.dtype, device) -> torch.Tensor:
     padded = torch.arange(N, device=device)[None, :] >= N - pad              # (B, N)
     mask = torch.zeros(B, 1, 1, N, dtype=dtype, device=device)
     return mask.masked_fill_(padded[:, None, None, :], torch.finfo(dtype).min)
+
+
+def keypad_keep(B: int, N: int, device) -> torch.Tensor:
+    """(B, 1, 1, N) bool, True where a key is kept: the padding of ``padding_mask``."""
+    pad = torch.arange(B, device=device)[:, None] * N // (2 * B)            # (B, 1)
+    return (torch.arange(N, device=device)[None, :] < N - pad)[:, None, None, :]
 
 
 def alibi_slopes(H: int, device) -> torch.Tensor:
@@ -74,6 +83,8 @@ class HandWrittenAttention(nn.Module):
             s = s + extra * rel                                      # (1, H, 1, 1) * (Lq, Lk)
         elif self.variant in ("bias", "padding"):
             s = s + extra
+        elif self.variant == "keypad":
+            s = s.masked_fill(~extra, float("-inf"))
         if self.causal:
             keep = torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).tril()
             s = s.masked_fill(~keep, float("-inf"))
@@ -142,6 +153,9 @@ def ours_spec(causal: bool, variant: str, dtype: torch.dtype, gqa_group: int = 1
     elif variant == "padding":
         z = score + captured_call(0)
         captured = (CapturedTensor((True, False, False, True), name),)
+    elif variant == "keypad":
+        z = sympy.Piecewise((score, sympy.Ne(captured_call(0), 0)), (-sympy.oo, True))
+        captured = (CapturedTensor((True, False, False, True), "bool"),)
     if causal:
         z = sympy.Piecewise((-sympy.oo, kv_idx - q_idx > 0), (z, True))
     spec = AttentionSpec(score_mod=z, scale=1 / sympy.sqrt(D), captured=captured, gqa_group=gqa_group,
