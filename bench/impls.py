@@ -159,7 +159,7 @@ def ours_spec(causal: bool, variant: str, dtype: torch.dtype, gqa_group: int = 1
     if causal:
         z = sympy.Piecewise((-sympy.oo, kv_idx - q_idx > 0), (z, True))
     spec = AttentionSpec(score_mod=z, scale=1 / sympy.sqrt(D), captured=captured, gqa_group=gqa_group,
-                         out_dtype=name, prob_dtype=name)
+                         out_dtype=name, prob_dtype=name, score_dtype=name)
     return spec.dumps()
 
 

@@ -97,7 +97,8 @@ def _module_site(node: fx.Node) -> Optional[ModuleSite]:
         score_mod=sympy.piecewise_fold(mod), scale=1 / sympy.sqrt(S.D), captured=tuple(captured),
         dropout_p=p, gqa_group=1,
         softmax_dtype="float64" if qdt == torch.float64 else "float32",
-        out_dtype=str(qdt).replace("torch.", ""), prob_dtype=str(qdt).replace("torch.", ""))
+        out_dtype=str(qdt).replace("torch.", ""), prob_dtype=str(qdt).replace("torch.", ""),
+        score_dtype=str(qdt).replace("torch.", ""))
     return ModuleSite(node, a, spec, masks)
 
 

@@ -36,7 +36,7 @@ def spec_from_flags(mask: str = "none", softcap: Optional[float] = None, bias: b
     elif mask != "none":
         raise ValueError(f"unknown mask {mask!r}: none, causal or window:W")
     return AttentionSpec(score_mod=z, scale=1 / sympy.sqrt(D), captured=captured, dropout_p=dropout,
-                         out_dtype=dtype, prob_dtype=dtype)
+                         out_dtype=dtype, prob_dtype=dtype, score_dtype=dtype)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

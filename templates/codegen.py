@@ -123,7 +123,7 @@ class _Hooks:
     def __init__(self, spec: AttentionSpec, fast_tanh: bool = True):
         self.spec = spec
         self.pr = TritonPrinter(precise_tanh="float32" in (spec.out_dtype, spec.prob_dtype),
-                                fast_tanh=fast_tanh and spec.out_dtype == spec.prob_dtype == "bfloat16")
+                                fast_tanh=fast_tanh and spec.score_dtype == "bfloat16")
         self.n_cap = len(spec.captured)
         self.kept = _kept_value(spec.score_mod)
         self.pure_mask = self.kept == score      # score_mod is masking only
@@ -435,9 +435,10 @@ def _generate(family: str, spec_text: str, fast_tanh: bool = True) -> Generated:
 def generate(family: str, spec: AttentionSpec, fast_tanh: bool = True) -> Generated:
     """The Triton source of ``family`` ("fwd", "bwd", "decode") for ``spec``.
 
-    ``fast_tanh``: a bfloat16 spec's tanh may use the hardware's approximate
-    tanh (``_tanh_bf16``); off for calls whose q or k are float32 (eager's
-    scores are then float32-exact, the approximation's 2^-11 is not)."""
+    ``fast_tanh``: the tanh of a spec whose eager scores are bfloat16
+    (``score_dtype``) may use the hardware's approximate tanh (``_tanh_bf16``:
+    2^-11, under the scores' own 2^-9 rounding); off for calls whose q or k are
+    float32.  Scores upcast before the soft-cap keep the exact forms."""
     if family not in TEMPLATES:
         raise ValueError(f"unknown kernel family {family!r}; expected one of {FAMILIES}")
     return _generate(family, spec.dumps(), fast_tanh)

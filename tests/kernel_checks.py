@@ -43,12 +43,13 @@ def make_spec(mod, *, dtype=torch.float32, captured: Sequence[CapturedTensor] = 
               dropout_p: float = 0.0, scale=None) -> AttentionSpec:
     return AttentionSpec(score_mod=mod, scale=1 / sympy.sqrt(D) if scale is None else scale,
                          captured=tuple(captured), gqa_group=group, dropout_p=dropout_p,
-                         out_dtype=dtype_name(dtype), prob_dtype=dtype_name(dtype))
+                         out_dtype=dtype_name(dtype), prob_dtype=dtype_name(dtype),
+                         score_dtype=dtype_name(dtype))
 
 
 def golden_spec(spec: AttentionSpec) -> AttentionSpec:
     """The same spec with a float64 output (the golden must not be rounded)."""
-    return dataclasses.replace(spec, out_dtype="float64", prob_dtype="float64")
+    return dataclasses.replace(spec, out_dtype="float64", prob_dtype="float64", score_dtype="float64")
 
 
 # ---- score modifications ----------------------------------------------------------

@@ -105,7 +105,8 @@ def _cases():
 
     def spec(mod, dtype="bfloat16", captured=(), group=1, dropout_p=0.0):
         return AttentionSpec(score_mod=mod, scale=1 / sympy.sqrt(D), captured=tuple(captured), gqa_group=group,
-                             dropout_p=dropout_p, out_dtype=dtype, prob_dtype=dtype)
+                             dropout_p=dropout_p, out_dtype=dtype, prob_dtype=dtype,
+                            score_dtype=dtype)
 
     def masked(keep, value=score, fill=-sympy.oo):
         return sympy.Piecewise((value, keep), (fill, True))

@@ -173,25 +173,28 @@ def test_printer_matches_torch_eval(name, probe_dir):
 
 def test_printer_tanh_forms():
     """float32 specs call the common template's _tanh_f32 (accurate near 0, see
-    the fp32 softcap kernel test); bfloat16 specs _tanh_bf16 (the hardware's
-    tanh on a GPU) unless q/k are float32 (fast_tanh=False); float16 specs
-    print 2·sigmoid(2x) - 1."""
+    the fp32 softcap kernel test); specs whose eager scores are bfloat16
+    (score_dtype) _tanh_bf16 (the hardware's tanh on a GPU) unless q/k are
+    float32 (fast_tanh=False); bfloat16 outputs of scores upcast to float32 and
+    float16 specs print 2·sigmoid(2x) - 1."""
     assert "tl.sigmoid" in TritonPrinter()(sympy.tanh(score))
     assert TritonPrinter(precise_tanh=True)(sympy.tanh(score)) == "_tanh_f32(score)"
     assert TritonPrinter(fast_tanh=True)(sympy.tanh(score)) == "_tanh_bf16(score)"
     assert TritonPrinter(precise_tanh=True, fast_tanh=True)(sympy.tanh(score)) == "_tanh_f32(score)"
     mod = 30 * sympy.tanh(score / 30)
+    bf16 = dict(out_dtype="bfloat16", prob_dtype="bfloat16")
     fp32 = codegen.generate("fwd", _spec(mod, out_dtype="float32", prob_dtype="float32")).source
-    bf16 = codegen.generate("fwd", _spec(mod, out_dtype="bfloat16", prob_dtype="bfloat16")).source
-    fp16 = codegen.generate("fwd", _spec(mod, out_dtype="float16", prob_dtype="float16")).source
-    bf16_f32qk = codegen.generate("fwd", _spec(mod, out_dtype="bfloat16", prob_dtype="bfloat16"),
-                                  fast_tanh=False).source
+    fast = codegen.generate("fwd", _spec(mod, score_dtype="bfloat16", **bf16)).source
+    fp16 = codegen.generate("fwd", _spec(mod, out_dtype="float16", prob_dtype="float16",
+                                         score_dtype="float16")).source
+    upcast = codegen.generate("fwd", _spec(mod, score_dtype="float32", **bf16)).source
+    f32_qk = codegen.generate("fwd", _spec(mod, score_dtype="bfloat16", **bf16), fast_tanh=False).source
     assert fp32.count("_tanh_f32(") > 1 and fp32.count("_tanh_bf16(") == 1   # called / only defined
-    assert bf16.count("_tanh_bf16(") > 1 and bf16.count("_tanh_f32(") == 1
-    for src in (fp16, bf16_f32qk):
+    assert fast.count("_tanh_bf16(") > 1 and fast.count("_tanh_f32(") == 1
+    for src in (fp16, upcast, f32_qk):
         assert src.count("_tanh_bf16(") == 1 and src.count("_tanh_f32(") == 1
         assert src.count("tl.sigmoid(") > 1            # the template's own fallback is one
-    assert "tanh.approx.f32" in bf16
+    assert "tanh.approx.f32" in fast
 
 
 def test_printer_keeps_index_arithmetic_integer():

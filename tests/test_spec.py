@@ -93,3 +93,35 @@ def test_index_masks_become_predicates_not_tensors():
         for ki in range(11):
             keep = bool(spec.mask_predicate.subs({S.q_idx: qi, S.kv_idx: ki}))
             assert keep == (qi - 4 < ki <= qi), (qi, ki)
+
+
+def softcap_in_model_dtype(q, k, v):
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = 30.0 * torch.tanh(s / 30.0)
+    return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def softcap_upcast(q, k, v):
+    s = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+    s = 30.0 * torch.tanh(s / 30.0)
+    return torch.softmax(s, dim=-1).to(q.dtype) @ v
+
+
+@pytest.mark.parametrize("fn, score_dtype", [(softcap_in_model_dtype, "bfloat16"), (softcap_upcast, "float32")])
+def test_score_dtype_is_the_dtype_the_scores_reach_the_softmax_in(fn, score_dtype):
+    """Gemma-2 soft-caps its bf16 scores in bf16 (the kernels may use the GPU's
+    approximate tanh); code that upcasts first computes tanh in float32 (they
+    keep an exact form).  Both output and probabilities are bf16."""
+    q, k, v = (torch.randn(2, 3, 9, 16, dtype=torch.bfloat16) for _ in range(3))
+    spec = _site(fn, q, k, v)
+    assert (spec.score_dtype, spec.out_dtype, spec.prob_dtype) == (score_dtype, "bfloat16", "bfloat16")
+    assert AttentionSpec.loads(spec.dumps()).score_dtype == score_dtype
+
+
+def test_specs_written_before_score_dtype_load():
+    """A spec text without the field (an older cache entry) loads as float32 scores."""
+    import json
+    spec = AttentionSpec(causal_mod, 1 / sympy.sqrt(S.D), out_dtype="bfloat16", score_dtype="bfloat16")
+    d = json.loads(spec.dumps())
+    del d["score_dtype"]
+    assert AttentionSpec.loads(json.dumps(d)).score_dtype == "float32"

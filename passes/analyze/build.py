@@ -95,6 +95,7 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analys
         softmax_dtype="float64" if qdt == torch.float64 else "float32",
         out_dtype=_dtype_name(C.example_value(m.pv.node).dtype),
         prob_dtype=_dtype_name(C.example_value(m.pv.operand(0)[0]).dtype),
+        score_dtype=_dtype_name(C.example_value(m.softmax_in).dtype),
     )
     return Analysis(spec, captures)
 

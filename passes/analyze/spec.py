@@ -94,6 +94,9 @@ class AttentionSpec:
     softmax_dtype: str = "float32"   # dtype the softmax is evaluated in (float32 or float64)
     out_dtype: str = "float32"       # dtype of the site's output
     prob_dtype: str = "float32"      # dtype of the probabilities at the P @ V product
+    # dtype of the scores entering the softmax in eager: what the score
+    # modification was computed in (bfloat16 scores allow the hardware tanh)
+    score_dtype: str = "float32"
 
     # ---- derived views -------------------------------------------------
     @functools.cached_property
@@ -162,6 +165,7 @@ class AttentionSpec:
             "softmax_dtype": self.softmax_dtype,
             "out_dtype": self.out_dtype,
             "prob_dtype": self.prob_dtype,
+            "score_dtype": self.score_dtype,
         }
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
@@ -179,6 +183,7 @@ class AttentionSpec:
             softmax_dtype=d["softmax_dtype"],
             out_dtype=d["out_dtype"],
             prob_dtype=d["prob_dtype"],
+            score_dtype=d.get("score_dtype", "float32"),
         )
 
     @functools.cached_property
