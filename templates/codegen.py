@@ -79,13 +79,9 @@ def band_of(spec: AttentionSpec) -> Optional[Band]:
 
 
 def may_hold_fills(spec: AttentionSpec) -> bool:
-    """A finite fill may reach the softmax: a constant one, or a float tensor
-    added to the score (Hugging Face's additive 0 / finfo.min masks: the kernel
-    cannot see its values, so it keeps the finite-fill numerics)."""
-    if spec.has_finite_fill:
-        return True
-    names = {f.func.__name__ for f in spec.score_mod.atoms(AppliedUndef)}
-    return any(f"t{i}" in names and c.is_float for i, c in enumerate(spec.captured))
+    """A finite fill may reach the softmax (``AttentionSpec.may_hold_fills``):
+    the kernel keeps the finite-fill numerics."""
+    return spec.may_hold_fills
 
 
 def tma_planes(spec: AttentionSpec) -> List[int]:
@@ -234,6 +230,8 @@ class _Hooks:
             keep = self.pr(self.spec.mask_predicate)
             return [f"z2 = tl.where({keep} != 0, {qk_scaled}, {self._fill2()})"]
         lines = ["score = qk * SCALE", f"z = {self.pr(expr)}"]
+        if self.spec.rounds_scores:     # eager's float16 scores (AttentionSpec.rounds_scores)
+            lines.append("z = z.to(tl.float16).to(tl.float32)")
         lines.append("z2 = z" if self.finite_fill else f"z2 = z * {LOG2E!r}")
         return lines
 

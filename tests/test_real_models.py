@@ -435,3 +435,18 @@ def test_real_model_through_the_generated_kernels(case, counted):
     kwargs = kwargs()
     check_on_kernels(build, kwargs.pop("inputs"), n_sites, **kwargs)
     assert counted["forward"] >= n_sites and counted["backward"] >= n_sites, counted
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")
+@pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
+def test_float16_left_padding_rows_of_fills(on_kernels, counted):
+    """LLaMA in float16 with left padding: the padded query rows keep no key,
+    and eager adds finfo(float16).min in float16, where it absorbs the score
+    (a uniform row).  Added in float32 it would not (a softmax of the scores,
+    off from eager); the op rounds such scores to float16 as eager does
+    (``AttentionSpec.rounds_scores``), on the reference path and the kernels."""
+    kwargs = _llama_left_padding()
+    check = check_on_kernels if on_kernels else check_model
+    check(llama, kwargs.pop("inputs"), LAYERS, dtype=torch.float16, **kwargs)
+    if on_kernels:
+        assert counted["forward"] >= LAYERS and counted["backward"] >= LAYERS, counted

@@ -125,3 +125,24 @@ def test_specs_written_before_score_dtype_load():
     d = json.loads(spec.dumps())
     del d["score_dtype"]
     assert AttentionSpec.loads(json.dumps(d)).score_dtype == "float32"
+
+
+def test_rounds_scores_only_float16_scores_that_may_meet_a_finite_fill():
+    """float16 scores plus an additive float tensor (a finfo.min mask) or a
+    finite constant fill are rounded as eager computed them; bfloat16 scores,
+    float16 scores with only -inf masks, and float32 scores are not."""
+    add = S.score + S.captured_call(0)
+    mask = CapturedTensor((True, False, True, True), "float16")
+    keep = CapturedTensor((True, False, False, True), "bool")
+    fill = sympy.Piecewise((S.score, S.kv_idx <= S.q_idx), (sympy.Float(-65504.0), True))
+    cases = [
+        (add, (mask,), "float16", True),
+        (fill, (), "float16", True),
+        (add, (mask,), "bfloat16", False),
+        (add, (mask,), "float32", False),
+        (causal_mod, (), "float16", False),
+        (sympy.Piecewise((-sympy.oo, sympy.Eq(S.captured_call(0), 0)), (S.score, True)), (keep,), "float16", False),
+    ]
+    for mod, caps, dt, want in cases:
+        spec = AttentionSpec(mod, 1 / sympy.sqrt(S.D), caps, out_dtype=dt, prob_dtype=dt, score_dtype=dt)
+        assert spec.rounds_scores is want, (mod, dt)

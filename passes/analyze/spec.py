@@ -123,6 +123,26 @@ class AttentionSpec:
                    for a in sympy.preorder_traversal(self.score_mod))
 
     @functools.cached_property
+    def may_hold_fills(self) -> bool:
+        """A finite fill may reach the softmax: a constant one, or a float
+        tensor in the score modification (Hugging Face's additive 0 / finfo.min
+        masks: a kernel cannot see its values)."""
+        if self.has_finite_fill:
+            return True
+        names = {f.func.__name__ for f in self.score_mod.atoms(sympy.core.function.AppliedUndef)}
+        return any(f"t{i}" in names and c.is_float for i, c in enumerate(self.captured))
+
+    @functools.cached_property
+    def rounds_scores(self) -> bool:
+        """Whether the modified scores are rounded to float16 before the softmax,
+        as eager computed them: float16 scores where a finite fill may reach the
+        softmax.  float16's finfo.min (-65504) does not absorb a score in
+        float32, so a row of fills plus scores (left padding with causal) is
+        uniform in eager but a softmax of the scores without the rounding.
+        (bfloat16's finfo.min absorbs any score in float32 already.)"""
+        return self.score_dtype == "float16" and self.may_hold_fills
+
+    @functools.cached_property
     def mask_kind(self) -> str:
         """A name for the mask: none, causal, sliding_window, index, tensor."""
         return classify_mask(self.mask_predicate)
