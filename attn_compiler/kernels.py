@@ -264,8 +264,8 @@ def map_blocks(plan: MaskPlan, *walks: int) -> int:
 
 
 def _fast_tanh(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Scores from 16-bit q and k carry their rounding: a bfloat16 spec's tanh
-    may be the hardware's approximation (see ``codegen.generate``)."""
+    """Scores from 16-bit q and k carry their rounding: the tanh of a spec with
+    bfloat16 scores may be the hardware's approximation (``codegen.generate``)."""
     return q.dtype != torch.float32 and k.dtype != torch.float32
 
 
