@@ -227,7 +227,7 @@ def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(-math.inf)
-    mod = codegen.load("fwd", spec, fast_tanh=_fast_tanh(q, k))
+    mod = codegen.load("fwd", spec)
     plan = mask_plan(spec, Lq, Lk)
     scale = spec.scale_value(D)
     grid = (triton_cdiv(Lq, bm), B * Hq)
@@ -263,12 +263,6 @@ def map_blocks(plan: MaskPlan, *walks: int) -> int:
     return n if n <= MAP_RUN_MAX_BLOCKS else 0
 
 
-def _fast_tanh(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Scores from 16-bit q and k carry their rounding: the tanh of a spec with
-    bfloat16 scores may be the hardware's approximation (``codegen.generate``)."""
-    return q.dtype != torch.float32 and k.dtype != torch.float32
-
-
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -301,7 +295,7 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     if q.numel() == 0 or k.numel() == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, [dcap[i].to(captured[i].dtype) for i in grad_ids]
-    mod = codegen.load("bwd", spec, fast_tanh=_fast_tanh(q, k))
+    mod = codegen.load("bwd", spec)
     plan = mask_plan(spec, Lq, Lk)
     scale = spec.scale_value(D)
     x0 = dropout_x0(seed, spec)
@@ -441,7 +435,7 @@ def decode(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     acc = torch.empty((s, n_rows, Dv), dtype=torch.float32, device=q.device)
     mx = torch.empty((s, n_rows), dtype=torch.float32, device=q.device)
     ls = torch.empty_like(mx)
-    mod = codegen.load("decode", spec, fast_tanh=_fast_tanh(q, k))
+    mod = codegen.load("decode", spec)
     plan = mask_plan(spec, Lq, Lk)
     scale = spec.scale_value(D)
     mod.attention_decode_split[(s, B * Hkv)](

@@ -78,12 +78,6 @@ def band_of(spec: AttentionSpec) -> Optional[Band]:
     return None if rng is None else Band(*rng)
 
 
-def may_hold_fills(spec: AttentionSpec) -> bool:
-    """A finite fill may reach the softmax (``AttentionSpec.may_hold_fills``):
-    the kernel keeps the finite-fill numerics."""
-    return spec.may_hold_fills
-
-
 def tma_planes(spec: AttentionSpec) -> List[int]:
     """Indices of the captured float tensors with both a query and a key axis."""
     return [i for i, c in enumerate(spec.captured)
@@ -116,14 +110,15 @@ def _indent(lines: Sequence[str], pad: str) -> str:
 class _Hooks:
     """Generated code fragments for one spec (see the notation above)."""
 
-    def __init__(self, spec: AttentionSpec, fast_tanh: bool = True):
+    def __init__(self, spec: AttentionSpec):
         self.spec = spec
+        # bfloat16 scores (eager rounded them to 2^-9) take the hardware tanh
         self.pr = TritonPrinter(precise_tanh="float32" in (spec.out_dtype, spec.prob_dtype),
-                                fast_tanh=fast_tanh and spec.score_dtype == "bfloat16")
+                                fast_tanh=spec.score_dtype == "bfloat16")
         self.n_cap = len(spec.captured)
         self.kept = _kept_value(spec.score_mod)
         self.pure_mask = self.kept == score      # score_mod is masking only
-        self.finite_fill = may_hold_fills(spec)
+        self.finite_fill = spec.may_hold_fills      # the kernel keeps the finite-fill numerics
         self.band = band_of(spec)
         # print everything once now so an unsupported node fails early
         self.score_lines("PARTIAL")
@@ -420,9 +415,9 @@ class Generated:
 
 
 @functools.lru_cache(maxsize=512)
-def _generate(family: str, spec_text: str, fast_tanh: bool = True) -> Generated:
+def _generate(family: str, spec_text: str) -> Generated:
     spec = AttentionSpec.loads(spec_text)
-    h = _Hooks(spec, fast_tanh)
+    h = _Hooks(spec)
     hooks = _hooks_for(family, h)
     parts = [COMMON_TEMPLATE] + (["attention_fwd.py.tmpl"] if family == "bwd" else []) + [TEMPLATES[family]]
     src = "\n\n".join(fill(template_text(name), hooks) for name in parts)
@@ -430,16 +425,15 @@ def _generate(family: str, spec_text: str, fast_tanh: bool = True) -> Generated:
     return Generated(family, src, digest)
 
 
-def generate(family: str, spec: AttentionSpec, fast_tanh: bool = True) -> Generated:
+def generate(family: str, spec: AttentionSpec) -> Generated:
     """The Triton source of ``family`` ("fwd", "bwd", "decode") for ``spec``.
 
-    ``fast_tanh``: the tanh of a spec whose eager scores are bfloat16
-    (``score_dtype``) may use the hardware's approximate tanh (``_tanh_bf16``:
-    2^-11, under the scores' own 2^-9 rounding); off for calls whose q or k are
-    float32.  Scores upcast before the soft-cap keep the exact forms."""
+    The tanh of a spec whose eager scores are bfloat16 (``score_dtype``) is the
+    hardware's approximation (``_tanh_bf16``: 2^-11, under the scores' own 2^-9
+    rounding); scores upcast before a soft-cap keep an exact form."""
     if family not in TEMPLATES:
         raise ValueError(f"unknown kernel family {family!r}; expected one of {FAMILIES}")
-    return _generate(family, spec.dumps(), fast_tanh)
+    return _generate(family, spec.dumps())
 
 
 def cache_dir() -> Path:
@@ -452,23 +446,23 @@ def cache_dir() -> Path:
 
 
 _modules: Dict[str, object] = {}
-_by_spec: Dict[Tuple[str, str, bool], object] = {}
+_by_spec: Dict[Tuple[str, str], object] = {}
 _lock = threading.Lock()
 
 
-def load(family: str, spec: AttentionSpec, fast_tanh: bool = True):
+def load(family: str, spec: AttentionSpec):
     """Import the generated module of ``family`` for ``spec`` (written once to
     the cache folder under its hash, atomically, so processes can share it)."""
     text = spec.dumps()
-    mod = _by_spec.get((family, text, fast_tanh))
+    mod = _by_spec.get((family, text))
     if mod is not None:          # the per-call path: one dict lookup
         return mod
-    gen = generate(family, spec, fast_tanh)
+    gen = generate(family, spec)
     name = f"attn_compiler_gen_{family}_{gen.digest}"
     with _lock:
         mod = _modules.get(name)
         if mod is not None:
-            _by_spec[(family, text, fast_tanh)] = mod
+            _by_spec[(family, text)] = mod
             return mod
         folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
@@ -483,5 +477,5 @@ def load(family: str, spec: AttentionSpec, fast_tanh: bool = True):
         sys.modules[name] = mod          # triton's jit looks functions up by module
         spec_obj.loader.exec_module(mod)
         _modules[name] = mod
-        _by_spec[(family, text, fast_tanh)] = mod
+        _by_spec[(family, text)] = mod
         return mod

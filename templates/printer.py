@@ -51,7 +51,7 @@ class TritonPrinter:
                  fast_tanh: bool = False):
         self.names = dict(_SYMBOL_NAMES, **(names or {}))
         # float32 specs: tanh through the common template's _tanh_f32 (a few
-        # ulps); bfloat16 specs of 16-bit scores (fast_tanh): _tanh_bf16, the
+        # ulps); specs of bfloat16 scores (fast_tanh): _tanh_bf16, the
         # hardware's approximate tanh (2^-11 relative, under their rounding);
         # others keep 2·sigmoid(2x) - 1, whose ~6e-8 absolute error is far below
         # their rounding

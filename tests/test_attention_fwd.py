@@ -20,9 +20,9 @@ from attn_compiler.passes.analyze.spec import Lk, Lq
 from attn_compiler.templates import codegen
 from attn_compiler.testing import golden_check
 from kernel_checks import (
-    DEVICE, F32_MIN, T0, alibi_slopes, captured_spec, causal_mod, check_forward, dot_works, dtype_name, kv_idx,
-    make_spec, masked, offset_causal_mod, padding_keep, padding_mod, q_idx, qkv, randn, references_forward,
-    score, softcap_causal_mod, window_mod)
+    DEVICE, F32_MIN, T0, alibi_slopes, captured_spec, causal_mod, check_backward, check_forward, dot_works,
+    dtype_name, kv_idx, make_spec, masked, offset_causal_mod, padding_keep, padding_mod, q_idx, qkv, randn,
+    references_forward, score, softcap_causal_mod, window_mod)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::RuntimeWarning")   # numpy inside Triton's interpreter
@@ -311,5 +311,4 @@ def test_float32_softcap_of_small_scores():
     q, k, v = qkv(Lq=37, Dh=32, seed=51)
     spec = make_spec(softcap_causal_mod(50.0))
     check_forward(q, k, v, [], spec, config=TILE_32x16)
-    from kernel_checks import check_backward
     check_backward(q, k, v, [], spec, config=TILE_32x16)

@@ -174,9 +174,8 @@ def test_printer_matches_torch_eval(name, probe_dir):
 def test_printer_tanh_forms():
     """float32 specs call the common template's _tanh_f32 (accurate near 0, see
     the fp32 softcap kernel test); specs whose eager scores are bfloat16
-    (score_dtype) _tanh_bf16 (the hardware's tanh on a GPU) unless q/k are
-    float32 (fast_tanh=False); bfloat16 outputs of scores upcast to float32 and
-    float16 specs print 2·sigmoid(2x) - 1."""
+    (score_dtype) _tanh_bf16 (the hardware's tanh on a GPU); bfloat16 outputs
+    of scores upcast to float32 and float16 specs print 2·sigmoid(2x) - 1."""
     assert "tl.sigmoid" in TritonPrinter()(sympy.tanh(score))
     assert TritonPrinter(precise_tanh=True)(sympy.tanh(score)) == "_tanh_f32(score)"
     assert TritonPrinter(fast_tanh=True)(sympy.tanh(score)) == "_tanh_bf16(score)"
@@ -188,10 +187,9 @@ def test_printer_tanh_forms():
     fp16 = codegen.generate("fwd", _spec(mod, out_dtype="float16", prob_dtype="float16",
                                          score_dtype="float16")).source
     upcast = codegen.generate("fwd", _spec(mod, score_dtype="float32", **bf16)).source
-    f32_qk = codegen.generate("fwd", _spec(mod, score_dtype="bfloat16", **bf16), fast_tanh=False).source
     assert fp32.count("_tanh_f32(") > 1 and fp32.count("_tanh_bf16(") == 1   # called / only defined
     assert fast.count("_tanh_bf16(") > 1 and fast.count("_tanh_f32(") == 1
-    for src in (fp16, upcast, f32_qk):
+    for src in (fp16, upcast):
         assert src.count("_tanh_bf16(") == 1 and src.count("_tanh_f32(") == 1
         assert src.count("tl.sigmoid(") > 1            # the template's own fallback is one
     assert "tanh.approx.f32" in fast

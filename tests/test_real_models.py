@@ -238,14 +238,20 @@ def _causal_padding_mask_4d(pad, dtype, fill=-1e30):
     return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, fill)
 
 
-def test_llama_gqa_left_padding():
+def _llama_left_padding():
+    """check_model's keyword arguments for LLaMA with left padding, as in batched
+    generation: rows 0-2 of batch 1 fully masked."""
     L = 10
     mask = torch.ones(B, L, dtype=torch.long)
-    mask[1, :3] = 0  # left padding, as in batched generation: rows 0-2 of batch 1 fully masked
+    mask[1, :3] = 0
     ids = _ids(L)
-    check_model(llama, {"input_ids": ids, "attention_mask": mask}, LAYERS,
-                golden_inputs={"input_ids": ids,
-                               "attention_mask": _causal_padding_mask_4d(mask, torch.float64)})
+    return {"inputs": {"input_ids": ids, "attention_mask": mask},
+            "golden_inputs": {"input_ids": ids, "attention_mask": _causal_padding_mask_4d(mask, torch.float64)}}
+
+
+def test_llama_gqa_left_padding():
+    kwargs = _llama_left_padding()
+    check_model(llama, kwargs.pop("inputs"), LAYERS, **kwargs)
 
 
 def test_bert_padding_mask():
@@ -387,15 +393,6 @@ def test_vit_bidirectional():
 
 
 # ---------------------------------------------------------------- the generated kernels
-
-def _llama_left_padding():
-    L = 10
-    mask = torch.ones(B, L, dtype=torch.long)
-    mask[1, :3] = 0
-    ids = _ids(L)
-    return {"inputs": {"input_ids": ids, "attention_mask": mask},
-            "golden_inputs": {"input_ids": ids, "attention_mask": _causal_padding_mask_4d(mask, torch.float64)}}
-
 
 def check_on_kernels(build, inputs, n_sites, **kwargs) -> None:
     """``check_model`` with the op forced onto the generated kernels
