@@ -247,20 +247,19 @@ def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     return out, lse
 
 
-# A block-map walk holds one map row (or column) in registers to walk it in runs
-# of equal tiles; longer maps are walked tile by tile.
-MAP_RUN_MAX_BLOCKS = 2048
+# A block-map walk holds a window of the map row (or column) in registers and
+# walks it in runs of equal tiles; a longer map is walked window by window.
+MAP_WINDOW_BLOCKS = 2048     # a power of two
 
 
 def map_blocks(plan: MaskPlan, *walks: int) -> int:
-    """The MAP_BLOCKS constexpr of a launch: a power of two covering the
-    longest block-map walk (``walks``: tiles per walk) when the kernels walk
-    the map in runs; 0 without a map, or tile by tile past
-    ``MAP_RUN_MAX_BLOCKS``.  Powers of two: lengths share compiled kernels."""
+    """The MAP_BLOCKS constexpr of a launch: the window of map tiles the kernels
+    hold at once, a power of two covering the longest block-map walk
+    (``walks``: tiles per walk) up to ``MAP_WINDOW_BLOCKS``; 0 without a map.
+    Powers of two: lengths share compiled kernels."""
     if plan.mode != 3:
         return 0
-    n = _pow2(max(walks))
-    return n if n <= MAP_RUN_MAX_BLOCKS else 0
+    return min(_pow2(max(walks)), MAP_WINDOW_BLOCKS)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -404,23 +404,23 @@ def _document_keep(B: int, Lq: int, Lk: int, empty_rows=()) -> torch.Tensor:
     return keep.to(DEVICE)
 
 
-@pytest.mark.parametrize("max_blocks", [kernels.MAP_RUN_MAX_BLOCKS, 0], ids=["runs", "tile_by_tile"])
+@pytest.mark.parametrize("window", [kernels.MAP_WINDOW_BLOCKS, 2], ids=["whole_map", "window_2"])
 @pytest.mark.parametrize("empty_rows", [(), (5, 40, 41)], ids=["every_row_keeps", "empty_rows"])
-def test_block_map_walked_in_runs(monkeypatch, max_blocks, empty_rows):
+def test_block_map_walked_in_runs(monkeypatch, window, empty_rows):
     """A document mask (runs of dropped, PARTIAL and FULL tiles that differ per
     query block and batch): forward, dQ and dK/dV walk each map row / column
-    in runs of equal tiles [Note: runs of the block map], or tile by tile when
-    the map is too long to hold in registers; the two agree with the golden.
-    Rows that keep no key sit in runs of dropped tiles, which dK/dV must walk
-    (eager's dV is nan at every key of such a head)."""
-    monkeypatch.setattr(kernels, "MAP_RUN_MAX_BLOCKS", max_blocks)
+    in runs of equal tiles [Note: runs of the block map], the whole map at once
+    or two tiles at a time (runs cut at every window edge); both agree with the
+    golden.  Rows that keep no key sit in runs of dropped tiles, which dK/dV
+    must walk (eager's dV is nan at every key of such a head)."""
+    monkeypatch.setattr(kernels, "MAP_WINDOW_BLOCKS", window)
     Lq, Lk = 70, 90
     q, k, v = qkv(Lq=Lq, Lk=Lk, seed=21)
     keep = _document_keep(2, Lq, Lk, empty_rows)
     spec = make_spec(masked(sympy.Ne(captured_call(0), 0)), captured=[captured_spec("B.QK", "bool")])
     plan = kernels.mask_plan(spec, Lq, Lk)
     assert plan.mode == 3
-    assert (kernels.map_blocks(plan, 6) > 0) == (max_blocks > 0)
+    assert kernels.map_blocks(plan, 6) == min(16, window)
     if empty_rows:
         _check_fully_masked(q, k, v, [keep], spec)
     else:
