@@ -223,8 +223,8 @@ def _block_scores(pb: _Problem, qg, m0, m1, n0, n1):
     if pb.spec.score_mod_is_identity:
         return s, env
     z = torch_eval.evaluate(pb.spec.score_mod, env)
-    if pb.spec.rounds_scores:          # eager's float16 scores (AttentionSpec.rounds_scores)
-        z = z.to(torch.float16).to(s.dtype)
+    if pb.spec.rounds_scores:          # eager's float16/bfloat16 scores (AttentionSpec.rounds_scores)
+        z = z.to(getattr(torch, pb.spec.score_dtype)).to(s.dtype)
     # callers update z in place: it must be a block of its own, not a captured input
     if z.shape != s.shape or any(z.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
                                  for t in env.values() if torch.is_tensor(t) and t is not s):

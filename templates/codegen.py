@@ -225,8 +225,9 @@ class _Hooks:
             keep = self.pr(self.spec.mask_predicate)
             return [f"z2 = tl.where({keep} != 0, {qk_scaled}, {self._fill2()})"]
         lines = ["score = qk * SCALE", f"z = {self.pr(expr)}"]
-        if self.spec.rounds_scores:     # eager's float16 scores (AttentionSpec.rounds_scores)
-            lines.append("z = z.to(tl.float16).to(tl.float32)")
+        if self.spec.rounds_scores:     # eager's float16/bfloat16 scores (AttentionSpec.rounds_scores)
+            lines.append("z = _round_bf16(z)" if self.spec.score_dtype == "bfloat16"
+                         else "z = z.to(tl.float16).to(tl.float32)")
         lines.append("z2 = z" if self.finite_fill else f"z2 = z * {LOG2E!r}")
         return lines
 

@@ -11,6 +11,50 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _interpreter_bfloat16_as_on_a_gpu():
+    """Triton 3.6's interpreter keeps bfloat16 as raw 16-bit patterns and gets
+    two things wrong that a GPU does right: ``tl.dot`` multiplies the patterns
+    as integers (~1e10 off on a 16x16 product), and float32 -> bfloat16 casts
+    truncate instead of rounding to nearest even (errors twice a GPU's, and
+    biased).  The kernels' bfloat16 numbers are checked as the GPU computes
+    them: both are replaced, for bfloat16 only."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if builder is None or not hasattr(builder, "create_dot") or not hasattr(builder, "cast_impl"):
+        return
+    handle = interpreter.TensorHandle
+
+    def widen(t):
+        if t.dtype.scalar == tl.bfloat16:
+            return (t.data.astype(np.uint32) << 16).view(np.float32)
+        return t.data
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc, _orig=builder.create_dot):
+        if tl.bfloat16 not in (a.dtype.scalar, b.dtype.scalar):
+            return _orig(self, a, b, d, input_precision, max_num_imprecise_acc)
+        return handle(np.matmul(widen(a), widen(b), dtype=d.data.dtype) + d.data, d.dtype.scalar)
+
+    def cast_impl(self, src, dst_type, _orig=builder.cast_impl):
+        if not (src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16):
+            return _orig(self, src, dst_type)
+        x = np.asarray(src.data, dtype=np.float32)
+        bits = x.view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)   # to nearest, ties even
+        nan = np.where(np.signbit(x), 0xFFC0, 0x7FC0).astype(np.uint16)
+        return handle(np.where(np.isnan(x), nan, rounded), dst_type.scalar)
+
+    builder.create_dot = create_dot
+    builder.cast_impl = cast_impl
+    builder.create_fp_trunc = lambda self, src, dst_type: self.cast_impl(src, dst_type)
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_bfloat16_as_on_a_gpu()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -763,3 +763,16 @@ def diffusers_attn_processor(q, k, v, mask=None):
         base, beta = mask, 1
     scores = torch.baddbmm(base, q, k.transpose(-1, -2), beta=beta, alpha=q.shape[-1] ** -0.5)
     return torch.bmm(scores.softmax(dim=-1).to(q.dtype), v)
+
+
+def left_padding_additive_neg1e4(q, k, v, keep):
+    """Older research code: causal and key padding folded into one additive
+    ``(1 - allowed) * -10000.0`` mask in the scores' dtype; under left padding
+    the padded query rows keep no key (rows of fills only: eager's are uniform
+    in float16/bfloat16, where -1e4 absorbs the scores)."""
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    causal = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+    allowed = (keep[:, None, None, :] & causal).to(q.dtype)
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = s + (1.0 - allowed) * -10000.0
+    return torch.matmul(s.softmax(dim=-1), v)

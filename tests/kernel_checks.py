@@ -13,14 +13,11 @@ Lq / Lk query / key lengths, D head dim of q/k, Dv head dim of v.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Sequence
 
 import sympy
 import torch
-import triton
-import triton.language as tl
 
 from attn_compiler import kernels, reference
 from attn_compiler.passes.analyze.spec import (
@@ -187,20 +184,3 @@ def check_backward(q, k, v, caps, spec, *, seed=None, config=None, k_factor=2.0,
         golden_check(a, e, g, k=k_factor, name=f"{name}/{what}")
     return ours
 
-
-@triton.jit
-def _dot_probe(A, B, C, N: tl.constexpr):
-    r = tl.arange(0, N)
-    tile = r[:, None] * N + r[None, :]
-    tl.store(C + tile, tl.dot(tl.load(A + tile), tl.load(B + tile)))
-
-
-@functools.lru_cache(maxsize=None)
-def dot_works(dtype: torch.dtype) -> bool:
-    """Whether tl.dot on ``dtype`` tiles is right here: Triton 3.6's interpreter
-    gets bfloat16 products wrong (~1e10 off on a 16x16 product)."""
-    gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(16, 16, generator=gen).to(DEVICE, dtype) for _ in range(2))
-    c = torch.empty(16, 16, device=DEVICE)
-    _dot_probe[(1,)](a, b, c, N=16)
-    return torch.allclose(c, a.float() @ b.float(), rtol=1e-2, atol=1e-2)

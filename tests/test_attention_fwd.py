@@ -20,7 +20,7 @@ from attn_compiler.passes.analyze.spec import Lk, Lq
 from attn_compiler.templates import codegen
 from attn_compiler.testing import golden_check
 from kernel_checks import (
-    DEVICE, F32_MIN, T0, alibi_slopes, captured_spec, causal_mod, check_backward, check_forward, dot_works,
+    DEVICE, F32_MIN, T0, alibi_slopes, captured_spec, causal_mod, check_backward, check_forward,
     dtype_name, kv_idx, make_spec, masked, offset_causal_mod, padding_keep, padding_mod, q_idx, qkv, randn,
     references_forward, score, softcap_causal_mod, window_mod)
 
@@ -82,8 +82,8 @@ def test_forward_float32(name):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["causal", "softcap_causal", "gqa", "bias"])
 def test_forward_half(name, dtype):
-    if not dot_works(dtype):
-        pytest.skip(f"tl.dot on {dtype_name(dtype)} is wrong in Triton's interpreter")
+    """float16/bfloat16 (bfloat16 too in Triton's interpreter, whose own
+    bfloat16 tl.dot is wrong: the kernels' _mma widens the tiles there)."""
     _run(name, dtype)
 
 

@@ -342,6 +342,13 @@ def test_nanogpt_dynamic_true():
 
 # ---- research-code forms -------------------------------------------------------------------
 
+def _left_padding(b=B, lk=L):
+    """(B, Lk) bool, True = real token; batch 1 pads its first 4 keys."""
+    keep = torch.ones(b, lk, dtype=torch.bool)
+    keep[1, :4] = False
+    return keep
+
+
 RESEARCH_CASES = [
     Case("lucidrains_amax_detach", _fn(forms.lucidrains_amax_detach, lq=11)),
     Case("lucidrains_masked_amax_detach", lambda dt: (forms.lucidrains_masked_amax_detach,
@@ -358,6 +365,8 @@ RESEARCH_CASES = [
     Case("inplace_div_then_masked_fill_causal", _fn(forms.inplace_div_then_masked_fill_causal)),
     Case("inplace_masked_fill_then_div", lambda dt: (forms.inplace_masked_fill_then_div,
                                                      _qkv(dt) + [_pad_bool_4d(~_keep_mask())])),
+    Case("left_padding_additive_neg1e4", lambda dt: (forms.left_padding_additive_neg1e4,
+                                                     _qkv(dt) + [_left_padding()])),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -375,6 +384,23 @@ def test_research_form_fp32_forward_backward(case):
 ])
 def test_research_form_low_precision_forward(case_id, dtype):
     check_case(RESEARCH_BY_ID[case_id], dtype={"bf16": BF16, "fp16": F16}[dtype], backward=False)
+
+
+@pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+def test_rows_of_moderate_additive_fills(dtype, on_kernels):
+    """A -1e4 additive mask in bfloat16/float16 with left padding under a
+    causal mask: eager's padded rows are uniform (-1e4 absorbs the scores in
+    the scores' dtype), and so are ours: the scores are rounded to that dtype
+    before the softmax (``AttentionSpec.rounds_scores``), on the reference
+    path and the generated kernels; forward and backward."""
+    from attn_compiler import dispatch
+    case = RESEARCH_BY_ID["left_padding_additive_neg1e4"]
+    if on_kernels:
+        with dispatch.implementation("triton"):
+            check_case(case, dtype=dtype)
+    else:
+        check_case(case, dtype=dtype)
 
 
 @pytest.mark.parametrize("case_id,mask", [

@@ -127,17 +127,25 @@ def test_specs_written_before_score_dtype_load():
     assert AttentionSpec.loads(json.dumps(d)).score_dtype == "float32"
 
 
-def test_rounds_scores_only_float16_scores_that_may_meet_a_finite_fill():
+def test_rounds_scores_where_eager_absorbs_what_float32_would_not():
     """float16 scores plus an additive float tensor (a finfo.min mask) or a
-    finite constant fill are rounded as eager computed them; bfloat16 scores,
-    float16 scores with only -inf masks, and float32 scores are not."""
+    finite constant fill, and bfloat16 scores with a moderate constant fill
+    (-1e4), are rounded as eager computed them; bfloat16 scores plus a tensor
+    (assumed finfo.min, which absorbs in float32 too) or finfo(bfloat16).min,
+    scores with only -inf masks, and float32 scores are not."""
     add = S.score + S.captured_call(0)
     mask = CapturedTensor((True, False, True, True), "float16")
     keep = CapturedTensor((True, False, False, True), "bool")
     fill = sympy.Piecewise((S.score, S.kv_idx <= S.q_idx), (sympy.Float(-65504.0), True))
+    moderate = sympy.Piecewise((S.score, S.kv_idx <= S.q_idx), (S.score - sympy.Float(1e4), True))
+    huge = sympy.Piecewise((S.score, S.kv_idx <= S.q_idx),
+                           (S.score + sympy.Float(float(torch.finfo(torch.bfloat16).min)), True))
     cases = [
         (add, (mask,), "float16", True),
         (fill, (), "float16", True),
+        (moderate, (), "bfloat16", True),
+        (moderate, (), "float32", False),
+        (huge, (), "bfloat16", False),
         (add, (mask,), "bfloat16", False),
         (add, (mask,), "float32", False),
         (causal_mod, (), "float16", False),

@@ -134,13 +134,24 @@ class AttentionSpec:
 
     @functools.cached_property
     def rounds_scores(self) -> bool:
-        """Whether the modified scores are rounded to float16 before the softmax,
-        as eager computed them: float16 scores where a finite fill may reach the
-        softmax.  float16's finfo.min (-65504) does not absorb a score in
-        float32, so a row of fills plus scores (left padding with causal) is
-        uniform in eager but a softmax of the scores without the rounding.
-        (bfloat16's finfo.min absorbs any score in float32 already.)"""
-        return self.score_dtype == "float16" and self.may_hold_fills
+        """Whether the modified scores are rounded to ``score_dtype`` before the
+        softmax, as eager computed them, so that a row of fills plus scores (left
+        padding under a causal mask) is uniform, as in eager, and not a softmax
+        of the scores:
+
+        - float16 scores where a finite fill may reach the softmax: float16's
+          finfo.min (-65504) absorbs no score in float32;
+        - bfloat16 scores with a moderate constant fill (-1e4, -1e9: it
+          absorbs the scores in bfloat16, not in float32).  bfloat16's finfo.min
+          (Hugging Face's masks) absorbs any score in float32 already; a fill
+          the kernels cannot see (a tensor's values) is assumed to be that."""
+        if self.score_dtype == "float16":
+            return self.may_hold_fills
+        if self.score_dtype == "bfloat16":
+            return any(a.is_number and a.is_finite and a.is_extended_real
+                       and ABSORBING_FILL < a <= MASK_FILL_THRESHOLD
+                       for a in sympy.preorder_traversal(self.score_mod))
+        return False
 
     @functools.cached_property
     def mask_kind(self) -> str:
