@@ -192,17 +192,24 @@ def _map_axes_of(text: str) -> Tuple[bool, bool, bool]:
     return tuple(sym in syms or any(c.dims[d] for c in caps) for d, sym in enumerate((S.b, S.h, S.q_idx)))
 
 
-def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: int, bm: int, bn: int):
-    """(Map, sm_b, sm_h, sm_m): the int8 tile map of a tensor mask for (bm, bn)
-    tiles, built by the generated ``attention_block_map`` kernel."""
+def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: int, bm: int, bn: int,
+              cols: bool = False):
+    """(Map, sm_b, sm_h, sm_m): the int32 tile map of a tensor mask for (bm, bn)
+    tiles, built by the generated ``attention_block_map`` kernel: each entry a
+    tile's kind and the end of its run along the row, or with ``cols`` down the
+    column (the dK/dV walk; ``attention_block_map_cols``)."""
     ub, uh, uq = _map_axes(spec)
     nb, nh, nm = (B if ub else 1), (Hq if uh else 1), (triton_cdiv(Lq, bm) if uq else 1)
     dev = captured[0].device if captured else torch.device("cpu")
-    m = torch.empty((nb, nh, nm, triton_cdiv(Lk, bn)), dtype=torch.int8, device=dev)
+    m = torch.empty((nb, nh, nm, triton_cdiv(Lk, bn)), dtype=torch.int32, device=dev)
     sb, sh, sm = (m.stride(0) if ub else 0), (m.stride(1) if uh else 0), (m.stride(2) if uq else 0)
     mod.attention_block_map[(nm, nb * nh)](m, sb, sh, sm, nb, nh, *captured_args(captured), Lq, Lk,
                                             BLOCK_M=bm, BLOCK_N=bn,
                                             FILL_ROWS=mask_plan(spec, Lq, Lk).fill_rows)
+    if cols:
+        c = torch.empty_like(m)
+        mod.attention_block_map_cols[(m.shape[3], nb * nh)](c, m, sb, sh, sm, nh, nm)
+        m = c
     return m, sb, sh, sm
 
 
@@ -243,23 +250,8 @@ def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
         MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi,
         EVEN_M=Lq % bm == 0, EVEN_N=Lk % bn == 0, DROPOUT=spec.dropout_p > 0,
         DOT_PREC=_dot_precision(q.dtype), TMA=t.variant == "tma", num_warps=t.num_warps,
-        num_stages=t.num_stages, MAP_BLOCKS=map_blocks(plan, triton_cdiv(Lk, bn)))
+        num_stages=t.num_stages)
     return out, lse
-
-
-# A block-map walk holds a window of the map row (or column) in registers and
-# walks it in runs of equal tiles; a longer map is walked window by window.
-MAP_WINDOW_BLOCKS = 2048     # a power of two
-
-
-def map_blocks(plan: MaskPlan, *walks: int) -> int:
-    """The MAP_BLOCKS constexpr of a launch: the window of map tiles the kernels
-    hold at once, a power of two covering the longest block-map walk
-    (``walks``: tiles per walk) up to ``MAP_WINDOW_BLOCKS``; 0 without a map.
-    Powers of two: lengths share compiled kernels."""
-    if plan.mode != 3:
-        return 0
-    return min(_pow2(max(walks)), MAP_WINDOW_BLOCKS)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -318,7 +310,7 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
                   num_stages=t.num_stages, **consts)
     drop_scale = 1.0 / (1.0 - spec.dropout_p)
     broadcast = Bk == 1 and B > 1
-    bmap = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn) if plan.mode == 3 else (lse2, 0, 0, 0)
+    bmap = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn, cols=True) if plan.mode == 3 else (lse2, 0, 0, 0)
     mode_kv = plan.mode
     if plan.empty_rows:
         # [Note: fully masked rows] eager's dV is nan at every key of a head with
@@ -337,9 +329,6 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
             raise ValueError("tma variant: the backward reads no captured plane (the ptr variant is the same)")
         _tma_ready(spec, captured)
     launch["TMA"] = tma
-    # the walks: dK/dV over query blocks, dQ over key blocks (its own tile, or
-    # the mirrored one in one launch)
-    launch["MAP_BLOCKS"] = map_blocks(plan, triton_cdiv(Lq, bm), triton_cdiv(Lk, bn2), triton_cdiv(Lk, bm))
     if t.variant in ("fused", "paired"):
         if (bm2, bn2) != (bn, bm):
             # one launch runs dQ on the mirrored tile; clamped to short lengths

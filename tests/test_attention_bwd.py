@@ -298,7 +298,7 @@ def test_causal_padding_finite_fill_block_map():
     mod = masked(sympy.And(kv_idx <= q_idx, sympy.Ne(T0, 0)), fill=score + F32_MIN)
     spec = make_spec(mod, captured=[captured_spec("B..K", "bool")])
     assert kernels.mask_plan(spec, L, L) == kernels.MaskPlan(3, fill_rows=True)
-    tiles = kernels.block_map(codegen.load("fwd", spec), spec, [keep], B, 2, L, L, 16, 16)[0]
+    tiles = kernels.block_map(codegen.load("fwd", spec), spec, [keep], B, 2, L, L, 16, 16)[0] & 3
     assert (tiles[0] == 0).any() and (tiles[1, :, 0] > 0).all()   # skips, but not beside rows of fills
     out, lse = reference.attention_forward(q, k, v, [keep], spec, None)
     ours_out, ours_lse = kernels.forward(q, k, v, [keep], spec, None, config=TILE_16)
@@ -404,23 +404,39 @@ def _document_keep(B: int, Lq: int, Lk: int, empty_rows=()) -> torch.Tensor:
     return keep.to(DEVICE)
 
 
-@pytest.mark.parametrize("window", [kernels.MAP_WINDOW_BLOCKS, 2], ids=["whole_map", "window_2"])
+def _run_ends(kinds) -> list:
+    """The end of each entry's run of equal kinds (the last run open)."""
+    ends, end = [], 1 << 28
+    for i in reversed(range(len(kinds))):
+        if i + 1 < len(kinds) and kinds[i] != kinds[i + 1]:
+            end = i + 1
+        ends.append(end)
+    return ends[::-1]
+
+
 @pytest.mark.parametrize("empty_rows", [(), (5, 40, 41)], ids=["every_row_keeps", "empty_rows"])
-def test_block_map_walked_in_runs(monkeypatch, window, empty_rows):
+def test_block_map_walked_in_runs(empty_rows):
     """A document mask (runs of dropped, PARTIAL and FULL tiles that differ per
-    query block and batch): forward, dQ and dK/dV walk each map row / column
-    in runs of equal tiles [Note: runs of the block map], the whole map at once
-    or two tiles at a time (runs cut at every window edge); both agree with the
-    golden.  Rows that keep no key sit in runs of dropped tiles, which dK/dV
-    must walk (eager's dV is nan at every key of such a head)."""
-    monkeypatch.setattr(kernels, "MAP_WINDOW_BLOCKS", window)
+    query block and batch): the map's entries hold their run's end along the
+    row, and the dK/dV map's down the column [Note: runs of the block map];
+    forward, dQ and dK/dV walk them run by run and agree with the golden.
+    Rows that keep no key sit in runs of dropped tiles, which dK/dV must walk
+    (eager's dV is nan at every key of such a head)."""
     Lq, Lk = 70, 90
     q, k, v = qkv(Lq=Lq, Lk=Lk, seed=21)
     keep = _document_keep(2, Lq, Lk, empty_rows)
     spec = make_spec(masked(sympy.Ne(captured_call(0), 0)), captured=[captured_spec("B.QK", "bool")])
-    plan = kernels.mask_plan(spec, Lq, Lk)
-    assert plan.mode == 3
-    assert kernels.map_blocks(plan, 6) == min(16, window)
+    assert kernels.mask_plan(spec, Lq, Lk).mode == 3
+    mod = codegen.load("fwd", spec)
+    rows = kernels.block_map(mod, spec, [keep], 2, 2, Lq, Lk, 16, 16)[0].cpu()
+    cols = kernels.block_map(mod, spec, [keep], 2, 2, Lq, Lk, 16, 16, cols=True)[0].cpu()
+    kinds = rows & 3
+    assert torch.equal(cols & 3, kinds) and kinds.unique().tolist() == [0, 1, 2]
+    for b in range(2):
+        for m in range(kinds.shape[2]):
+            assert (rows[b, 0, m] >> 2).tolist() == _run_ends(kinds[b, 0, m].tolist())
+        for n in range(kinds.shape[3]):
+            assert (cols[b, 0, :, n] >> 2).tolist() == _run_ends(kinds[b, 0, :, n].tolist())
     if empty_rows:
         _check_fully_masked(q, k, v, [keep], spec)
     else:

@@ -200,6 +200,9 @@ def test_block_skipping_changes_no_bit(lq, lk, keep):
     golden_check(o1, eager, golden, name="band")
 
 
+RUN_OPEN = 1 << 28      # the templates' open run end
+
+
 def test_block_map_of_a_padding_mask():
     """The generated block-map kernel: 0 skip / 1 PARTIAL / 2 FULL per (b, tile),
     one query block (a padding mask does not vary along q_idx or h)."""
@@ -212,7 +215,12 @@ def test_block_map_of_a_padding_mask():
     mod = codegen.load("fwd", spec)
     m, sb, sh, sm = kernels.block_map(mod, spec, [keep], B, 2, Lq, Lk, 16, 16)
     assert m.shape == (B, 1, 1, 4) and sh == 0 and sm == 0 and sb == m.stride(0)
-    assert m.flatten(1).tolist() == [[2, 2, 1, 0], [0, 2, 2, 1]]
+    assert (m & 3).flatten(1).tolist() == [[2, 2, 1, 0], [0, 2, 2, 1]]
+    # each entry's run end ([Note: runs of the block map]); the last run is open
+    assert (m >> 2).flatten(1).tolist() == [[2, 2, 3, RUN_OPEN], [1, 3, 3, RUN_OPEN]]
+    # down the columns (the dK/dV walk): one query block for every row, open runs
+    c = kernels.block_map(mod, spec, [keep], B, 2, Lq, Lk, 16, 16, cols=True)[0]
+    assert torch.equal(c & 3, m & 3) and ((c >> 2) == RUN_OPEN).all()
     # and the forward that walks it: the finite-fill walk the same up to rounding
     q, k, v = qkv(B=B, Lq=Lq, Lk=Lk, seed=13)
     out, _, _ = check_forward(q, k, v, [keep], spec, config=TILE_16)
@@ -225,7 +233,7 @@ def test_block_map_of_a_padding_mask():
     assert torch.equal(m_fill, m)
     keep[1] = False
     m_fill = kernels.block_map(codegen.load("fwd", fill), fill, [keep], B, 2, Lq, Lk, 16, 16)[0]
-    assert m_fill.flatten(1).tolist() == [[2, 2, 1, 0], [1, 1, 1, 1]]
+    assert (m_fill & 3).flatten(1).tolist() == [[2, 2, 1, 0], [1, 1, 1, 1]]
     check_forward(q, k, v, [keep], fill, config=TILE_16, name="fill rows")
 
 
