@@ -402,3 +402,22 @@ def test_finite_fill_scores_stay_in_natural_units():
     assert "z2 = z\n" in fills and "FINITE_FILL = tl.constexpr(True)" in fills
     assert "z2 = z * 1.44" in plain and "FINITE_FILL = tl.constexpr(False)" in plain
     assert "tl.maximum(z *" not in fills + plain
+
+
+def test_raw_full_tiles_only_for_positive_scale_without_score_mod():
+    """[Note: scaled after the max]: specs that only mask (or do nothing to)
+    a positively scaled score take the row max of qk in FULL tiles; a score
+    modification, a finite fill or a scale that may be negative do not; and
+    the kernels agree with the golden for both kinds (a negative scale)."""
+    def raw(spec):
+        return "RAW_FULL = tl.constexpr(True)" in codegen.generate("fwd", spec).source
+    assert raw(_spec(score)) and raw(_spec(CAUSAL))
+    assert not raw(_spec(sympy.tanh(score)))
+    assert not raw(_spec(score + captured_call(0), captured=[BIAS_GRAD]))
+    negative = AttentionSpec(score_mod=CAUSAL, scale=-1 / sympy.sqrt(D))
+    assert not raw(negative)
+    from kernel_checks import check_forward, qkv
+    from attn_compiler.autotune import KernelConfig
+    q, k, v = qkv(Lq=37, Lk=45, seed=5)
+    for spec in (_spec(CAUSAL), negative):
+        check_forward(q, k, v, [], spec, config=KernelConfig(16, 16, 4, 1))
