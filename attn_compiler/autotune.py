@@ -656,7 +656,8 @@ def tune(key: str, candidates: Mapping[str, Callable[[], object]], *,
          cache: TuneCache | None = None,
          check: Callable[[str, object], str | None] | None = None,
          bench: Callable[[Callable[[], object]], float] | None = None,
-         configs: Mapping[str, KernelConfig | None] | None = None) -> Choice:
+         configs: Mapping[str, KernelConfig | None] | None = None,
+         prepare: Callable[[], object] | None = None) -> Choice:
     """The fastest correct candidate for ``key`` (see :func:`make_key`).
 
     ``candidates``: name -> zero-argument callable that runs the computation once.
@@ -664,6 +665,9 @@ def tune(key: str, candidates: Mapping[str, Callable[[], object]], *,
     compares it to a reference), else None. ``bench(fn)``: milliseconds of one
     run; default Triton's ``do_bench`` (median). ``configs``: name -> the
     :class:`KernelConfig` the candidate runs, stored with the choice.
+    ``prepare()``: called once before the candidates are timed, not when a
+    cached choice answers (the kernels' parallel compile); what it raises is
+    logged and ignored.
 
     A cached choice that is still among ``candidates`` is returned without
     running anything. A candidate that raises or fails ``check`` is never chosen.
@@ -684,6 +688,11 @@ def tune(key: str, candidates: Mapping[str, Callable[[], object]], *,
         raise TuningUnavailable(f"{key}: nothing cached, and timing during CUDA-graph capture "
                                 "would break the capture")
 
+    if prepare is not None:
+        try:
+            prepare()
+        except Exception:  # noqa: BLE001 - the timing runs compile what is missing
+            log.debug("autotune %s: prepare failed", key, exc_info=True)
     times, errors = _time_candidates(candidates, check, _do_bench if bench is None else bench)
     timed = {name: ms for name, ms in times.items() if ms is not None}
     if not timed:

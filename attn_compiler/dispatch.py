@@ -204,7 +204,8 @@ def _choose(family: str, key: str, candidates: Dict[str, Callable[[], object]],
         return disagreement(a, b)
 
     try:
-        choice = autotune.tune(key, candidates, check=check, configs=configs, bench=graph_bench)
+        choice = autotune.tune(key, candidates, check=check, configs=configs, bench=graph_bench,
+                               prepare=lambda: kernels.precompile(list(candidates.values())))
     except autotune.TuningUnavailable:
         return default
     with _lock:

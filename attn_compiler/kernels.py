@@ -15,9 +15,13 @@ The kernels' source comes from ``templates/`` through ``templates.codegen``.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
+import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -27,6 +31,44 @@ from attn_compiler.passes.analyze.spec import AttentionSpec
 from attn_compiler.templates import codegen
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+log = logging.getLogger(__name__)
+
+# ---- launches, and compiling without launching ------------------------------------
+
+_COMPILE_ONLY = contextvars.ContextVar("attn_compiler_compile_only", default=False)
+
+
+def _grid(kernel, grid):
+    """``kernel[grid]``, the launch; inside :func:`precompile` its compile only."""
+    if _COMPILE_ONLY.get():
+        return functools.partial(kernel.warmup, grid=grid)
+    return kernel[grid]
+
+
+def precompile(calls: Sequence, workers: Optional[int] = None) -> None:
+    """Compile the kernels of every launcher call in ``calls`` (zero-argument
+    callables running forward/backward/decode) at once, on a thread pool,
+    launching nothing (Triton's AsyncCompileMode): the tuner's timing runs then
+    find them compiled, and a first call's tuning waits about as long as its
+    slowest candidate's compile rather than all of them in turn.  A call that
+    fails here (a config its launcher refuses, a compile error) is left to
+    fail again, and be reported, when it is timed."""
+    import triton
+
+    mode = getattr(triton, "AsyncCompileMode", None)
+    if mode is None or len(calls) < 2:
+        return
+    workers = workers or max(1, min(len(calls) * 2, os.cpu_count() or 1, 16))
+    token = _COMPILE_ONLY.set(True)
+    try:
+        with ThreadPoolExecutor(workers) as pool, mode(pool, ignore_errors=True):
+            for call in calls:
+                try:
+                    call()
+                except Exception:  # noqa: BLE001 - see above
+                    log.debug("precompile: a call failed", exc_info=True)
+    finally:
+        _COMPILE_ONLY.reset(token)
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -203,7 +245,7 @@ def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: 
     dev = captured[0].device if captured else torch.device("cpu")
     m = torch.empty((nb, nh, nm, triton_cdiv(Lk, bn)), dtype=torch.int32, device=dev)
     sb, sh, sm = (m.stride(0) if ub else 0), (m.stride(1) if uh else 0), (m.stride(2) if uq else 0)
-    mod.attention_block_map[(nm, nb * nh)](m, sb, sh, sm, nb, nh, *captured_args(captured), Lq, Lk,
+    _grid(mod.attention_block_map, (nm, nb * nh))(m, sb, sh, sm, nb, nh, *captured_args(captured), Lq, Lk,
                                             BLOCK_M=bm, BLOCK_N=bn,
                                             FILL_ROWS=mask_plan(spec, Lq, Lk).fill_rows)
     if cols:
@@ -241,7 +283,7 @@ def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     bmap = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn) if plan.mode == 3 else (lse, 0, 0, 0)
     if t.variant == "tma":
         _tma_ready(spec, captured, k, v)
-    mod.attention_fwd[grid](
+    _grid(mod.attention_fwd, grid)(
         q, k, v, out, lse, *bmap, *captured_args(captured),
         *_strides(q), *_strides(k, True), *_strides(v, True), *_strides(out),
         Hq, Hq // Hkv, Lq, Lk, scale, scale * codegen.LOG2E, dropout_x0(seed, spec),
@@ -297,7 +339,7 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     cap = captured_args(captured)
     qs, ks, vs, dos = _strides(q), _strides(k, True), _strides(v, True), _strides(dout)
     pre_m = 64
-    mod.attention_bwd_preprocess[(triton_cdiv(Lq, pre_m), B * Hq)](
+    _grid(mod.attention_bwd_preprocess, (triton_cdiv(Lq, pre_m), B * Hq))(
         q, k, v, out, dout, lse, delta, lse2, rinv, *cap, *qs, *ks, *vs, *_strides(out), *dos,
         Hq, G, Lq, Lk, scale, scale * codegen.LOG2E, BLOCK_M=pre_m, BLOCK_N=32, **consts)
     grad_args = []
@@ -339,18 +381,18 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
             kernel, grid = mod.attention_bwd_fused, (nkv + nq * G * (B if broadcast else 1), Bk * Hkv)
         else:
             kernel, grid = mod.attention_bwd_paired, (max(nkv, nq), Bk * Hkv)
-        kernel[grid](
+        _grid(kernel, grid)(
             q, k, v, dout, lse2, rinv, delta, dq, dk, dv, *bmap, *bmap2, *cap, *grad_args, *qs, *ks, *vs, *dos,
             *_strides(dq), *_strides(dk), *_strides(dv), B, Hq, Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E,
             x0, drop_scale, *band, nkv, nq, MODE_KV=mode_kv, KV_BATCH_BROADCAST=broadcast, EVEN_Q=even_q,
             **launch)
         return dq, dk, dv, [dcap[i].to(captured[i].dtype) for i in grad_ids]
-    mod.attention_bwd_dkdv[(triton_cdiv(Lk, bn), Bk * Hkv)](
+    _grid(mod.attention_bwd_dkdv, (triton_cdiv(Lk, bn), Bk * Hkv))(
         q, k, v, dout, lse2, rinv, delta, dk, dv, *bmap, *cap, *qs, *ks, *vs, *dos,
         *_strides(dk), *_strides(dv), B, Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale,
         *band, KV_BATCH_BROADCAST=broadcast, **dict(launch, MODE=mode_kv))
     launch.update(BLOCK_M=bm2, BLOCK_N=bn2, EVEN_N=even_q, num_warps=warps2, num_stages=stages2)
-    mod.attention_bwd_dq[(triton_cdiv(Lq, bm2), B * Hq)](
+    _grid(mod.attention_bwd_dq, (triton_cdiv(Lq, bm2), B * Hq))(
         q, k, v, dout, lse2, rinv, delta, dq, *bmap2, *cap, *grad_args, *qs, *ks, *vs, *dos, *_strides(dq),
         Hq, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale, *band, **launch)
     return dq, dk, dv, [dcap[i].to(captured[i].dtype) for i in grad_ids]
@@ -426,13 +468,13 @@ def decode(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     mod = codegen.load("decode", spec)
     plan = mask_plan(spec, Lq, Lk)
     scale = spec.scale_value(D)
-    mod.attention_decode_split[(s, B * Hkv)](
+    _grid(mod.attention_decode_split, (s, B * Hkv))(
         q, k, v, acc, mx, ls, *captured_args(captured), *_strides(q), *_strides(k, True), *_strides(v, True),
         Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E, plan.lo, plan.hi, chunk, n_rows,
         HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=bm, BLOCK_N=bn,
         MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi, DOT_PREC=_dot_precision(q.dtype),
         num_warps=t.num_warps, num_stages=t.num_stages)
-    mod.attention_decode_reduce[(n_rows,)](
+    _grid(mod.attention_decode_reduce, (n_rows,))(
         acc, mx, ls, out, lse, n_rows, s, Hq, Lq, *_strides(out), HEAD_DV=Dv, BLOCK_DV=_pow2(Dv),
         BLOCK_S=_pow2(s, least=2), num_warps=4)
     return out, lse

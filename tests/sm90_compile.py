@@ -149,6 +149,33 @@ def _cases():
     return cases, shapes, more_shapes, fwd, bwd, KernelConfig
 
 
+def precompile_check() -> dict:
+    """``kernels.precompile`` on the tuner's backward and forward candidates
+    of a causal bf16 site: how many kernels it compiled, and how many the same
+    calls then still compile when launched (none: the launches find them)."""
+    from attn_compiler import kernels
+    from attn_compiler.autotune import KernelConfig
+    from attn_compiler.passes.analyze.spec import D, AttentionSpec, kv_idx, q_idx, score
+
+    compiles = []
+    triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiles.append(1)
+    spec = AttentionSpec(score_mod=sympy.Piecewise((score, kv_idx <= q_idx), (-sympy.oo, True)),
+                         scale=1 / sympy.sqrt(D), out_dtype="bfloat16", prob_dtype="bfloat16",
+                         score_dtype="bfloat16")
+    q, k, v = (torch.randn(2, 4, 256, 128, dtype=torch.bfloat16) for _ in range(3))
+    out, lse = torch.zeros_like(q), torch.zeros(2, 4, 256)
+    bwd = [KernelConfig(64, 128, 8, 3), KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 2, "fused")]
+    fwd = [KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 3)]
+    calls = [lambda c=c: kernels.backward(out, q, k, v, [], out, lse, spec, None, c) for c in bwd]
+    calls += [lambda c=c: kernels.forward(q, k, v, [], spec, None, c) for c in fwd]
+    kernels.precompile(calls)
+    compiled = len(compiles)
+    compiles.clear()
+    for call in calls:
+        call()
+    return {"calls": len(calls), "compiled": compiled, "compiled_again": len(compiles)}
+
+
 def main() -> int:
     from attn_compiler import kernels
     from attn_compiler.autotune import Problem, default_config, first_failing_rule
@@ -159,6 +186,9 @@ def main() -> int:
         _probe[(1,)](torch.zeros(4), 1)
     except Exception as e:  # noqa: BLE001
         print(json.dumps({"unavailable": f"{type(e).__name__}: {e}"}), flush=True)
+        return 0
+    if "--precompile" in sys.argv:
+        print(json.dumps({"precompile": precompile_check()}), flush=True)
         return 0
     cases, shapes, more_shapes, fwd_cfgs, bwd_cfgs, KernelConfig = _cases()
     only = {a for a in sys.argv[1:] if not a.startswith("--")}

@@ -32,3 +32,20 @@ def test_generated_kernels_compile_for_sm90():
     failed = [r for r in records[:-1] if "error" in r]
     assert not failed, "\n\n".join(
         f"{r['case']} {r['shape']} {r['family']} {r['config']}: {r['error']}" for r in failed)
+
+
+def test_precompile_leaves_nothing_to_compile():
+    """``kernels.precompile`` (the tuner's parallel compile, Triton's
+    AsyncCompileMode) compiles every kernel of a site's candidates without
+    launching them; the same calls then compile nothing more."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sm90_compile.py"), "--precompile"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if records and "unavailable" in records[-1]:
+        pytest.skip(f"this Triton cannot compile for sm_90 without a GPU here: {records[-1]['unavailable']}")
+    assert records and "precompile" in records[-1], proc.stderr[-3000:]
+    got = records[-1]["precompile"]
+    # 3 backward configs (preprocess shared, dK/dV + dQ, one fused launch) and 2 forwards
+    assert got["compiled"] == 8 and got["compiled_again"] == 0, got
