@@ -84,10 +84,11 @@ def test_noncontiguous_inputs():
     assert dq.shape == q.shape
 
 
-def test_half_precision_bias_grad():
-    q, k, v = qkv(Lq=37, Lk=45, dtype=torch.float16, seed=8)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_bias_grad(dtype):
+    q, k, v = qkv(Lq=37, Lk=45, dtype=dtype, seed=8)
     bias = randn(1, 2, 37, 45, seed=1)
-    spec = make_spec(causal_mod(score + T0), dtype=torch.float16, captured=[captured_spec(".HQK", grad=True)])
+    spec = make_spec(causal_mod(score + T0), dtype=dtype, captured=[captured_spec(".HQK", grad=True)])
     check_backward(q, k, v, [bias], spec, config=TILE_16x32)
 
 

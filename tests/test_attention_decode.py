@@ -80,9 +80,10 @@ def test_softcap_kv_batch_broadcast_noncontiguous():
     _decode_check(q, k, v, [], spec, splits=3)
 
 
-def test_half_precision():
-    q, k, v = qkv(B=2, Hq=4, Hkv=1, Lq=1, Lk=LK, dtype=torch.float16, seed=5)
-    _decode_check(q, k, v, [], make_spec(offset_causal_mod(), dtype=torch.float16, group=4), splits=3)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision(dtype):
+    q, k, v = qkv(B=2, Hq=4, Hkv=1, Lq=1, Lk=LK, dtype=dtype, seed=5)
+    _decode_check(q, k, v, [], make_spec(offset_causal_mod(), dtype=dtype, group=4), splits=3)
 
 
 # ---- the launcher's rules ------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Real Hugging Face models on the GPU in bfloat16, every fused site on the
 generated Triton kernels (skipped without a GPU).
 
-The CPU suite runs these models through Triton's interpreter in float32 and
-float16 (its bfloat16 dots are not exact); here the same models run compiled
-for the GPU in bfloat16, forward and backward, golden-relative to eager
-bfloat16 against a float64 golden of the same (rounded) weights.  GPT-2 under
+The CPU suite runs these models through Triton's interpreter (float32 and
+bfloat16, the interpreter's bfloat16 products and casts corrected in
+conftest.py); here the same models run compiled for the GPU in bfloat16,
+forward and backward, golden-relative to eager bfloat16 against a float64
+golden of the same (rounded) weights.  GPT-2 under
 inductor is the bf16 training step with inductor as the inner compiler.
 """
 import pytest

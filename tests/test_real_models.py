@@ -420,16 +420,20 @@ KERNEL_CASES = {
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", sorted(KERNEL_CASES))
-def test_real_model_through_the_generated_kernels(case, counted):
+def test_real_model_through_the_generated_kernels(case, dtype, counted):
     """The same checks with every fused site forced onto the generated Triton
     kernels (forward and backward; Triton's interpreter on CPU): the specs real
     models produce (padding masks with finfo.min fills, left padding's fully
     masked rows, sliding windows with GQA, T5's learned relative bias with its
     gradient, Bloom's ALiBi) run through the kernels, not only through the
-    reference the CPU path otherwise takes."""
+    reference the CPU path otherwise takes; in float32 and in bfloat16 (the
+    model's weights and inputs cast, golden-relative to eager bfloat16)."""
     build, kwargs, n_sites = KERNEL_CASES[case]
     kwargs = kwargs()
+    if dtype != torch.float32:
+        kwargs["dtype"] = dtype
     check_on_kernels(build, kwargs.pop("inputs"), n_sites, **kwargs)
     assert counted["forward"] >= n_sites and counted["backward"] >= n_sites, counted
 
