@@ -82,8 +82,8 @@ def test_forward_float32(name):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["causal", "softcap_causal", "gqa", "bias"])
 def test_forward_half(name, dtype):
-    """float16/bfloat16 (bfloat16 too in Triton's interpreter, whose own
-    bfloat16 tl.dot is wrong: the kernels' _mma widens the tiles there)."""
+    """float16/bfloat16 (on CPU too: conftest.py corrects the interpreter's
+    bfloat16 products and casts)."""
     _run(name, dtype)
 
 
