@@ -246,11 +246,11 @@ def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: 
     m = torch.empty((nb, nh, nm, triton_cdiv(Lk, bn)), dtype=torch.int32, device=dev)
     sb, sh, sm = (m.stride(0) if ub else 0), (m.stride(1) if uh else 0), (m.stride(2) if uq else 0)
     _grid(mod.attention_block_map, (nm, nb * nh))(m, sb, sh, sm, nb, nh, *captured_args(captured), Lq, Lk,
-                                            BLOCK_M=bm, BLOCK_N=bn,
-                                            FILL_ROWS=mask_plan(spec, Lq, Lk).fill_rows)
+                                                  BLOCK_M=bm, BLOCK_N=bn,
+                                                  FILL_ROWS=mask_plan(spec, Lq, Lk).fill_rows)
     if cols:
         c = torch.empty_like(m)
-        mod.attention_block_map_cols[(m.shape[3], nb * nh)](c, m, sb, sh, sm, nh, nm)
+        _grid(mod.attention_block_map_cols, (m.shape[3], nb * nh))(c, m, sb, sh, sm, nh, nm)
         m = c
     return m, sb, sh, sm
 

@@ -155,7 +155,7 @@ def precompile_check() -> dict:
     calls then still compile when launched (none: the launches find them)."""
     from attn_compiler import kernels
     from attn_compiler.autotune import KernelConfig
-    from attn_compiler.passes.analyze.spec import D, AttentionSpec, kv_idx, q_idx, score
+    from attn_compiler.passes.analyze.spec import D, AttentionSpec, CapturedTensor, captured_call, kv_idx, q_idx, score
 
     compiles = []
     triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiles.append(1)
@@ -168,6 +168,12 @@ def precompile_check() -> dict:
     fwd = [KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 3)]
     calls = [lambda c=c: kernels.backward(out, q, k, v, [], out, lse, spec, None, c) for c in bwd]
     calls += [lambda c=c: kernels.forward(q, k, v, [], spec, None, c) for c in fwd]
+    # a boolean padding mask: the block map's kernels (rows, and columns for dK/dV) too
+    keep = torch.ones(2, 1, 1, 256, dtype=torch.bool)
+    padded = AttentionSpec(score_mod=sympy.Piecewise((score, sympy.Ne(captured_call(0), 0)), (-sympy.oo, True)),
+                           scale=1 / sympy.sqrt(D), captured=(CapturedTensor((True, False, False, True), "bool"),),
+                           out_dtype="bfloat16", prob_dtype="bfloat16", score_dtype="bfloat16")
+    calls.append(lambda: kernels.backward(out, q, k, v, [keep], out, lse, padded, None, bwd[0]))
     kernels.precompile(calls)
     compiled = len(compiles)
     compiles.clear()
