@@ -41,6 +41,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import logging
@@ -286,6 +287,7 @@ def config_space(family: str, *, head_dim: int, dtype: torch.dtype, lq: int, lk:
     return [c for c in _full_space(family, hopper) if first_failing_rule(family, c, problem) is None]
 
 
+@functools.lru_cache(maxsize=1024)       # launches without a config ask per call
 def default_config(family: str, head_dim: int, dtype: torch.dtype, causal: bool = False,
                    hopper: bool = False) -> KernelConfig:
     """One good config without timing (tuning off, or under CUDA-graph capture).

@@ -409,6 +409,7 @@ def decode_applies(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> boo
     return spec.dropout_p == 0 and G * q.shape[2] <= DECODE_MAX_ROWS
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -421,6 +422,7 @@ DECODE_PROGRAMS_PER_SM = 4
 DECODE_MAX_SPLITS = 64   # the combine holds a (splits, Dv) float32 tile per row
 
 
+@functools.lru_cache(maxsize=4096)       # per call otherwise: a loop over every split count
 def num_splits(units: int, n_blocks: int, sms: int, max_splits: int = 128,
                per_sm: int = DECODE_PROGRAMS_PER_SM) -> int:
     """Split count from the occupancy (FlashAttention's rule over ``per_sm``
