@@ -4,6 +4,7 @@ checked relative to a float64 golden (STYLE.md §2) on awkward shapes (§3).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from typing import Callable, Optional
@@ -165,6 +166,13 @@ BY_ID = {c.id: c for c in CASES}
 
 # ---- running and checking ---------------------------------------------------------
 
+def _implementation(on_kernels: bool):
+    """The op forced onto the generated kernels (Triton's interpreter on CPU),
+    or left to its default (the reference on CPU)."""
+    from attn_compiler import dispatch
+    return dispatch.implementation("triton") if on_kernels else contextlib.nullcontext()
+
+
 def _to64(a):
     if isinstance(a, torch.Tensor) and a.dtype.is_floating_point:
         return a.detach().double().requires_grad_(a.requires_grad)
@@ -240,8 +248,12 @@ def test_form_fp32_forward_backward(case):
     ("bert_additive_padding", "fp16"),
     ("gemma2_tanh_softcap", "bf16"),
 ])
-def test_form_low_precision_forward(case_id, dtype):
-    check_case(BY_ID[case_id], dtype={"bf16": BF16, "fp16": F16}[dtype], backward=False)
+@pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
+def test_form_low_precision_forward(case_id, dtype, on_kernels):
+    """bfloat16/float16 forms against eager in their dtype, through the op's
+    reference path and forced onto the generated kernels."""
+    with _implementation(on_kernels):
+        check_case(BY_ID[case_id], dtype={"bf16": BF16, "fp16": F16}[dtype], backward=False)
 
 
 @pytest.mark.parametrize("case_id", ["gpt2_matmul_div_sqrt", "hf_repeat_kv_gqa", "t5_unscaled_bias"])
@@ -382,8 +394,10 @@ def test_research_form_fp32_forward_backward(case):
     ("lucidrains_masked_amax_detach", "bf16"),
     ("fairseq_bmm_key_padding", "fp16"),
 ])
-def test_research_form_low_precision_forward(case_id, dtype):
-    check_case(RESEARCH_BY_ID[case_id], dtype={"bf16": BF16, "fp16": F16}[dtype], backward=False)
+@pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
+def test_research_form_low_precision_forward(case_id, dtype, on_kernels):
+    with _implementation(on_kernels):
+        check_case(RESEARCH_BY_ID[case_id], dtype={"bf16": BF16, "fp16": F16}[dtype], backward=False)
 
 
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
@@ -394,13 +408,8 @@ def test_rows_of_moderate_additive_fills(dtype, on_kernels):
     the scores' dtype), and so are ours: the scores are rounded to that dtype
     before the softmax (``AttentionSpec.rounds_scores``), on the reference
     path and the generated kernels; forward and backward."""
-    from attn_compiler import dispatch
-    case = RESEARCH_BY_ID["left_padding_additive_neg1e4"]
-    if on_kernels:
-        with dispatch.implementation("triton"):
-            check_case(case, dtype=dtype)
-    else:
-        check_case(case, dtype=dtype)
+    with _implementation(on_kernels):
+        check_case(RESEARCH_BY_ID["left_padding_additive_neg1e4"], dtype=dtype)
 
 
 @pytest.mark.parametrize("case_id,mask", [
