@@ -226,11 +226,10 @@ def _map_axes_of(text: str) -> Tuple[bool, bool, bool]:
 
     from attn_compiler.passes.analyze import spec as S
 
-    pred = AttentionSpec.loads(text).mask_predicate
-    reads = pred.atoms(AppliedUndef)
-    names = {f.func.__name__ for f in reads}
-    caps = [c for i, c in enumerate(AttentionSpec.loads(text).captured) if f"t{i}" in names]
-    syms = pred.xreplace({f: sympy.Dummy() for f in reads}).free_symbols   # reads outside tensors
+    spec = AttentionSpec.loads(text)
+    pred = spec.mask_predicate
+    caps = [spec.captured[i] for i in S.captured_reads(pred, len(spec.captured))]
+    syms = pred.xreplace({f: sympy.Dummy() for f in pred.atoms(AppliedUndef)}).free_symbols   # reads outside tensors
     return tuple(sym in syms or any(c.dims[d] for c in caps) for d, sym in enumerate((S.b, S.h, S.q_idx)))
 
 

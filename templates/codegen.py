@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import sympy
-from sympy.core.function import AppliedUndef
 
 from attn_compiler import reference
 from attn_compiler.passes.analyze import spec as spec_mod
@@ -173,8 +172,7 @@ class _Hooks:
         return [i for i, c in enumerate(self.spec.captured) if c.requires_grad]
 
     def used_captured(self, expr) -> List[int]:
-        names = {f.func.__name__ for f in sympy.sympify(expr).atoms(AppliedUndef)}
-        return [i for i in range(self.n_cap) if f"t{i}" in names]
+        return spec_mod.captured_reads(expr, self.n_cap)
 
     def load_lines(self, ids: Sequence[int], orient: str = "row", tma: bool = False) -> List[str]:
         """Loads of captured tensors, each by its broadcast strides (a stride-0

@@ -161,7 +161,8 @@ def check_forward(q, k, v, caps, spec, *, seed=None, config=None, k_factor=2.0, 
     assert out.dtype == getattr(torch, spec.out_dtype) and out.shape == eager_out.shape
     assert lse.shape == out.shape[:3]
     golden_check(out, eager_out, gold_out, k=k_factor, name=f"{name}/out")
-    # float16 scores rounded as eager's (AttentionSpec.rounds_scores): lse to their precision
+    # scores rounded to float16/bfloat16 as eager's (AttentionSpec.rounds_scores), the
+    # golden's not: lse to the rounding's precision
     tol = (2 ** -10, 2 ** -10) if spec.rounds_scores else ()
     lse_check(lse, gold_lse, *tol)
     return out, lse, gold_out

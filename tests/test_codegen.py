@@ -23,7 +23,8 @@ from attn_compiler.passes.analyze.spec import (
     D, Lk, Lq, AttentionSpec, CapturedTensor, b, captured, captured_call, h, kv_idx, q_idx, score)
 from attn_compiler.templates import codegen
 from attn_compiler.templates.codegen import Band, TritonPrinter, Unsupported
-from kernel_checks import DEVICE
+from attn_compiler.autotune import KernelConfig
+from kernel_checks import DEVICE, check_forward, qkv
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::RuntimeWarning")   # numpy inside Triton's interpreter
@@ -416,8 +417,6 @@ def test_raw_full_tiles_only_for_positive_scale_without_score_mod():
     assert not raw(_spec(score + captured_call(0), captured=[BIAS_GRAD]))
     negative = AttentionSpec(score_mod=CAUSAL, scale=-1 / sympy.sqrt(D))
     assert not raw(negative)
-    from kernel_checks import check_forward, qkv
-    from attn_compiler.autotune import KernelConfig
     q, k, v = qkv(Lq=37, Lk=45, seed=5)
     for spec in (_spec(CAUSAL), negative):
         check_forward(q, k, v, [], spec, config=KernelConfig(16, 16, 4, 1))

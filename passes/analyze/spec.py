@@ -62,6 +62,17 @@ def captured_call(i: int) -> sympy.Expr:
     return captured(i)(*INDEX_SYMBOLS)
 
 
+def captured_reads(expr, n: int) -> list:
+    """Indices (below ``n``) of the captured tensors ``expr`` reads."""
+    names = {f.func.__name__ for f in sympy.sympify(expr).atoms(sympy.core.function.AppliedUndef)}
+    return [i for i in range(n) if f"t{i}" in names]
+
+
+def _finite_constants(expr):
+    """The finite real constants of ``expr``."""
+    return (a for a in sympy.preorder_traversal(expr) if a.is_number and a.is_finite and a.is_extended_real)
+
+
 @dataclasses.dataclass(frozen=True)
 class CapturedTensor:
     """A tensor the score modification reads.
@@ -119,8 +130,7 @@ class AttentionSpec:
         """Some constant of the score_mod is a finite fill (finfo.min, -1e9):
         a row of fills only is then uniform, as in eager, so blocks of fills
         cannot simply be skipped."""
-        return any(a.is_number and a.is_finite and a.is_extended_real and bool(a <= MASK_FILL_THRESHOLD)
-                   for a in sympy.preorder_traversal(self.score_mod))
+        return any(bool(a <= MASK_FILL_THRESHOLD) for a in _finite_constants(self.score_mod))
 
     @functools.cached_property
     def may_hold_fills(self) -> bool:
@@ -129,8 +139,7 @@ class AttentionSpec:
         masks: a kernel cannot see its values)."""
         if self.has_finite_fill:
             return True
-        names = {f.func.__name__ for f in self.score_mod.atoms(sympy.core.function.AppliedUndef)}
-        return any(f"t{i}" in names and c.is_float for i, c in enumerate(self.captured))
+        return any(self.captured[i].is_float for i in captured_reads(self.score_mod, len(self.captured)))
 
     @functools.cached_property
     def rounds_scores(self) -> bool:
@@ -148,9 +157,7 @@ class AttentionSpec:
         if self.score_dtype == "float16":
             return self.may_hold_fills
         if self.score_dtype == "bfloat16":
-            return any(a.is_number and a.is_finite and a.is_extended_real
-                       and ABSORBING_FILL < a <= MASK_FILL_THRESHOLD
-                       for a in sympy.preorder_traversal(self.score_mod))
+            return any(bool(ABSORBING_FILL < a <= MASK_FILL_THRESHOLD) for a in _finite_constants(self.score_mod))
         return False
 
     @functools.cached_property
