@@ -13,8 +13,8 @@ Notation::
     D       head_dim rounded up to a power of two (the tile width Triton needs)
     w, s    num_warps, num_stages (software-pipelining depth of the K/V loads)
     ptr     K/V loaded through pointer arithmetic (every GPU)
-    tma     tiles loaded through tensor descriptors (Hopper's TMA unit): K/V and
-            learned-bias planes in fwd, the bias planes in bwd
+    tma     tiles loaded through tensor descriptors (Hopper's TMA unit): K/V,
+            learned-bias planes and key-padding rows in fwd, the bias planes in bwd
     fused   dK/dV and dQ programs in one launch (bwd; ptr: two launches)
     paired  one launch, program j doing dK/dV of KV block j and dQ of query block j
             (bwd; equal work per program under a causal mask)

@@ -90,17 +90,18 @@ _allocator_set = False
 
 def _tma_ready(spec: AttentionSpec, captured: Sequence[torch.Tensor], *kv: torch.Tensor) -> None:
     """Check that the tensors a "tma" config reads through tensor descriptors
-    suit them: ``kv`` (K and V: the forward's) and the captured planes
-    (``codegen.tma_planes``: a learned bias), else ValueError (the tuner drops
-    the candidate); give Triton the scratch allocator device-side descriptors
-    need (once, on first use)."""
+    suit them: ``kv`` (K and V: the forward's), the captured planes
+    (``codegen.tma_planes``: a learned bias) and, in the forward (``kv``
+    given), the captured rows (``codegen.tma_rows``: a padding mask), else
+    ValueError (the tuner drops the candidate); give Triton the scratch
+    allocator device-side descriptors need (once, on first use)."""
     global _allocator_set
     for name, t in zip(("k", "v"), kv):
         d = t.shape[-1]
         if t.stride(-1) != 1 or _pow2(d) != d:
             raise ValueError(f"tma variant: {name} needs a unit head-dim stride and a power-of-two head dim")
         _check_rows_aligned(name, t, t.stride()[:-1])
-    for i in codegen.tma_planes(spec):
+    for i in codegen.tma_planes(spec) + (codegen.tma_rows(spec) if kv else []):
         t = captured[i]
         if t.stride(3) != 1:
             raise ValueError(f"tma variant: captured tensor {i} needs a unit stride along the keys")

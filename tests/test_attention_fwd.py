@@ -311,6 +311,28 @@ def test_tma_variant_matches_and_refuses_unsuited_layouts():
         kernels.forward(q, k, v, [randn(1, 2, 72, 45, seed=6).transpose(-1, -2)], spec, None, tma)
 
 
+def test_tma_variant_reads_a_padding_row_through_a_descriptor():
+    """Hugging Face's additive padding mask (B, 1, 1, Lk) under the "tma"
+    variant: its (BLOCK_N,) rows come through a 1-D tensor descriptor (zeros
+    past Lk); the result is the pointer path's, a fully padded batch included
+    (rows of finfo.min: uniform).  A mask whose batch rows are not 16-byte
+    aligned is refused."""
+    tma = KernelConfig(16, 32, 4, 2, "tma")
+    q, k, v = qkv(B=2, Hq=2, Lq=37, Lk=44, Dh=32, seed=23)
+    add = torch.where(padding_keep(2, 44, full_row=True), 0.0, F32_MIN)
+    for mod in (score + T0, causal_mod(score + T0)):
+        spec = make_spec(mod, captured=[captured_spec("B..K")])
+        assert "T0.load([start_n])" in codegen.generate("fwd", spec).source
+        ours, lse = kernels.forward(q, k, v, [add], spec, None, tma)
+        ref, ref_lse = kernels.forward(q, k, v, [add], spec, None, KernelConfig(16, 32, 4, 2))
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)
+    q, k, v = qkv(B=2, Hq=2, Lq=37, Lk=45, Dh=32, seed=23)
+    add = torch.where(padding_keep(2, 45), 0.0, F32_MIN)            # batch rows of 45 floats
+    with pytest.raises(ValueError, match="captured tensor 0"):
+        kernels.forward(q, k, v, [add], spec, None, tma)
+
+
 def test_float32_softcap_of_small_scores():
     """Gemma-2's 50·tanh(score / 50) in float32: score / 50 is small, where
     2·sigmoid(2x) - 1 loses ~6e-8 absolutely (x50 on the score) and missed the
