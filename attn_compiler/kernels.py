@@ -235,14 +235,16 @@ def _map_axes_of(text: str) -> Tuple[bool, bool, bool]:
 
 
 def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: int, bm: int, bn: int,
-              cols: bool = False):
+              cols: bool = False, device: Optional[torch.device] = None):
     """(Map, sm_b, sm_h, sm_m): the int32 tile map of a tensor mask for (bm, bn)
     tiles, built by the generated ``attention_block_map`` kernel: each entry a
     tile's kind and the end of its run along the row, or with ``cols`` down the
-    column (the dK/dV walk; ``attention_block_map_cols``)."""
+    column (the dK/dV walk; ``attention_block_map_cols``).  On ``device`` (the
+    queries'; by default the captured tensors'): a mask of index arithmetic
+    alone (a block-diagonal document mask) captures no tensor."""
     ub, uh, uq = _map_axes(spec)
     nb, nh, nm = (B if ub else 1), (Hq if uh else 1), (triton_cdiv(Lq, bm) if uq else 1)
-    dev = captured[0].device if captured else torch.device("cpu")
+    dev = device if device is not None else captured[0].device
     m = torch.empty((nb, nh, nm, triton_cdiv(Lk, bn)), dtype=torch.int32, device=dev)
     sb, sh, sm = (m.stride(0) if ub else 0), (m.stride(1) if uh else 0), (m.stride(2) if uq else 0)
     _grid(mod.attention_block_map, (nm, nb * nh))(m, sb, sh, sm, nb, nh, *captured_args(captured), Lq, Lk,
@@ -280,7 +282,8 @@ def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     plan = mask_plan(spec, Lq, Lk)
     scale = spec.scale_value(D)
     grid = (triton_cdiv(Lq, bm), B * Hq)
-    bmap = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn) if plan.mode == 3 else (lse, 0, 0, 0)
+    bmap = (block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn, device=q.device) if plan.mode == 3
+            else (lse, 0, 0, 0))
     if t.variant == "tma":
         _tma_ready(spec, captured, k, v)
     _grid(mod.attention_fwd, grid)(
@@ -352,7 +355,8 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
                   num_stages=t.num_stages, **consts)
     drop_scale = 1.0 / (1.0 - spec.dropout_p)
     broadcast = Bk == 1 and B > 1
-    bmap = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn, cols=True) if plan.mode == 3 else (lse2, 0, 0, 0)
+    bmap = (block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn, cols=True, device=q.device) if plan.mode == 3
+            else (lse2, 0, 0, 0))
     mode_kv = plan.mode
     if plan.empty_rows:
         # [Note: fully masked rows] eager's dV is nan at every key of a head with
@@ -363,7 +367,8 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     m2, n2, warps2, stages2 = t.dq_launch()
     bm2, bn2 = min(m2, _pow2(Lq)), min(n2, _pow2(Lk))
     even_q = Lk % bn2 == 0 and pow2_d
-    bmap2 = block_map(mod, spec, captured, B, Hq, Lq, Lk, bm2, bn2) if plan.mode == 3 else (lse2, 0, 0, 0)
+    bmap2 = (block_map(mod, spec, captured, B, Hq, Lq, Lk, bm2, bn2, device=q.device) if plan.mode == 3
+             else (lse2, 0, 0, 0))
     band = (plan.lo, plan.hi)
     tma = t.variant == "tma"          # captured planes through tensor descriptors
     if tma:

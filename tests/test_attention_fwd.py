@@ -200,6 +200,28 @@ def test_block_skipping_changes_no_bit(lq, lk, keep):
     golden_check(o1, eager, golden, name="band")
 
 
+def test_block_map_of_index_arithmetic_is_made_on_the_queries_device(monkeypatch):
+    """A mask of index arithmetic alone (no band: MODE 3) captures no tensor;
+    its block map is allocated on the queries' device (it was made on the CPU,
+    which a CUDA launch refuses)."""
+    made_on = []
+    block_map = kernels.block_map
+
+    def spy(*args, **kwargs):
+        made_on.append(kwargs.get("device"))        # asked for explicitly, not taken from the captures
+        out = block_map(*args, **kwargs)
+        assert out[0].device == kwargs.get("device")
+        return out
+
+    monkeypatch.setattr(kernels, "block_map", spy)
+    spec = make_spec(_general(kv_idx <= q_idx))
+    q, k, v = qkv(Lq=37, seed=9)
+    kernels.forward(q, k, v, [], spec, config=TILE_16)
+    kernels.backward(torch.ones_like(q), q, k, v, [], *kernels.forward(q, k, v, [], spec, config=TILE_16), spec,
+                     config=TILE_16)
+    assert len(made_on) == 4 and all(d == q.device for d in made_on)
+
+
 RUN_OPEN = 1 << 28      # the templates' open run end
 
 
