@@ -399,8 +399,19 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     launch.update(BLOCK_M=bm2, BLOCK_N=bn2, EVEN_N=even_q, num_warps=warps2, num_stages=stages2)
     _grid(mod.attention_bwd_dq, (triton_cdiv(Lq, bm2), B * Hq))(
         q, k, v, dout, lse2, rinv, delta, dq, *bmap2, *cap, *grad_args, *qs, *ks, *vs, *dos, *_strides(dq),
-        Hq, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale, *band, **launch)
+        Hq, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale, *band,
+        BATCH_FASTEST=_dq_batch_fastest(spec, captured, B), **launch)
     return dq, dk, dv, [dcap[i].to(captured[i].dtype) for i in grad_ids]
+
+
+def _dq_batch_fastest(spec: AttentionSpec, captured: Sequence[torch.Tensor], B: int) -> bool:
+    """Whether the dQ launch orders its programs batch-fastest: a captured
+    (query, key) plane that needs a gradient, varies over the heads and is
+    broadcast over B > 1 batches (a learned bias of (1, H, Lq, Lk)) gets B
+    atomic adds per score; with the B programs of a tile adjacent they meet
+    in L2 (bench/RESULTS.md run 27)."""
+    return B > 1 and any(c.requires_grad and c.dims[2] and c.dims[3] and t.shape[0] == 1 and t.shape[1] > 1
+                         for c, t in zip(spec.captured, captured))
 
 
 # ---- decode ------------------------------------------------------------------------

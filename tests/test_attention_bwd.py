@@ -109,6 +109,26 @@ def test_captured_gradient(dims, mod):
     assert len(dcap) == 1 and dcap[0].shape == t0.shape and dcap[0].dtype == t0.dtype
 
 
+def test_dq_programs_run_batch_fastest_for_a_bias_gradient_shared_by_the_batch(monkeypatch):
+    """A (1, H, Lq, Lk) bias with a gradient and B > 1: the dQ launch orders
+    its programs batch-fastest (the B atomic adds into a tile run together);
+    the gradients are the same in either order."""
+    spec = make_spec(causal_mod(score + T0), captured=[captured_spec(".HQK", grad=True)])
+    q, k, v = qkv(B=3, Hq=2, Lq=33, seed=14)
+    bias = randn(1, 2, 33, 33, seed=6)
+    fastest = kernels._dq_batch_fastest
+    assert fastest(spec, [bias], 3) and not fastest(spec, [bias], 1)
+    assert not fastest(spec, [randn(3, 2, 33, 33, seed=6)], 3)                   # one plane per batch
+    assert not fastest(make_spec(causal_mod(score + T0), captured=[captured_spec(".HQK")]), [bias], 3)
+    out, lse = kernels.forward(q, k, v, [bias], spec, config=TILE_16x32)
+    dout = randn(out.shape, seed=11)
+    grads = kernels.backward(dout, q, k, v, [bias], out, lse, spec, config=TILE_16x32)
+    monkeypatch.setattr(kernels, "_dq_batch_fastest", lambda *a: False)
+    again = kernels.backward(dout, q, k, v, [bias], out, lse, spec, config=TILE_16x32)
+    for a, b in zip([*grads[:3], *grads[3]], [*again[:3], *again[3]]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_per_head_temperature_gradient():
     """score * t0, t0 [1, H, 1, 1]: dS multiplies by a scalar load (a FULL block's
     derivative is the kept branch's, no tile-vs-scalar selection)."""
