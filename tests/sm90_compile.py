@@ -117,6 +117,7 @@ def _cases():
     slopes = CapturedTensor((False, True, False, False), "float32")
     keep = CapturedTensor((True, False, False, True), "bool")
     additive = CapturedTensor((True, False, False, True), "bfloat16")
+    per_query = CapturedTensor((True, False, True, False), "bfloat16", requires_grad=True)
     # name, spec, captured tensors (given B, H, L), the families' extra variants
     cases = [
         ("plain", spec(score), lambda B, H, L: [], ()),
@@ -139,6 +140,9 @@ def _cases():
          lambda B, H, L: [], ()),
         ("upcast_qk", spec(masked(causal), dtype="float16"), lambda B, H, L: [], ()),
         ("alibi_pow2", spec(masked(causal, score + 2 ** (-h - 1) * (kv_idx - q_idx))), lambda B, H, L: [], ()),
+        # a per-query vector with a gradient: a vector along dK/dV's walk, atomics in dQ
+        ("temperature", spec(masked(causal, score * t0), captured=[per_query]),
+         lambda B, H, L: [torch.rand(B, 1, L, 1, dtype=torch.bfloat16) + 0.5], ()),
     ]
     shapes = [(2, 4, 256, 128), (1, 4, 200, 80)]      # tiles that divide / an uneven length and head dim
     # the other head dims the tuner's rules treat differently, for a few cases

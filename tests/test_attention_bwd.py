@@ -98,7 +98,9 @@ def test_half_precision_bias_grad(dtype):
     (".HQK", causal_mod(score + T0)),                 # per-position bias, broadcast over b: atomics over b
     ("B..K", score + T0),                             # per (batch, key) bias
     (".H..", causal_mod(score + T0 * (kv_idx - q_idx))),   # learned ALiBi slopes: one scalar per head
-], ids=["bias_1HQK", "bias_B11K", "alibi_slopes_1H11"])
+    # per-query temperature: a vector along dK/dV's walk, loaded as one and broadcast
+    ("B.Q.", causal_mod(score * T0)),
+], ids=["bias_1HQK", "bias_B11K", "alibi_slopes_1H11", "temperature_B1Q1"])
 def test_captured_gradient(dims, mod):
     B, H, Lq, Lk = 2, 4, 37, 45
     q, k, v = qkv(B=B, Hq=H, Lq=Lq, Lk=Lk, seed=9)
