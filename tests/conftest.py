@@ -55,8 +55,20 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_bfloat16_as_on_a_gpu()
 
 
+# The kernel tests run on the GPU where there is one (kernel_checks.DEVICE):
+# there they also count as gpu tests, so `pytest -m gpu` checks the kernels
+# compiled for the device, not only through the interpreter (a block map
+# allocated on the CPU passed every interpreted test and failed every launch).
+ON_DEVICE_MODULES = frozenset({"test_attention_fwd.py", "test_attention_bwd.py", "test_attention_decode.py"})
+
+
+@pytest.hookimpl(tryfirst=True)      # before -m deselects by marker
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            for item in items:
+                if item.path.name in ON_DEVICE_MODULES:
+                    item.add_marker(pytest.mark.gpu)
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
