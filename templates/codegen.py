@@ -203,8 +203,12 @@ class _Hooks:
         ``orient`` "col" is the dK/dV kernel's transposed tile (key rows, query
         columns): a tensor with both a query and a key axis is then read as a
         (query, key) tile along its contiguous key axis and transposed in
-        registers, not gathered column by column.  ``tma``: planes (see
-        ``planes``) are read through their descriptor when the kernel's TMA
+        registers, not gathered column by column.  A tensor with one axis
+        along the walk (a key padding row in the forward and dQ, a per-query
+        vector in dK/dV) is loaded as a vector and broadcast: one address and
+        predicate per element of the vector, not per element of the tile's
+        layout.  ``tma``: planes (``planes``) and the forward's rows
+        (``tma_rows``) are read through their descriptor when the kernel's TMA
         flag is set."""
         lines = []
         for i in ids:
@@ -213,31 +217,20 @@ class _Hooks:
             terms = [f"off_b.to(tl.int64) * t{i}_sb", f"off_h.to(tl.int64) * t{i}_sh"]
             bounds = []
             plane = orient == "col" and c.dims[2] and c.dims[3]
-            qi, ki = ("offs_m[:, None]", "offs_n[None, :]") if plane else ("q_idx", "kv_idx")
+            vec = (self.scalar_heads and c.dims[2] != c.dims[3]
+                   and bool(c.dims[3] if orient == "row" else c.dims[2]))
+            qi, ki = (("offs_m[:, None]", "offs_n[None, :]") if plane else ("offs_m", "offs_n") if vec
+                      else ("q_idx", "kv_idx"))
             if c.dims[2]:
                 terms.append(f"{qi} * t{i}_sq")
                 bounds.append(f"({qi} < Lq)")
             if c.dims[3]:
                 terms.append(f"{ki} * t{i}_sk")
                 bounds.append(f"({ki} < Lk)")
-            # a tensor with one axis along the walk (a key padding row in the
-            # forward and dQ, a per-query vector in dK/dV): loaded as a vector
-            # and broadcast, one address and predicate per element of the
-            # vector rather than per element of the tile's layout
-            vec = None
-            if self.scalar_heads and not plane and c.dims[2] != c.dims[3]:
-                if orient == "row" and c.dims[3]:
-                    vec = ("offs_n", "Lk", "sk")
-                elif orient == "col" and c.dims[2]:
-                    vec = ("offs_m", "Lq", "sq")
-            if vec is not None:
-                ax, bound, st = vec
-                terms = terms[:2] + [f"{ax} * t{i}_{st}"]
-                bounds = [f"({ax} < {bound})"]
             ptr = f"T{i} + " + " + ".join(terms)
             mask = f", mask={' & '.join(bounds)}, other=0" if bounds else ""
             conv = ".to(tl.float32)" if c.is_float else ""
-            load = f"tl.load({ptr}{mask})" + ("[None, :]" if vec is not None else "")
+            load = f"tl.load({ptr}{mask})" + ("[None, :]" if vec else "")
             if plane:
                 load = f"tl.trans({load})"
             if tma and i in self.tma_ids and (i in self.planes or orient == "row"):
