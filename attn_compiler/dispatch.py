@@ -218,12 +218,30 @@ def _choose(family: str, key: str, candidates: Dict[str, Callable[[], object]],
 # ---- entry points ---------------------------------------------------------------------
 
 def _signature(family: str, spec: AttentionSpec, q, k, v, captured) -> tuple:
-    return (family, spec.dumps(), tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, v.dtype, q.device,
-            tuple(tuple(t.shape) for t in captured), _impl)
+    """What decides a call's implementation and config: the spec, shapes,
+    strides (the kernels index in int32 within a head: ``kernels.unsupported_reason``),
+    dtypes, device and the forced implementation."""
+    return (family, spec.dumps(), q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype,
+            k.dtype, v.dtype, q.device, tuple((t.shape, t.stride()) for t in captured), _impl)
 
 
 _picked: Dict[tuple, Tuple[Callable, Optional[KernelConfig]]] = {}
 _MAX_PICKED = 4096
+_REFERENCE = (None, None)     # in _picked: the call runs the PyTorch reference
+
+
+def _runs_reference(sig: tuple, q, k, v, spec: AttentionSpec, captured) -> bool:
+    """Whether a call runs the reference, decided once per signature (a call
+    under "triton" that the kernels cannot run raises every time)."""
+    hit = _picked.get(sig)
+    if hit is not None:
+        return hit is _REFERENCE
+    if _use_triton(q, k, v, spec, captured):
+        return False
+    if len(_picked) >= _MAX_PICKED:
+        _picked.clear()
+    _picked[sig] = _REFERENCE
+    return True
 
 
 def _pick(family: str, sig: tuple, build: Callable[[], Tuple[dict, dict, str]]):
@@ -249,7 +267,8 @@ def _fallback(exc: Exception, fallback):
 
 
 def forward(q, k, v, captured, spec: AttentionSpec, seed) -> Tuple[torch.Tensor, torch.Tensor]:
-    if not _use_triton(q, k, v, spec, captured):
+    sig = _signature("fwd", spec, q, k, v, captured)
+    if _runs_reference(sig, q, k, v, spec, captured):
         return reference.attention_forward(q, k, v, captured, spec, seed)
 
     def build():
@@ -270,14 +289,15 @@ def forward(q, k, v, captured, spec: AttentionSpec, seed) -> Tuple[torch.Tensor,
         return candidates, configs, default, _key("fwd", spec, q, k, v), fns
 
     try:
-        fn, cfg = _pick("fwd", _signature("fwd", spec, q, k, v, captured), build)
+        fn, cfg = _pick("fwd", sig, build)
         return fn(q, k, v, captured, spec, seed, cfg)
     except Exception as exc:  # noqa: BLE001 - never fail the user's model under "auto"
         return _fallback(exc, lambda: reference.attention_forward(q, k, v, captured, spec, seed))
 
 
 def backward(dout, q, k, v, captured, out, lse, spec: AttentionSpec, seed):
-    if not _use_triton(q, k, v, spec, captured):
+    sig = _signature("bwd", spec, q, k, v, captured)
+    if _runs_reference(sig, q, k, v, spec, captured):
         return reference.attention_backward(dout, q, k, v, captured, out, lse, spec, seed)
 
     def build():
@@ -291,7 +311,7 @@ def backward(dout, q, k, v, captured, out, lse, spec: AttentionSpec, seed):
         return candidates, configs, f"bwd {c0}", _key("bwd", spec, q, k, v), fns
 
     try:
-        fn, cfg = _pick("bwd", _signature("bwd", spec, q, k, v, captured), build)
+        fn, cfg = _pick("bwd", sig, build)
         return fn(dout, q, k, v, captured, out, lse, spec, seed, cfg)
     except Exception as exc:  # noqa: BLE001
         return _fallback(exc, lambda: reference.attention_backward(dout, q, k, v, captured, out, lse, spec, seed))

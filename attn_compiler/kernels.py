@@ -42,7 +42,97 @@ def _grid(kernel, grid):
     """``kernel[grid]``, the launch; inside :func:`precompile` its compile only."""
     if _COMPILE_ONLY.get():
         return functools.partial(kernel.warmup, grid=grid)
+    if _fast_launches:
+        return functools.partial(_launch, kernel, grid)
     return kernel[grid]
+
+
+# [Note: fast launches]  ``kernel[grid](*args)`` costs ~57 µs of host time on
+# the H200's host (Triton binds and specialises every argument, builds the cache
+# key and reads its knobs on every call), where the compiled kernel's own
+# launcher takes ~12 µs; with three launches per forward+backward the op was
+# host-bound below ~1k tokens (bench/RESULTS.md run 29).  ``_launch`` keeps the
+# compiled kernel of each (kernel, device, argument fingerprint, constexprs) and
+# calls its launcher directly.  The fingerprint determines Triton's
+# specialisation: int arguments by value (large ones by class and divisibility
+# by 16, as Triton specialises them), tensors by dtype and 16-byte alignment,
+# floats by value (a launcher's floats are fixed per spec); the first call of a fingerprint goes through ``kernel[grid]``
+# (compiling if needed) and any argument of another type, a launch hook
+# (profilers), or Triton's interpreter keeps the normal path.
+_fast_launches = os.environ.get("TRITON_INTERPRET") != "1"
+_launchers: dict = {}
+_MAX_LAUNCHERS = 4096
+_NO_FAST = object()
+_I32 = (-(2**31), 2**31 - 1)
+
+
+def _arg_key(a):
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, bool) or a is None:
+        return a
+    if isinstance(a, int):
+        return ("u64" if a >= 2**63 else "i64", a % 16 == 0)      # beyond int32 (the rest are keyed by value)
+    if isinstance(a, float):
+        return float, (a if a == a else "nan")
+    raise TypeError(type(a))
+
+
+def _launch(kernel, grid, *args, **kw):
+    import triton
+
+    hooks = triton.knobs.runtime
+    if _hooked(hooks.launch_enter_hook) or _hooked(hooks.launch_exit_hook):
+        return kernel[grid](*args, **kw)
+    lo, hi = _I32
+    try:
+        fp = tuple(a if type(a) is int and lo <= a <= hi else _arg_key(a) for a in args)
+    except TypeError:
+        return kernel[grid](*args, **kw)
+    dev = torch.cuda.current_device()
+    key = (kernel, dev, fp, tuple(kw.items()))
+    hit = _launchers.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, **kw)
+        if len(_launchers) >= _MAX_LAUNCHERS:
+            _launchers.clear()
+        _launchers[key] = _launcher_entry(kernel, compiled, len(args), kw)
+        return compiled
+    if hit is _NO_FAST:
+        return kernel[grid](*args, **kw)
+    compiled, tail = hit
+    stream = torch._C._cuda_getCurrentRawStream(dev)
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                 *args, *[kw[n] if n in kw else d for n, d in tail])
+    return compiled
+
+
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook would run: a callable, or a non-empty
+    chain of them (Triton 3.6 keeps empty chains by default)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _launcher_entry(kernel, compiled, n_args: int, kw: dict):
+    """(compiled kernel, [(name, default)] of the parameters after the
+    positional ones) for ``_launch``, or _NO_FAST when the launch cannot be
+    replayed from its arguments alone."""
+    import inspect
+
+    params = list(getattr(kernel, "signature", inspect.signature(lambda: None)).parameters.values())
+    jit_params = getattr(kernel, "params", ())
+    if (getattr(compiled, "function", None) is None or not hasattr(compiled, "packed_metadata")
+            or hasattr(compiled, "result") or len(params) < n_args or len(jit_params) != len(params)
+            or any(p.is_constexpr for p in jit_params[:n_args])):     # constexprs keyed by value only in kw
+        return _NO_FAST
+    tail = []
+    for p in params[n_args:]:
+        if p.name not in kw and p.default is inspect.Parameter.empty:
+            return _NO_FAST
+        tail.append((p.name, p.default))
+    return compiled, tuple(tail)
 
 
 def precompile(calls: Sequence, workers: Optional[int] = None) -> None:

@@ -81,7 +81,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, seed, *captured)
 
 
-def _backward(ctx, dout, _dlse):
+def _grads(ctx, dout):
+    """(dq, dk, dv, [gradient or None per captured tensor])."""
     q, k, v, out, lse, seed, *captured = ctx.saved_tensors
     dq, dk, dv, dcap = torch.ops.attn_compiler.attention_backward(
         dout, q, k, v, captured, out, lse, ctx.spec, seed)
@@ -89,10 +90,35 @@ def _backward(ctx, dout, _dlse):
     wanted = [i for i, c in enumerate(_spec(ctx.spec).captured) if c.requires_grad]
     for i, g in zip(wanted, dcap):
         grads[i] = g
+    return dq, dk, dv, grads
+
+
+def _backward(ctx, dout, _dlse):
+    dq, dk, dv, grads = _grads(ctx, dout)
     return dq, dk, dv, grads, None, None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The op's autograd for eager calls of :func:`attention`: the same
+    backward as the registered one (``_grads``), without the generic custom-op
+    autograd wrapper, whose host cost (~110 µs per call on the H200's host,
+    bench/RESULTS.md run 29) made small eager calls host-bound.  Compiled
+    graphs call the op itself (AOTAutograd differentiates it through the
+    registered autograd)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, spec, seed, *captured):
+        out, lse = torch.ops.attn_compiler.attention(q, k, v, list(captured), spec, seed)
+        _setup_context(ctx, (q, k, v, captured, spec, seed), (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        dq, dk, dv, grads = _grads(ctx, dout)
+        return (dq, dk, dv, None, None, *grads)
 
 
 # ---- python entry point --------------------------------------------------------
@@ -112,4 +138,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, captured: Seque
     text = spec.dumps() if obj is not None else spec
     if seed is None and (obj or _spec(text)).dropout_p > 0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(t.requires_grad for t in (q, k, v, *captured))):
+        return _EagerAttention.apply(q, k, v, text, seed, *captured)
     return torch.ops.attn_compiler.attention(q, k, v, list(captured), text, seed)

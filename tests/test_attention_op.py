@@ -303,3 +303,28 @@ def test_score_mod_evaluator_edge_cases():
     assert "shifted" in can_evaluate(captured_call(0).subs(q_idx, q_idx + 1))
     with pytest.raises(NotImplementedError, match="erf"):
         evaluate(sympy.erf(score), env)
+
+
+def test_eager_entry_point_differentiates_like_the_registered_op():
+    """ops.attention with inputs that need gradients goes through its own
+    autograd.Function (less host time per call); its values and gradients are
+    the registered op's, bit for bit: learned bias with a gradient, dropout."""
+    spec = make_spec(causal_mod() + T0, dropout_p=0.25,
+                     captured=[CapturedTensor((False, True, True, True), "float32", requires_grad=True)]).dumps()
+    torch.manual_seed(0)
+    leaves = [torch.randn(2, 3, 12, 16), torch.randn(2, 3, 20, 16), torch.randn(2, 3, 20, 8),
+              torch.randn(1, 3, 12, 20)]
+    seed = torch.tensor(1234, dtype=torch.int64)
+    dout = torch.randn(2, 3, 12, 8)
+    results = []
+    for call in (lambda q, k, v, b: ops.attention(q, k, v, [b], spec, seed),
+                 lambda q, k, v, b: torch.ops.attn_compiler.attention(q, k, v, [b], spec, seed)):
+        q, k, v, b = (t.clone().requires_grad_() for t in leaves)
+        out, lse = call(q, k, v, b)
+        assert not lse.requires_grad
+        out.backward(dout)
+        results.append([out.detach(), lse, q.grad, k.grad, v.grad, b.grad])
+    assert type(ops.attention(*leaves[:3], [leaves[3].requires_grad_()], spec, seed)[0].grad_fn).__name__ \
+        .startswith("_EagerAttention")
+    for a, b in zip(*results):
+        assert a is not None and torch.equal(a, b)
