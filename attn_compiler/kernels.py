@@ -89,7 +89,10 @@ def _launch(kernel, grid, *args, **kw):
         fp = tuple(a if type(a) is int and lo <= a <= hi else _arg_key(a) for a in args)
     except TypeError:
         return kernel[grid](*args, **kw)
-    dev = torch.cuda.current_device()
+    try:
+        dev = torch.cuda.current_device()
+    except (AssertionError, RuntimeError):      # torch without CUDA under a driver that compiles for a GPU
+        return kernel[grid](*args, **kw)
     key = (kernel, dev, fp, tuple(kw.items()))
     hit = _launchers.get(key)
     if hit is None:
@@ -356,36 +359,85 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 # ---- forward ---------------------------------------------------------------------
 
-def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
-            seed: Optional[torch.Tensor] = None, config=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) from the generated forward kernel (see module doc)."""
+# [Note: launch plans]  What a launcher derives from the call's spec, config,
+# shapes, strides and dtypes (tiles, grid, mask plan, scale, strides,
+# constexprs; the input checks) is computed once per such signature and kept
+# (``_plan``): a call then allocates its outputs and launches.  What depends on
+# the tensors' values or addresses is done per call: block maps, dropout seeds,
+# the descriptor variant's alignment checks.
+_plans: dict = {}
+_MAX_PLANS = 4096
+
+
+def _plan(key: tuple, build):
+    hit = _plans.get(key)
+    if hit is None:
+        hit = build()
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        _plans[key] = hit
+    return hit
+
+
+def _call_key(family: str, spec: AttentionSpec, config, q, k, v, captured) -> tuple:
+    return (family, spec.dumps(), config, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
+            q.dtype, k.dtype, v.dtype, q.device, tuple((t.shape, t.stride(), t.dtype) for t in captured))
+
+
+@dataclasses.dataclass(frozen=True)
+class _FwdPlan:
+    out_shape: tuple
+    out_dtype: torch.dtype
+    empty: bool
+    mode3: bool
+    tma: bool
+    grid: tuple
+    bm: int
+    bn: int
+    args: tuple          # between the captured tensors and the dropout seed
+    tail: tuple          # after it
+    kw: dict
+
+
+def _fwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _FwdPlan:
     reference.check_inputs(q, k, v, captured, spec)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     t = config or default_config("fwd", q)
     bm, bn = min(t.block_m, _pow2(Lq)), min(t.block_n, _pow2(Lk))
-    out = torch.empty((B, Hq, Lq, Dv), dtype=getattr(torch, spec.out_dtype), device=q.device)
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse.fill_(-math.inf)
-    mod = codegen.load("fwd", spec)
+    out_shape = (B, Hq, Lq, Dv)
     plan = mask_plan(spec, Lq, Lk)
     scale = spec.scale_value(D)
-    grid = (triton_cdiv(Lq, bm), B * Hq)
-    bmap = (block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn, device=q.device) if plan.mode == 3
+    out_strides = torch.empty(out_shape, device="meta").stride()
+    args = (*_strides(q), *_strides(k, True), *_strides(v, True), *out_strides,
+            Hq, Hq // Hkv, Lq, Lk, scale, scale * codegen.LOG2E)
+    kw = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=bm, BLOCK_N=bn,
+              MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi,
+              EVEN_M=Lq % bm == 0, EVEN_N=Lk % bn == 0, DROPOUT=spec.dropout_p > 0,
+              DOT_PREC=_dot_precision(q.dtype), TMA=t.variant == "tma", num_warps=t.num_warps,
+              num_stages=t.num_stages)
+    return _FwdPlan(out_shape, getattr(torch, spec.out_dtype), B * Hq * Lq * Dv == 0, plan.mode == 3,
+                    t.variant == "tma", (triton_cdiv(Lq, bm), B * Hq), bm, bn, args,
+                    (1.0 / (1.0 - spec.dropout_p), plan.lo, plan.hi), kw)
+
+
+def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
+            seed: Optional[torch.Tensor] = None, config=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) from the generated forward kernel (see module doc)."""
+    p = _plan(_call_key("fwd", spec, config, q, k, v, captured),
+              lambda: _fwd_plan(q, k, v, captured, spec, config))
+    out = torch.empty(p.out_shape, dtype=p.out_dtype, device=q.device)
+    lse = torch.empty(p.out_shape[:3], dtype=torch.float32, device=q.device)
+    if p.empty:
+        return out, lse.fill_(-math.inf)
+    mod = codegen.load("fwd", spec)
+    B, Hq, Lq, _ = q.shape
+    bmap = (block_map(mod, spec, captured, B, Hq, Lq, k.shape[2], p.bm, p.bn, device=q.device) if p.mode3
             else (lse, 0, 0, 0))
-    if t.variant == "tma":
+    if p.tma:
         _tma_ready(spec, captured, k, v)
-    _grid(mod.attention_fwd, grid)(
-        q, k, v, out, lse, *bmap, *captured_args(captured),
-        *_strides(q), *_strides(k, True), *_strides(v, True), *_strides(out),
-        Hq, Hq // Hkv, Lq, Lk, scale, scale * codegen.LOG2E, dropout_x0(seed, spec),
-        1.0 / (1.0 - spec.dropout_p), plan.lo, plan.hi,
-        HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=bm, BLOCK_N=bn,
-        MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi,
-        EVEN_M=Lq % bm == 0, EVEN_N=Lk % bn == 0, DROPOUT=spec.dropout_p > 0,
-        DOT_PREC=_dot_precision(q.dtype), TMA=t.variant == "tma", num_warps=t.num_warps,
-        num_stages=t.num_stages)
+    _grid(mod.attention_fwd, p.grid)(
+        q, k, v, out, lse, *bmap, *captured_args(captured), *p.args, dropout_x0(seed, spec), *p.tail, **p.kw)
     return out, lse
 
 
@@ -395,58 +447,56 @@ def triton_cdiv(a: int, b: int) -> int:
 
 # ---- backward --------------------------------------------------------------------
 
-def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: AttentionSpec,
-             seed: Optional[torch.Tensor] = None, config=None):
-    """(dq, dk, dv, dcaptured) from the generated backward kernels: a preprocess
-    (delta, lse in the scores' z2 units), dK/dV per KV block, dQ per query block (two
-    launches, or one for the config variants "fused" and "paired")."""
+@dataclasses.dataclass(frozen=True)
+class _BwdPlan:
+    """The static part of a backward call ([Note: launch plans])."""
+    grad_ids: tuple
+    empty: bool
+    pre_grid: tuple
+    qkv_strides: tuple       # q, k (batch-broadcast 0), v
+    pre_tail: tuple
+    pre_kw: dict
+    variant: str             # "fused", "paired" or "two" (dK/dV then dQ)
+    mode3: bool
+    tiles: tuple             # (bm, bn) of dK/dV (or the one launch), (bm2, bn2) of dQ
+    tma: bool
+    grad_strides: tuple      # per gradient buffer, 0 on broadcast axes
+    after_seed: tuple        # the dropout seed's followers: its scale and the band
+    one_grid: tuple
+    one_tail: tuple          # fused/paired: after dO's strides, up to the seed
+    one_after: tuple         # and after it
+    one_kw: dict
+    dkdv_grid: tuple
+    dkdv_tail: tuple
+    dkdv_kw: dict
+    dq_grid: tuple
+    dq_tail: tuple
+    dq_kw: dict
+
+
+def _bwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _BwdPlan:
     reference.check_inputs(q, k, v, captured, spec)
-    if dout.dtype != v.dtype:
-        # dO meets v in dO·Vᵀ; eager's P·V ran in v's dtype, so its gradient
-        # arrives there in that dtype too (an output cast up is cast back)
-        dout = dout.to(v.dtype)
     B, Hq, Lq, D = q.shape
     Bk, Hkv, Lk, Dv = k.shape[0], k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
     t = config or default_config("bwd", q)
     bm, bn = min(t.block_m, _pow2(Lq)), min(t.block_n, _pow2(Lk))
-    dev = q.device
-    # contiguous, as the op's fake (meta) kernel says: inductor asserts the
-    # strides it was promised; the kernels write any strides
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    grad_ids = [i for i, c in enumerate(spec.captured) if c.requires_grad]
-    dcap = {i: torch.zeros(captured[i].shape, dtype=torch.float32, device=dev) for i in grad_ids}
-    if q.numel() == 0 or k.numel() == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
-        return dq, dk, dv, [dcap[i].to(captured[i].dtype) for i in grad_ids]
-    mod = codegen.load("bwd", spec)
+    grad_ids = tuple(i for i, c in enumerate(spec.captured) if c.requires_grad)
     plan = mask_plan(spec, Lq, Lk)
     scale = spec.scale_value(D)
-    x0 = dropout_x0(seed, spec)
+    scale2 = scale * codegen.LOG2E
     consts = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), DOT_PREC=_dot_precision(q.dtype))
-    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=dev)
-    lse2 = torch.empty_like(delta)
-    rinv = torch.empty_like(delta)
-    cap = captured_args(captured)
-    qs, ks, vs, dos = _strides(q), _strides(k, True), _strides(v, True), _strides(dout)
     pre_m = 64
-    _grid(mod.attention_bwd_preprocess, (triton_cdiv(Lq, pre_m), B * Hq))(
-        q, k, v, out, dout, lse, delta, lse2, rinv, *cap, *qs, *ks, *vs, *_strides(out), *dos,
-        Hq, G, Lq, Lk, scale, scale * codegen.LOG2E, BLOCK_M=pre_m, BLOCK_N=32, **consts)
-    grad_args = []
-    for i in grad_ids:
-        g = dcap[i]
-        grad_args += [g] + [0 if n == 1 else s for n, s in zip(g.shape, g.stride())]
+    grad_strides = tuple(tuple(0 if n == 1 else st for n, st in zip(captured[i].shape,
+                                                                       torch.empty(captured[i].shape,
+                                                                                   device="meta").stride()))
+                         for i in grad_ids)
     pow2_d = _pow2(D) == D and _pow2(Dv) == Dv
     launch = dict(BLOCK_M=bm, BLOCK_N=bn, MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi,
                   EVEN_N=Lk % bn == 0 and Lq % bm == 0 and pow2_d, DROPOUT=spec.dropout_p > 0, num_warps=t.num_warps,
                   num_stages=t.num_stages, **consts)
     drop_scale = 1.0 / (1.0 - spec.dropout_p)
     broadcast = Bk == 1 and B > 1
-    bmap = (block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn, cols=True, device=q.device) if plan.mode == 3
-            else (lse2, 0, 0, 0))
     mode_kv = plan.mode
     if plan.empty_rows:
         # [Note: fully masked rows] eager's dV is nan at every key of a head with
@@ -457,41 +507,96 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     m2, n2, warps2, stages2 = t.dq_launch()
     bm2, bn2 = min(m2, _pow2(Lq)), min(n2, _pow2(Lk))
     even_q = Lk % bn2 == 0 and pow2_d
-    bmap2 = (block_map(mod, spec, captured, B, Hq, Lq, Lk, bm2, bn2, device=q.device) if plan.mode == 3
-             else (lse2, 0, 0, 0))
     band = (plan.lo, plan.hi)
     tma = t.variant == "tma"          # captured planes through tensor descriptors
-    if tma:
-        if not codegen.tma_planes(spec):
-            raise ValueError("tma variant: the backward reads no captured plane (the ptr variant is the same)")
-        _tma_ready(spec, captured)
+    if tma and not codegen.tma_planes(spec):
+        raise ValueError("tma variant: the backward reads no captured plane (the ptr variant is the same)")
     launch["TMA"] = tma
+    meta = lambda shape: torch.empty(shape, device="meta").stride()   # noqa: E731  contiguous strides
+    dq_s, dk_s, dv_s = meta(q.shape), meta(k.shape), meta(v.shape)
+    variant, one_grid, one_tail, one_after, one_kw = "two", (), (), (), {}
     if t.variant in ("fused", "paired"):
         if (bm2, bn2) != (bn, bm):
             # one launch runs dQ on the mirrored tile; clamped to short lengths
             # the two differ (the tuner drops the candidate: ptr is the same)
             raise ValueError(f"{t.variant} variant: tiles {bm}x{bn} and {bm2}x{bn2} do not mirror")
         nkv, nq = triton_cdiv(Lk, bn), triton_cdiv(Lq, bm2)
-        if t.variant == "fused":
-            kernel, grid = mod.attention_bwd_fused, (nkv + nq * G * (B if broadcast else 1), Bk * Hkv)
-        else:
-            kernel, grid = mod.attention_bwd_paired, (max(nkv, nq), Bk * Hkv)
-        _grid(kernel, grid)(
-            q, k, v, dout, lse2, rinv, delta, dq, dk, dv, *bmap, *bmap2, *cap, *grad_args, *qs, *ks, *vs, *dos,
-            *_strides(dq), *_strides(dk), *_strides(dv), B, Hq, Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E,
-            x0, drop_scale, *band, nkv, nq, MODE_KV=mode_kv, KV_BATCH_BROADCAST=broadcast, EVEN_Q=even_q,
-            **launch)
-        return dq, dk, dv, [dcap[i].to(captured[i].dtype) for i in grad_ids]
-    _grid(mod.attention_bwd_dkdv, (triton_cdiv(Lk, bn), Bk * Hkv))(
-        q, k, v, dout, lse2, rinv, delta, dk, dv, *bmap, *cap, *qs, *ks, *vs, *dos,
-        *_strides(dk), *_strides(dv), B, Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale,
-        *band, KV_BATCH_BROADCAST=broadcast, **dict(launch, MODE=mode_kv))
-    launch.update(BLOCK_M=bm2, BLOCK_N=bn2, EVEN_N=even_q, num_warps=warps2, num_stages=stages2)
-    _grid(mod.attention_bwd_dq, (triton_cdiv(Lq, bm2), B * Hq))(
-        q, k, v, dout, lse2, rinv, delta, dq, *bmap2, *cap, *grad_args, *qs, *ks, *vs, *dos, *_strides(dq),
-        Hq, G, Lq, Lk, scale, scale * codegen.LOG2E, x0, drop_scale, *band,
-        BATCH_FASTEST=_dq_batch_fastest(spec, captured, B), **launch)
-    return dq, dk, dv, [dcap[i].to(captured[i].dtype) for i in grad_ids]
+        variant = t.variant
+        one_grid = ((nkv + nq * G * (B if broadcast else 1), Bk * Hkv) if variant == "fused"
+                    else (max(nkv, nq), Bk * Hkv))
+        one_tail = (*dq_s, *dk_s, *dv_s, B, Hq, Hkv, G, Lq, Lk, scale, scale2)
+        one_after = (drop_scale, *band, nkv, nq)
+        one_kw = dict(MODE_KV=mode_kv, KV_BATCH_BROADCAST=broadcast, EVEN_Q=even_q, **launch)
+    dq_kw = dict(launch, BLOCK_M=bm2, BLOCK_N=bn2, EVEN_N=even_q, num_warps=warps2, num_stages=stages2,
+                 BATCH_FASTEST=_dq_batch_fastest(spec, captured, B))
+    return _BwdPlan(
+        grad_ids=grad_ids, empty=q.numel() == 0 or k.numel() == 0,
+        pre_grid=(triton_cdiv(Lq, pre_m), B * Hq),
+        qkv_strides=(*_strides(q), *_strides(k, True), *_strides(v, True)),
+        pre_tail=(Hq, G, Lq, Lk, scale, scale2), pre_kw=dict(BLOCK_M=pre_m, BLOCK_N=32, **consts),
+        variant=variant, mode3=plan.mode == 3, tiles=((bm, bn), (bm2, bn2)), tma=tma, grad_strides=grad_strides,
+        after_seed=(drop_scale, *band), one_grid=one_grid, one_tail=one_tail, one_after=one_after, one_kw=one_kw,
+        dkdv_grid=(triton_cdiv(Lk, bn), Bk * Hkv), dkdv_tail=(*dk_s, *dv_s, B, Hkv, G, Lq, Lk, scale, scale2),
+        dkdv_kw=dict(launch, MODE=mode_kv, KV_BATCH_BROADCAST=broadcast),
+        dq_grid=(triton_cdiv(Lq, bm2), B * Hq), dq_tail=(*dq_s, Hq, G, Lq, Lk, scale, scale2),
+        dq_kw=dq_kw)
+
+
+def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: AttentionSpec,
+             seed: Optional[torch.Tensor] = None, config=None):
+    """(dq, dk, dv, dcaptured) from the generated backward kernels: a preprocess
+    (delta, lse in the scores' z2 units), dK/dV per KV block, dQ per query block (two
+    launches, or one for the config variants "fused" and "paired")."""
+    p = _plan(_call_key("bwd", spec, config, q, k, v, captured), lambda: _bwd_plan(q, k, v, captured, spec, config))
+    if dout.dtype != v.dtype:
+        # dO meets v in dO·Vᵀ; eager's P·V ran in v's dtype, so its gradient
+        # arrives there in that dtype too (an output cast up is cast back)
+        dout = dout.to(v.dtype)
+    dev = q.device
+    # contiguous, as the op's fake (meta) kernel says: inductor asserts the
+    # strides it was promised; the kernels write any strides
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dcap = [torch.zeros(captured[i].shape, dtype=torch.float32, device=dev) for i in p.grad_ids]
+    if p.empty:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        return dq, dk, dv, [g.to(captured[i].dtype) for i, g in zip(p.grad_ids, dcap)]
+    mod = codegen.load("bwd", spec)
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    x0 = dropout_x0(seed, spec)
+    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=dev)
+    lse2 = torch.empty_like(delta)
+    rinv = torch.empty_like(delta)
+    cap = captured_args(captured)
+    dos = dout.stride()
+    _grid(mod.attention_bwd_preprocess, p.pre_grid)(
+        q, k, v, out, dout, lse, delta, lse2, rinv, *cap, *p.qkv_strides, *out.stride(), *dos, *p.pre_tail,
+        **p.pre_kw)
+    grad_args = []
+    for g, st in zip(dcap, p.grad_strides):
+        grad_args += [g, *st]
+    (bm, bn), (bm2, bn2) = p.tiles
+    bmap = (block_map(mod, spec, captured, B, Hq, Lq, Lk, bm, bn, cols=True, device=dev) if p.mode3
+            else (lse2, 0, 0, 0))
+    bmap2 = (block_map(mod, spec, captured, B, Hq, Lq, Lk, bm2, bn2, device=dev) if p.mode3
+             else (lse2, 0, 0, 0))
+    if p.tma:
+        _tma_ready(spec, captured)
+    if p.variant != "two":
+        kernel = mod.attention_bwd_fused if p.variant == "fused" else mod.attention_bwd_paired
+        _grid(kernel, p.one_grid)(
+            q, k, v, dout, lse2, rinv, delta, dq, dk, dv, *bmap, *bmap2, *cap, *grad_args, *p.qkv_strides, *dos,
+            *p.one_tail, x0, *p.one_after, **p.one_kw)
+        return dq, dk, dv, [g.to(captured[i].dtype) for i, g in zip(p.grad_ids, dcap)]
+    _grid(mod.attention_bwd_dkdv, p.dkdv_grid)(
+        q, k, v, dout, lse2, rinv, delta, dk, dv, *bmap, *cap, *p.qkv_strides, *dos, *p.dkdv_tail, x0,
+        *p.after_seed, **p.dkdv_kw)
+    _grid(mod.attention_bwd_dq, p.dq_grid)(
+        q, k, v, dout, lse2, rinv, delta, dq, *bmap2, *cap, *grad_args, *p.qkv_strides, *dos, *p.dq_tail, x0,
+        *p.after_seed, **p.dq_kw)
+    return dq, dk, dv, [g.to(captured[i].dtype) for i, g in zip(p.grad_ids, dcap)]
 
 
 def _dq_batch_fastest(spec: AttentionSpec, captured: Sequence[torch.Tensor], B: int) -> bool:
@@ -547,9 +652,21 @@ def num_splits(units: int, n_blocks: int, sms: int, max_splits: int = 128,
     return next(s for s in cands if eff[s] >= 0.85 * best)
 
 
-def decode(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
-           seed: Optional[torch.Tensor] = None, config=None, splits: Optional[int] = None):
-    """(out, lse) from the split-KV decode kernels (see ``decode_applies``)."""
+@dataclasses.dataclass(frozen=True)
+class _DecodePlan:
+    out_shape: tuple
+    out_dtype: torch.dtype
+    empty: bool
+    splits: int
+    n_rows: int
+    split_grid: tuple
+    split_args: tuple        # after the captured tensors
+    split_kw: dict
+    reduce_args: tuple       # after out and lse
+    reduce_kw: dict
+
+
+def _decode_plan(q, k, v, captured, spec: AttentionSpec, config, splits: Optional[int]) -> _DecodePlan:
     reference.check_inputs(q, k, v, captured, spec)
     if not decode_applies(q, k, spec):
         raise ValueError("decode kernel: needs G * Lq <= 64 query rows per KV head and no dropout")
@@ -559,10 +676,9 @@ def decode(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     t = config or default_config("decode", q)
     bn = min(t.block_n, _pow2(Lk))
     bm = _pow2(G * Lq)
-    out = torch.empty((B, Hq, Lq, Dv), dtype=getattr(torch, spec.out_dtype), device=q.device)
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse.fill_(-math.inf)
+    out_shape = (B, Hq, Lq, Dv)
+    if B * Hq * Lq * Dv == 0:
+        return _DecodePlan(out_shape, getattr(torch, spec.out_dtype), True, 0, 0, (), (), {}, (), {})
     n_blocks = triton_cdiv(Lk, bn)
     s = splits or num_splits(B * Hkv, n_blocks, _sm_count(q.device), max_splits=DECODE_MAX_SPLITS,
                              per_sm=t.per_sm or DECODE_PROGRAMS_PER_SM)
@@ -570,19 +686,33 @@ def decode(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     chunk = triton_cdiv(n_blocks, s) * bn
     s = triton_cdiv(Lk, chunk)
     n_rows = B * Hq * Lq
-    acc = torch.empty((s, n_rows, Dv), dtype=torch.float32, device=q.device)
-    mx = torch.empty((s, n_rows), dtype=torch.float32, device=q.device)
-    ls = torch.empty_like(mx)
-    mod = codegen.load("decode", spec)
     plan = mask_plan(spec, Lq, Lk)
     scale = spec.scale_value(D)
-    _grid(mod.attention_decode_split, (s, B * Hkv))(
-        q, k, v, acc, mx, ls, *captured_args(captured), *_strides(q), *_strides(k, True), *_strides(v, True),
-        Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E, plan.lo, plan.hi, chunk, n_rows,
-        HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=bm, BLOCK_N=bn,
-        MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=t.num_warps, num_stages=t.num_stages)
-    _grid(mod.attention_decode_reduce, (n_rows,))(
-        acc, mx, ls, out, lse, n_rows, s, Hq, Lq, *_strides(out), HEAD_DV=Dv, BLOCK_DV=_pow2(Dv),
-        BLOCK_S=_pow2(s, least=2), num_warps=4)
+    return _DecodePlan(
+        out_shape, getattr(torch, spec.out_dtype), False, s, n_rows, (s, B * Hkv),
+        (*_strides(q), *_strides(k, True), *_strides(v, True), Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E,
+         plan.lo, plan.hi, chunk, n_rows),
+        dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=bm, BLOCK_N=bn,
+             MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi, DOT_PREC=_dot_precision(q.dtype),
+             num_warps=t.num_warps, num_stages=t.num_stages),
+        (n_rows, s, Hq, Lq, *torch.empty(out_shape, device="meta").stride()),
+        dict(HEAD_DV=Dv, BLOCK_DV=_pow2(Dv), BLOCK_S=_pow2(s, least=2), num_warps=4))
+
+
+def decode(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
+           seed: Optional[torch.Tensor] = None, config=None, splits: Optional[int] = None):
+    """(out, lse) from the split-KV decode kernels (see ``decode_applies``)."""
+    p = _plan(_call_key("decode", spec, (config, splits), q, k, v, captured),
+              lambda: _decode_plan(q, k, v, captured, spec, config, splits))
+    out = torch.empty(p.out_shape, dtype=p.out_dtype, device=q.device)
+    lse = torch.empty(p.out_shape[:3], dtype=torch.float32, device=q.device)
+    if p.empty:
+        return out, lse.fill_(-math.inf)
+    acc = torch.empty((p.splits, p.n_rows, p.out_shape[3]), dtype=torch.float32, device=q.device)
+    mx = torch.empty((p.splits, p.n_rows), dtype=torch.float32, device=q.device)
+    ls = torch.empty_like(mx)
+    mod = codegen.load("decode", spec)
+    _grid(mod.attention_decode_split, p.split_grid)(q, k, v, acc, mx, ls, *captured_args(captured), *p.split_args,
+                                                     **p.split_kw)
+    _grid(mod.attention_decode_reduce, (p.n_rows,))(acc, mx, ls, out, lse, *p.reduce_args, **p.reduce_kw)
     return out, lse

@@ -106,6 +106,20 @@ def test_launch_hooks_and_unknown_argument_types_keep_the_normal_path(fake_cuda,
     assert [e[0] for e in k.log] == ["triton"] * 4
 
 
+def test_torch_without_cuda_keeps_the_normal_path(monkeypatch):
+    # Triton's driver can compile for a GPU that torch does not see (the sm_90
+    # compile harness): the launch is Triton's own
+    def no_cuda():
+        raise AssertionError("Torch not compiled with CUDA enabled")
+    monkeypatch.setattr(torch.cuda, "current_device", no_cuda)
+    monkeypatch.setattr(kernels, "_launchers", {})
+    k = _Kernel(_fn, constexprs=("BLOCK", "FLAG"))
+    x = torch.zeros(8)
+    for _ in range(2):
+        kernels._launch(k, (1,), x, x, 64, 0.5, 7, BLOCK=16)
+    assert [e[0] for e in k.log] == ["triton"] * 2 and kernels._launchers == {}
+
+
 def test_a_constexpr_passed_by_position_is_never_replayed(fake_cuda):
     def fn(X, BLOCK):
         pass
@@ -120,3 +134,50 @@ def test_the_interpreter_keeps_triton_launches():
     # the CPU suite runs the kernels in Triton's interpreter: no compiled launcher there
     import os
     assert kernels._fast_launches == (os.environ.get("TRITON_INTERPRET") != "1")
+
+
+# ---- launch plans ([Note: launch plans]) -------------------------------------------
+
+def test_a_launch_plan_is_kept_per_layout_and_never_reused_across_strides(monkeypatch):
+    """Same shapes, two memory layouts (contiguous, and heads-inner as a
+    transposed view): each call gets its own plan and the reference's numbers;
+    the second call of a layout reuses its plan."""
+    import sympy
+
+    from attn_compiler import reference
+    from attn_compiler.passes.analyze.spec import D, AttentionSpec, kv_idx, q_idx, score
+
+    monkeypatch.setattr(kernels, "_plans", {})
+    spec = AttentionSpec(score_mod=sympy.Piecewise((-sympy.oo, kv_idx > q_idx), (score, True)),
+                         scale=1 / sympy.sqrt(D), out_dtype="float32", prob_dtype="float32")
+    torch.manual_seed(0)
+    B, H, L, Dh = 1, 2, 24, 16
+    flat = [torch.randn(B, H, L, Dh) for _ in range(3)]
+    inner = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in flat]       # (B, L, H, D) storage
+    assert inner[0].stride() != flat[0].stride()
+    dout = torch.randn(B, H, L, Dh)
+    for layout in (flat, inner, flat, inner):
+        q, k, v = layout
+        out, lse = kernels.forward(q, k, v, [], spec)
+        ref_out, ref_lse = reference.attention_forward(q.double(), k.double(), v.double(), [], spec, None)
+        torch.testing.assert_close(out.double(), ref_out.double(), rtol=1e-4, atol=1e-5)
+        dq, dk, dv, _ = kernels.backward(dout, q, k, v, [], out, lse, spec)
+        ref = reference.attention_backward(dout.double(), q.double(), k.double(), v.double(), [], ref_out,
+                                           ref_lse, spec, None)
+        for a, b in zip((dq, dk, dv), ref[:3]):
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-3, atol=1e-4)
+    assert len(kernels._plans) == 4          # (fwd, bwd) x two layouts: the repeats hit
+
+
+def test_a_plan_is_built_only_for_inputs_that_pass_the_checks(monkeypatch):
+    import sympy
+
+    from attn_compiler.passes.analyze.spec import D, AttentionSpec, score
+
+    monkeypatch.setattr(kernels, "_plans", {})
+    spec = AttentionSpec(score_mod=score, scale=1 / sympy.sqrt(D), out_dtype="float32", prob_dtype="float32")
+    q, k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 16)
+    for _ in range(2):      # the check runs again: a failed build leaves no plan behind
+        with pytest.raises(ValueError, match="head dims differ"):
+            kernels.forward(q, k, v, [], spec)
+    assert kernels._plans == {}
