@@ -130,10 +130,15 @@ def test_a_constexpr_passed_by_position_is_never_replayed(fake_cuda):
     assert [e[0] for e in k.log] == ["triton"] * 3
 
 
-def test_the_interpreter_keeps_triton_launches():
-    # the CPU suite runs the kernels in Triton's interpreter: no compiled launcher there
-    import os
-    assert kernels._fast_launches == (os.environ.get("TRITON_INTERPRET") != "1")
+@pytest.mark.parametrize("fast", [False, True])
+def test_launches_route_through_the_direct_launcher_only_when_compiled(fake_cuda, monkeypatch, fast):
+    # Triton's interpreter (the CPU suite) has no compiled launcher: _grid keeps kernel[grid] there
+    monkeypatch.setattr(kernels, "_fast_launches", fast)
+    k = _Kernel(_fn, constexprs=("BLOCK", "FLAG"))
+    x = torch.zeros(8)
+    for _ in range(2):
+        kernels._grid(k, (1,))(x, x, 64, 0.5, 7, BLOCK=16)
+    assert [e[0] for e in k.log] == (["triton", "direct"] if fast else ["triton", "triton"])
 
 
 # ---- launch plans ([Note: launch plans]) -------------------------------------------
