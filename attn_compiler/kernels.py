@@ -56,9 +56,10 @@ def _grid(kernel, grid):
 # calls its launcher directly.  The fingerprint determines Triton's
 # specialisation: int arguments by value (large ones by class and divisibility
 # by 16, as Triton specialises them), tensors by dtype and 16-byte alignment,
-# floats by value (a launcher's floats are fixed per spec); the first call of a fingerprint goes through ``kernel[grid]``
-# (compiling if needed) and any argument of another type, a launch hook
-# (profilers), or Triton's interpreter keeps the normal path.
+# floats by value (a launcher's floats are fixed per spec).  The first call of
+# a fingerprint goes through ``kernel[grid]`` (compiling if needed); any
+# argument of another type, a launch hook (profilers), torch without CUDA, or
+# Triton's interpreter keeps the normal path.
 _fast_launches = os.environ.get("TRITON_INTERPRET") != "1"
 _launchers: dict = {}
 _MAX_LAUNCHERS = 4096
@@ -124,7 +125,9 @@ def _launcher_entry(kernel, compiled, n_args: int, kw: dict):
     replayed from its arguments alone."""
     import inspect
 
-    params = list(getattr(kernel, "signature", inspect.signature(lambda: None)).parameters.values())
+    if not hasattr(kernel, "signature"):
+        return _NO_FAST
+    params = list(kernel.signature.parameters.values())
     jit_params = getattr(kernel, "params", ())
     if (getattr(compiled, "function", None) is None or not hasattr(compiled, "packed_metadata")
             or hasattr(compiled, "result") or len(params) < n_args or len(jit_params) != len(params)
@@ -379,6 +382,11 @@ def _plan(key: tuple, build):
     return hit
 
 
+def _contiguous_strides(shape) -> tuple:
+    """Strides of a contiguous tensor of ``shape`` (what torch.empty allocates)."""
+    return torch.empty(shape, device="meta").stride()
+
+
 def _call_key(family: str, spec: AttentionSpec, config, q, k, v, captured) -> tuple:
     return (family, spec.dumps(), config, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
             q.dtype, k.dtype, v.dtype, q.device, tuple((t.shape, t.stride(), t.dtype) for t in captured))
@@ -408,8 +416,7 @@ def _fwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _FwdPlan:
     out_shape = (B, Hq, Lq, Dv)
     plan = mask_plan(spec, Lq, Lk)
     scale = spec.scale_value(D)
-    out_strides = torch.empty(out_shape, device="meta").stride()
-    args = (*_strides(q), *_strides(k, True), *_strides(v, True), *out_strides,
+    args = (*_strides(q), *_strides(k, True), *_strides(v, True), *_contiguous_strides(out_shape),
             Hq, Hq // Hkv, Lq, Lk, scale, scale * codegen.LOG2E)
     kw = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=bm, BLOCK_N=bn,
               MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi,
@@ -487,9 +494,8 @@ def _bwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _BwdPlan:
     scale2 = scale * codegen.LOG2E
     consts = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), DOT_PREC=_dot_precision(q.dtype))
     pre_m = 64
-    grad_strides = tuple(tuple(0 if n == 1 else st for n, st in zip(captured[i].shape,
-                                                                       torch.empty(captured[i].shape,
-                                                                                   device="meta").stride()))
+    grad_strides = tuple(tuple(0 if n == 1 else st
+                               for n, st in zip(captured[i].shape, _contiguous_strides(captured[i].shape)))
                          for i in grad_ids)
     pow2_d = _pow2(D) == D and _pow2(Dv) == Dv
     launch = dict(BLOCK_M=bm, BLOCK_N=bn, MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi,
@@ -512,8 +518,7 @@ def _bwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _BwdPlan:
     if tma and not codegen.tma_planes(spec):
         raise ValueError("tma variant: the backward reads no captured plane (the ptr variant is the same)")
     launch["TMA"] = tma
-    meta = lambda shape: torch.empty(shape, device="meta").stride()   # noqa: E731  contiguous strides
-    dq_s, dk_s, dv_s = meta(q.shape), meta(k.shape), meta(v.shape)
+    dq_s, dk_s, dv_s = (_contiguous_strides(t.shape) for t in (q, k, v))
     variant, one_grid, one_tail, one_after, one_kw = "two", (), (), (), {}
     if t.variant in ("fused", "paired"):
         if (bm2, bn2) != (bn, bm):
@@ -695,7 +700,7 @@ def _decode_plan(q, k, v, captured, spec: AttentionSpec, config, splits: Optiona
         dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=bm, BLOCK_N=bn,
              MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi, DOT_PREC=_dot_precision(q.dtype),
              num_warps=t.num_warps, num_stages=t.num_stages),
-        (n_rows, s, Hq, Lq, *torch.empty(out_shape, device="meta").stride()),
+        (n_rows, s, Hq, Lq, *_contiguous_strides(out_shape)),
         dict(HEAD_DV=Dv, BLOCK_DV=_pow2(Dv), BLOCK_S=_pow2(s, least=2), num_warps=4))
 
 

@@ -145,32 +145,19 @@ def test_launches_route_through_the_direct_launcher_only_when_compiled(fake_cuda
 
 def test_a_launch_plan_is_kept_per_layout_and_never_reused_across_strides(monkeypatch):
     """Same shapes, two memory layouts (contiguous, and heads-inner as a
-    transposed view): each call gets its own plan and the reference's numbers;
-    the second call of a layout reuses its plan."""
-    import sympy
-
-    from attn_compiler import reference
-    from attn_compiler.passes.analyze.spec import D, AttentionSpec, kv_idx, q_idx, score
+    transposed view): each call gets its own plan and golden-relative numbers,
+    forward and backward; a layout's second call reuses its plan."""
+    from kernel_checks import causal_mod, check_backward, check_forward, make_spec
 
     monkeypatch.setattr(kernels, "_plans", {})
-    spec = AttentionSpec(score_mod=sympy.Piecewise((-sympy.oo, kv_idx > q_idx), (score, True)),
-                         scale=1 / sympy.sqrt(D), out_dtype="float32", prob_dtype="float32")
+    spec = make_spec(causal_mod())
     torch.manual_seed(0)
-    B, H, L, Dh = 1, 2, 24, 16
-    flat = [torch.randn(B, H, L, Dh) for _ in range(3)]
+    flat = [torch.randn(1, 2, 24, 16) for _ in range(3)]
     inner = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in flat]       # (B, L, H, D) storage
     assert inner[0].stride() != flat[0].stride()
-    dout = torch.randn(B, H, L, Dh)
-    for layout in (flat, inner, flat, inner):
-        q, k, v = layout
-        out, lse = kernels.forward(q, k, v, [], spec)
-        ref_out, ref_lse = reference.attention_forward(q.double(), k.double(), v.double(), [], spec, None)
-        torch.testing.assert_close(out.double(), ref_out.double(), rtol=1e-4, atol=1e-5)
-        dq, dk, dv, _ = kernels.backward(dout, q, k, v, [], out, lse, spec)
-        ref = reference.attention_backward(dout.double(), q.double(), k.double(), v.double(), [], ref_out,
-                                           ref_lse, spec, None)
-        for a, b in zip((dq, dk, dv), ref[:3]):
-            torch.testing.assert_close(a.double(), b.double(), rtol=1e-3, atol=1e-4)
+    for q, k, v in (flat, inner, flat, inner):
+        check_forward(q, k, v, [], spec)
+        check_backward(q, k, v, [], spec)
     assert len(kernels._plans) == 4          # (fwd, bwd) x two layouts: the repeats hit
 
 
