@@ -31,11 +31,13 @@ def backend(inner: str = "inductor", **options: Any) -> Callable:
     inner_fn = inductor_with_mode(mode) if mode is not None else lookup_inner_backend(inner)
 
     def attn_compiler(gm, example_inputs):
+        from attn_compiler.passes.choose import cuda_graphs
         from attn_compiler.passes.pipeline import attention_pass
 
         gid = next(_graph_ids)
         try:
-            sites = attention_pass(gm, example_inputs, gid)
+            with cuda_graphs(_runs_as_cuda_graphs(inner, mode)):
+                sites = attention_pass(gm, example_inputs, gid)
         except Exception as e:  # noqa: BLE001 - never break the user's model on our account
             log.warning("attention pass skipped for graph %d after an internal error: %r", gid, e,
                         exc_info=log.isEnabledFor(logging.DEBUG))
@@ -45,6 +47,21 @@ def backend(inner: str = "inductor", **options: Any) -> Callable:
         return inner_fn(gm, example_inputs)
 
     return attn_compiler
+
+
+def _runs_as_cuda_graphs(inner, mode) -> bool:
+    """Whether the inner compiler will run the graph as CUDA-graph replays
+    (the never-slower choice then ignores host cost: [Note: host cost without
+    CUDA graphs] in passes/choose.py)."""
+    if mode is not None:
+        from torch._inductor import list_mode_options
+
+        return bool(list_mode_options(mode).get("triton.cudagraphs", False))
+    if inner == "inductor":
+        import torch._inductor.config as config
+
+        return bool(config.triton.cudagraphs)
+    return inner == "cudagraphs"
 
 
 def attn_compiler_backend(gm, example_inputs):

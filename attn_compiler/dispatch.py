@@ -104,6 +104,9 @@ def _use_triton(q, k, v, spec: AttentionSpec, captured=()) -> bool:
 
 # ---- config candidates -------------------------------------------------------------
 
+_TMA_FWD = {(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 2)}
+
+
 def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
     D, Lq, Lk = q.shape[-1], q.shape[2], k.shape[2]
     causal = spec.mask_kind.startswith("causal")
@@ -121,9 +124,12 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
         # the first tiles also with fewer, longer splits (1 or 2 programs per SM)
         out += [dataclasses.replace(c, per_sm=k) for c in out[:2] for k in (1, 2)]
     if family == "fwd" and kernels.is_hopper(q):
-        # the same tiles with K/V through tensor descriptors (TMA); a call they
-        # do not suit raises and the tuner drops them
-        out += [dataclasses.replace(c, variant="tma") for c in out[:3]]
+        # some tiles with K/V through tensor descriptors (TMA); a call they do not
+        # suit raises and the tuner drops them.  128x64 w4 s2 tma was the fastest
+        # forward without a mask (4x16x4096x128: 503 TFLOP/s vs 491 ptr, 1x16x16384:
+        # 523 vs 489), 128x64 w8 s3 tma never won (bench/RESULTS.md run 35)
+        out += [dataclasses.replace(c, variant="tma") for c in out
+                if (c.block_m, c.block_n, c.num_warps, c.num_stages) in _TMA_FWD]
     if family == "bwd":
         short = list(out)
         # the second tile's dK/dV with the first's dQ launch (64x64 w4 s2 +dQ

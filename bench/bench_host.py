@@ -3,6 +3,7 @@ CPU when the GPU is not the limit (short sequences, decode, small batches).
 
     PYTHONPATH=. python bench/bench_host.py [--shapes 1x1x128x64,16x16x1024x128] [--out OUT]
     python bench/bench_host.py --smoke            # CPU: tiny shapes, kernels in the interpreter
+    PYTHONPATH=. python bench/bench_host.py --compiled   # and the compiled paths, per call
 
 For each shape (causal, bf16; fp32 with --smoke) and each entry point (our
 launchers ``kernels.forward`` / ``kernels.backward``, ``dispatch``, the op with
@@ -11,7 +12,10 @@ autograd; SDPA's forward and forward+backward), a loop of ``--n`` calls without
 synchronising gives the host's µs per call; "synced" adds the final
 synchronise, so it is the larger of host and GPU time.  The kernels' own time
 (CUDA-graph replays) is printed beside them.  Our kernels are forced
-(``ops.implementation("triton")``) after one tuned call per shape.  Rows go
+(``ops.implementation("triton")``) after one tuned call per shape.  With
+``--compiled``, the hand-written causal attention compiled with the backend
+(its never-slower choice, reported per site), with inductor alone, and SDPA
+compiled, per inference forward and per training step.  Rows go
 to OUT/host.jsonl; the table is printed last.  Method of bench/RESULTS.md runs
 29-31.
 """
@@ -100,11 +104,54 @@ def entry_points(B: int, H: int, N: int, D: int, dtype, dev):
     return ours, theirs, kernel_us, (fwd_cfg, bwd_cfg)
 
 
+def compiled_steps(B: int, H: int, N: int, D: int, dtype, dev):
+    """(name, callable) per compiled path of the hand-written causal attention
+    (inference forward under no_grad, and a training forward+backward): the
+    backend with its never-slower choice (inductor inside, no CUDA graphs),
+    inductor alone, and compiled SDPA; and what the backend chose per site."""
+    import attn_compiler
+    from impls import HandWrittenAttention, compile_attn_compiler, site_note
+
+    mk = lambda: torch.randn(B, H, N, D, dtype=dtype, device=dev)  # noqa: E731
+    q, k, v = mk(), mk(), mk()
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    go = torch.randn_like(q)
+    model = HandWrittenAttention(causal=True)
+    paths = {"backend": lambda: compile_attn_compiler(HandWrittenAttention(causal=True)),
+             "inductor": lambda: torch.compile(HandWrittenAttention(causal=True), dynamic=False),
+             "sdpa": lambda: torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                           dynamic=False)}
+    steps, notes = [], {}
+    for path, build in paths.items():
+        for training in (False, True):
+            torch._dynamo.reset()
+            fn = build()
+            if training:
+                fn(qg, kg, vg).backward(go)
+                step = (lambda fn=fn: fn(qg, kg, vg).backward(go))
+            else:
+                with torch.no_grad():
+                    fn(q, k, v)
+
+                def step(fn=fn):
+                    with torch.no_grad():
+                        fn(q, k, v)
+            if path == "backend":
+                notes[training] = site_note() + "; " + "; ".join(
+                    str(s.features.get("choice_note", "")) for s in attn_compiler.report())
+            step()
+            steps.append((f"compiled {'fwd+bwd' if training else 'fwd'}, {path}", step))
+    del model
+    return steps, notes
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="1x1x128x64,16x16x1024x128", help="comma list of BxHxNxD (causal)")
     ap.add_argument("--n", type=int, default=300, help="calls per measurement")
     ap.add_argument("--smoke", action="store_true", help="CPU check: 1x1x32x16 fp32, 3 calls, interpreter kernels")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also the compiled paths: the backend (never-slower choice), inductor alone, SDPA")
     ap.add_argument("--out", default=os.path.join("bench", "out"))
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,6 +177,17 @@ def main(argv=None) -> int:
                              "host_us": round(host, 1),
                              "synced_us": round(synced, 1), "kernel_fwd_us": kernel_us["fwd"],
                              "kernel_bwd_us": kernel_us["bwd"]})
+                table.append([shape, name, f"{host:.1f}", f"{synced:.1f}"])
+        if args.compiled:
+            steps, notes = compiled_steps(B, H, N, D, dtype, dev)
+            for training, note in notes.items():
+                print(f"{shape}: backend, {'training' if training else 'inference'}: {note}", flush=True)
+            for name, fn in steps:
+                host, synced = host_us(fn, n, dev)
+                results.add({"impl": name.rsplit(", ", 1)[-1], "shape": shape, "causal": True, "pass": name,
+                             "status": "ok", "ms": round(synced / 1e3, 5), "host_us": round(host, 1),
+                             "synced_us": round(synced, 1),
+                             "note": notes[name.startswith("compiled fwd+bwd")] if "backend" in name else ""})
                 table.append([shape, name, f"{host:.1f}", f"{synced:.1f}"])
     print()
     print(markdown_table(table, ["shape", "entry point", "host µs", "synced µs"]))

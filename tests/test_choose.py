@@ -5,6 +5,8 @@ Timing is CUDA-only in use; here the chooser runs on CPU with a fake bench
 SDPA, or the original subgraph kept as written.  Numbers must match eager in
 every outcome, and the report must say what was chosen and by how much.
 """
+import importlib
+
 import sympy
 import pytest
 import torch
@@ -39,6 +41,8 @@ def timed(monkeypatch, tmp_path):
     from attn_compiler import autotune
     monkeypatch.setattr(autotune, "_default_cache", None, raising=False)
     monkeypatch.setattr(choose, "TIME_ON_CPU", True)
+    # the op's calls cost no more than its replays (each step still runs once)
+    monkeypatch.setattr(choose, "LAUNCH_COST", lambda step, replay_ms: (step(), replay_ms)[1])
     yield
     torch._dynamo.reset()
 
@@ -97,6 +101,93 @@ def test_decision_is_cached(timed, monkeypatch):
     rep = attn_compiler.report()
     assert calls == [] and rep[0].features["choice"] == "sdpa"
     assert "cache" in rep[0].features.get("choice_note", "")
+
+
+def _host_bound(monkeypatch, graphs: bool, ms: float = 3.0, L: int = 24):
+    """Our op's calls cost ``ms`` (its replays 1.0, the original's 1.5, SDPA's
+    2.0); the compiled graph runs as CUDA-graph replays or not."""
+    backend_mod = importlib.import_module("attn_compiler.backend")
+
+    steps = []
+    monkeypatch.setattr(choose, "LAUNCH_COST", lambda step, replay_ms: (step(), steps.append(replay_ms), ms)[-1])
+    monkeypatch.setattr(backend_mod, "_runs_as_cuda_graphs", lambda inner, mode: graphs)
+    monkeypatch.setattr(choose, "BENCH", lambda fn: {"attn_compiler": 1.0, "original": 1.5}.get(fn.name, 2.0))
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, L, 16, requires_grad=True) for _ in range(3))
+    ref = Causal()(q, k, v)
+    out = torch.compile(Causal(), backend=attn_compiler.backend(inner="aot_eager"))(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    return attn_compiler.report()[0], steps
+
+
+def test_host_bound_site_keeps_the_original_without_cuda_graphs(timed, monkeypatch):
+    """[Note: host cost without CUDA graphs]: a site whose op calls cost more
+    than its kernels is timed by the calls, and loses to a faster original."""
+    site, steps = _host_bound(monkeypatch, graphs=False)
+    assert steps == [1.0]                              # measured once, against our replay time
+    assert site.features["choice"] == "original" and not site.fused
+    assert site.features["times_ms"]["attn_compiler"] == 3.0
+    # calls barely above the replays: the replay time stands (another shape bucket: not cached)
+    site, _ = _host_bound(monkeypatch, graphs=False, ms=1.1, L=40)
+    assert site.features["choice"] == "attn_compiler" and site.features["times_ms"]["attn_compiler"] == 1.0
+
+
+def test_host_cost_is_ignored_under_cuda_graphs(timed, monkeypatch):
+    """Under CUDA graphs (mode="reduce-overhead") replays are what runs: the
+    host cost is not measured, and the decision is cached apart from the
+    one without graphs."""
+    site, steps = _host_bound(monkeypatch, graphs=True)
+    assert steps == [] and site.features["choice"] == "attn_compiler" and site.fused
+    site, steps = _host_bound(monkeypatch, graphs=False)
+    assert steps == [1.0] and site.features["choice"] == "original"
+    assert "cache" not in site.features.get("choice_note", "")
+
+
+def test_the_timed_step_is_the_ops_own_call(timed, monkeypatch):
+    """The step timed for the host cost calls the op's forward and, training,
+    its backward op, on the site's operands with gradients off."""
+    from attn_compiler import dispatch
+
+    backend_mod = importlib.import_module("attn_compiler.backend")
+    called = []
+
+    def measure(step, replay_ms):
+        counts = {"forward": 0, "backward": 0, "grad": []}
+        saved = {n: getattr(dispatch, n) for n in ("forward", "backward")}
+
+        def counting(name):
+            def fn(*a, **kw):
+                counts[name] += 1
+                counts["grad"].append(torch.is_grad_enabled())
+                return saved[name](*a, **kw)
+            return fn
+        try:
+            for name in saved:
+                setattr(dispatch, name, counting(name))
+            step()
+        finally:
+            for name, fn in saved.items():
+                setattr(dispatch, name, fn)
+        called.append(counts)
+        return replay_ms
+    monkeypatch.setattr(choose, "LAUNCH_COST", measure)
+    monkeypatch.setattr(backend_mod, "_runs_as_cuda_graphs", lambda inner, mode: False)
+    _run(Causal(), "attn_compiler", monkeypatch)
+    assert called == [{"forward": 1, "backward": 1, "grad": [False, False]}]
+    _run(Causal(), "attn_compiler", monkeypatch, grad=False)
+    assert called[1:] == [{"forward": 1, "backward": 0, "grad": [False]}]
+
+
+def test_which_compiles_run_as_cuda_graphs():
+    from attn_compiler.backend import _runs_as_cuda_graphs
+
+    assert _runs_as_cuda_graphs("inductor", "reduce-overhead")
+    assert not _runs_as_cuda_graphs("inductor", "max-autotune-no-cudagraphs")
+    assert not _runs_as_cuda_graphs("inductor", None)           # inductor's default config
+    assert not _runs_as_cuda_graphs("aot_eager", None)
+    assert _runs_as_cuda_graphs("cudagraphs", None)
 
 
 def test_untimed_on_cpu_keeps_the_rewrite():

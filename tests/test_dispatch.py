@@ -181,6 +181,23 @@ def test_forward_candidates_leave_room_for_a_bias_plane():
     assert autotune.first_failing_rule("fwd", big, dataclasses.replace(with_plane, plane_bytes=0)) is None
 
 
+def test_hopper_forward_candidates_with_tensor_descriptors(monkeypatch):
+    """On Hopper the forward also tries three tiles through tensor descriptors:
+    64x64 w4 s3 (a bias plane's winner), 128x128 w8 s3 and 128x64 w4 s2 (the
+    fastest forward without a mask, bench/RESULTS.md run 35); with a bias plane
+    only those that fit."""
+    from attn_compiler.autotune import KernelConfig
+    monkeypatch.setattr(kernels, "is_hopper", lambda t: True)
+    q = torch.empty(2, 4, 4096, 128, dtype=torch.bfloat16)
+    tma = {c for c in dispatch._configs("fwd", q, q, q, make_spec(score, dtype=torch.bfloat16))
+           if c.variant == "tma"}
+    assert tma == {KernelConfig(64, 64, 4, 3, "tma"), KernelConfig(128, 128, 8, 3, "tma"),
+                   KernelConfig(128, 64, 4, 2, "tma")}
+    biased = dispatch._configs("fwd", q, q, q, make_spec(score + T0, dtype=torch.bfloat16,
+                                                          captured=[captured_spec(".HQK", "bfloat16")]))
+    assert KernelConfig(64, 64, 4, 3, "tma") in biased and KernelConfig(128, 128, 8, 3, "tma") not in biased
+
+
 def test_offsets_past_int32_inside_a_head_are_declined():
     """The kernels index inside one (batch, head) slice in int32: a bias plane
     of 50000 x 50000 (or q rows strided past 2**31 elements) is not run by
