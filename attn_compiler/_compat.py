@@ -8,7 +8,7 @@ inside the functions, so importing this module costs only ``import torch``.
 from __future__ import annotations
 
 import re
-from typing import Callable, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
@@ -48,13 +48,20 @@ def lookup_inner_backend(name: Union[str, Callable]) -> Callable:
         ) from exc
 
 
-def inductor_with_mode(mode: str) -> Callable:
-    """Inductor as the inner compiler with a ``torch.compile`` mode
-    ("default", "reduce-overhead" (CUDA graphs), "max-autotune"...)."""
+def inductor_patches(mode: Optional[str], options: Optional[dict] = None) -> dict:
+    """Inductor config patches of a ``torch.compile`` mode ("default",
+    "reduce-overhead" (CUDA graphs), "max-autotune"...) and ``options`` (which
+    win), as ``torch.compile(..., mode=, options=)`` gives inductor."""
     from torch._inductor import list_mode_options
+
+    return {**(list_mode_options(mode) if mode else {}), **(options or {})}
+
+
+def inductor_with_mode(mode: Optional[str], options: Optional[dict] = None) -> Callable:
+    """Inductor as the inner compiler with a ``torch.compile`` mode and options."""
     from torch._inductor.compile_fx import compile_fx
 
-    patches = list_mode_options(mode)
+    patches = inductor_patches(mode, options)
 
     def inner(gm, example_inputs):
         return compile_fx(gm, example_inputs, config_patches=patches)

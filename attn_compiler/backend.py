@@ -1,6 +1,7 @@
 """The torch.compile backend: fuse attention sites, then hand the graph on.
 
-``torch.compile(m, backend="attn_compiler")`` (entry point) or
+``torch.compile(m, backend="attn_compiler")`` (entry point; torch.compile's
+``mode=`` and ``options=`` go to inductor as they would without us) or
 ``torch.compile(m, backend=attn_compiler.backend(inner="aot_eager"))``.
 Every dynamo graph goes through the attention pass (passes/pipeline.py); the
 rewritten graph is then compiled by the inner compiler (inductor by default).
@@ -12,7 +13,7 @@ import logging
 from typing import Any, Callable
 
 from .report import record
-from ._compat import lookup_inner_backend, inductor_with_mode
+from ._compat import inductor_patches, inductor_with_mode, lookup_inner_backend
 
 log = logging.getLogger("attn_compiler")
 _graph_ids = itertools.count()
@@ -22,13 +23,20 @@ def backend(inner: str = "inductor", **options: Any) -> Callable:
     """A backend ``(gm, example_inputs) -> callable`` that fuses attention and
     compiles everything else with ``inner`` ("inductor", "aot_eager", "eager"
     or any dynamo backend callable).  ``mode`` ("reduce-overhead" for CUDA
-    graphs, "max-autotune", ...) goes to inductor as torch.compile's mode would."""
+    graphs, "max-autotune", ...) and ``options`` (inductor config patches) go
+    to inductor as torch.compile's would."""
     mode = options.pop("mode", None)
+    patches = options.pop("options", None)
     if options:
         raise TypeError(f"unknown attn_compiler backend options: {sorted(options)}")
-    if mode is not None and inner != "inductor":
-        raise ValueError(f"mode={mode!r} needs inner='inductor' (got {inner!r})")
-    inner_fn = inductor_with_mode(mode) if mode is not None else lookup_inner_backend(inner)
+    if mode == "default":
+        mode = None
+    if (mode is not None or patches) and inner != "inductor":
+        raise ValueError(f"mode={mode!r} / options need inner='inductor' (got {inner!r})")
+    if mode is not None or patches:
+        inner_fn = inductor_with_mode(mode, patches)
+    else:
+        inner_fn = lookup_inner_backend(inner)
 
     def attn_compiler(gm, example_inputs):
         from attn_compiler.passes.choose import cuda_graphs
@@ -36,7 +44,7 @@ def backend(inner: str = "inductor", **options: Any) -> Callable:
 
         gid = next(_graph_ids)
         try:
-            with cuda_graphs(_runs_as_cuda_graphs(inner, mode)):
+            with cuda_graphs(_runs_as_cuda_graphs(inner, mode, patches)):
                 sites = attention_pass(gm, example_inputs, gid)
         except Exception as e:  # noqa: BLE001 - never break the user's model on our account
             log.warning("attention pass skipped for graph %d after an internal error: %r", gid, e,
@@ -49,21 +57,18 @@ def backend(inner: str = "inductor", **options: Any) -> Callable:
     return attn_compiler
 
 
-def _runs_as_cuda_graphs(inner, mode) -> bool:
+def _runs_as_cuda_graphs(inner, mode=None, patches=None) -> bool:
     """Whether the inner compiler will run the graph as CUDA-graph replays
     (the never-slower choice then ignores host cost: [Note: host cost without
     CUDA graphs] in passes/choose.py)."""
-    if mode is not None:
-        from torch._inductor import list_mode_options
-
-        return bool(list_mode_options(mode).get("triton.cudagraphs", False))
     if inner == "inductor":
         import torch._inductor.config as config
 
-        return bool(config.triton.cudagraphs)
+        return bool(inductor_patches(mode, patches).get("triton.cudagraphs", config.triton.cudagraphs))
     return inner == "cudagraphs"
 
 
-def attn_compiler_backend(gm, example_inputs):
-    """The default-configured backend (``torch.compile(m, backend="attn_compiler")``)."""
-    return backend()(gm, example_inputs)
+def attn_compiler_backend(gm, example_inputs, mode=None, options=None):
+    """The backend of ``torch.compile(m, backend="attn_compiler")``; torch.compile
+    passes its ``mode`` and ``options`` (inductor's, as without us)."""
+    return backend(mode=mode, options=options)(gm, example_inputs)

@@ -16,7 +16,11 @@ user's tensors are never written):
 With training inputs (an operand requires grad) a candidate is timed forward +
 backward.  Times are CUDA-graph replays where the candidate can be captured
 (the kernels' cost, not the Python cost of running a subgraph node by node),
-else plain launches.
+else plain launches.  Each candidate's output is compared with ours first: a
+candidate that disagrees is dropped; if the original disagrees, the site is
+kept as it was (we cannot show we compute the user's function).  The decision
+is cached per (kernel source, shape bucket, training, CUDA graphs or not) in
+the autotune cache.  Timing needs CUDA; on CPU the rewrite stands untimed.
 
 [Note: host cost without CUDA graphs]  Replays hide what a call costs the
 host.  Unless the compiled graph itself runs as CUDA-graph replays
@@ -29,11 +33,9 @@ call from the wall clock, that is the larger of its host and GPU time.  Where
 that exceeds the replay time by more than ``HOST_BOUND`` it is the candidate's
 time.  The others keep their replay times: the original as inductor compiles
 it and SDPA launch from C++ or inductor's own launchers at a few µs per
-kernel, so charging them nothing errs towards keeping what the user wrote.  Each candidate's output is compared with ours first: a candidate
-that disagrees is dropped; if the original disagrees, the site is kept as it
-was (we cannot show we compute the user's function).  The decision is cached
-per (kernel source, shape bucket, training) in the autotune cache.  Timing
-needs CUDA; on CPU the rewrite stands untimed.
+kernel, so charging them nothing errs towards keeping what the user wrote.
+A site this small in a model whose other layers keep the GPU busy would hide
+our host time; the choice then gives up a little kernel time, mostly to SDPA.
 """
 from __future__ import annotations
 

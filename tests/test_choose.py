@@ -110,7 +110,7 @@ def _host_bound(monkeypatch, graphs: bool, ms: float = 3.0, L: int = 24):
 
     steps = []
     monkeypatch.setattr(choose, "LAUNCH_COST", lambda step, replay_ms: (step(), steps.append(replay_ms), ms)[-1])
-    monkeypatch.setattr(backend_mod, "_runs_as_cuda_graphs", lambda inner, mode: graphs)
+    monkeypatch.setattr(backend_mod, "_runs_as_cuda_graphs", lambda *a: graphs)
     monkeypatch.setattr(choose, "BENCH", lambda fn: {"attn_compiler": 1.0, "original": 1.5}.get(fn.name, 2.0))
     torch._dynamo.reset()
     attn_compiler.reset()
@@ -173,7 +173,7 @@ def test_the_timed_step_is_the_ops_own_call(timed, monkeypatch):
         called.append(counts)
         return replay_ms
     monkeypatch.setattr(choose, "LAUNCH_COST", measure)
-    monkeypatch.setattr(backend_mod, "_runs_as_cuda_graphs", lambda inner, mode: False)
+    monkeypatch.setattr(backend_mod, "_runs_as_cuda_graphs", lambda *a: False)
     _run(Causal(), "attn_compiler", monkeypatch)
     assert called == [{"forward": 1, "backward": 1, "grad": [False, False]}]
     _run(Causal(), "attn_compiler", monkeypatch, grad=False)
@@ -186,8 +186,29 @@ def test_which_compiles_run_as_cuda_graphs():
     assert _runs_as_cuda_graphs("inductor", "reduce-overhead")
     assert not _runs_as_cuda_graphs("inductor", "max-autotune-no-cudagraphs")
     assert not _runs_as_cuda_graphs("inductor", None)           # inductor's default config
+    assert _runs_as_cuda_graphs("inductor", None, {"triton.cudagraphs": True})
+    assert not _runs_as_cuda_graphs("inductor", "reduce-overhead", {"triton.cudagraphs": False})
     assert not _runs_as_cuda_graphs("aot_eager", None)
     assert _runs_as_cuda_graphs("cudagraphs", None)
+
+
+@pytest.mark.parametrize("kw,graphs", [({"mode": "reduce-overhead"}, True), ({"mode": "max-autotune-no-cudagraphs"}, False),
+                                       ({"options": {"triton.cudagraphs": True}}, True), ({"mode": "default"}, False)])
+def test_torch_compile_mode_and_options_reach_the_backend(kw, graphs, monkeypatch):
+    """``torch.compile(m, backend="attn_compiler", mode=..., options=...)``:
+    torch.compile hands its mode and options to the backend, which gives them to
+    inductor and tells the chooser whether the graph runs as CUDA graphs."""
+    from attn_compiler.backend import attn_compiler_backend
+
+    seen, real = [], choose.cuda_graphs
+    monkeypatch.setattr(choose, "cuda_graphs", lambda on: (seen.append(on), real(on))[1])
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    q, k, v = (torch.randn(2, 3, 24, 16) for _ in range(3))
+    out = torch.compile(Causal(), backend=attn_compiler_backend, **kw)(q, k, v)
+    torch.testing.assert_close(out, Causal()(q, k, v), rtol=1e-5, atol=1e-5)
+    assert seen == [graphs] and len(attn_compiler.report().fused) == 1
+    torch._dynamo.reset()
 
 
 def test_untimed_on_cpu_keeps_the_rewrite():
