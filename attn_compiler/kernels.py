@@ -86,8 +86,10 @@ def _launch(kernel, grid, *args, **kw):
     if _hooked(hooks.launch_enter_hook) or _hooked(hooks.launch_exit_hook):
         return kernel[grid](*args, **kw)
     lo, hi = _I32
-    try:
-        fp = tuple(a if type(a) is int and lo <= a <= hi else _arg_key(a) for a in args)
+    tensor = torch.Tensor
+    try:   # _arg_key's values, with the common cases inline (a list comprehension: ~40 % faster)
+        fp = tuple([a if type(a) is int and lo <= a <= hi
+                    else (a.dtype, not a.data_ptr() & 15) if type(a) is tensor else _arg_key(a) for a in args])
     except TypeError:
         return kernel[grid](*args, **kw)
     try:
