@@ -36,6 +36,9 @@ it and SDPA launch from C++ or inductor's own launchers at a few µs per
 kernel, so charging them nothing errs towards keeping what the user wrote.
 A site this small in a model whose other layers keep the GPU busy would hide
 our host time; the choice then gives up a little kernel time, mostly to SDPA.
+A graph compiled for dynamic lengths keeps the replay comparison: its one
+decision serves every length, and the host's share at the example length (a
+decode graph's first, shortest cache) says nothing about the long ones.
 """
 from __future__ import annotations
 
@@ -188,7 +191,10 @@ def choose(gm: fx.GraphModule, m, analysis, final: fx.Node, op_node: fx.Node, ch
     except Exception as exc:  # noqa: BLE001 - cannot compute the inputs: keep the rewrite untimed
         return Decision(OURS, training=training, note=f"not timed ({type(exc).__name__})")
     graphs = _CUDA_GRAPHS.get()
-    key = _key(analysis.spec, op_node, training, graphs)
+    # lengths the graph runs at whatever they are: host cost measured at the hint misleads
+    dynamic = any(not isinstance(x, int) for a in op_node.args[:3] for x in C.example_value(a).shape)
+    host_cost = not graphs and not dynamic
+    key = _key(analysis.spec, op_node, training, "g" if graphs else "d" if dynamic else "c")
     ours.name = OURS
     candidates: Dict[str, Callable[[], object]] = {OURS: ours}
     if sdpa.sdpa_form(analysis.spec) is not None:
@@ -209,7 +215,7 @@ def choose(gm: fx.GraphModule, m, analysis, final: fx.Node, op_node: fx.Node, ch
 
     bench = BENCH or graph_bench
     host: Dict[str, float] = {}
-    if not graphs:
+    if host_cost:
         bench = _with_host_cost(bench, ours, gm, sources, final, op_node, checker, training, host)
     try:
         choice = autotune.tune(key, candidates, check=check, bench=bench)
@@ -310,14 +316,16 @@ def _kernel_choices(spec, site_key: str) -> Dict[str, str]:
     return out
 
 
-def _key(spec, op_node: fx.Node, training: bool, graphs: bool = False) -> str:
+def _key(spec, op_node: fx.Node, training: bool, regime: str = "c") -> str:
+    """The decision's cache key; ``regime``: "g" CUDA graphs, "d" dynamic lengths,
+    "c" neither (host cost counted)."""
     from attn_compiler.dispatch import source_digest
 
     q, k, v = (C.example_value(a) for a in op_node.args[:3])
     B, Hq, Lq, D = (_hint(x) for x in q.shape)
     bucket = autotune.shape_bucket(B, Hq, _hint(k.shape[1]), Lq, _hint(k.shape[2]), D, _hint(v.shape[-1]), q.dtype)
     digest = (source_digest(spec, ("fwd", "decode", "bwd"), (__file__, sdpa.__file__)) + ("t" if training else "i")
-              + ("g" if graphs else "c"))
+              + regime)
     return autotune.make_key("site", digest, bucket)
 
 

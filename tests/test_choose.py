@@ -103,7 +103,7 @@ def test_decision_is_cached(timed, monkeypatch):
     assert "cache" in rep[0].features.get("choice_note", "")
 
 
-def _host_bound(monkeypatch, graphs: bool, ms: float = 3.0, L: int = 24):
+def _host_bound(monkeypatch, graphs: bool, ms: float = 3.0, L: int = 24, dynamic=None):
     """Our op's calls cost ``ms`` (its replays 1.0, the original's 1.5, SDPA's
     2.0); the compiled graph runs as CUDA-graph replays or not."""
     backend_mod = importlib.import_module("attn_compiler.backend")
@@ -117,7 +117,7 @@ def _host_bound(monkeypatch, graphs: bool, ms: float = 3.0, L: int = 24):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, L, 16, requires_grad=True) for _ in range(3))
     ref = Causal()(q, k, v)
-    out = torch.compile(Causal(), backend=attn_compiler.backend(inner="aot_eager"))(q, k, v)
+    out = torch.compile(Causal(), backend=attn_compiler.backend(inner="aot_eager"), dynamic=dynamic)(q, k, v)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     return attn_compiler.report()[0], steps
 
@@ -143,6 +143,15 @@ def test_host_cost_is_ignored_under_cuda_graphs(timed, monkeypatch):
     site, steps = _host_bound(monkeypatch, graphs=False)
     assert steps == [1.0] and site.features["choice"] == "original"
     assert "cache" not in site.features.get("choice_note", "")
+
+
+def test_dynamic_lengths_keep_the_replay_comparison(timed, monkeypatch):
+    """A graph compiled for dynamic lengths makes one decision for every length:
+    the host cost at the example length is not counted (nor cached for it)."""
+    site, steps = _host_bound(monkeypatch, graphs=False, dynamic=True)
+    assert steps == [] and site.features["choice"] == "attn_compiler" and site.fused
+    site, steps = _host_bound(monkeypatch, graphs=False, dynamic=False)      # same bucket, static
+    assert steps == [1.0] and site.features["choice"] == "original"
 
 
 def test_the_timed_step_is_the_ops_own_call(timed, monkeypatch):
