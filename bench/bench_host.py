@@ -105,10 +105,12 @@ def entry_points(B: int, H: int, N: int, D: int, dtype, dev):
 
 
 def compiled_steps(B: int, H: int, N: int, D: int, dtype, dev):
-    """(name, callable) per compiled path of the hand-written causal attention
-    (inference forward under no_grad, and a training forward+backward): the
-    backend with its never-slower choice (inductor inside, no CUDA graphs),
-    inductor alone, and compiled SDPA; and what the backend chose per site."""
+    """Yields (name, callable, note) per compiled path of the hand-written
+    causal attention (inference forward under no_grad, and a training
+    forward+backward): the backend with its never-slower choice (inductor
+    inside, no CUDA graphs; the note says what it chose), inductor alone, and
+    compiled SDPA.  Each is compiled (dynamo reset before) as it is yielded:
+    time it before taking the next."""
     import attn_compiler
     from impls import HandWrittenAttention, compile_attn_compiler, site_note
 
@@ -116,33 +118,27 @@ def compiled_steps(B: int, H: int, N: int, D: int, dtype, dev):
     q, k, v = mk(), mk(), mk()
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     go = torch.randn_like(q)
-    model = HandWrittenAttention(causal=True)
     paths = {"backend": lambda: compile_attn_compiler(HandWrittenAttention(causal=True)),
              "inductor": lambda: torch.compile(HandWrittenAttention(causal=True), dynamic=False),
              "sdpa": lambda: torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                                            dynamic=False)}
-    steps, notes = [], {}
     for path, build in paths.items():
         for training in (False, True):
             torch._dynamo.reset()
             fn = build()
             if training:
-                fn(qg, kg, vg).backward(go)
-                step = (lambda fn=fn: fn(qg, kg, vg).backward(go))
+                def step(fn=fn):
+                    fn(qg, kg, vg).backward(go)
             else:
-                with torch.no_grad():
-                    fn(q, k, v)
-
                 def step(fn=fn):
                     with torch.no_grad():
                         fn(q, k, v)
+            step()                                        # compiles (and, for the backend, decides)
+            note = ""
             if path == "backend":
-                notes[training] = site_note() + "; " + "; ".join(
+                note = site_note() + "; " + "; ".join(
                     str(s.features.get("choice_note", "")) for s in attn_compiler.report())
-            step()
-            steps.append((f"compiled {'fwd+bwd' if training else 'fwd'}, {path}", step))
-    del model
-    return steps, notes
+            yield f"compiled {'fwd+bwd' if training else 'fwd'}, {path}", step, note
 
 
 def main(argv=None) -> int:
@@ -179,15 +175,13 @@ def main(argv=None) -> int:
                              "kernel_bwd_us": kernel_us["bwd"]})
                 table.append([shape, name, f"{host:.1f}", f"{synced:.1f}"])
         if args.compiled:
-            steps, notes = compiled_steps(B, H, N, D, dtype, dev)
-            for training, note in notes.items():
-                print(f"{shape}: backend, {'training' if training else 'inference'}: {note}", flush=True)
-            for name, fn in steps:
+            for name, fn, note in compiled_steps(B, H, N, D, dtype, dev):
+                if note:
+                    print(f"{shape}: {name}: {note}", flush=True)
                 host, synced = host_us(fn, n, dev)
                 results.add({"impl": name.rsplit(", ", 1)[-1], "shape": shape, "causal": True, "pass": name,
                              "status": "ok", "ms": round(synced / 1e3, 5), "host_us": round(host, 1),
-                             "synced_us": round(synced, 1),
-                             "note": notes[name.startswith("compiled fwd+bwd")] if "backend" in name else ""})
+                             "synced_us": round(synced, 1), "note": note})
                 table.append([shape, name, f"{host:.1f}", f"{synced:.1f}"])
     print()
     print(markdown_table(table, ["shape", "entry point", "host µs", "synced µs"]))
