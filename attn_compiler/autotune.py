@@ -29,6 +29,11 @@ A config reads ``128x64 w8 s3 ptr`` (M x N, warps, stages, variant). Each
 family's space is a cross product pruned by named rules (``FWD_RULES`` ...);
 :func:`pruned_configs` says which rule dropped each config.
 
+Not a variant: Triton's automatic warp specialization (``tl.range(...,
+warp_specialize=True)``).  With Triton 3.6 on the H200 it made a minimal
+forward 4 % faster without a mask, but our forward's loop came out wrong on
+every case, a probe faulted and another hung (bench/RESULTS.md runs 32-34).
+
 Cache keys (:func:`make_key`) hold the family, the caller's spec hash (which
 must cover everything that changes the generated kernel: the attention spec,
 the template source, generator options), the shape bucket, the GPU name and
