@@ -316,7 +316,7 @@ def _kernel_choices(spec, site_key: str) -> Dict[str, str]:
     return out
 
 
-def _key(spec, op_node: fx.Node, training: bool, regime: str = "c") -> str:
+def _key(spec, op_node: fx.Node, training: bool, regime: str) -> str:
     """The decision's cache key; ``regime``: "g" CUDA graphs, "d" dynamic lengths,
     "c" neither (host cost counted)."""
     from attn_compiler.dispatch import source_digest
