@@ -8,9 +8,11 @@ rewritten graph is then compiled by the inner compiler (inductor by default).
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
-from typing import Any, Callable
+import weakref
+from typing import Any, Callable, List, Optional
 
 from .report import record
 from ._compat import inductor_patches, inductor_with_mode, lookup_inner_backend
@@ -40,21 +42,92 @@ def backend(inner: str = "inductor", **options: Any) -> Callable:
 
     def attn_compiler(gm, example_inputs):
         from attn_compiler.passes.choose import cuda_graphs
-        from attn_compiler.passes.pipeline import attention_pass
+        from attn_compiler.passes.pipeline import attention_pass, folded_inputs
 
         gid = next(_graph_ids)
+        original = _snapshot(gm)
         try:
             with cuda_graphs(_runs_as_cuda_graphs(inner, mode, patches)):
                 sites = attention_pass(gm, example_inputs, gid)
+            guards = folded_inputs(gm) if original is not None else []
         except Exception as e:  # noqa: BLE001 - never break the user's model on our account
             log.warning("attention pass skipped for graph %d after an internal error: %r", gid, e,
                         exc_info=log.isEnabledFor(logging.DEBUG))
-            sites = []
+            sites, guards = [], []
         for site in sites:
             record(site)
-        return inner_fn(gm, example_inputs)
+        compiled = inner_fn(gm, example_inputs)
+        return _FoldGuard(compiled, guards, original, inner_fn, gid) if guards else compiled
 
     return attn_compiler
+
+
+# [Note: folded buffers]  A registered buffer that holds a band (nanoGPT's
+# ``tril`` mask) is read once, at compile time, and becomes an index predicate:
+# the kernels then skip blocks without reading it.  Dynamo does not guard on a
+# tensor's values, so a model that later writes the buffer in place (or puts
+# another tensor in its place) would go on with the old mask.  The compiled
+# graph is therefore wrapped: before each call it checks, on the host, that
+# every folded tensor is still the same object, at the same address and at the
+# same version counter (every in-place write, through any view, bumps it).
+# After a change the graph is compiled again without the attention pass and
+# runs as written from then on (a warning says so).  The check costs well
+# under a microsecond per buffer; CUDA-graph replays sit inside the wrapped
+# call, so it runs before them too.
+
+
+def _snapshot(gm) -> Optional[Any]:
+    """A copy of ``gm`` as dynamo gave it, kept where the pass could fold a
+    buffer or constant of it (a placeholder from a module's buffers, a get_attr)."""
+    def foldable(n):
+        if n.op == "get_attr":
+            return True
+        src = getattr(n.meta.get("grapharg"), "source", "") if n.op == "placeholder" else ""
+        return "_buffers" in str(src)
+    if not any(foldable(n) for n in gm.graph.nodes):
+        return None
+    import torch.fx as fx
+
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
+class _FoldGuard:
+    """The compiled graph behind the check of [Note: folded buffers]; the
+    calling convention (boxed or not) is the compiled function's."""
+
+    def __init__(self, compiled, guards: List[tuple], original, inner_fn, graph_id: int) -> None:
+        self._fn = compiled
+        if hasattr(compiled, "_boxed_call"):
+            self._boxed_call = compiled._boxed_call
+        self._original, self._inner_fn, self._graph_id = original, inner_fn, graph_id
+        self._guards = [(pos, weakref.ref(t), t._version, t.data_ptr()) for pos, t in guards]
+
+    def __call__(self, *args):
+        boxed = len(args) == 1 and isinstance(args[0], list)      # graph inputs are never lists
+        if self._guards:
+            real = args[0] if boxed else args
+            if not all(_unchanged(real, *g) for g in self._guards):
+                self._fall_back(list(real))
+        return self._fn(*args)
+
+    def _fall_back(self, example_inputs) -> None:
+        log.warning("graph %d: a buffer that an attention site read as a constant mask was changed or "
+                    "replaced after compiling; the graph runs without the attention pass from now on",
+                    self._graph_id)
+        self._guards = []
+        try:
+            fn = self._inner_fn(self._original, example_inputs)
+        except Exception as e:  # noqa: BLE001 - the graph as written still runs
+            log.warning("graph %d: recompiling it failed (%r); it runs eagerly", self._graph_id, e)
+            fn = self._original
+        self._fn = fn           # the same inner compiler: called as the first was
+
+
+def _unchanged(args, pos, ref, version, ptr) -> bool:
+    t = ref()
+    if t is None or (pos is not None and args[pos] is not t):
+        return False
+    return t._version == version and t.data_ptr() == ptr
 
 
 def _runs_as_cuda_graphs(inner, mode=None, patches=None) -> bool:

@@ -39,13 +39,20 @@ def expand_batch(q: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 FLAT = -1  # an axis of length B*H read at b * H + h
+CYCLIC_B = -2  # an axis of length n read at b mod n (B a multiple of n): Swin's window masks
 
 
 def captured_view(x: torch.Tensor, axes: Tuple[Optional[int], ...],
-                  heads: Optional[int] = None) -> torch.Tensor:
+                  heads: Optional[int] = None, like: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x`` as a 4-D tensor broadcastable to ``[B, H, Lq, Lk]``; ``axes[i]``
     is the op axis of x's axis ``i`` (None: read at index 0; FLAT: the
-    merged batch-and-head axis, split with ``heads``)."""
+    merged batch-and-head axis, split with ``heads``; CYCLIC_B: the batch
+    axis read at b mod n, repeated to ``like``'s batch: a copy of x, B/n times)."""
+    if CYCLIC_B in axes:
+        i = axes.index(CYCLIC_B)
+        reps = like.shape[0] // x.shape[i]
+        x = x.unsqueeze(i).expand(*x.shape[:i], reps, *x.shape[i:]).flatten(i, i + 1)
+        axes = axes[:i] + (0,) + axes[i + 1:]
     if FLAT in axes:
         i = axes.index(FLAT)
         x = x.unflatten(i, (-1, heads))

@@ -180,6 +180,13 @@ def _canonical(node: fx.Node) -> Optional[COp]:
             kw.setdefault(pname, a)
     else:
         kw["input"] = args[0] if args else kw.get("input")
+    if name in ("max", "min"):
+        # torch.max(a, b) / a.min(b): the elementwise form (b a tensor, not a dim)
+        other = kw.get("other", args[1] if len(args) > 1 else None)
+        if isinstance(other, fx.Node) and isinstance(example_value(other), torch.Tensor):
+            name = "maximum" if name == "max" else "minimum"
+            kw = {"input": kw.get("input", args[0] if args else None), "other": other}
+            return COp(name, node, (kw["input"], other), kw)
     if name == "dropout" and "train" in kw:  # torch.dropout(input, p, train)
         kw["training"] = kw.pop("train")
     if name == "div" and kw.get("rounding_mode") is not None:

@@ -15,7 +15,7 @@ cannot be expressed exactly becomes ``Declined`` with its reason.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch.fx as fx
 
@@ -28,6 +28,7 @@ from .operands import (Operand, _check_grouped, _check_layouts, _operand, mutate
 _POST_OPS = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous",
              "clone", "dropout", "view", "reshape"}
 _SEARCH_LIMIT = 64  # nodes walked back from a softmax looking for Q·Kᵀ
+_MAX_QK_TRIES = 4  # score-shaped contractions tried as Q·Kᵀ, nearest first
 
 
 @dataclasses.dataclass
@@ -72,6 +73,13 @@ def find_sites(gm: fx.GraphModule) -> List[Any]:
 
 def find_qk(x: fx.Node) -> Optional[C.Contraction]:
     """The nearest contraction behind the score chain ending at ``x``."""
+    return next(qk_candidates(x), None)
+
+
+def qk_candidates(x: fx.Node) -> Iterator[C.Contraction]:
+    """Score-shaped contractions behind the score chain ending at ``x``,
+    nearest first (a relative-position term ``einsum(q, rel_k)`` added before
+    Q·Kᵀ comes first: the caller takes the first that reads as Q·Kᵀ)."""
     xs = C.shape_of(x)
     seen, frontier = set(), [x]
     while frontier and len(seen) < _SEARCH_LIMIT:
@@ -82,12 +90,11 @@ def find_qk(x: fx.Node) -> Optional[C.Contraction]:
             seen.add(n)
             c = C.contraction(n)
             if c is not None and _is_score_contraction(c, xs):
-                return c
+                yield c
             if C.softmax_parts(n) is not None:
                 continue  # another attention's probabilities
             nxt.extend(a for a in n.all_input_nodes if C.is_tensor(a))
         frontier = nxt
-    return None
 
 
 def _scores_from_outside(x: fx.Node) -> bool:
@@ -122,7 +129,8 @@ def _is_score_contraction(c: C.Contraction, xs) -> bool:
 
 
 def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
-    qk = find_qk(x)
+    candidates = qk_candidates(x)
+    qk = next(candidates, None)
     if qk is None:
         if _scores_from_outside(x) and _follow_probabilities(node)[0] is not None:
             raise Decline("the scores come from outside this graph "
@@ -138,7 +146,16 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
         if post is None:
             return None
         raise Decline(post)
-    return _build(node, x, qk, pv, p_operand, dropout_p)
+    first = None
+    for _ in range(_MAX_QK_TRIES):
+        try:
+            return _build(node, x, qk, pv, p_operand, dropout_p)
+        except Decline as e:
+            first = first or e
+        qk = next(candidates, None)
+        if qk is None:
+            break
+    raise first
 
 
 def _pv_of(user: fx.Node, p: fx.Node) -> Optional[Tuple[C.Contraction, int]]:

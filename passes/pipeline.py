@@ -59,10 +59,22 @@ def _attr(gm, target: str):
     return obj
 
 
+FOLDED = "attn_compiler_folded"   # gm.meta key: what the fused sites read as constants
+
+
+def folded_inputs(gm: fx.GraphModule) -> List[tuple]:
+    """``(placeholder position or None, tensor)`` for every registered buffer or
+    constant whose values a fused site of ``gm`` holds as an expression (a tril
+    buffer read as causal); the backend guards them ([Note: folded buffers])."""
+    return list(gm.meta.get(FOLDED, ()))
+
+
 def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> List[Site]:
     values = real_values(gm, example_inputs)
     checker = SideChecker(gm, example_inputs)
     sites, replaced, dead = [], {}, []
+    positions = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    folded: Dict[fx.Node, tuple] = {}
     for ordinal, item in enumerate(find_sites(gm)):
         node = item.node if isinstance(item, Declined) else item.softmax
         loc = location_from_stack_trace(node.meta.get("stack_trace"))
@@ -85,6 +97,8 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> Lis
                         op_node(final).target = sdpa_attention
                     site.status = FUSED
                     dead.append(item.pv.node)
+                    for n in analysis.folded:
+                        folded[n] = (positions.get(n), values[n])
             except Decline as e:
                 site.reason = str(e)
             except Exception as e:  # noqa: BLE001 - a bug of ours must not break the model
@@ -94,6 +108,7 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> Lis
         counters[site.status] += 1
         log.info("attention site %s: %s %s", loc, site.status, site.reason)
         sites.append(site)
+    gm.meta[FOLDED] = list(folded.values())
     modules = _module_sites(gm, graph_id, len(sites))
     sites += modules
     if dead or any(s.status == FUSED for s in modules):

@@ -243,6 +243,43 @@ def full_additive_mask(q, k, v, add_mask):
     return torch.matmul(p, v)
 
 
+def opt_bmm_max_clamp(q, k, v, add_mask):
+    """OPT / BART / Whisper (transformers 4.2x-4.3x): bmm on (B*H, L, D), the
+    additive mask added on a 4-D view, then ``torch.max(w, tensor(finfo.min))``
+    (the two-tensor, elementwise form) so that the sum cannot reach -inf."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    q3, k3, v3 = (t.reshape(B * H, t.shape[2], t.shape[3]) for t in (q * D ** -0.5, k, v))
+    w = torch.bmm(q3, k3.transpose(1, 2)).view(B, H, Lq, Lk) + add_mask
+    w = torch.max(w, torch.tensor(torch.finfo(w.dtype).min, device=w.device))
+    w = w.view(B * H, Lq, Lk)
+    return torch.bmm(F.softmax(w, dim=-1), v3).view(B, H, Lq, -1)
+
+
+def swin_shifted_window_mask(q, k, v, rel_bias, mask):
+    """Swin (timm / transformers WindowAttention) in a shifted stage: q, k, v
+    (B*nW, H, N, D) per window, the relative position bias (H, N, N) added,
+    then the (nW, N, N) shift mask (0 / -100) on a (B, nW, H, N, N) view of
+    the scores, viewed back: window w of image b is op batch b * nW + w, so
+    the mask is read at (op batch) mod nW."""
+    B_, H, N, D = q.shape
+    nW = mask.shape[0]
+    attn = (q * D ** -0.5) @ k.transpose(-2, -1)
+    attn = attn + rel_bias.unsqueeze(0)
+    attn = attn.view(B_ // nW, nW, H, N, N) + mask.unsqueeze(1).unsqueeze(0)
+    attn = attn.view(-1, H, N, N)
+    return attn.softmax(dim=-1) @ v
+
+
+def shaw_relative_logits_first(q, k, v, rel_k):
+    """Shaw et al. relative position logits (an einsum of q with a (Lq, Lk, D)
+    table of relative keys) written before Q·Kᵀ: ``rel + q @ kᵀ``; the nearest
+    score-shaped contraction is the relative one, not Q·Kᵀ."""
+    rel = torch.einsum("bhid,ijd->bhij", q, rel_k)
+    s = (rel + torch.matmul(q, k.transpose(-1, -2))) / math.sqrt(q.shape[-1])
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
 def mistral_sliding_window(q, k, v, window: int = 4):
     """Sliding-window causal mask from arange comparisons: keep i - w < j <= i."""
     Lq, Lk = q.shape[-2], k.shape[-2]
@@ -776,3 +813,15 @@ def left_padding_additive_neg1e4(q, k, v, keep):
     s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     s = s + (1.0 - allowed) * -10000.0
     return torch.matmul(s.softmax(dim=-1), v)
+
+
+def left_padding_additive_neg1e4_upcast(q, k, v, keep):
+    """The same mask with the softmax upcast by hand (``s.float().softmax(-1)
+    .to(v.dtype)``): the scores were still rounded to the 16-bit dtype, where
+    -1e4 absorbed them, before the upcast."""
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    causal = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+    allowed = (keep[:, None, None, :] & causal).to(q.dtype)
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = s + (1.0 - allowed) * -10000.0
+    return torch.matmul(s.float().softmax(dim=-1).to(v.dtype), v)

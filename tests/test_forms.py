@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import attn_compiler
+from attn_compiler.passes.analyze.spec import AttentionSpec
 from attn_compiler.passes.pipeline import counters
 from attn_compiler.testing import golden_check
 
@@ -44,6 +45,12 @@ def _keep_mask(b=B, lk=L):
 
 def _additive(keep, dtype):
     return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def _swin_shift_mask(n_windows, n, dtype):
+    """(nW, N, N) of 0 / -100: tokens of different shifted regions never meet."""
+    region = torch.arange(n_windows * n).view(n_windows, n) % 3
+    return torch.where(region[:, :, None] == region[:, None, :], 0.0, -100.0).to(dtype)
 
 
 @dataclasses.dataclass
@@ -123,7 +130,14 @@ CASES = [
                                               _qkv(dt) + [_pad_bool_4d(_additive(_keep_mask(), dt))])),
     Case("full_additive_mask", lambda dt: (forms.full_additive_mask,
                                            _qkv(dt, lk=L + 2) + [_full_additive(dt)])),
+    Case("opt_bmm_max_clamp", lambda dt: (forms.opt_bmm_max_clamp,
+                                          _qkv(dt, lk=L + 2) + [_full_additive(dt)])),
     Case("mistral_sliding_window", _fn(forms.mistral_sliding_window)),
+    Case("shaw_relative_logits_first", lambda dt: (forms.shaw_relative_logits_first,
+                                                   _qkv(dt) + [_t(L, L, D, dtype=dt)])),
+    Case("swin_shifted_window_mask", lambda dt: (forms.swin_shifted_window_mask,
+                                                 _qkv(dt, b=3 * 4, h=3, lq=9, lk=9)
+                                                 + [_t(3, 9, 9, dtype=dt), _swin_shift_mask(4, 9, dt)])),
     Case("hf5_causal_where_finfo", _fn(forms.hf5_causal_where_finfo)),
     Case("hf5_causal_where_finfo_cache", _fn(forms.hf5_causal_where_finfo, lq=5, lk=L)),
     Case("hf5_causal_and_padding", lambda dt: (forms.hf5_causal_and_padding, _qkv(dt) + [_keep_mask()])),
@@ -379,6 +393,8 @@ RESEARCH_CASES = [
                                                      _qkv(dt) + [_pad_bool_4d(~_keep_mask())])),
     Case("left_padding_additive_neg1e4", lambda dt: (forms.left_padding_additive_neg1e4,
                                                      _qkv(dt) + [_left_padding()])),
+    Case("left_padding_additive_neg1e4_upcast", lambda dt: (forms.left_padding_additive_neg1e4_upcast,
+                                                            _qkv(dt) + [_left_padding()])),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -402,14 +418,20 @@ def test_research_form_low_precision_forward(case_id, dtype, on_kernels):
 
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
-def test_rows_of_moderate_additive_fills(dtype, on_kernels):
+@pytest.mark.parametrize("case_id", ["left_padding_additive_neg1e4", "left_padding_additive_neg1e4_upcast"])
+def test_rows_of_moderate_additive_fills(case_id, dtype, on_kernels):
     """A -1e4 additive mask in bfloat16/float16 with left padding under a
     causal mask: eager's padded rows are uniform (-1e4 absorbs the scores in
     the scores' dtype), and so are ours: the scores are rounded to that dtype
     before the softmax (``AttentionSpec.rounds_scores``), on the reference
-    path and the generated kernels; forward and backward."""
+    path and the generated kernels; forward and backward.  Also where the
+    softmax is upcast by hand (``s.float().softmax(-1)``): the scores' dtype is
+    the one before the cast."""
     with _implementation(on_kernels):
-        check_case(RESEARCH_BY_ID["left_padding_additive_neg1e4"], dtype=dtype)
+        check_case(RESEARCH_BY_ID[case_id], dtype=dtype)
+        (row,) = attn_compiler.report().fused
+        spec = AttentionSpec.loads(row.features["spec"])
+        assert spec.score_dtype == str(dtype).removeprefix("torch.") and spec.rounds_scores
 
 
 @pytest.mark.parametrize("case_id,mask", [

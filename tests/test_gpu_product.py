@@ -120,3 +120,41 @@ def test_a_tiny_site_is_timed_by_its_calls_without_cuda_graphs(mode, monkeypatch
         assert "timed by its calls" in note and site.features["choice"] != "attn_compiler", str(site.features)
     else:
         assert "timed by its calls" not in note, str(site.features)
+
+
+class TrilBufferAttention(nn.Module):
+    """nanoGPT's attention core on a registered tril buffer (read as causal)."""
+
+    def __init__(self, n=1024):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(n, n, device="cuda")).view(1, 1, n, n))
+
+    def forward(self, q, k, v):
+        T = q.shape[-2]
+        att = (q @ k.transpose(-2, -1)) * (1.0 / q.shape[-1] ** 0.5)
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        return torch.softmax(att, dim=-1) @ v
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_a_rewritten_tril_buffer_is_followed(mode):
+    """[Note: folded buffers] with inductor (and CUDA graphs): the buffer read
+    as causal is rewritten in place to a sliding window; the next call gives
+    the window's answer."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    model = TrilBufferAttention()
+    compiled = torch.compile(model, backend=attn_compiler.backend(inner="inductor", mode=mode))
+    args = _inputs(L=1024, grad=False)
+    with dispatch.implementation("triton"):
+        for _ in range(3):
+            out = compiled(*args)
+        assert attn_compiler.report().fused[0].features["mask"] == "causal"
+        torch.testing.assert_close(out, model(*args), rtol=2e-2, atol=2e-2)
+        model.bias.copy_(torch.tril(torch.ones(1024, 1024, device="cuda")).triu(-63).view(1, 1, 1024, 1024))
+        for _ in range(3):
+            out = compiled(*args)
+    want = model(*args)
+    golden = model(*[a.double() for a in args])
+    golden_check(out, want, golden, name="out after the buffer changed")

@@ -27,6 +27,7 @@ from .torch_eval import can_evaluate
 
 _OP_AXES = (S.b, S.h, S.q_idx, S.kv_idx)
 FLAT = -1  # CaptureView axis code: the merged (b, h) axis of a [B*H, ...] tensor
+CYCLIC_B = -2  # CaptureView axis code: an axis of n read at b mod n (layout.CYCLIC_B)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,9 @@ class CaptureView:
 class Analysis:
     spec: S.AttentionSpec
     captures: List[CaptureView]
+    # placeholders (registered buffers) and get_attr constants whose values
+    # the spec holds as expressions (a tril buffer read as causal)
+    folded: List[fx.Node] = dataclasses.field(default_factory=list)
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -78,7 +82,7 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analys
             reason = checker.check(node, val, sizes)
             if reason:
                 raise Decline(reason)
-    expr, captures, specs = _rename_captures(result.expr, result.leaves, interp.flat)
+    expr, captures, specs = _rename_captures(result.expr, result.leaves, interp.flat, interp.op_sizes)
     scale, mod = _split_scale(expr, result.prefix_scales, _head_dim(m))
     if isinstance(scale, sympy.Expr) and scale.free_symbols - {S.D}:
         raise Decline(f"the scale {scale} depends on runtime values")
@@ -95,9 +99,30 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analys
         softmax_dtype="float64" if qdt == torch.float64 else "float32",
         out_dtype=_dtype_name(C.example_value(m.pv.node).dtype),
         prob_dtype=_dtype_name(C.example_value(m.pv.operand(0)[0]).dtype),
-        score_dtype=_dtype_name(C.example_value(m.softmax_in).dtype),
+        score_dtype=_dtype_name(_score_dtype(m.softmax_in)),
     )
-    return Analysis(spec, captures)
+    return Analysis(spec, captures, list(dict.fromkeys(interp.folded)))
+
+
+_FLOAT_CASTS = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous", "clone"}
+
+
+def _score_dtype(softmax_in: fx.Node) -> torch.dtype:
+    """The dtype eager's scores were last rounded to before the softmax: that
+    of ``softmax_in``, or, behind casts (``s.float().softmax(-1)``), the
+    16-bit dtype nearest the softmax that the cast chain passes through, as
+    ``softmax(s, dtype=torch.float32)`` would see it (AttentionSpec.rounds_scores)."""
+    node = softmax_in
+    while True:
+        dt = C.example_value(node).dtype
+        if dt in (torch.float16, torch.bfloat16):
+            return dt
+        op = C.canonical(node)
+        src = op.kw.get("input") if op is not None and op.name in _FLOAT_CASTS else None
+        if not isinstance(src, fx.Node) or not isinstance(C.example_value(src), torch.Tensor) \
+                or not C.example_value(src).dtype.is_floating_point:
+            return C.example_value(softmax_in).dtype
+        node = src
 
 
 def _concrete_sizes(m, smap) -> Dict:
@@ -196,11 +221,35 @@ def _name_scale(c, head_dim):
     return c, sympy.Integer(1)
 
 
-def _rename_captures(expr, leaves, flat):
+def _within_heads(a, heads):
+    """``a`` with ``floor(h / c)`` dropped where ``c >= H`` (0 <= h < H): what a
+    window index ``(b * H + h) // H mod n`` reads as once split into (b, h)."""
+    if not isinstance(heads, int):
+        return a
+
+    def floor(x):
+        num, den = sympy.fraction(sympy.together(x))
+        return sympy.Integer(0) if num == S.h and den.is_Integer and den >= heads else sympy.floor(x)
+    return a.replace(sympy.floor, floor) if a.has(sympy.floor) else a
+
+
+def _cyclic_period(a, node, i) -> Optional[int]:
+    """n when ``a`` is ``b mod n`` and the tensor's axis ``i`` has n entries."""
+    if isinstance(a, sympy.Mod) and a.args[0] == S.b and a.args[1].is_Integer:
+        n = int(a.args[1])
+        shape = C.shape_of(node)
+        if i < len(shape) and isinstance(shape[i], int) and shape[i] == n:
+            return n
+    return None
+
+
+def _rename_captures(expr, leaves, flat, op_sizes=(None, None)):
     """Replace every leaf call ``_leafJ(args)`` by a canonical ``tI(b, h, q_idx,
     kv_idx)``; one captured entry per distinct (leaf, args).  An axis read at
     the flat batch index ``b * H + h`` (a [B*H, ...] tensor) is split by the
-    rewrite (axis code ``FLAT``)."""
+    rewrite (axis code ``FLAT``); one read at ``b mod n`` (Swin's window mask
+    under a (B/n, n, H, N, N) view of the scores) is repeated to the batch
+    (axis code ``CYCLIC_B``)."""
     calls = sorted({f for f in expr.atoms(sympy.Function)
                     if str(f.func).startswith("_leaf")}, key=str)
     by_name = {str(lf.func): lf for lf in leaves}
@@ -208,17 +257,22 @@ def _rename_captures(expr, leaves, flat):
     for call in calls:
         lf = by_name[str(call.func)]
         axes = []
-        for a in call.args:
+        for i, a in enumerate(call.args):
+            a = _within_heads(a, op_sizes[1])
             if a == 0:
                 axes.append(None)
             elif a == flat and flat not in _OP_AXES:
                 axes.append(FLAT)
             elif a in _OP_AXES:
                 axes.append(_OP_AXES.index(a))
+            elif _cyclic_period(a, lf.node, i) is not None:
+                axes.append(CYCLIC_B)
             else:
                 raise Decline(f"a captured tensor is read at {a}, not along one op axis")
+        if axes.count(CYCLIC_B) > 1 or (CYCLIC_B in axes and FLAT in axes):
+            raise Decline("a captured tensor is read at b mod n along two axes")
         used = [a for a in axes if a is not None]
-        used = [j for a in used for j in ((0, 1) if a == FLAT else (a,))]
+        used = [j for a in used for j in ((0, 1) if a == FLAT else (0,) if a == CYCLIC_B else (a,))]
         if len(set(used)) != len(used):
             raise Decline("a captured tensor is read along the same op axis twice")
         if lf.rank == 0:

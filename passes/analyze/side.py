@@ -66,6 +66,8 @@ class SideValues:
         real = self.real_values.get(node)
         if real is None or real.requires_grad or real.dim() < 2 or real.numel() > (1 << 24):
             return None
+        if real.is_inference():
+            return None     # no version counter: a later in-place write could not be seen
         if node.op == "placeholder":
             src = node.meta.get("grapharg")
             if src is None or "_buffers" not in str(getattr(src, "source", "")):
@@ -73,6 +75,7 @@ class SideValues:
         found = band_of(real)
         if found is None:
             return None
+        self.folded.append(node)        # guarded at run time: [Note: folded buffers] in backend.py
         cond, inside, outside = found
         if real.dtype == torch.bool:
             e = cond if inside else sympy.Not(cond)

@@ -61,6 +61,7 @@ class ScoreInterpreter(SideValues):
         self.prefix_scales: set = set()
         self._readers: List[fx.Node] = []
         self.joins: List[Tuple[fx.Node, Val]] = []  # side values folded into the chain
+        self.folded: List[fx.Node] = []     # buffers/constants whose values became expressions
         self.order = {n: i for i, n in enumerate(score_node.graph.nodes)}
         sshape = C.shape_of(score_node)
         lead = tuple(sshape[:-2])
