@@ -108,6 +108,8 @@ class _FoldGuard:
             real = args[0] if boxed else args
             if not all(_unchanged(real, *g) for g in self._guards):
                 self._fall_back(list(real))
+        if self._fn is self._original:          # the graph module itself takes the arguments
+            return self._fn(*(args[0] if boxed else args))
         return self._fn(*args)
 
     def _fall_back(self, example_inputs) -> None:
@@ -120,7 +122,7 @@ class _FoldGuard:
         except Exception as e:  # noqa: BLE001 - the graph as written still runs
             log.warning("graph %d: recompiling it failed (%r); it runs eagerly", self._graph_id, e)
             fn = self._original
-        self._fn = fn           # the same inner compiler: called as the first was
+        self._fn = fn           # the inner compiler's: called as the first was
 
 
 def _unchanged(args, pos, ref, version, ptr) -> bool:

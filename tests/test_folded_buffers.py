@@ -142,3 +142,26 @@ def test_graph_without_foldable_inputs_is_not_wrapped():
 
     compiled = attn_compiler.backend(inner=inner)(gm, _qkv())
     assert not isinstance(compiled, _FoldGuard)
+
+
+def test_a_failed_recompile_runs_the_graph_as_written(caplog):
+    """Should compiling the original graph fail after a change, the graph
+    module itself runs (eagerly), still following the buffer."""
+    calls = []
+
+    def inner(gm, example_inputs):
+        calls.append(gm)
+        if len(calls) > 1:
+            raise RuntimeError("no second compile here")
+        return gm.forward
+
+    m = TrilBuffer()
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    cm = torch.compile(m, backend=attn_compiler.backend(inner=inner))
+    q, k, v = _qkv(5)
+    torch.testing.assert_close(cm(q, k, v), m(q, k, v))
+    m.bias.copy_(torch.tril(torch.ones(32, 32)).triu(-1).view(1, 1, 32, 32))
+    with caplog.at_level(logging.WARNING, logger="attn_compiler"):
+        torch.testing.assert_close(cm(q, k, v), m(q, k, v))
+    assert "runs eagerly" in caplog.text and len(calls) == 2
