@@ -39,7 +39,7 @@ _ALIASES = {
     "__invert__": "not", "greater": "gt", "greater_equal": "ge", "less": "lt",
     "less_equal": "le", "not_equal": "ne", "clip": "clamp", "negative": "neg",
     "masked_fill_": "masked_fill", "add_": "add", "mul_": "mul", "div_": "div", "sub_": "sub",
-    "_safe_softmax": "softmax", "special_softmax": "softmax",
+    "_safe_softmax": "softmax", "special_softmax": "softmax", "special_log_softmax": "log_softmax",
     "max": "max", "amax": "amax", "rsub": "rsub",
 }
 # Tensor dunder methods (dynamo may record ``a == b`` as ``a.__eq__(b)``)
@@ -64,6 +64,7 @@ _SIGNATURES: Dict[str, Tuple[str, ...]] = {
     "clamp": ("input", "min", "max"), "where": ("condition", "input", "other"),
     "masked_fill": ("input", "mask", "value"),
     "softmax": ("input", "dim", "_stacklevel", "dtype"),
+    "log_softmax": ("input", "dim", "_stacklevel", "dtype"),
     "dropout": ("input", "p", "training", "inplace"),
     "matmul": ("input", "other"), "bmm": ("input", "mat2"),
     "baddbmm": ("input", "batch1", "batch2", "beta", "alpha"),
@@ -346,8 +347,8 @@ def norm_dim(dim: int, rank: int) -> int:
 def softmax_parts(node: fx.Node):
     """If ``node`` is a softmax over some dim, ``(input, dim, dtype)``.
 
-    Recognises every spelling of softmax and the decomposed form
-    ``exp(x - max(x)) / sum(exp(x - max(x)))`` (also without the max).
+    Recognises every spelling of softmax, ``log_softmax(x, dim).exp()`` and the
+    decomposed form ``exp(x - max(x)) / sum(exp(x - max(x)))`` (also without the max).
     """
     op = canonical(node)
     if op is None:
@@ -359,6 +360,10 @@ def softmax_parts(node: fx.Node):
         return op.kw["input"], dim, op.kw.get("dtype")
     if op.name == "div":
         return _decomposed_softmax(op)
+    if op.name == "exp":                       # log_softmax(x, dim).exp()
+        inner = canonical(op.kw.get("input"))
+        if inner is not None and inner.name == "log_softmax" and inner.kw.get("dim") is not None:
+            return inner.kw["input"], inner.kw["dim"], inner.kw.get("dtype")
     return None
 
 

@@ -280,6 +280,13 @@ def shaw_relative_logits_first(q, k, v, rel_k):
     return torch.matmul(torch.softmax(s, dim=-1), v)
 
 
+def log_softmax_exp(q, k, v):
+    """Probabilities as ``log_softmax(s, -1).exp()`` (code that also keeps
+    log-probabilities for a loss)."""
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.matmul(F.log_softmax(s, dim=-1).exp(), v)
+
+
 def mistral_sliding_window(q, k, v, window: int = 4):
     """Sliding-window causal mask from arange comparisons: keep i - w < j <= i."""
     Lq, Lk = q.shape[-2], k.shape[-2]

@@ -133,6 +133,7 @@ CASES = [
     Case("opt_bmm_max_clamp", lambda dt: (forms.opt_bmm_max_clamp,
                                           _qkv(dt, lk=L + 2) + [_full_additive(dt)])),
     Case("mistral_sliding_window", _fn(forms.mistral_sliding_window)),
+    Case("log_softmax_exp", _fn(forms.log_softmax_exp)),
     Case("shaw_relative_logits_first", lambda dt: (forms.shaw_relative_logits_first,
                                                    _qkv(dt) + [_t(L, L, D, dtype=dt)])),
     Case("swin_shifted_window_mask", lambda dt: (forms.swin_shifted_window_mask,
