@@ -71,7 +71,9 @@ def backend(inner: str = "inductor", **options: Any) -> Callable:
 # every folded tensor is still the same object, at the same address and at the
 # same version counter (every in-place write, through any view, bumps it).
 # After a change the graph is compiled again without the attention pass and
-# runs as written from then on (a warning says so).  The check costs well
+# runs as written from then on (a warning says so).  Not seen: a write through
+# ``buffer.data`` (``.data`` is a new tensor with its own version counter,
+# over the same storage), which autograd does not see either.  The check costs well
 # under a microsecond per buffer; CUDA-graph replays sit inside the wrapped
 # call, so it runs before them too.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterator, List, Optional, Tuple
 
+import torch
 import torch.fx as fx
 
 from . import canonicalize as C
@@ -45,7 +46,7 @@ class SiteMatch:
     batch_rank: int           # rank of the score batch (1 to 3)
     dropout_p: float
     chain: set                # nodes from Q·Kᵀ to the softmax input (in-place ops included)
-    dtype_users: List[fx.Node]  # ``x.type_as(scores)``: read the scores' dtype only
+    dtype_users: List[fx.Node]  # ``x.type_as(scores)``, ``full_like(scores, v)``: dtype or shape only
     heads: Optional[Tuple] = None  # 3-D scores viewed as [B, H, L, L]: (B, H)
 
 
@@ -140,6 +141,9 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
     rank = len(C.shape_of(x))
     if C.norm_dim(dim, rank) != rank - 1:
         if pv is None:
+            if _contracted_along(node, C.norm_dim(dim, rank)):
+                raise Decline(f"the key axis (softmax dim {dim}) is not the scores' last axis "
+                              "(a [query, key, batch, head] layout)")
             return None
         raise Decline(f"softmax over dim {dim}, not the last (key) dim")
     if pv is None:
@@ -156,6 +160,33 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
         if qk is None:
             break
     raise first
+
+
+_SHAPE_ONLY = {"full_like", "ones_like", "zeros_like", "empty_like", "new_full", "new_ones", "new_zeros",
+               "new_empty"}
+
+
+def _shape_only(user: fx.Node, n: fx.Node) -> bool:
+    """Whether ``user`` reads only ``n``'s shape, dtype and device."""
+    op = C.canonical(user)
+    if op is None or op.name not in _SHAPE_ONLY or op.kw.get("input") is not n:
+        return False
+    others = [a for a in user.all_input_nodes if a is not n]
+    return all(not isinstance(C.example_value(a), torch.Tensor) for a in others)
+
+
+def _contracted_along(p: fx.Node, axis: int) -> bool:
+    """Whether a user of ``p`` contracts it along ``axis`` (P·V over a key
+    axis that is not the last)."""
+    for u in p.users:
+        c = C.contraction(u)
+        if c is None:
+            continue
+        for i in (0, 1):
+            node, labels = c.operand(i)
+            if node is p and labels.index(c.contracted) == axis:
+                return True
+    return False
 
 
 def _pv_of(user: fx.Node, p: fx.Node) -> Optional[Tuple[C.Contraction, int]]:
@@ -282,7 +313,9 @@ def chain_nodes(score: fx.Node, softmax_in: fx.Node, softmax: fx.Node) -> set:
         if n not in fwd:
             fwd.add(n)
             if n is not softmax_in:
-                stack.extend(n.users)
+                # a tensor made from the scores' shape alone (full_like(s, -inf),
+                # s.new_full(...)) is a side value, not a function of the scores
+                stack.extend(u for u in n.users if not _shape_only(u, n))
     back, stack = set(), [softmax_in]
     while stack:
         n = stack.pop()
@@ -334,6 +367,12 @@ def _check_chain_users(chain: set, softmax_body: set) -> List[fx.Node]:
             if op is not None and op.name == "type_as" and op.kw.get("other") is n \
                     and op.kw.get("input") is not n:
                 dtype_users.append(u)
+                continue
+            if _shape_only(u, n):
+                ev = C.example_value(u)
+                if not all(isinstance(d, int) for d in ev.shape):
+                    raise Decline(f"'{u.name}' is made from the scores' dynamic shape")
+                dtype_users.append(u)      # rewritten as a fresh constant of that shape
                 continue
             raise Decline(f"the scores are also used by '{u.name}'")
     return dtype_users

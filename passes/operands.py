@@ -42,6 +42,12 @@ def peel(node: fx.Node, labels: str) -> Tuple[fx.Node, str, Any]:
         if op is None:
             return node, labels, factor
         n = op.name
+        if n in ("contiguous", "clone", "mul", "div"):
+            # a copy: it and its source part ways at any in-place write, and
+            # the op would read the source ([Note: written operands])
+            src = op.kw["input"] if n != "mul" or C.is_tensor(op.kw["input"]) else op.kw.get("other")
+            if isinstance(src, fx.Node) and (written(node) or written(src)):
+                return node, labels, factor
         if n in ("contiguous", "clone") and C.is_tensor(op.kw["input"]):
             node = op.kw["input"]
         elif n in ("mul", "div") and _scalar(op.kw.get("other")) is not None \
@@ -132,6 +138,22 @@ def _is_none_at_2(idx) -> bool:
         (isinstance(i, slice) and i == slice(None)) or i is Ellipsis for i in idx[3:])
 
 
+# [Note: written operands]  The op is called where P·V was, and reads the
+# tensors it is given then.  Walking from Q·Kᵀ's operand back to a base
+# through a copy (clone, contiguous, a scalar product, a head repeat) is only
+# sound when neither the copy nor its source is written in place: after
+# ``q = q.clone(); q[..., :8] = rope(q[..., :8])`` the source is not what the
+# product read, and after ``k2 = k.clone(); k.mul_(2)`` the source is no
+# longer what the copy holds.  Views need no such care: a view and its base
+# share their storage, so the op sees every write either way.
+
+
+def written(node: fx.Node) -> bool:
+    """Whether an in-place op writes ``node``'s storage: directly, on the
+    tensor an in-place op returned, or through a view of it."""
+    return bool(storage_writers(node)) or view_written(node)
+
+
 def _operand(node: fx.Node, labels: str, target: str, allow_factor=True) -> Operand:
     base, blabels, factor = peel(node, labels)
     if not allow_factor and not (isinstance(factor, int) and factor == 1):
@@ -139,7 +161,7 @@ def _operand(node: fx.Node, labels: str, target: str, allow_factor=True) -> Oper
     op = Operand(base, blabels, target, factor)
     if len(target) == 4 and blabels == target:
         narrow = gqa_narrow(base)
-        if narrow is not None:
+        if narrow is not None and not written(base) and not written(narrow[0]):
             op.node, op.group = narrow
     return op
 
@@ -204,10 +226,11 @@ _INPLACE_OPERATORS = {"setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv"
 
 
 def mutated_between(node: fx.Node, start: fx.Node, end: fx.Node) -> bool:
-    """Whether an in-place op writes ``node`` after ``start`` and before ``end``."""
+    """Whether an in-place op writes ``node``'s storage (directly or through
+    a view of it) after ``start`` and before ``end``."""
     order = {n: i for i, n in enumerate(start.graph.nodes)}
     lo, hi = order[start], order[end]
-    return any(lo < order[u] < hi for u in mutating_users(node))
+    return any(lo < order[u] < hi for u in storage_writers(node) + view_writers(node))
 
 
 def mutating_users(node: fx.Node):
@@ -250,17 +273,21 @@ _VIEW_OPS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", 
 def view_written(node: fx.Node, depth: int = 4) -> bool:
     """Whether an in-place op writes ``node``'s storage through a view of it
     (``x.view(...).masked_fill_(...)``): such a tensor is read at run time."""
-    stack = [(u, node, 1) for u in node.users]
+    return bool(view_writers(node, depth))
+
+
+def view_writers(node: fx.Node, depth: int = 4) -> list:
+    """The in-place ops that write ``node``'s storage through views of it."""
+    out, stack = [], [(u, node, 1) for u in node.users]
     while stack:
         u, parent, d = stack.pop()
         op = C.canonical(u)
         if op is None or op.name not in _VIEW_OPS or not u.args or u.args[0] is not parent:
             continue
-        if mutating_users(u):
-            return True
+        out += mutating_users(u)
         if d < depth:
             stack.extend((w, u, d + 1) for w in u.users)
-    return False
+    return out
 
 
 def storage_writers(node: fx.Node):

@@ -287,6 +287,66 @@ def log_softmax_exp(q, k, v):
     return torch.matmul(F.log_softmax(s, dim=-1).exp(), v)
 
 
+def prefix_lm_slice_assignment(q, k, v, prefix: int = 5):
+    """Prefix LM (GLM, UniLM): a causal additive mask built in the graph, the
+    prefix columns opened by slice assignment (``mask[:, :p] = 0``)."""
+    L = q.shape[-2]
+    mask = torch.full((L, L), float("-inf"), device=q.device).triu(1)
+    mask[:, :prefix] = 0.0
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask
+    return s.softmax(-1) @ v
+
+
+def layoutlmv3_bias_written_through_a_view(q, k, v, rel):
+    """LayoutLMv3's position bias: a fresh tensor, a transposed view of it
+    written in place (``add_``, ``div_``); the op reads the tensor with both
+    writes in it."""
+    base = rel * 1.0
+    bias = base.transpose(-1, -2)
+    bias = bias.add_(rel).div_(4.0)
+    s = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5 + bias
+    return F.softmax(s, dim=-1) @ v
+
+
+def clone_partial_rotary_setitem(q, k, v):
+    """Partial rotary written into clones of q and k by slice assignment:
+    the product reads the written clones, not their sources."""
+    q, k = q.clone(), k.clone()
+    q[..., :8] = q[..., :8] * 0.5 + torch.cat((-q[..., 4:8], q[..., :4]), -1) * 0.8
+    k[..., :8] = k[..., :8] * 0.5 + torch.cat((-k[..., 4:8], k[..., :4]), -1) * 0.8
+    return (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+
+
+def gqa_widened_k_scaled_in_place(q, k, v):
+    """GQA whose widened K is scaled in place: the narrow K is not what the
+    product read, so the op takes the wide one."""
+    k = k.repeat_interleave(2, dim=1)
+    v = v.repeat_interleave(2, dim=1)
+    k.mul_(0.25)
+    return (q @ k.transpose(-1, -2)).softmax(-1) @ v
+
+
+def where_full_like_scores(q, k, v, keep):
+    """The fill made from the scores' shape: ``where(keep, s, full_like(s, -inf))``."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = torch.where(keep[:, None, None, :], s, torch.full_like(s, float("-inf")))
+    return s.softmax(-1) @ v
+
+
+def ones_like_scores_tril(q, k, v):
+    """A causal mask made from the scores' shape: ``ones_like(s).tril() == 0``."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(torch.ones_like(s).tril() == 0, float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def new_full_triu(q, k, v):
+    """``s + s.new_full((L, L), -inf).triu(1)``."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    L = s.shape[-1]
+    return (s + s.new_full((L, L), float("-inf")).triu(1)).softmax(-1) @ v
+
+
 def mistral_sliding_window(q, k, v, window: int = 4):
     """Sliding-window causal mask from arange comparisons: keep i - w < j <= i."""
     Lq, Lk = q.shape[-2], k.shape[-2]

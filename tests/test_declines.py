@@ -34,6 +34,14 @@ def softmax_over_heads(q, k, v):
     return F.softmax(_scores(q, k), dim=1) @ v
 
 
+def transformer_xl_key_axis_not_last(q, k, v):
+    """Transformer-XL's [query, key, batch, head] scores: the softmax over dim
+    1 is over the keys, but the key axis is not the last (inputs read as
+    (L, B, H, D))."""
+    s = torch.einsum("ibnd,jbnd->ijbn", q, k) * q.shape[-1] ** -0.5
+    return torch.einsum("ijbn,jbnd->ibnd", F.softmax(s, dim=1), v)
+
+
 def probs_returned(q, k, v):
     """HF ``output_attentions=True``: the probabilities are returned too."""
     p = torch.softmax(_scores(q, k), dim=-1)
@@ -84,6 +92,7 @@ def probs_inplace_zeroed(q, k, v):
 
 
 DECLINED = [
+    (transformer_xl_key_axis_not_last, ("key axis", "not the scores' last")),
     (softmax_over_queries, ["dim"]),
     (softmax_over_heads, ["dim"]),
     (probs_returned, ["probabilit"]),

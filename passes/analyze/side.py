@@ -8,6 +8,7 @@ else becomes a captured tensor (``leaf``), read at run time.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import sympy
@@ -15,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from .. import canonicalize as C
-from ..operands import storage_writers, view_written
+from ..operands import _VIEW_OPS, mutating_users, storage_writers, view_written
 from .values import (AX, round_constants, Decline, Leaf, Val, _CASTS, _has_leaf, _size_eq, _subs, as_bool,
                      as_num, is_bool, is_one)
 
@@ -24,9 +25,14 @@ class SideValues:
     """Side-value methods of the interpreter (see module doc)."""
 
     def side_value(self, node: fx.Node) -> Val:
+        if node.op == "call_function" and node.target is operator.setitem:
+            return self.slice_assignment(node)
         ev = C.example_value(node)
         if not isinstance(ev, torch.Tensor):
             return Val(self.const(node), ())
+        if self.writes_run_time_read(node):
+            # the op reads that storage after this write: replaying it would count it twice
+            return self.value(node.args[0])
         op = C.canonical(node)
 
         try:
@@ -38,6 +44,46 @@ class SideValues:
         if v is None:
             v = self.constant_tensor(node)
         return v if v is not None else self.leaf(node)
+
+    def slice_assignment(self, node: fx.Node) -> Val:
+        """``x[index] = value`` (a prefix-LM mask opened with ``mask[:, :p] = 0``):
+        x after the write, for basic indices (slices of step 1, integers,
+        Ellipsis) and a number; anything else is declined."""
+        x, index, fill = node.args[:3]
+        if not isinstance(x, fx.Node) or self.writes_run_time_read(node):
+            raise Decline("a slice assignment on a tensor read at run time")
+        if isinstance(fill, fx.Node) or not isinstance(fill, (int, float, bool)):
+            raise Decline("a slice assignment of a tensor")
+        old = self.value(x)
+        shape = C.shape_of(x)
+        cond = _index_condition(index, shape)
+        if cond is None:
+            raise Decline("a slice assignment with an advanced or strided index")
+        new = self.const(fill)
+        if is_bool(old.expr):
+            return Val(sympy.Or(sympy.And(cond, as_bool(new)), sympy.And(sympy.Not(cond), old.expr)), shape)
+        return Val(sympy.Piecewise((new, cond), (old.expr, True)), shape)
+
+    def writes_run_time_read(self, node: fx.Node) -> bool:
+        """Whether ``node`` is an in-place op on (a view of) a tensor that is
+        read at run time: LayoutLMv3's ``bias = base.view(...).transpose(0, 1);
+        bias.add_(rel).div_(c)`` makes ``base`` a leaf written through a view,
+        and the op reads ``base`` with both writes in it."""
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node) or node not in mutating_users(src):
+            return False
+        root = src
+        while root.args and isinstance(root.args[0], fx.Node):
+            op = C.canonical(root)
+            if root in mutating_users(root.args[0]) or (op is not None and op.name in _VIEW_OPS):
+                root = root.args[0]
+            else:
+                break
+        try:
+            self.value(root)
+        except Decline:         # the root cannot be read here: the caller reads this node instead
+            return False
+        return any(lf.node is root for lf in self.leaves)
 
     def leaf(self, node: fx.Node) -> Val:
         shape = C.shape_of(node)
@@ -203,6 +249,39 @@ class SideValues:
                     _size_eq(a, b) for a, b in zip(old_sizes, new_sizes)):
                 return None  # a real slice of a captured tensor: capture the slice
         return Val(_subs(x.expr, sub), new)
+
+
+def _index_condition(index, shape):
+    """Where a basic index of a tensor of ``shape`` selects, as a predicate over
+    its axes (``AX[0]`` the last), or None for what it cannot say."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if sum(i is Ellipsis for i in items) > 1 or any(i is None for i in items):
+        return None
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items[at:at + 1] = [slice(None)] * (len(shape) - len(items) + 1)
+    if len(items) > len(shape):
+        return None
+    r, cond = len(shape), sympy.true
+    for d, it in enumerate(items):
+        a, size = AX[r - 1 - d], shape[d]
+        if isinstance(it, bool) or isinstance(it, fx.Node):
+            return None
+        ends = [it] if isinstance(it, int) else [it.start, it.stop] if isinstance(it, slice) else []
+        if not isinstance(size, int) and any(isinstance(e, int) and e < 0 for e in ends):
+            return None         # from the end of a symbolic length
+        if isinstance(it, int):
+            cond = sympy.And(cond, sympy.Eq(a, it if it >= 0 else size + it))
+        elif isinstance(it, slice):
+            if it.step not in (None, 1) or any(isinstance(e, fx.Node) for e in (it.start, it.stop)):
+                return None
+            if it.start is not None:
+                cond = sympy.And(cond, a >= (it.start if it.start >= 0 else size + it.start))
+            if it.stop is not None:
+                cond = sympy.And(cond, a < (it.stop if it.stop >= 0 else size + it.stop))
+        else:
+            return None
+    return cond
 
 
 def band_of(real: torch.Tensor):
