@@ -46,7 +46,7 @@ def peel(node: fx.Node, labels: str) -> Tuple[fx.Node, str, Any]:
             # a copy: it and its source part ways at any in-place write, and
             # the op would read the source ([Note: written operands])
             src = op.kw["input"] if n != "mul" or C.is_tensor(op.kw["input"]) else op.kw.get("other")
-            if isinstance(src, fx.Node) and (written(node) or written(src)):
+            if isinstance(src, fx.Node) and (written(node) or written(src, after=node)):
                 return node, labels, factor
         if n in ("contiguous", "clone") and C.is_tensor(op.kw["input"]):
             node = op.kw["input"]
@@ -141,17 +141,24 @@ def _is_none_at_2(idx) -> bool:
 # [Note: written operands]  The op is called where P·V was, and reads the
 # tensors it is given then.  Walking from Q·Kᵀ's operand back to a base
 # through a copy (clone, contiguous, a scalar product, a head repeat) is only
-# sound when neither the copy nor its source is written in place: after
-# ``q = q.clone(); q[..., :8] = rope(q[..., :8])`` the source is not what the
-# product read, and after ``k2 = k.clone(); k.mul_(2)`` the source is no
-# longer what the copy holds.  Views need no such care: a view and its base
-# share their storage, so the op sees every write either way.
+# sound when the copy is never written in place and its source is not written
+# after the copy was made: after ``q = q.clone(); q[..., :8] = rope(q[..., :8])``
+# the source is not what the product read, and after ``k2 = k.clone();
+# k.mul_(2)`` the source is no longer what the copy holds.  A write before the
+# copy is fine (a static KV cache updated with ``index_copy_``, then
+# ``repeat_kv``: the op still takes the narrow cache).  Views need no such
+# care: a view and its base share their storage, so the op sees every write.
 
 
-def written(node: fx.Node) -> bool:
-    """Whether an in-place op writes ``node``'s storage: directly, on the
-    tensor an in-place op returned, or through a view of it."""
-    return bool(storage_writers(node)) or view_written(node)
+def written(node: fx.Node, after: Optional[fx.Node] = None) -> bool:
+    """Whether an in-place op writes ``node``'s storage (directly, on the
+    tensor an in-place op returned, or through a view of it), anywhere or
+    only counting writes that come after the node ``after``."""
+    writers = storage_writers(node) + view_writers(node)
+    if after is None or not writers:
+        return bool(writers)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return any(order[w] > order[after] for w in writers)
 
 
 def _operand(node: fx.Node, labels: str, target: str, allow_factor=True) -> Operand:
@@ -161,7 +168,7 @@ def _operand(node: fx.Node, labels: str, target: str, allow_factor=True) -> Oper
     op = Operand(base, blabels, target, factor)
     if len(target) == 4 and blabels == target:
         narrow = gqa_narrow(base)
-        if narrow is not None and not written(base) and not written(narrow[0]):
+        if narrow is not None and not written(base) and not written(narrow[0], after=base):
             op.node, op.group = narrow
     return op
 
