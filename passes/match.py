@@ -137,7 +137,7 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
             raise Decline("the scores come from outside this graph "
                           "(a graph break splits Q·Kᵀ from the softmax)")
         return None
-    pv, post, p_operand, dropout_p = _follow_probabilities(node)
+    pv, post, p_operand, dropout_p, swapped = _follow_probabilities(node)
     rank = len(C.shape_of(x))
     if C.norm_dim(dim, rank) != rank - 1:
         if pv is None:
@@ -153,7 +153,7 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
     first = None
     for _ in range(_MAX_QK_TRIES):
         try:
-            return _build(node, x, qk, pv, p_operand, dropout_p)
+            return _build(node, x, qk, pv, p_operand, dropout_p, swapped)
         except Decline as e:
             first = first or e
         qk = next(candidates, None)
@@ -189,34 +189,53 @@ def _contracted_along(p: fx.Node, axis: int) -> bool:
     return False
 
 
-def _pv_of(user: fx.Node, p: fx.Node) -> Optional[Tuple[C.Contraction, int]]:
+def _pv_of(user: fx.Node, p: fx.Node, swapped: bool = False) -> Optional[Tuple[C.Contraction, int]]:
     c = C.contraction(user)
     if c is None or c.addend is not None:
         return None
     for i in (0, 1):
         node, labels = c.operand(i)
-        if node is p and labels[-1] == c.contracted and node is not c.operand(1 - i)[0]:
+        key = -2 if swapped else -1
+        if node is p and labels[key] == c.contracted and node is not c.operand(1 - i)[0]:
             return c, i
     return None
+
+
+def _swaps_last_two(op: C.COp, rank: int) -> bool:
+    """``x.transpose(-1, -2)`` / ``x.permute(..., -1, -2)`` / ``x.mT``."""
+    if op.name == "transpose":
+        return {C.norm_dim(op.kw["dim0"], rank), C.norm_dim(op.kw["dim1"], rank)} == {rank - 1, rank - 2}
+    if op.name == "permute":
+        perm = [C.norm_dim(d, rank) for d in op.kw["sizes"]]
+        return perm == list(range(rank - 2)) + [rank - 1, rank - 2]
+    return False
 
 
 def _follow_probabilities(sm: fx.Node):
     """Walk from the softmax to the P·V contraction.
 
-    Returns ``(pv, post_nodes, p_index, dropout_p)``; ``pv`` None with a
+    Returns ``(pv, post_nodes, p_index, dropout_p, swapped)``; ``pv`` None with a
     string in place of ``post_nodes`` when the site is attention but must be
     declined, or with None when the softmax is not an attention at all.
+    ``swapped``: P reaches the product transposed, as V·Pᵀ (SAGAN's
+    ``bmm(v, p.permute(0, 2, 1))``), so its key axis is the operand's second last.
     """
-    cur, post, p = sm, [], 0.0
+    cur, post, p, swapped = sm, [], 0.0, False
     while True:
         users = list(cur.users)
         if len(users) == 1:
-            found = _pv_of(users[0], cur)
+            found = _pv_of(users[0], cur, swapped)
             if found is not None:
-                return found[0], post, found[1], p
+                return found[0], post, found[1], p, swapped
             op = C.canonical(users[0])
+            if op is not None and not swapped and op.kw.get("input") is cur \
+                    and _swaps_last_two(op, len(C.shape_of(cur))):
+                swapped = True
+                post.append(users[0])
+                cur = users[0]
+                continue
             if op is None or op.name not in _POST_OPS or op.kw.get("input") is not cur:
-                return None, None, None, None
+                return None, None, None, None, False
             if op.name == "dropout":
                 p += _dropout_p(op) * (1 - p)  # two dropouts compose
             post.append(users[0])
@@ -225,8 +244,8 @@ def _follow_probabilities(sm: fx.Node):
         pv = [u for u in users if _pv_of(u, cur) is not None or _leads_to_pv(u)]
         if pv:
             others = [u for u in users if u not in pv] or users[1:]
-            return None, f"the probabilities are also used by '{others[0].name}'", None, None
-        return None, None, None, None
+            return None, f"the probabilities are also used by '{others[0].name}'", None, None, False
+        return None, None, None, None, False
 
 
 def _leads_to_pv(u: fx.Node, depth: int = 6) -> bool:
@@ -258,7 +277,7 @@ def _dropout_p(op: C.COp) -> float:
 # ---- operands ----------------------------------------------------------------
 
 
-def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p):
+def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swapped=False):
     o = qk.out_labels
     if len(o) not in (3, 4, 5):
         raise Decline(f"scores of rank {len(o)} (3-D to 5-D supported)")
@@ -277,6 +296,8 @@ def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p):
     chain = chain_nodes(qk.node, x, sm)
     heads = _heads_view(chain, C.shape_of(qk.node)) if len(batch) == 1 else None
     pn, plabels = pv.operand(p_index)
+    if swapped:     # the labels of P itself: (.., query, key)
+        plabels = plabels[:-2] + plabels[-1] + plabels[-2]
     vn, vlabels = pv.operand(1 - p_index)
     p_lead = C.shape_of(pn)[:-2]
     if not (_same_lead(p_lead, C.shape_of(qk.node)[:-2])

@@ -347,6 +347,18 @@ def new_full_triu(q, k, v):
     return (s + s.new_full((L, L), float("-inf")).triu(1)).softmax(-1) @ v
 
 
+def sagan_value_times_probs_t(q, k, v):
+    """SAGAN / DANet self-attention over feature maps: energy = bmm(q, k) with
+    q (B, N, C') and k (B, C', N), softmax, then the values (B, C, N) times
+    Pᵀ: ``bmm(v, attention.permute(0, 2, 1))``, out (B, C, N)."""
+    B, H, L, D = q.shape
+    qf = q.reshape(B * H, L, D)
+    kf = k.reshape(B * H, L, D).permute(0, 2, 1)
+    vf = v.reshape(B * H, L, D).permute(0, 2, 1)                    # (B*H, C, N)
+    attention = F.softmax(torch.bmm(qf, kf), dim=-1)
+    return torch.bmm(vf, attention.permute(0, 2, 1))
+
+
 def mistral_sliding_window(q, k, v, window: int = 4):
     """Sliding-window causal mask from arange comparisons: keep i - w < j <= i."""
     Lq, Lk = q.shape[-2], k.shape[-2]

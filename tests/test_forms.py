@@ -134,6 +134,7 @@ CASES = [
                                           _qkv(dt, lk=L + 2) + [_full_additive(dt)])),
     Case("mistral_sliding_window", _fn(forms.mistral_sliding_window)),
     Case("log_softmax_exp", _fn(forms.log_softmax_exp)),
+    Case("sagan_value_times_probs_t", _fn(forms.sagan_value_times_probs_t)),
     Case("where_full_like_scores", lambda dt: (forms.where_full_like_scores, _qkv(dt) + [_keep_mask()])),
     Case("ones_like_scores_tril", _fn(forms.ones_like_scores_tril)),
     Case("new_full_triu", _fn(forms.new_full_triu)),
