@@ -81,14 +81,12 @@ def backend(inner: str = "inductor", **options: Any) -> Callable:
 def _snapshot(gm) -> Optional[Any]:
     """A copy of ``gm`` as dynamo gave it, kept where the pass could fold a
     buffer or constant of it (a placeholder from a module's buffers, a get_attr)."""
-    def foldable(n):
-        if n.op == "get_attr":
-            return True
-        src = getattr(n.meta.get("grapharg"), "source", "") if n.op == "placeholder" else ""
-        return "_buffers" in str(src)
-    if not any(foldable(n) for n in gm.graph.nodes):
-        return None
     import torch.fx as fx
+
+    from attn_compiler.passes.analyze.side import registered_buffer
+
+    if not any(n.op == "get_attr" or registered_buffer(n) for n in gm.graph.nodes):
+        return None
 
     return fx.GraphModule(gm, copy.deepcopy(gm.graph))
 

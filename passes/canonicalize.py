@@ -162,7 +162,7 @@ def _canonical(node: fx.Node) -> Optional[COp]:
         return COp("getattr", node, tuple(args), {"input": args[0], "attr": attr})
     if name in _VARARG_SIZE_OPS:
         first = () if name in ("ones", "zeros", "full", "empty") else (args.pop(0),)
-        if name == "full":
+        if name in ("full", "new_full"):
             fill = kwargs.pop("fill_value", args.pop() if len(args) == 2 else None)
             kwargs["fill_value"] = fill
         sizes = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
@@ -342,6 +342,18 @@ def is_tensor(node: Any) -> bool:
 
 def norm_dim(dim: int, rank: int) -> int:
     return dim + rank if dim < 0 else dim
+
+
+# constructors of a tensor filled with one value (the *_like and new_* ones
+# read only their input's shape, dtype and device)
+FILLS = {"ones": 1, "zeros": 0, "ones_like": 1, "zeros_like": 0, "new_ones": 1, "new_zeros": 0,
+         "full": None, "full_like": None, "new_full": None}
+
+
+def fill_value(op: COp):
+    """The value a ``FILLS`` constructor fills its tensor with."""
+    fill = FILLS[op.name]
+    return op.kw.get("fill_value") if fill is None else fill
 
 
 def softmax_parts(node: fx.Node):

@@ -162,8 +162,7 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
     raise first
 
 
-_SHAPE_ONLY = {"full_like", "ones_like", "zeros_like", "empty_like", "new_full", "new_ones", "new_zeros",
-               "new_empty"}
+_SHAPE_ONLY = {name for name in C.FILLS if name.endswith("_like") or name.startswith("new_")}
 
 
 def _shape_only(user: fx.Node, n: fx.Node) -> bool:

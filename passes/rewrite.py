@@ -61,26 +61,13 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
                 dtype = C.example_value(u.kwargs.get("other", u.args[1] if len(u.args) > 1 else None)).dtype
                 new = g.call_method("to", (u.args[0] if u.args else u.kwargs["self"], dtype))
             else:                                     # full_like(scores, v) -> full(shape, v)
-                new = g.call_function(_constant_like, (u,))
                 ev = C.example_value(u)
-                new.args = (tuple(ev.shape), _fill_of(u), ev.dtype, ev.device)
+                new = g.call_function(_constant_like, (tuple(ev.shape), C.fill_value(C.canonical(u)),
+                                                       ev.dtype, ev.device))
         new.meta.update(u.meta)
         u.replace_all_uses_with(new)
         g.erase_node(u)
     return final
-
-
-def _fill_of(u: fx.Node):
-    """The value ``u`` (full_like, ones_like, new_full, ...) fills with (0 for empty)."""
-    op = C.canonical(u)
-    if op.name in ("ones_like", "new_ones"):
-        return 1
-    if op.name in ("full_like", "new_full"):
-        fill = op.kw.get("fill_value")
-        if fill is None and op.name == "new_full" and len(u.args) > 2:
-            fill = u.args[2]
-        return fill
-    return 0
 
 
 def _constant_like(shape, fill, dtype, device) -> torch.Tensor:

@@ -19,15 +19,17 @@ import sympy
 import torch
 import torch.fx as fx
 
+# CaptureView axis codes: FLAT the merged (b, h) axis of a [B*H, ...] tensor,
+# CYCLIC_B an axis of n read at b mod n
+from attn_compiler.layout import CYCLIC_B, FLAT
+
 from .. import canonicalize as C
 from . import spec as S
 from .symbolic import ScoreInterpreter
-from .values import R, Decline
+from .values import _CASTS, R, Decline
 from .torch_eval import can_evaluate
 
 _OP_AXES = (S.b, S.h, S.q_idx, S.kv_idx)
-FLAT = -1  # CaptureView axis code: the merged (b, h) axis of a [B*H, ...] tensor
-CYCLIC_B = -2  # CaptureView axis code: an axis of n read at b mod n (layout.CYCLIC_B)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +106,6 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analys
     return Analysis(spec, captures, list(dict.fromkeys(interp.folded)))
 
 
-_FLOAT_CASTS = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous", "clone"}
-
-
 def _score_dtype(softmax_in: fx.Node) -> torch.dtype:
     """The dtype eager's scores were last rounded to before the softmax: that
     of ``softmax_in``, or, behind casts (``s.float().softmax(-1)``), the
@@ -118,7 +117,7 @@ def _score_dtype(softmax_in: fx.Node) -> torch.dtype:
         if dt in (torch.float16, torch.bfloat16):
             return dt
         op = C.canonical(node)
-        src = op.kw.get("input") if op is not None and op.name in _FLOAT_CASTS else None
+        src = op.kw.get("input") if op is not None and op.name in _CASTS else None
         if not isinstance(src, fx.Node) or not isinstance(C.example_value(src), torch.Tensor) \
                 or not C.example_value(src).dtype.is_floating_point:
             return C.example_value(softmax_in).dtype

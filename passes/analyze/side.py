@@ -114,10 +114,8 @@ class SideValues:
             return None
         if real.is_inference():
             return None     # no version counter: a later in-place write could not be seen
-        if node.op == "placeholder":
-            src = node.meta.get("grapharg")
-            if src is None or "_buffers" not in str(getattr(src, "source", "")):
-                return None
+        if node.op == "placeholder" and not registered_buffer(node):
+            return None
         found = band_of(real)
         if found is None:
             return None
@@ -132,11 +130,8 @@ class SideValues:
     def side_op(self, node, op) -> Optional[Val]:
         name, k = op.name, op.kw
         shape = C.shape_of(node)
-        if name in ("ones", "zeros", "full", "ones_like", "zeros_like", "full_like",
-                    "new_ones", "new_zeros", "new_full"):
-            fill = {"ones": 1, "zeros": 0, "ones_like": 1, "zeros_like": 0, "new_ones": 1,
-                    "new_zeros": 0}.get(name, k.get("fill_value"))
-            e = self.const(fill)
+        if name in C.FILLS:
+            e = self.const(C.fill_value(op))
             if C.example_value(node).dtype == torch.bool:
                 e = as_bool(e)
             return Val(e, shape)
@@ -249,6 +244,13 @@ class SideValues:
                     _size_eq(a, b) for a, b in zip(old_sizes, new_sizes)):
                 return None  # a real slice of a captured tensor: capture the slice
         return Val(_subs(x.expr, sub), new)
+
+
+def registered_buffer(node: fx.Node) -> bool:
+    """Whether placeholder ``node`` is a module's registered buffer (dynamo's
+    source for it names ``_buffers``): the inputs ``constant_tensor`` may fold."""
+    src = node.meta.get("grapharg")
+    return node.op == "placeholder" and src is not None and "_buffers" in str(getattr(src, "source", ""))
 
 
 def _index_condition(index, shape):
