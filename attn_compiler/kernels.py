@@ -639,6 +639,20 @@ def _sm_count(device: torch.device) -> int:
 DECODE_PROGRAMS_PER_SM = 4
 DECODE_MAX_SPLITS = 64   # the combine holds a (splits, Dv) float32 tile per row
 
+# [Note: decode's dependent launch]  On Hopper the combine is launched as a
+# programmatic dependent of the split kernel (``launch_pdl``): every split
+# program signals at its start, so the combine's launch is processed while
+# the splits stream K/V, and its programs wait (``griddepcontrol.wait``) for
+# the split kernel's stores before reading them.  Without the attribute (an
+# older GPU, the interpreter) both instructions are no-ops and the launches
+# are serialised as usual.  ``DECODE_PDL`` switches it off (benchmarks A/B).
+DECODE_PDL = os.environ.get("ATTN_COMPILER_DECODE_PDL", "1") != "0"
+
+
+def _pdl(device: torch.device) -> bool:
+    return (DECODE_PDL and device.type == "cuda" and _fast_launches
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
 
 @functools.lru_cache(maxsize=4096)       # per call otherwise: a loop over every split count
 def num_splits(units: int, n_blocks: int, sms: int, max_splits: int = 128,
@@ -695,15 +709,17 @@ def _decode_plan(q, k, v, captured, spec: AttentionSpec, config, splits: Optiona
     n_rows = B * Hq * Lq
     plan = mask_plan(spec, Lq, Lk)
     scale = spec.scale_value(D)
+    pdl = dict(PDL=True) if _pdl(q.device) else {}
     return _DecodePlan(
         out_shape, getattr(torch, spec.out_dtype), False, s, n_rows, (s, B * Hkv),
         (*_strides(q), *_strides(k, True), *_strides(v, True), Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E,
          plan.lo, plan.hi, chunk, n_rows),
         dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=bm, BLOCK_N=bn,
              MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi, DOT_PREC=_dot_precision(q.dtype),
-             num_warps=t.num_warps, num_stages=t.num_stages),
+             num_warps=t.num_warps, num_stages=t.num_stages, **pdl),
         (n_rows, s, Hq, Lq, *_contiguous_strides(out_shape)),
-        dict(HEAD_DV=Dv, BLOCK_DV=_pow2(Dv), BLOCK_S=_pow2(s, least=2), num_warps=4))
+        dict(HEAD_DV=Dv, BLOCK_DV=_pow2(Dv), BLOCK_S=_pow2(s, least=2), num_warps=4,
+             **(dict(pdl, launch_pdl=True) if pdl else {})))
 
 
 def decode(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
