@@ -81,6 +81,26 @@ def from_op_layout(o: torch.Tensor, op_labels: str, out_labels: str,
     return o.permute([op_labels.index(lab) for lab in out_labels]).contiguous()
 
 
+def scale_rows(y: torch.Tensor, factor, div: bool, shapes, axes) -> torch.Tensor:
+    """``y``, a site's output, times (``div``: over) a factor the user applied
+    to the probabilities that is one value per row: (P ⊙ m)·V = m ⊙ (P·V)
+    when m is broadcast along the key axis (a head mask).  ``factor`` is
+    aligned with P where it was applied; ``shapes`` (where applied, P at P·V)
+    when views between changed P's leading axes; ``axes[i]``: the axis of
+    P's row index that output axis i reads, None for the value axis."""
+    if isinstance(factor, torch.Tensor):
+        rank = len(shapes[0]) if shapes is not None else sum(a is not None for a in axes) + 1
+        f = factor.reshape((1,) * (rank - factor.dim()) + tuple(factor.shape))
+        if shapes is not None:
+            f = f.expand(*shapes[0][:-1], 1).reshape(*shapes[1][:-1], 1)
+        f = f.squeeze(-1).permute([a for a in axes if a is not None])
+        for i, a in enumerate(axes):
+            if a is None:
+                f = f.unsqueeze(i)
+        factor = f
+    return (y / factor if div else y * factor).to(y.dtype)
+
+
 def dropout_seed() -> torch.Tensor:
     """A fresh 0-d int64 seed for the op's counter-based dropout RNG, drawn
     from torch's default CPU generator (so ``torch.manual_seed`` reproduces)."""

@@ -65,6 +65,7 @@ _SIGNATURES: Dict[str, Tuple[str, ...]] = {
     "masked_fill": ("input", "mask", "value"),
     "softmax": ("input", "dim", "_stacklevel", "dtype"),
     "log_softmax": ("input", "dim", "_stacklevel", "dtype"),
+    "logsumexp": ("input", "dim", "keepdim"),
     "dropout": ("input", "p", "training", "inplace"),
     "matmul": ("input", "other"), "bmm": ("input", "mat2"),
     "baddbmm": ("input", "batch1", "batch2", "beta", "alpha"),
@@ -359,8 +360,8 @@ def fill_value(op: COp):
 def softmax_parts(node: fx.Node):
     """If ``node`` is a softmax over some dim, ``(input, dim, dtype)``.
 
-    Recognises every spelling of softmax, ``log_softmax(x, dim).exp()`` and the
-    decomposed form ``exp(x - max(x)) / sum(exp(x - max(x)))`` (also without the max).
+    Recognises every spelling of softmax, ``log_softmax(x, dim).exp()``,
+    ``exp(x - logsumexp(x, dim, keepdim=True))`` and the decomposed form ``exp(x - max(x)) / sum(exp(x - max(x)))`` (also without the max).
     """
     op = canonical(node)
     if op is None:
@@ -376,6 +377,13 @@ def softmax_parts(node: fx.Node):
         inner = canonical(op.kw.get("input"))
         if inner is not None and inner.name == "log_softmax" and inner.kw.get("dim") is not None:
             return inner.kw["input"], inner.kw["dim"], inner.kw.get("dtype")
+        if inner is not None and inner.name == "sub" and inner.kw.get("alpha", 1) == 1:
+            # exp(x - logsumexp(x, dim, keepdim=True))
+            lse = canonical(inner.kw.get("other"))
+            dim = _reduced_dim(lse, ("logsumexp",))
+            if dim is not None and lse.kw.get("input") is inner.kw.get("input") \
+                    and isinstance(inner.kw.get("input"), fx.Node):
+                return inner.kw["input"], dim, None
     return None
 
 

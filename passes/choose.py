@@ -133,7 +133,7 @@ class _Runner:
         for n in nodes:
             for a in n.all_input_nodes:
                 if a not in inside and a not in sources and a not in self.leaves:
-                    self.leaves[a] = _detach(checker.real(a))
+                    self.leaves[a] = _detach(checker.real(a, n))     # with writes made before n
         self.writes = {n for n in nodes if _writes(n)}   # in-place ops (graph facts, once)
         self.src_vals = [_detach(checker.real(s)) for s in sources]
         for v in self.src_vals:

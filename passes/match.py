@@ -15,6 +15,8 @@ cannot be expressed exactly becomes ``Declined`` with its reason.
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
@@ -48,6 +50,21 @@ class SiteMatch:
     chain: set                # nodes from Q·Kᵀ to the softmax input (in-place ops included)
     dtype_users: List[fx.Node]  # ``x.type_as(scores)``, ``full_like(scores, v)``: dtype or shape only
     heads: Optional[Tuple] = None  # 3-D scores viewed as [B, H, L, L]: (B, H)
+    row_scales: List["RowScale"] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowScale:
+    """A factor of the probabilities that is one value per row (``p *
+    head_mask``): it moves past P·V onto the output (``layout.scale_rows``).
+    ``shapes``: (shape where it multiplies, shape of P at P·V) when views
+    between the two change the leading axes, else None; ``axes``: for each
+    axis of the site's output, the axis of P's row index it reads (None: the
+    value axis)."""
+    factor: Any               # fx.Node or a number
+    div: bool
+    shapes: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]
+    axes: Tuple[Optional[int], ...]
 
 
 @dataclasses.dataclass
@@ -89,13 +106,29 @@ def qk_candidates(x: fx.Node) -> Iterator[C.Contraction]:
             if n in seen or not isinstance(n, fx.Node):
                 continue
             seen.add(n)
-            c = C.contraction(n)
+            c = C.contraction(n) or _transposed_contraction(n)
             if c is not None and _is_score_contraction(c, xs):
                 yield c
             if C.softmax_parts(n) is not None:
                 continue  # another attention's probabilities
             nxt.extend(a for a in n.all_input_nodes if C.is_tensor(a))
         frontier = nxt
+
+
+def _transposed_contraction(n: fx.Node) -> Optional[C.Contraction]:
+    """``(k @ qᵀ).transpose(-1, -2)``: the contraction read through a swap of
+    its last two axes (its only use), as one contraction whose output labels
+    are swapped."""
+    op = C.canonical(n)
+    if op is None or op.name not in ("transpose", "permute") or not isinstance(op.kw.get("input"), fx.Node):
+        return None
+    inner = op.kw["input"]
+    c = C.contraction(inner)
+    if c is None or c.addend is not None or len(inner.users) != 1 or mutating_users(inner) \
+            or not _swaps_last_two(op, len(c.out_labels)):
+        return None
+    o = c.out_labels
+    return dataclasses.replace(c, node=n, out_labels=o[:-2] + o[-1] + o[-2])
 
 
 def _scores_from_outside(x: fx.Node) -> bool:
@@ -153,7 +186,7 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
     first = None
     for _ in range(_MAX_QK_TRIES):
         try:
-            return _build(node, x, qk, pv, p_operand, dropout_p, swapped)
+            return _build(node, x, qk, pv, p_operand, dropout_p, swapped, post)
         except Decline as e:
             first = first or e
         qk = next(candidates, None)
@@ -233,29 +266,82 @@ def _follow_probabilities(sm: fx.Node):
                 post.append(users[0])
                 cur = users[0]
                 continue
+            if op is not None and op.name in ("mul", "div") and not swapped and _row_factor(op, cur) is not None:
+                post.append(users[0])      # a head mask: P · m = m ⊙ (P·V) when m is one per row
+                cur = users[0]
+                continue
             if op is None or op.name not in _POST_OPS or op.kw.get("input") is not cur:
+                if _reaches_pv(users[0]):
+                    name = op.name if op is not None else getattr(users[0].target, "__name__", users[0].name)
+                    return None, f"'{name}' between the softmax and P·V cannot be expressed", None, None, False
                 return None, None, None, None, False
             if op.name == "dropout":
                 p += _dropout_p(op) * (1 - p)  # two dropouts compose
             post.append(users[0])
             cur = users[0]
             continue
-        pv = [u for u in users if _pv_of(u, cur) is not None or _leads_to_pv(u)]
+        pv = [u for u in users if _pv_of(u, cur) is not None or _leads_to_pv(u, cur)]
         if pv:
             others = [u for u in users if u not in pv] or users[1:]
             return None, f"the probabilities are also used by '{others[0].name}'", None, None, False
         return None, None, None, None, False
 
 
-def _leads_to_pv(u: fx.Node, depth: int = 6) -> bool:
+def _row_factor(op: C.COp, p: fx.Node):
+    """The factor of ``p * m`` / ``m * p`` / ``p / m`` when it is one value per
+    row of the probabilities (a number, or a tensor whose key axis is
+    broadcast: a head mask of (1, H, 1, 1), a per-row weight) and leaves P's
+    shape as it is; else None.  In-place products are not followed."""
+    node = op.node
+    if node.target in (operator.imul, operator.itruediv) or str(node.target).endswith("_"):
+        return None
+    a, b = op.kw.get("input"), op.kw.get("other")
+    if op.name == "mul" and b is p and a is not p:
+        a, b = b, a
+    if a is not p or b is p or (op.name == "div" and op.kw.get("rounding_mode") is not None):
+        return None
+    if isinstance(b, (int, float)) and not isinstance(b, bool):
+        return b
+    ev = C.example_value(b) if isinstance(b, fx.Node) else None
+    ps, outs = C.shape_of(p), C.shape_of(node)
+    if not isinstance(ev, torch.Tensor) or not ev.is_floating_point() or ps is None or outs is None \
+            or len(ev.shape) > len(ps) or len(outs) != len(ps):
+        return None
+    from .analyze.values import _size_eq, is_one
+    if not all(_size_eq(x, y) for x, y in zip(outs, ps)):
+        return None
+    if len(ev.shape) and not is_one(ev.shape[-1]):
+        return None
+    return b
+
+
+def _reaches_pv(u: fx.Node, depth: int = 4) -> bool:
+    """Whether ``u`` (an op after the softmax this matcher cannot follow,
+    DeBERTa's ``masked_fill(rmask, 0)`` of the probabilities) feeds a P·V
+    product through at most ``depth`` single-use, same-shape ops: the site is
+    then reported as declined instead of passing unseen."""
+    shape = C.shape_of(u)
     for _ in range(depth):
-        op = C.canonical(u)
-        if op is None or op.name not in _POST_OPS or len(u.users) != 1:
+        if len(u.users) != 1 or shape is None or C.shape_of(u) != shape:
             return False
         nxt = next(iter(u.users))
         if _pv_of(nxt, u) is not None:
             return True
         u = nxt
+    return False
+
+
+def _leads_to_pv(u: fx.Node, p: fx.Node, depth: int = 6) -> bool:
+    for _ in range(depth):
+        op = C.canonical(u)
+        follows = op is not None and (op.name in _POST_OPS and op.kw.get("input") is p
+                                      or op.name in ("mul", "div") and _row_factor(op, p) is not None)
+        if not follows or len(u.users) != 1:
+            return False
+        nxt = next(iter(u.users))
+        if _pv_of(nxt, u) is not None:
+            return True
+        p, u = u, nxt
     return False
 
 
@@ -276,7 +362,7 @@ def _dropout_p(op: C.COp) -> float:
 # ---- operands ----------------------------------------------------------------
 
 
-def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swapped=False):
+def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swapped=False, post=()):
     o = qk.out_labels
     if len(o) not in (3, 4, 5):
         raise Decline(f"scores of rank {len(o)} (3-D to 5-D supported)")
@@ -320,8 +406,50 @@ def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swap
     dtype_users = _check_chain_users(chain, _softmax_body(x, sm))
     if len(batch) == 3:
         _check_grouped(q, k, v, C.shape_of(qk.node))
+    scales = _row_scales(sm, post, pn, plabels, pv.out_labels, {sm, x, qk.node} | chain)
     return SiteMatch(sm, x, qk, pv, q, k, v, pv.out_labels, op_out, len(batch),
-                     dropout_p, chain, dtype_users, heads)
+                     dropout_p, chain, dtype_users, heads, scales)
+
+
+def _row_scales(sm, post, pn, plabels: str, out_labels: str, site: set) -> List[RowScale]:
+    """The row factors among the nodes between the softmax and P·V (see RowScale)."""
+    from .analyze.values import _size_eq
+    out, prev = [], sm
+    for n in post:
+        op = C.canonical(n)
+        factor = _row_factor(op, prev) if op is not None and op.name in ("mul", "div") else None
+        prev = n
+        if factor is None:
+            continue
+        if isinstance(factor, fx.Node) and _reads(factor, site):
+            raise Decline("the probabilities are scaled by a value computed from the scores")
+        at, to = tuple(C.shape_of(n)), tuple(C.shape_of(pn))
+        shapes = None
+        if len(at) != len(to) or not all(_size_eq(a, b) for a, b in zip(at, to)):
+            if not all(isinstance(d, int) for d in at + to) or at[-2:] != to[-2:] or math.prod(at) != math.prod(to):
+                raise Decline("the probabilities are scaled per row, then reshaped")
+            shapes = (at, to)
+        rows = plabels[:-1]
+        out.append(RowScale(factor, op.name == "div", shapes,
+                            tuple(rows.index(lab) if lab in rows else None for lab in out_labels)))
+    return out
+
+
+def _reads(node: fx.Node, nodes: set, limit: int = 256) -> bool:
+    """Whether ``node`` is computed from any of ``nodes`` (True when the walk
+    back is cut short: the caller declines)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in nodes:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > limit:
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
 
 
 def chain_nodes(score: fx.Node, softmax_in: fx.Node, softmax: fx.Node) -> set:

@@ -47,6 +47,9 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
             out = call(operator.getitem, res, 0)
             group = C.shape_of(m.qk.node)[2] if m.batch_rank == 3 else None
             final = call(layout.from_op_layout, out, m.op_out_labels, m.out_labels, group)
+            for rs in m.row_scales:
+                factor = get(rs.factor) if isinstance(rs.factor, fx.Node) else rs.factor
+                final = call(layout.scale_rows, final, factor, rs.div, rs.shapes, rs.axes)
         _fake_run(created, get, anchor)
     except Exception:
         for n in reversed(created):

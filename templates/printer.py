@@ -79,6 +79,8 @@ class TritonPrinter:
             if tuple(e.args) != spec_mod.INDEX_SYMBOLS:
                 raise Unsupported(f"captured tensor read at shifted indices: {e}")
             return name
+        if isinstance(e, spec_mod.Grouped):
+            return "(" + self.p(e.args[0]) + ")"
         if isinstance(e, sympy.Add):
             return "(" + " + ".join(self.p(a) for a in e.args) + ")"
         if isinstance(e, sympy.Mul):

@@ -904,3 +904,119 @@ def left_padding_additive_neg1e4_upcast(q, k, v, keep):
     s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     s = s + (1.0 - allowed) * -10000.0
     return torch.matmul(s.float().softmax(dim=-1).to(v.dtype), v)
+
+
+def hf_extended_mask_in_graph(q, k, v, keep):
+    """Hugging Face's ``get_extended_attention_mask`` computed in the graph
+    (LayoutLM, CANINE, ESM): a 0/1 float padding row turned into
+    ``(1.0 - mask) * finfo.min`` and added to the scores.  Written out, the
+    bias is ``c - c * mask``, and ``score + c`` rounds to ``c``: the product
+    must be computed before it meets the score ([Note: grouped side values])."""
+    ext = keep[:, None, None, :].to(q.dtype)
+    ext = (1.0 - ext) * torch.finfo(q.dtype).min
+    s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    return torch.matmul(F.softmax(s + ext, dim=-1), v)
+
+
+def alibi_plus_extended_mask(q, k, v, keep):
+    """An ALiBi-like bias and ``(keep - 1) * 1e9`` summed into one side value
+    before the scores: the bias of kept keys must survive the fill's product.
+    In float16 the sum is cast after the product (1e9 itself overflows, the
+    product is 0 or -inf): the bias is read as a tensor, not folded."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, q.shape[1] + 1, device=q.device) / q.shape[1])
+    pos = torch.arange(k.shape[-2], device=q.device)
+    bias = slopes[:, None, None] * pos[None, None, :] + (keep[:, None, None, :].to(q.dtype) - 1) * 1e9
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return torch.softmax(s + bias.to(q.dtype), dim=-1) @ v
+
+
+def bert_head_mask(q, k, v, head_mask):
+    """HF BERT/GPT-2 ``head_mask`` after the softmax (and its dropout): a
+    (1, H, 1, 1) factor of the probabilities, one value per row, so
+    (P ⊙ m)·V = m ⊙ (P·V)."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    p = F.dropout(F.softmax(s, dim=-1), 0.0, training=False)
+    p = p * head_mask
+    return p @ v
+
+
+def bart_layer_head_mask(q, k, v, layer_head_mask):
+    """BART/mBART/Pegasus (older transformers): 3-D (B*H, L, L) probabilities
+    viewed as 4-D for ``layer_head_mask.view(1, -1, 1, 1) * w`` and back."""
+    H = layer_head_mask.shape[0]
+    BH, Lq = q.shape[0], q.shape[1]
+    w = F.softmax(torch.bmm(q * q.shape[-1] ** -0.5, k.transpose(1, 2)), dim=-1)
+    w = layer_head_mask.view(1, -1, 1, 1) * w.view(BH // H, H, Lq, -1)
+    w = w.view(BH, Lq, -1)
+    return torch.bmm(w, v)
+
+
+def per_row_weight_then_halved(q, k, v, w):
+    """A learned (B, H, Lq, 1) weight per query row and a division by 2 after
+    the softmax: both move onto the output, with the weight's gradient."""
+    p = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+    return (w * p / 2) @ v
+
+
+def cogview_pb_relax(q, k, v):
+    """CogView's PB-relax: Q scaled down by alpha before Q·Kᵀ, the row max
+    subtracted, the scores scaled back up by alpha (softmax is blind to the
+    shift, whatever positive factor follows it)."""
+    alpha = 32.0
+    s = (q / (alpha * math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2)
+    s = (s - s.amax(dim=-1, keepdim=True).detach()) * alpha
+    return s.softmax(dim=-1) @ v
+
+
+def scores_as_k_qT_transposed(q, k, v):
+    """Q·Kᵀ computed as K·Qᵀ and transposed back (``.mT``)."""
+    s = (k @ q.mT).mT / math.sqrt(q.shape[-1])
+    return torch.softmax(s, dim=-1) @ v
+
+
+def scores_einsum_permuted(q, k, v):
+    """An einsum that writes the scores [b, h, key, query], permuted back."""
+    s = torch.einsum("bhjd,bhid->bhji", k, q).permute(0, 1, 3, 2) * q.shape[-1] ** -0.5
+    return s.softmax(-1) @ v
+
+
+def softmax_by_logsumexp(q, k, v):
+    """softmax written as exp(s - logsumexp(s)), under a causal mask."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    Lq, Lk = s.shape[-2:]
+    s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True)) @ v
+
+
+def local_band_with_global_tokens(q, k, v):
+    """Longformer-like research code: a band of width 2 plus global tokens
+    opened by ``glob[0] = True`` on a fresh tensor (the compile-time check of
+    the folded mask must see that write)."""
+    n = q.shape[-2]
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    glob = torch.zeros(n, dtype=torch.bool)
+    glob[0] = True
+    allowed = ((i - j).abs() <= 2) | glob[None, :] | glob[:, None]
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), v)
+
+
+def qwen2_sliding_window_in_place(q, k, v):
+    """Older Qwen2/Mistral: a causal finfo.min mask, the sliding window
+    filled in place with ``masked_fill_`` before the scores read it."""
+    n = q.shape[-2]
+    mask = torch.full((n, n), torch.finfo(q.dtype).min, dtype=q.dtype).triu(1)
+    mask.masked_fill_(torch.tril(torch.ones_like(mask, dtype=torch.bool), diagonal=-4), torch.finfo(q.dtype).min)
+    w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.size(-1))
+    w = F.softmax(w + mask[None, None, :, :k.shape[-2]], dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(w, v)
+
+
+def dense_gat_ones_like_fill(q, k, v, adj):
+    """Dense graph attention: ``-9e15 * ones_like(e)`` where the adjacency is
+    0; in bfloat16 the fill tensor holds -9e15 rounded to bfloat16."""
+    e = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    att = torch.where(adj > 0, e, -9e15 * torch.ones_like(e))
+    return torch.matmul(F.softmax(att, dim=-1), v)

@@ -91,6 +91,25 @@ def probs_inplace_zeroed(q, k, v):
     return p @ v
 
 
+def probs_scaled_by_score_rowmax(q, k, v):
+    """A per-row factor of the probabilities computed from the scores: moving
+    it onto the output would keep the scores alive."""
+    s = _scores(q, k)
+    p = torch.softmax(s, dim=-1) * s.amax(dim=-1, keepdim=True)
+    return p @ v
+
+
+def deberta_xsoftmax(q, k, v):
+    """DeBERTa's XSoftmax: the mask filled into the scores and filled with 0
+    into the probabilities again (fully masked rows end as 0, not uniform)."""
+    s = _scores(q, k)
+    rmask = torch.zeros(s.shape[-2], s.shape[-1], dtype=torch.bool)
+    rmask[:, 5:] = True
+    rmask[3] = True
+    s = s.masked_fill(rmask, torch.finfo(s.dtype).min)
+    return torch.softmax(s, -1).masked_fill(rmask, 0) @ v
+
+
 DECLINED = [
     (transformer_xl_key_axis_not_last, ("key axis", "not the scores' last")),
     (softmax_over_queries, ["dim"]),
@@ -102,6 +121,8 @@ DECLINED = [
     (topk_threshold_mask, []),
     (score_sorted_rank, []),
     (probs_inplace_zeroed, []),
+    (probs_scaled_by_score_rowmax, ["scores"]),
+    (deberta_xsoftmax, ["masked_fill", "between the softmax and p·v"]),
 ]
 
 

@@ -385,6 +385,13 @@ def _left_padding(b=B, lk=L):
     return keep
 
 
+def _adjacency(n=L):
+    """(1, 1, n, n) 0/1 float adjacency with self loops (every row keeps a key)."""
+    g = torch.Generator().manual_seed(1)
+    adj = (torch.rand(1, 1, n, n, generator=g) > 0.6).float()
+    return ((adj + torch.eye(n)) > 0).float()
+
+
 RESEARCH_CASES = [
     Case("lucidrains_amax_detach", _fn(forms.lucidrains_amax_detach, lq=11)),
     Case("lucidrains_masked_amax_detach", lambda dt: (forms.lucidrains_masked_amax_detach,
@@ -405,6 +412,26 @@ RESEARCH_CASES = [
                                                      _qkv(dt) + [_left_padding()])),
     Case("left_padding_additive_neg1e4_upcast", lambda dt: (forms.left_padding_additive_neg1e4_upcast,
                                                             _qkv(dt) + [_left_padding()])),
+    Case("hf_extended_mask_in_graph", lambda dt: (forms.hf_extended_mask_in_graph,
+                                                  _qkv(dt) + [_keep_mask().float()])),
+    Case("hf_extended_mask_in_graph_bool", lambda dt: (forms.hf_extended_mask_in_graph,
+                                                       _qkv(dt) + [_keep_mask()])),
+    Case("alibi_plus_extended_mask", lambda dt: (forms.alibi_plus_extended_mask,
+                                                 _qkv(dt) + [_keep_mask().float()])),
+    Case("bert_head_mask", lambda dt: (forms.bert_head_mask,
+                                       _qkv(dt) + [torch.tensor([1.0, 0.0, 0.5, 2.0]).view(1, H, 1, 1).to(dt)])),
+    Case("bart_layer_head_mask", lambda dt: (forms.bart_layer_head_mask,
+                                             [_t(B * H, 9, D, dtype=dt), _t(B * H, L, D, dtype=dt),
+                                              _t(B * H, L, D, dtype=dt), torch.tensor([1.0, 0.0, 0.5, 2.0]).to(dt)])),
+    Case("per_row_weight_then_halved", lambda dt: (forms.per_row_weight_then_halved,
+                                                   _qkv(dt) + [_t(B, H, L, 1, dtype=dt)])),
+    Case("cogview_pb_relax", _fn(forms.cogview_pb_relax, lq=11)),
+    Case("scores_as_k_qT_transposed", _fn(forms.scores_as_k_qT_transposed, lq=11)),
+    Case("scores_einsum_permuted", _fn(forms.scores_einsum_permuted, lq=11)),
+    Case("softmax_by_logsumexp", _fn(forms.softmax_by_logsumexp)),
+    Case("local_band_with_global_tokens", _fn(forms.local_band_with_global_tokens)),
+    Case("qwen2_sliding_window_in_place", _fn(forms.qwen2_sliding_window_in_place)),
+    Case("dense_gat_ones_like_fill", lambda dt: (forms.dense_gat_ones_like_fill, _qkv(dt) + [_adjacency()])),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -419,6 +446,14 @@ def test_research_form_fp32_forward_backward(case):
     ("gptj_upcast_where_tril", "bf16"),
     ("lucidrains_masked_amax_detach", "bf16"),
     ("fairseq_bmm_key_padding", "fp16"),
+    ("hf_extended_mask_in_graph", "bf16"),
+    ("alibi_plus_extended_mask", "bf16"),
+    ("alibi_plus_extended_mask", "fp16"),
+    ("bert_head_mask", "bf16"),
+    ("bart_layer_head_mask", "fp16"),
+    ("cogview_pb_relax", "fp16"),
+    ("dense_gat_ones_like_fill", "bf16"),
+    ("local_band_with_global_tokens", "bf16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_research_form_low_precision_forward(case_id, dtype, on_kernels):

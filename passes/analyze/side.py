@@ -8,6 +8,7 @@ else becomes a captured tensor (``leaf``), read at run time.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Optional
 
@@ -39,6 +40,9 @@ class SideValues:
             # direct in-place writes are followed by ``resolve``; a tensor
             # written through a view of it is read at run time, never folded
             v = self.side_op(node, op) if op is not None and not view_written(node) else None
+            if v is not None and not is_bool(v.expr):
+                # a 16-bit tensor holds its constants rounded (-9e15 * ones_like(s) in bfloat16)
+                v = dataclasses.replace(v, expr=round_constants(v.expr, ev.dtype))
         except Decline:
             v = None
         if v is None:

@@ -52,6 +52,28 @@ MASK_FILL_THRESHOLD = -1.0e4
 ABSORBING_FILL = -1.0e30
 
 
+class Grouped(sympy.Function):
+    """``Grouped(x)`` is ``x``, computed as one value before it meets the rest
+    of the expression.  [Note: grouped side values] sympy distributes a number
+    over a sum (``c * (1 - t0)`` becomes ``c - c * t0``); Hugging Face's
+    ``(1.0 - mask) * finfo.min`` written that way and added to the score is
+    ``score + c * t0 - c``, where ``score + c`` rounds to ``c`` in float32 and
+    a kept position ends as 0, not the score.  The analysis keeps such a sum of
+    a captured tensor grouped, so the kernels compute ``c * (1 - t0)`` as eager
+    does: exactly 0 where the mask keeps, ``c`` where it drops."""
+
+    nargs = 1
+    is_real = True
+
+    @classmethod
+    def eval(cls, x):
+        if not isinstance(x, sympy.Add):
+            return x            # only a sum has an order to keep
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(1)
+
+
 def captured(i: int) -> sympy.Function:
     """The sympy function standing for captured tensor ``i`` (``t0``, ``t1``...)."""
     return sympy.Function(f"t{i}")
@@ -241,7 +263,7 @@ def _srepr_namespace():
     ns = {k: getattr(sympy, k) for k in dir(sympy) if not k.startswith("_")}
     from sympy.functions.elementary.piecewise import ExprCondPair
 
-    ns.update(ExprCondPair=ExprCondPair, true=sympy.true, false=sympy.false)
+    ns.update(ExprCondPair=ExprCondPair, true=sympy.true, false=sympy.false, Grouped=Grouped)
     return ns
 
 

@@ -33,7 +33,7 @@ from ..operands import mutating_users
 from . import spec as S
 
 from .side import SideValues
-from .values import (AX, round_constants, R, Decline, Frame, Interpretation, Leaf, Val, _CASTS, _REL, _is_scalar, _same_sizes, _sym, as_bool, as_num, compare,
+from .values import (AX, round_constants, R, Decline, Frame, Interpretation, Leaf, Val, _CASTS, _REL, _has_leaf, _is_scalar, _same_sizes, _sym, as_bool, as_num, compare,
                      from_shape_env, is_one)
 
 _UNARY = {
@@ -43,6 +43,16 @@ _UNARY = {
     "neg": lambda x: -x, "sin": sympy.sin, "cos": sympy.cos, "erf": sympy.erf,
 }
 _BINARY = {"add", "sub", "rsub", "mul", "div", "pow", "minimum", "maximum"}
+
+
+def _grouped(x):
+    """``x`` about to be scaled by a number: a sum over a captured tensor stays
+    one value ([Note: grouped side values] in spec.py), unless its pieces fold
+    to constants (``1 - (bool mask)``)."""
+    if not isinstance(x, sympy.Add) or x.has(R) or not _has_leaf(x):
+        return x
+    folded = sympy.piecewise_fold(x)
+    return folded if not isinstance(folded, sympy.Add) else S.Grouped(x)
 
 
 class ScoreInterpreter(SideValues):
@@ -205,9 +215,13 @@ class ScoreInterpreter(SideValues):
         if name == "rsub":
             return y - alpha * x
         if name == "mul":
+            if y.is_Number:
+                x = _grouped(x)
+            elif x.is_Number:
+                y = _grouped(y)
             return x * y
         if name == "div":
-            return x / y
+            return (_grouped(x) if y.is_Number else x) / y
         if name == "pow":
             return x ** y
         if name == "minimum":
@@ -278,6 +292,9 @@ class ScoreInterpreter(SideValues):
                 and C.norm_dim(dim, len(shape)) == len(shape) - 1)
 
     def _only_casts_to_softmax(self, node: fx.Node) -> bool:
+        """Whether only casts and scalings by positive numbers lie between
+        ``node`` and the softmax: softmax(c * (z - rowmax)) == softmax(c * z)
+        (CogView's PB-relax scales after the shift)."""
         cur = node
         for _ in range(8):
             if cur is self.softmax_in:
@@ -285,8 +302,16 @@ class ScoreInterpreter(SideValues):
             users = list(cur.users)
             if len(users) != 1 or users[0] not in self.chain_nodes:
                 return False
-            cur = users[0]
+            prev, cur = cur, users[0]
             op = C.canonical(cur)
+            if op is not None and op.name in ("mul", "div") and op.kw.get("rounding_mode") is None:
+                other = op.kw.get("other") if op.kw.get("input") is prev else op.kw.get("input")
+                if op.name == "div" and op.kw.get("input") is not prev:
+                    return False
+                if isinstance(other, (int, float)) and not isinstance(other, bool) and other > 0 \
+                        and math.isfinite(other):
+                    continue
+                return False
             if op is None or op.name not in _CASTS:
                 return False
         return False

@@ -31,7 +31,7 @@ import torch
 from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
 
-from .spec import DIM_NAMES, INDEX_SYMBOLS, SIZE_SYMBOLS
+from .spec import DIM_NAMES, INDEX_SYMBOLS, SIZE_SYMBOLS, Grouped
 
 _KNOWN_SYMBOLS = frozenset(["score", *DIM_NAMES, *(str(s) for s in SIZE_SYMBOLS)])
 
@@ -278,6 +278,7 @@ def _cast(x, dtype, device):
 
 _HANDLERS: Dict[Any, Callable] = {
     sympy.Add: _add,
+    Grouped: lambda ev, e: ev(e.args[0]),
     sympy.Mul: _mul,
     sympy.Pow: _pow,
     sympy.exp: _unary(torch.exp),

@@ -202,6 +202,12 @@ def round_constants(expr, dtype: torch.dtype):
     for a in expr.atoms(sympy.Float):
         r = torch.tensor(float(a), dtype=torch.float32).to(dtype).item()
         sub[a] = (sympy.oo if r > 0 else -sympy.oo) if math.isinf(r) else sympy.Float(r)
+    for m in expr.atoms(sympy.Mul):
+        # a factor that overflows (1e9 * (mask - 1) cast to float16): the cast
+        # rounds the product, which may be 0 or finite, and inf * 0 would be
+        # nan; the side value is then read as a tensor (side.py), not folded
+        if any(a in sub and sub[a].is_infinite for a in m.args) and not all(a.is_number for a in m.args):
+            raise Decline(f"a product with {dtype} overflow in its factors ({m}) is cast to {dtype}")
     return expr.xreplace(sub) if sub else expr
 
 

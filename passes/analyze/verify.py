@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .torch_eval import evaluate
-from ..operands import view_written
+from ..operands import mutating_users, view_written
 from .values import AX, Val, _has_leaf
 
 _MAX_ELEMENTS = 1 << 24   # folded tensors larger than this are not re-computed
@@ -28,20 +28,48 @@ class SideChecker:
         self.gm = gm
         self.interp = torch.fx.Interpreter(gm)
         self.env: Dict[fx.Node, object] = {}
+        self.seen: Dict[tuple, object] = {}   # (node, last write before a reader) -> value then
+        self.order: Optional[Dict[fx.Node, int]] = None
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for n, v in zip(phs, example_inputs):
             if isinstance(v, (torch.SymInt, torch.SymFloat)) and v.node.hint is not None:
                 v = type(v.node.hint)(v.node.hint)  # a dynamic size: its value this time
             self.env[n] = v
 
-    def real(self, node: fx.Node):
-        """``node``'s value on the example inputs (computing only its inputs)."""
+    def real(self, node: fx.Node, reader: Optional[fx.Node] = None):
+        """``node``'s value on the example inputs (computing only its inputs),
+        as ``reader`` sees it: with the in-place writes made to it before
+        ``reader`` (``glob = zeros(L); glob[0] = True`` read by a later node)."""
+        base = self._real(node)
+        if reader is None or not isinstance(base, torch.Tensor):
+            return base
+        order = self._order()
+        writes = sorted((m for m in mutating_users(node) if m is not reader and order[m] < order[reader]),
+                        key=order.get)
+        if not writes:
+            return base
+        key = (node, writes[-1])
+        if key not in self.seen:
+            v = base.clone()        # never write the user's tensors
+            for m in writes:
+                args = fx.node.map_arg(m.args, lambda a: v if a is node else self.real(a, m))
+                kwargs = fx.node.map_arg(m.kwargs, lambda a: v if a is node else self.real(a, m))
+                getattr(self.interp, m.op)(m.target, args, kwargs)
+            self.seen[key] = v
+        return self.seen[key]
+
+    def _order(self) -> Dict[fx.Node, int]:
+        if self.order is None:
+            self.order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        return self.order
+
+    def _real(self, node: fx.Node):
         if node in self.env:
             return self.env[node]
         if node.op == "placeholder":
             raise LookupError(f"no example value for {node.name}")
-        args = fx.node.map_arg(node.args, self.real)
-        kwargs = fx.node.map_arg(node.kwargs, self.real)
+        args = fx.node.map_arg(node.args, lambda a: self.real(a, node))
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: self.real(a, node))
         writes = _writes_in_place(node)
         if writes and isinstance(args[0], torch.Tensor):
             # never write the user's tensors (example inputs are the real ones):
