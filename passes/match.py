@@ -207,6 +207,13 @@ def _shape_only(user: fx.Node, n: fx.Node) -> bool:
     return all(not isinstance(C.example_value(a), torch.Tensor) for a in others)
 
 
+def _expanded_to(user: fx.Node, n: fx.Node) -> bool:
+    """``mask.expand_as(scores)`` (DistilBERT, XLM): reads only ``n``'s shape."""
+    op = C.canonical(user)
+    return op is not None and op.name == "expand_as" and op.kw.get("other") is n \
+        and isinstance(op.kw.get("input"), fx.Node) and op.kw["input"] is not n
+
+
 def _contracted_along(p: fx.Node, axis: int) -> bool:
     """Whether a user of ``p`` contracts it along ``axis`` (P·V over a key
     axis that is not the last)."""
@@ -516,7 +523,7 @@ def _check_chain_users(chain: set, softmax_body: set) -> List[fx.Node]:
                     and op.kw.get("input") is not n:
                 dtype_users.append(u)
                 continue
-            if _shape_only(u, n):
+            if _shape_only(u, n) or _expanded_to(u, n):
                 ev = C.example_value(u)
                 if not all(isinstance(d, int) for d in ev.shape):
                     raise Decline(f"'{u.name}' is made from the scores' dynamic shape")

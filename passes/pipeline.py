@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import sympy
 import torch
@@ -72,7 +72,7 @@ def folded_inputs(gm: fx.GraphModule) -> List[tuple]:
 def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> List[Site]:
     values = real_values(gm, example_inputs)
     checker = SideChecker(gm, example_inputs)
-    sites, replaced, dead = [], {}, []
+    sites, replaced, dead, internal = [], {}, [], set()
     positions = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     folded: Dict[fx.Node, tuple] = {}
     for ordinal, item in enumerate(find_sites(gm)):
@@ -97,6 +97,7 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> Lis
                         op_node(final).target = sdpa_attention
                     site.status = FUSED
                     dead.append(item.pv.node)
+                    internal |= item.chain
                     for n in analysis.folded:
                         folded[n] = (positions.get(n), values[n])
             except Decline as e:
@@ -112,7 +113,7 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> Lis
     modules = _module_sites(gm, graph_id, len(sites))
     sites += modules
     if dead or any(s.status == FUSED for s in modules):
-        _remove_dead(gm, dead)
+        _remove_dead(gm, dead, internal)
         gm.graph.lint()
         gm.recompile()
     return sites
@@ -160,10 +161,19 @@ def _spec_features(spec: S.AttentionSpec) -> dict:
             "gqa_group": spec.gqa_group, "dropout": spec.dropout_p, "spec": spec.dumps()}
 
 
-def _remove_dead(gm: fx.GraphModule, roots: List[fx.Node]) -> None:
+def _remove_dead(gm: fx.GraphModule, roots: List[fx.Node], internal: Optional[set] = None) -> None:
     """Erase the replaced sites' nodes that nothing uses any more (only pure
-    ops: in-place or random calls are kept)."""
+    ops: in-place or random calls are kept, except an in-place op on a fused
+    site's own scores, ``scores.masked_fill_(m, v)``: that tensor is read by
+    nothing but the site, which no longer runs)."""
     stack = list(roots)
+    from .operands import mutating_users
+    pos = {m: i for i, m in enumerate(gm.graph.nodes)}
+    for n in sorted(internal or (), key=lambda m: -pos.get(m, -1)):
+        target = n.args[0] if n.args else None
+        if not n.users and target in internal and n in mutating_users(target) and not getattr(n, "_erased", False):
+            stack.extend(n.all_input_nodes)
+            gm.graph.erase_node(n)
     while stack:
         n = stack.pop()
         if getattr(n, "_erased", False) or n.users or n.op not in ("call_function", "call_method"):

@@ -60,9 +60,12 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
     final.meta["attn_compiler_nodes"] = list(created)     # what undo() erases
     for u in m.dtype_users:
         with g.inserting_before(u):
-            if C.canonical(u).name == "type_as":    # y.type_as(scores) -> y.to(scores.dtype)
-                dtype = C.example_value(u.kwargs.get("other", u.args[1] if len(u.args) > 1 else None)).dtype
-                new = g.call_method("to", (u.args[0] if u.args else u.kwargs["self"], dtype))
+            op = C.canonical(u)
+            if op.name == "type_as":    # y.type_as(scores) -> y.to(scores.dtype)
+                dtype = C.example_value(op.kw["other"]).dtype
+                new = g.call_method("to", (op.kw["input"], dtype))
+            elif op.name == "expand_as":      # mask.expand_as(scores) -> mask.expand(shape)
+                new = g.call_method("expand", (op.kw["input"], tuple(C.example_value(u).shape)))
             else:                                     # full_like(scores, v) -> full(shape, v)
                 ev = C.example_value(u)
                 new = g.call_function(_constant_like, (tuple(ev.shape), C.fill_value(C.canonical(u)),

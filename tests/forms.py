@@ -1020,3 +1020,26 @@ def dense_gat_ones_like_fill(q, k, v, adj):
     e = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     att = torch.where(adj > 0, e, -9e15 * torch.ones_like(e))
     return torch.matmul(F.softmax(att, dim=-1), v)
+
+
+def distilbert_expand_as_mask(q, k, v, mask):
+    """DistilBERT (transformers 4.x): the padding mask broadcast with
+    ``expand_as(scores)``, filled with a finfo.min tensor."""
+    bs, _, _, dph = q.shape
+    kl = k.shape[-2]
+    scores = torch.matmul(q / math.sqrt(dph), k.transpose(2, 3))
+    mask = (mask == 0).view(bs, 1, 1, kl).expand_as(scores)
+    scores = scores.masked_fill(mask, torch.tensor(torch.finfo(scores.dtype).min))
+    return torch.matmul(F.softmax(scores, dim=-1), v)
+
+
+def xlm_expand_as_in_place(q, k, v, mask):
+    """XLM/FlauBERT: the mask made with ``expand_as(scores)`` before an in-place
+    ``masked_fill_`` of the scores, the softmax upcast by hand."""
+    bs, _, _, dph = q.shape
+    kl = k.shape[-2]
+    scores = torch.matmul(q / math.sqrt(dph), k.transpose(2, 3))
+    m = (mask == 0).view((bs, 1, 1, kl)).expand_as(scores)
+    scores.masked_fill_(m, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores.float(), dim=-1).type_as(scores)
+    return torch.matmul(F.dropout(weights, p=0.0, training=False), v)

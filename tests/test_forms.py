@@ -432,6 +432,9 @@ RESEARCH_CASES = [
     Case("local_band_with_global_tokens", _fn(forms.local_band_with_global_tokens)),
     Case("qwen2_sliding_window_in_place", _fn(forms.qwen2_sliding_window_in_place)),
     Case("dense_gat_ones_like_fill", lambda dt: (forms.dense_gat_ones_like_fill, _qkv(dt) + [_adjacency()])),
+    Case("distilbert_expand_as_mask", lambda dt: (forms.distilbert_expand_as_mask,
+                                                  _qkv(dt) + [_keep_mask().long()])),
+    Case("xlm_expand_as_in_place", lambda dt: (forms.xlm_expand_as_in_place, _qkv(dt) + [_keep_mask().float()])),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -454,6 +457,7 @@ def test_research_form_fp32_forward_backward(case):
     ("cogview_pb_relax", "fp16"),
     ("dense_gat_ones_like_fill", "bf16"),
     ("local_band_with_global_tokens", "bf16"),
+    ("xlm_expand_as_in_place", "bf16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_research_form_low_precision_forward(case_id, dtype, on_kernels):
@@ -508,3 +512,25 @@ def test_swinv2_logit_scale_gets_gradient():
     (g_gold,) = torch.autograd.grad(m64(_to64(x)), [m64.logit_scale], cot)
     assert g_ours.abs().sum() > 0, "no gradient reached the logit scale"
     golden_check(g_ours, g_eager, g_gold, name="dlogit_scale")
+
+
+@pytest.mark.parametrize("case_id", ["inplace_masked_fill_", "xlm_expand_as_in_place", "inplace_iadd_bias"])
+def test_in_place_writes_to_the_scores_leave_with_them(case_id):
+    """An in-place op on a fused site's own scores (``scores.masked_fill_``,
+    ``scores += bias``) is erased with the site: nothing reads those scores
+    any more, and keeping the write would keep the Lq x Lk product alive."""
+    graphs = []
+
+    def inner(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    fn, args = (BY_ID.get(case_id) or RESEARCH_BY_ID[case_id]).build(F32)
+    torch.compile(fn, backend=attn_compiler.backend(inner=inner))(*args)
+    assert_fused(attn_compiler.report(), 1)
+    left = [n for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_method")
+            and (str(getattr(n.target, "__name__", n.target)) in ("matmul", "masked_fill_", "iadd", "add_")
+                 or "matmul" in str(n.target))]
+    assert not left, [n.format_node() for n in left]

@@ -45,8 +45,9 @@ DIM_NAMES = ("b", "h", "q_idx", "kv_idx")
 
 # A fill at or below this value is a mask: exp(fill - rowmax) is exactly 0 in
 # float32 whenever the row also holds an unmasked score above fill + 104
-# (e^-104 underflows); models use -1e4, -1e9, finfo.min and -inf.
-MASK_FILL_THRESHOLD = -1.0e4
+# (e^-104 underflows); models use -1e4, -1e9, finfo.min and -inf.  -1e4 made
+# in bfloat16 is -9984, hence a threshold a little above -1e4.
+MASK_FILL_THRESHOLD = -8192.0
 # Adding a constant at or below this to a float32 score gives the constant
 # itself (the score is under half an ulp of it): score + finfo.min == finfo.min.
 ABSORBING_FILL = -1.0e30

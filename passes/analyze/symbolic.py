@@ -273,6 +273,9 @@ class ScoreInterpreter(SideValues):
             return Val(round_constants(src.expr, dt), C.shape_of(node), True, src.frame)
         if name in ("view", "reshape", "unsqueeze", "squeeze", "flatten"):
             return self.chain_reshape(node, op)
+        if name == "expand_as" and op.kw.get("input") is not None and not self.value(op.kw["input"]).chain:
+            x = self.value(op.kw["input"])          # a mask broadcast to the scores' shape (DistilBERT)
+            return Val(self.broadcast(x, C.shape_of(node)), C.shape_of(node))
         if name in ("mul", "div"):
             return self.scaling(node, op)
         operands, extra = self.operands(op)
