@@ -308,7 +308,7 @@ def _row_factor(op: C.COp, p: fx.Node):
     if a is not p or b is p or (op.name == "div" and op.kw.get("rounding_mode") is not None):
         return None
     if isinstance(b, (int, float)) and not isinstance(b, bool):
-        return b
+        return b if math.isfinite(b) and (b != 0 or op.name == "mul") else None
     ev = C.example_value(b) if isinstance(b, fx.Node) else None
     ps, outs = C.shape_of(p), C.shape_of(node)
     if not isinstance(ev, torch.Tensor) or not ev.is_floating_point() or ps is None or outs is None \
