@@ -177,6 +177,17 @@ def bert():
     return transformers.BertForMaskedLM(cfg)
 
 
+def layoutlm():
+    """LayoutLM builds Hugging Face's extended mask in its forward:
+    ``(1.0 - mask) * finfo.min`` added to the scores ([Note: grouped side
+    values]: written out, the score vanished in float32)."""
+    cfg = transformers.LayoutLMConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, max_2d_position_embeddings=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    return transformers.LayoutLMForMaskedLM(cfg)
+
+
 def _padding_mask(L):
     mask = torch.ones(B, L, dtype=torch.long)
     mask[0, L - 3:] = 0  # row 0 right-padded, row 1 full
@@ -401,6 +412,17 @@ def check_on_kernels(build, inputs, n_sites, **kwargs) -> None:
     from attn_compiler import dispatch
     with dispatch.implementation("triton"):
         check_model(build, inputs, n_sites, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")
+@pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
+def test_layoutlm_extended_mask(on_kernels, counted):
+    """LayoutLM's in-graph ``(1.0 - mask) * finfo.min`` (a wrong answer once:
+    the kept scores vanished into the fill), forward and backward in float32."""
+    inputs = {"input_ids": _ids(10), "attention_mask": _padding_mask(10)}
+    (check_on_kernels if on_kernels else check_model)(layoutlm, inputs, LAYERS)
+    if on_kernels:
+        assert counted["forward"] >= LAYERS and counted["backward"] >= LAYERS, counted
 
 
 # name: (model, check_model's keyword arguments, fused sites)
