@@ -131,6 +131,23 @@ def _transposed_contraction(n: fx.Node) -> Optional[C.Contraction]:
     return dataclasses.replace(c, node=n, out_labels=o[:-2] + o[-1] + o[-2])
 
 
+def _concatenated_scores(x: fx.Node) -> bool:
+    """Whether ``x`` (behind a row-max shift) concatenates, along the last
+    axis, scores made by a contraction with other logits (GPT-OSS's sinks:
+    ``softmax(cat([scores, sinks], -1))[..., :-1]``)."""
+    shifted = C.row_max_shift(x)
+    op = C.canonical(shifted[0] if shifted is not None else x)
+    if op is None or op.name != "cat":
+        return False
+    parts = op.node.args[0] if op.node.args else op.node.kwargs.get("tensors")
+    dim = op.node.args[1] if len(op.node.args) > 1 else op.node.kwargs.get("dim", 0)
+    rank = len(C.shape_of(x) or ())
+    if not isinstance(parts, (list, tuple)) or not isinstance(dim, int) or rank < 2 \
+            or C.norm_dim(dim, rank) != rank - 1:
+        return False
+    return any(isinstance(t, fx.Node) and next(qk_candidates(t), None) is not None for t in parts)
+
+
 def _scores_from_outside(x: fx.Node) -> bool:
     """Whether ``x`` is (an elementwise function of) a graph input shaped like
     the scores: the Q·Kᵀ of this softmax ran in an earlier graph."""
@@ -169,6 +186,11 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
         if _scores_from_outside(x) and _follow_probabilities(node)[0] is not None:
             raise Decline("the scores come from outside this graph "
                           "(a graph break splits Q·Kᵀ from the softmax)")
+        if _concatenated_scores(x):
+            pv, post = _follow_probabilities(node)[:2]
+            if pv is not None or isinstance(post, str):
+                raise Decline("the softmax runs over the scores concatenated with other logits "
+                              "(attention sinks)")
         return None
     pv, post, p_operand, dropout_p, swapped = _follow_probabilities(node)
     rank = len(C.shape_of(x))
