@@ -450,8 +450,8 @@ def _row_scales(sm, post, pn, plabels: str, out_labels: str, site: set) -> List[
         prev = n
         if factor is None:
             continue
-        if isinstance(factor, fx.Node) and _reads(factor, site):
-            raise Decline("the probabilities are scaled by a value computed from the scores")
+        if isinstance(factor, fx.Node) and not _precedes(factor, site) and _reads(factor, site):
+            raise Decline("the probabilities are scaled by a value that may be computed from the scores")
         at, to = tuple(C.shape_of(n)), tuple(C.shape_of(pn))
         shapes = None
         if len(at) != len(to) or not all(_size_eq(a, b) for a, b in zip(at, to)):
@@ -462,6 +462,17 @@ def _row_scales(sm, post, pn, plabels: str, out_labels: str, site: set) -> List[
         out.append(RowScale(factor, op.name == "div", shapes,
                             tuple(rows.index(lab) if lab in rows else None for lab in out_labels)))
     return out
+
+
+def _precedes(node: fx.Node, nodes: set) -> bool:
+    """Whether ``node`` comes before every node of ``nodes`` in the graph (so
+    reads none of them)."""
+    for n in node.graph.nodes:
+        if n is node:
+            return True
+        if n in nodes:
+            return False
+    return False
 
 
 def _reads(node: fx.Node, nodes: set, limit: int = 256) -> bool:
