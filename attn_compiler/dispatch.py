@@ -301,10 +301,10 @@ def forward(q, k, v, captured, spec: AttentionSpec, seed) -> Tuple[torch.Tensor,
         return _fallback(exc, lambda: reference.attention_forward(q, k, v, captured, spec, seed))
 
 
-def backward(dout, q, k, v, captured, out, lse, spec: AttentionSpec, seed):
+def backward(dout, q, k, v, captured, out, lse, spec: AttentionSpec, seed, dlse=None):
     sig = _signature("bwd", spec, q, k, v, captured)
     if _runs_reference(sig, q, k, v, spec, captured):
-        return reference.attention_backward(dout, q, k, v, captured, out, lse, spec, seed)
+        return reference.attention_backward(dout, q, k, v, captured, out, lse, spec, seed, dlse)
 
     def build():
         candidates, configs, fns = {}, {}, {}
@@ -318,6 +318,7 @@ def backward(dout, q, k, v, captured, out, lse, spec: AttentionSpec, seed):
 
     try:
         fn, cfg = _pick("bwd", sig, build)
-        return fn(dout, q, k, v, captured, out, lse, spec, seed, cfg)
+        return fn(dout, q, k, v, captured, out, lse, spec, seed, cfg, dlse=dlse)
     except Exception as exc:  # noqa: BLE001
-        return _fallback(exc, lambda: reference.attention_backward(dout, q, k, v, captured, out, lse, spec, seed))
+        return _fallback(exc, lambda: reference.attention_backward(dout, q, k, v, captured, out, lse, spec, seed,
+                                                                   dlse))

@@ -550,10 +550,11 @@ def _bwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _BwdPlan:
 
 
 def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: AttentionSpec,
-             seed: Optional[torch.Tensor] = None, config=None):
+             seed: Optional[torch.Tensor] = None, config=None, dlse: Optional[torch.Tensor] = None):
     """(dq, dk, dv, dcaptured) from the generated backward kernels: a preprocess
     (delta, lse in the scores' z2 units), dK/dV per KV block, dQ per query block (two
-    launches, or one for the config variants "fused" and "paired")."""
+    launches, or one for the config variants "fused" and "paired").  ``dlse``, the
+    gradient of the forward's lse (attention sinks), enters as delta - dlse."""
     p = _plan(_call_key("bwd", spec, config, q, k, v, captured), lambda: _bwd_plan(q, k, v, captured, spec, config))
     if dout.dtype != v.dtype:
         # dO meets v in dO·Vᵀ; eager's P·V ran in v's dtype, so its gradient
@@ -581,6 +582,13 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     _grid(mod.attention_bwd_preprocess, p.pre_grid)(
         q, k, v, out, dout, lse, delta, lse2, rinv, *cap, *p.qkv_strides, *out.stride(), *dos, *p.pre_tail,
         **p.pre_kw)
+    if dlse is not None:        # d lse / d score = P: dz = P ∘ (dP - delta + dlse)
+        delta.sub_(dlse.to(torch.float32))
+        # a row that keeps no key (lse = -inf) has P = 0 where its lse is read
+        # (attention sinks: eager's softmax gives it all to the sink), not 0/0
+        empty = torch.isneginf(lse)
+        lse2.masked_fill_(empty, math.inf)
+        delta.masked_fill_(empty, 0.0)
     grad_args = []
     for g, st in zip(dcap, p.grad_strides):
         grad_args += [g, *st]

@@ -101,6 +101,17 @@ def scale_rows(y: torch.Tensor, factor, div: bool, shapes, axes) -> torch.Tensor
     return (y / factor if div else y * factor).to(y.dtype)
 
 
+def with_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+    """Attention with a sink logit per row (GPT-OSS): the softmax over the keys
+    and the sink, without the sink's column, is softmax(s) · e^lse / (e^lse +
+    e^sink), so the output is ``out * sigmoid(lse - sink)``; a row that keeps
+    no key (lse = -inf, out nan) gives 0, as eager's softmax puts all the mass
+    on the sink.  Differentiable through lse (the op's lse has a gradient)."""
+    w = torch.sigmoid(lse - sink.squeeze(-1).to(lse.dtype)).unsqueeze(-1)
+    out = torch.where(w == 0, torch.zeros((), dtype=out.dtype, device=out.device), out)
+    return (out * w).to(out.dtype)
+
+
 def dropout_seed() -> torch.Tensor:
     """A fresh 0-d int64 seed for the op's counter-based dropout RNG, drawn
     from torch's default CPU generator (so ``torch.manual_seed`` reproduces)."""

@@ -4,8 +4,8 @@
                              str spec, Tensor? seed) -> (Tensor out, Tensor lse)
     attn_compiler::attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v,
                              Tensor[] captured, Tensor out, Tensor lse, str spec,
-                             Tensor? seed) -> (Tensor dq, Tensor dk, Tensor dv,
-                                               Tensor[] dcaptured)
+                             Tensor? seed, Tensor? dlse=None) -> (Tensor dq, Tensor dk,
+                                               Tensor dv, Tensor[] dcaptured)
 
 ``spec`` is ``AttentionSpec.dumps()``.  Shapes: q (B, Hq, Lq, D); k (B or 1,
 Hkv, Lk, D); v (B or 1, Hkv, Lk, Dv); captured[i] 4-D, broadcastable to
@@ -15,7 +15,10 @@ None.  out (B, Hq, Lq, Dv) in ``spec.out_dtype``; lse (B, Hq, Lq) in float32
 the gradients of captured tensors whose spec entry has ``requires_grad``.
 
 The fake kernels are shape logic only (symbolic sizes welcome).  ``attention``
-is differentiable through ``attention_backward``; ``lse`` is not.
+is differentiable through ``attention_backward``, ``lse`` too (a site with
+attention sinks reads it): d lse / d score = P, so its gradient enters the
+score gradient as ``P ∘ (dP - (delta - dlse))``; unused, it costs nothing
+(grads are not materialised: ``dlse`` is None).
 """
 from __future__ import annotations
 
@@ -56,15 +59,15 @@ def _attention_fake(q, k, v, captured, spec, seed):
 @torch.library.custom_op(f"{_NS}::attention_backward", mutates_args=())
 def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         captured: List[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-                        spec: str, seed: Optional[torch.Tensor]
+                        spec: str, seed: Optional[torch.Tensor], dlse: Optional[torch.Tensor] = None
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
-    dq, dk, dv, dcap = dispatch.backward(dout, q, k, v, captured, out, lse, _spec(spec), seed)
+    dq, dk, dv, dcap = dispatch.backward(dout, q, k, v, captured, out, lse, _spec(spec), seed, dlse)
     # the layout the fake promises (inductor checks it): a no-op for the kernels' outputs
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), [g.contiguous() for g in dcap]
 
 
 @_attention_backward.register_fake
-def _attention_backward_fake(dout, q, k, v, captured, out, lse, spec, seed):
+def _attention_backward_fake(dout, q, k, v, captured, out, lse, spec, seed, dlse=None):
     s = _spec(spec)
     dcap = [q.new_empty(t.shape, dtype=t.dtype) for t, c in zip(captured, s.captured) if c.requires_grad]
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dcap)
@@ -75,17 +78,19 @@ def _attention_backward_fake(dout, q, k, v, captured, out, lse, spec, seed):
 def _setup_context(ctx, inputs, output):
     q, k, v, captured, spec, seed = inputs
     out, lse = output
-    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)      # an unused lse gets no gradient (None)
     ctx.spec = spec
     ctx.n_captured = len(captured)
     ctx.save_for_backward(q, k, v, out, lse, seed, *captured)
 
 
-def _grads(ctx, dout):
+def _grads(ctx, dout, dlse=None):
     """(dq, dk, dv, [gradient or None per captured tensor])."""
     q, k, v, out, lse, seed, *captured = ctx.saved_tensors
+    if dout is None:            # only lse is used (grads are not materialised)
+        dout = torch.zeros_like(out)
     dq, dk, dv, dcap = torch.ops.attn_compiler.attention_backward(
-        dout, q, k, v, captured, out, lse, ctx.spec, seed)
+        dout, q, k, v, captured, out, lse, ctx.spec, seed, dlse)
     grads: List[Optional[torch.Tensor]] = [None] * ctx.n_captured
     wanted = [i for i, c in enumerate(_spec(ctx.spec).captured) if c.requires_grad]
     for i, g in zip(wanted, dcap):
@@ -93,8 +98,8 @@ def _grads(ctx, dout):
     return dq, dk, dv, grads
 
 
-def _backward(ctx, dout, _dlse):
-    dq, dk, dv, grads = _grads(ctx, dout)
+def _backward(ctx, dout, dlse):
+    dq, dk, dv, grads = _grads(ctx, dout, dlse)
     return dq, dk, dv, grads, None, None
 
 
@@ -116,8 +121,8 @@ class _EagerAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
-        dq, dk, dv, grads = _grads(ctx, dout)
+    def backward(ctx, dout, dlse):
+        dq, dk, dv, grads = _grads(ctx, dout, dlse)
         return (dq, dk, dv, None, None, *grads)
 
 

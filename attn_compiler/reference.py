@@ -310,12 +310,20 @@ def _forward_rows(pb: _Problem, m0: int, m1: int, skip):
 # ---- backward ---------------------------------------------------------------
 
 def attention_backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse,
-                       spec: AttentionSpec, seed: Optional[torch.Tensor]):
+                       spec: AttentionSpec, seed: Optional[torch.Tensor], dlse: Optional[torch.Tensor] = None):
     """(dq, dk, dv, dcaptured): dcaptured lists the gradients of the captured
-    tensors whose spec entry has requires_grad, in order; dtypes follow inputs."""
+    tensors whose spec entry has requires_grad, in order; dtypes follow inputs.
+    ``dlse``: the gradient of the forward's lse (d lse / d score = P), or None."""
     pb = _setup(q, k, v, captured, spec, seed)
     cd = pb.cd
     delta = (dout.to(cd) * out.to(cd)).sum(-1)                    # (B, Hq, Lq)
+    if dlse is not None:
+        delta = delta - dlse.to(cd)
+        # a row that keeps no key (lse = -inf) has P = 0 where its lse is read
+        # (attention sinks: eager's softmax gives it all to the sink), not 0/0
+        empty = torch.isneginf(lse)
+        lse = lse.masked_fill(empty, math.inf)
+        delta = delta.masked_fill(empty, 0.0)
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
     dk = torch.zeros(k.shape, dtype=cd, device=q.device)
     dv = torch.zeros(v.shape, dtype=cd, device=q.device)

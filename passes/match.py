@@ -51,6 +51,7 @@ class SiteMatch:
     dtype_users: List[fx.Node]  # ``x.type_as(scores)``, ``full_like(scores, v)``: dtype or shape only
     heads: Optional[Tuple] = None  # 3-D scores viewed as [B, H, L, L]: (B, H)
     row_scales: List["RowScale"] = dataclasses.field(default_factory=list)
+    sink: Optional[fx.Node] = None   # attention sinks: a (B, H, Lq, 1) logit beside the keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +132,45 @@ def _transposed_contraction(n: fx.Node) -> Optional[C.Contraction]:
     return dataclasses.replace(c, node=n, out_labels=o[:-2] + o[-1] + o[-2])
 
 
+def _sink_parts(sm: fx.Node, x: fx.Node):
+    """Attention sinks (GPT-OSS): the softmax runs over ``cat([s, sink], -1)``
+    (behind a row-max shift of that cat) and its only use drops the sink's
+    column (``p[..., :-1]``).  Then ``(s, sink, the slice)``, else None.  The
+    site is s's attention with the sink in the denominator:
+    out = softmax(s)·V ⊙ sigmoid(lse(s) - sink) (layout.with_sink)."""
+    shifted = C.row_max_shift(x)
+    if shifted is not None and shifted[1] is not shifted[0]:
+        return None
+    cat = shifted[0] if shifted is not None else x
+    op = C.canonical(cat)
+    if op is None or op.name != "cat" or len(sm.users) != 1:
+        return None
+    parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    shape = C.shape_of(cat)
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not isinstance(dim, int) or shape is None \
+            or C.norm_dim(dim, len(shape)) != len(shape) - 1 or not all(isinstance(t, fx.Node) for t in parts):
+        return None
+    s, sink = parts
+    sink_shape, s_shape = C.shape_of(sink), C.shape_of(s)
+    if sink_shape is None or s_shape is None or sink_shape[-1] != 1 or not isinstance(s_shape[-1], int):
+        return None
+    sl = next(iter(sm.users))
+    sop = C.canonical(sl)
+    if sop is None or sop.name != "getitem" or sop.kw.get("input") is not sm:
+        return None
+    index = sop.kw.get("index")
+    index = index if isinstance(index, tuple) else (index,)
+    last = index[-1] if index else None
+    full = slice(None, None, None)
+    lead_ok = all(i is Ellipsis or i == full for i in index[:-1]) and \
+        (Ellipsis in index or len(index) == len(shape))
+    if not (lead_ok and isinstance(last, slice) and last.start in (None, 0) and last.step in (None, 1)
+            and last.stop in (-1, s_shape[-1])):
+        return None
+    return s, sink, sl
+
+
 def _concatenated_scores(x: fx.Node) -> bool:
     """Whether ``x`` (behind a row-max shift) concatenates, along the last
     axis, scores made by a contraction with other logits (GPT-OSS's sinks:
@@ -180,6 +220,10 @@ def _is_score_contraction(c: C.Contraction, xs) -> bool:
 
 
 def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
+    sink = _sink_parts(node, x)
+    start = node
+    if sink is not None:        # GPT-OSS: x = cat([scores, sink]); P = softmax(x)[..., :-1]
+        x, sink, start = sink
     candidates = qk_candidates(x)
     qk = next(candidates, None)
     if qk is None:
@@ -192,7 +236,7 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
                 raise Decline("the softmax runs over the scores concatenated with other logits "
                               "(attention sinks)")
         return None
-    pv, post, p_operand, dropout_p, swapped = _follow_probabilities(node)
+    pv, post, p_operand, dropout_p, swapped = _follow_probabilities(node, start)
     rank = len(C.shape_of(x))
     if C.norm_dim(dim, rank) != rank - 1:
         if pv is None:
@@ -208,7 +252,7 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
     first = None
     for _ in range(_MAX_QK_TRIES):
         try:
-            return _build(node, x, qk, pv, p_operand, dropout_p, swapped, post)
+            return _build(node, x, qk, pv, p_operand, dropout_p, swapped, post, sink, start)
         except Decline as e:
             first = first or e
         qk = next(candidates, None)
@@ -272,7 +316,7 @@ def _swaps_last_two(op: C.COp, rank: int) -> bool:
     return False
 
 
-def _follow_probabilities(sm: fx.Node):
+def _follow_probabilities(sm: fx.Node, start: Optional[fx.Node] = None):
     """Walk from the softmax to the P·V contraction.
 
     Returns ``(pv, post_nodes, p_index, dropout_p, swapped)``; ``pv`` None with a
@@ -281,7 +325,7 @@ def _follow_probabilities(sm: fx.Node):
     ``swapped``: P reaches the product transposed, as V·Pᵀ (SAGAN's
     ``bmm(v, p.permute(0, 2, 1))``), so its key axis is the operand's second last.
     """
-    cur, post, p, swapped = sm, [], 0.0, False
+    cur, post, p, swapped = start or sm, [], 0.0, False
     while True:
         users = list(cur.users)
         if len(users) == 1:
@@ -391,7 +435,8 @@ def _dropout_p(op: C.COp) -> float:
 # ---- operands ----------------------------------------------------------------
 
 
-def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swapped=False, post=()):
+def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swapped=False, post=(),
+           sink=None, start=None):
     o = qk.out_labels
     if len(o) not in (3, 4, 5):
         raise Decline(f"scores of rank {len(o)} (3-D to 5-D supported)")
@@ -435,9 +480,15 @@ def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swap
     dtype_users = _check_chain_users(chain, _softmax_body(x, sm))
     if len(batch) == 3:
         _check_grouped(q, k, v, C.shape_of(qk.node))
-    scales = _row_scales(sm, post, pn, plabels, pv.out_labels, {sm, x, qk.node} | chain)
+    site = {sm, x, qk.node} | chain
+    scales = _row_scales(start or sm, post, pn, plabels, pv.out_labels, site)
+    if sink is not None:
+        if len(batch) != 2 or heads is not None or swapped or len(C.shape_of(sink)) != 4:
+            raise Decline("attention sinks on scores that are not [B, H, Lq, Lk]")
+        if not _precedes(sink, site) and _reads(sink, site):
+            raise Decline("the attention sinks may be computed from the scores")
     return SiteMatch(sm, x, qk, pv, q, k, v, pv.out_labels, op_out, len(batch),
-                     dropout_p, chain, dtype_users, heads, scales)
+                     dropout_p, chain, dtype_users, heads, scales, sink)
 
 
 def _row_scales(sm, post, pn, plabels: str, out_labels: str, site: set) -> List[RowScale]:

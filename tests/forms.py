@@ -1043,3 +1043,36 @@ def xlm_expand_as_in_place(q, k, v, mask):
     scores.masked_fill_(m, torch.finfo(scores.dtype).min)
     weights = F.softmax(scores.float(), dim=-1).type_as(scores)
     return torch.matmul(F.dropout(weights, p=0.0, training=False), v)
+
+
+class GptOssSinks(nn.Module):
+    """GPT-OSS (transformers' eager path): a learned sink logit per head
+    concatenated to the scores, the row max of both subtracted, the softmax
+    over both in the scores' dtype, the sink's column dropped; GQA through
+    repeat_kv and an additive causal mask.  The sink takes its share of the
+    denominator: out = softmax(s)·V ⊙ sigmoid(lse - sink)."""
+
+    def __init__(self, heads=4):
+        super().__init__()
+        self.sinks = nn.Parameter(torch.linspace(-1.0, 2.0, heads))
+
+    def forward(self, q, k, v):
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        Lq, Lk = q.shape[-2], k.shape[-2]
+        causal = torch.full((Lq, Lk), torch.finfo(q.dtype).min, dtype=q.dtype, device=q.device).triu(1)
+        w = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5 + causal
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, Lq, -1)
+        c = torch.cat([w, sinks.to(w.dtype)], dim=-1)
+        c = c - c.max(dim=-1, keepdim=True).values
+        p = F.softmax(c, dim=-1, dtype=c.dtype)[..., :-1]
+        return torch.matmul(F.dropout(p, p=0.0, training=False).to(v.dtype), v)
+
+
+def sinks_with_empty_rows(q, k, v, sink):
+    """Sinks with a -inf mask that leaves the first query rows no key: eager's
+    softmax puts all their mass on the sink (output 0), ours too."""
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
+    s = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill((j > i - 3) & (j > 0) | (i < 2), float("-inf"))
+    c = torch.cat([s, sink.expand(q.shape[0], -1, Lq, 1)], dim=-1)
+    return F.softmax(c, dim=-1)[:, :, :, :Lk] @ v

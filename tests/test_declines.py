@@ -110,15 +110,14 @@ def deberta_xsoftmax(q, k, v):
     return torch.softmax(s, -1).masked_fill(rmask, 0) @ v
 
 
-def gpt_oss_attention_sinks(q, k, v):
-    """GPT-OSS: a per-head sink logit concatenated to the scores, the row max
-    of both subtracted, the softmax over both, the sink's column dropped."""
-    sinks = torch.linspace(-1.0, 1.0, q.shape[1])
+def two_sink_columns(q, k, v):
+    """Two extra logit columns concatenated to the scores, both dropped after
+    the softmax (a form the sink rewrite does not take: one column only)."""
+    extra = torch.linspace(-1.0, 1.0, 2 * q.shape[1]).reshape(1, -1, 1, 2)
     w = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
-    c = torch.cat([w, sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)], dim=-1)
-    c = c - c.max(dim=-1, keepdim=True).values
-    p = F.softmax(c, dim=-1, dtype=c.dtype)[..., :-1]
-    return torch.matmul(F.dropout(p, p=0.0, training=False).to(v.dtype), v)
+    c = torch.cat([w, extra.expand(q.shape[0], -1, q.shape[-2], -1)], dim=-1)
+    p = F.softmax(c, dim=-1)[..., :-2]
+    return torch.matmul(p, v)
 
 
 DECLINED = [
@@ -134,7 +133,7 @@ DECLINED = [
     (probs_inplace_zeroed, []),
     (probs_scaled_by_score_rowmax, ["scores"]),
     (deberta_xsoftmax, ["masked_fill", "between the softmax and p·v"]),
-    (gpt_oss_attention_sinks, ["sinks"]),
+    (two_sink_columns, ["concatenated"]),
 ]
 
 

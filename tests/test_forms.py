@@ -435,6 +435,9 @@ RESEARCH_CASES = [
     Case("distilbert_expand_as_mask", lambda dt: (forms.distilbert_expand_as_mask,
                                                   _qkv(dt) + [_keep_mask().long()])),
     Case("xlm_expand_as_in_place", lambda dt: (forms.xlm_expand_as_in_place, _qkv(dt) + [_keep_mask().float()])),
+    Case("gpt_oss_sinks", _mod(forms.GptOssSinks, lambda dt: _qkv(dt, hkv=H // 2)), kv_heads=H // 2),
+    Case("sinks_with_empty_rows", lambda dt: (forms.sinks_with_empty_rows,
+                                              _qkv(dt) + [_t(1, H, 1, 1, dtype=dt)])),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -458,6 +461,8 @@ def test_research_form_fp32_forward_backward(case):
     ("dense_gat_ones_like_fill", "bf16"),
     ("local_band_with_global_tokens", "bf16"),
     ("xlm_expand_as_in_place", "bf16"),
+    ("gpt_oss_sinks", "bf16"),
+    ("sinks_with_empty_rows", "fp16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_research_form_low_precision_forward(case_id, dtype, on_kernels):
@@ -534,3 +539,12 @@ def test_in_place_writes_to_the_scores_leave_with_them(case_id):
             and (str(getattr(n.target, "__name__", n.target)) in ("matmul", "masked_fill_", "iadd", "add_")
                  or "matmul" in str(n.target))]
     assert not left, [n.format_node() for n in left]
+
+
+@pytest.mark.parametrize("case_id", ["gpt_oss_sinks", "sinks_with_empty_rows"])
+def test_sinks_on_the_kernels_forward_backward(case_id):
+    """Attention sinks through the generated kernels (Triton's interpreter on
+    CPU), float32 forward and backward: the sink's gradient comes through the
+    op's lse (delta - dlse), and rows that keep no key give 0 and no nan."""
+    with _implementation(True):
+        check_case(RESEARCH_BY_ID[case_id])

@@ -188,6 +188,22 @@ def layoutlm():
     return transformers.LayoutLMForMaskedLM(cfg)
 
 
+def gpt_oss():
+    """GPT-OSS: attention sinks (a learned logit per head beside the keys),
+    GQA, sliding-window and full layers, a mixture of experts."""
+    cfg = transformers.GptOssConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        attn_implementation="eager")
+    model = transformers.GptOssForCausalLM(cfg)
+    model.set_experts_implementation("eager")      # the grouped expert matmul has no float64 path
+    with torch.no_grad():      # sinks start at 0; spread them so they matter
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.sinks.copy_(torch.linspace(-1.0, 1.5, 4) + i)
+    return model
+
+
 def _padding_mask(L):
     mask = torch.ones(B, L, dtype=torch.long)
     mask[0, L - 3:] = 0  # row 0 right-padded, row 1 full
@@ -438,6 +454,8 @@ KERNEL_CASES = {
                                                  "decoder_input_ids": _ids(7, seed=3)}}, 3 * LAYERS),
     "bloom_alibi_padding": (bloom, lambda: {"inputs": {"input_ids": _ids(10),
                                                        "attention_mask": _padding_mask(10)}}, LAYERS),
+    "gpt_oss_sinks_padding": (gpt_oss, lambda: {"inputs": {"input_ids": _ids(10),
+                                                          "attention_mask": _padding_mask(10)}}, LAYERS),
 }
 
 
