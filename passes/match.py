@@ -139,8 +139,10 @@ def _sink_parts(sm: fx.Node, x: fx.Node):
     site is s's attention with the sink in the denominator:
     out = softmax(s)·V ⊙ sigmoid(lse(s) - sink) (layout.with_sink)."""
     shifted = C.row_max_shift(x)
-    if shifted is not None and shifted[1] is not shifted[0]:
-        return None
+    rank = len(C.shape_of(x) or ())
+    if shifted is not None and (shifted[1] is not shifted[0] or not isinstance(shifted[2], int)
+                                or C.norm_dim(shifted[2], rank) != rank - 1):
+        return None             # a shift by the max over another axis is not one per row
     cat = shifted[0] if shifted is not None else x
     op = C.canonical(cat)
     if op is None or op.name != "cat" or len(sm.users) != 1:
