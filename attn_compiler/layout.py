@@ -101,6 +101,12 @@ def scale_rows(y: torch.Tensor, factor, div: bool, shapes, axes) -> torch.Tensor
     return (y / factor if div else y * factor).to(y.dtype)
 
 
+def lse_as(lse: torch.Tensor, keepdim: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The op's log-sum-exp of the modified scores in place of the user's
+    ``torch.logsumexp(scores, -1, keepdim)`` (in that call's dtype)."""
+    return (lse.unsqueeze(-1) if keepdim else lse).to(dtype)
+
+
 def with_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
     """Attention with a sink logit per row (GPT-OSS): the softmax over the keys
     and the sink, without the sink's column, is softmax(s) · e^lse / (e^lse +

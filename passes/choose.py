@@ -194,7 +194,8 @@ def choose(gm: fx.GraphModule, m, analysis, final: fx.Node, op_node: fx.Node, ch
     # lengths the graph runs at whatever they are: host cost measured at the hint misleads
     dynamic = any(not isinstance(x, int) for a in op_node.args[:3] for x in C.example_value(a).shape)
     host_cost = not graphs and not dynamic
-    sink = getattr(m, "sink", None) is not None         # SDPA gives no lse: not a candidate
+    # SDPA gives no lse: not a candidate where the site's lse is read (sinks, a logsumexp of the scores)
+    sink = getattr(m, "sink", None) is not None or bool(getattr(m, "lse_users", None))
     key = _key(analysis.spec, op_node, training, ("g" if graphs else "d" if dynamic else "c") + ("s" if sink else ""))
     ours.name = OURS
     candidates: Dict[str, Callable[[], object]] = {OURS: ours}

@@ -52,6 +52,7 @@ class SiteMatch:
     heads: Optional[Tuple] = None  # 3-D scores viewed as [B, H, L, L]: (B, H)
     row_scales: List["RowScale"] = dataclasses.field(default_factory=list)
     sink: Optional[fx.Node] = None   # attention sinks: a (B, H, Lq, 1) logit beside the keys
+    lse_users: List[fx.Node] = dataclasses.field(default_factory=list)   # logsumexp(scores, -1): the op's lse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,7 +480,11 @@ def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swap
     for operand, name in ((q, "query"), (k, "key"), (v, "value")):
         if not C.example_value(operand.node).dtype.is_floating_point:
             raise Decline(f"{name} is not a floating-point tensor")
-    dtype_users = _check_chain_users(chain, _softmax_body(x, sm))
+    dtype_users = _check_chain_users(chain, _softmax_body(x, sm), x)
+    lse_users = [u for u in dtype_users if C.canonical(u).name == "logsumexp"]
+    dtype_users = [u for u in dtype_users if u not in lse_users]
+    if lse_users and (len(batch) != 2 or heads is not None):
+        raise Decline("the scores' logsumexp is read, on scores that are not [B, H, Lq, Lk]")
     if len(batch) == 3:
         _check_grouped(q, k, v, C.shape_of(qk.node))
     site = {sm, x, qk.node} | chain
@@ -490,7 +495,7 @@ def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swap
         if not _precedes(sink, site) and _reads(sink, site):
             raise Decline("the attention sinks may be computed from the scores")
     return SiteMatch(sm, x, qk, pv, q, k, v, pv.out_labels, op_out, len(batch),
-                     dropout_p, chain, dtype_users, heads, scales, sink)
+                     dropout_p, chain, dtype_users, heads, scales, sink, lse_users)
 
 
 def _row_scales(sm, post, pn, plabels: str, out_labels: str, site: set) -> List[RowScale]:
@@ -596,7 +601,19 @@ def _reaches(x: fx.Node, a: fx.Node, depth: int = 6) -> bool:
     return any(i is x or _reaches(x, i, depth - 1) for i in a.all_input_nodes)
 
 
-def _check_chain_users(chain: set, softmax_body: set) -> List[fx.Node]:
+def _lse_of(user: fx.Node, x: fx.Node) -> bool:
+    """``torch.logsumexp(x, -1)`` of the softmax input itself (Granite's sink
+    scaling): the op computes that, its lse."""
+    op = C.canonical(user)
+    if op is None or op.name != "logsumexp" or op.kw.get("input") is not x:
+        return False
+    dim = op.kw.get("dim")
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    rank = len(C.shape_of(x) or ())
+    return isinstance(dim, int) and rank > 0 and C.norm_dim(dim, rank) == rank - 1
+
+
+def _check_chain_users(chain: set, softmax_body: set, x: Optional[fx.Node] = None) -> List[fx.Node]:
     """Every user of a score must be in the chain (or the softmax); a
     ``y.type_as(scores)`` only reads the dtype and is returned to be rewired."""
     dtype_users = []
@@ -608,6 +625,9 @@ def _check_chain_users(chain: set, softmax_body: set) -> List[fx.Node]:
             if op is not None and op.name == "type_as" and op.kw.get("other") is n \
                     and op.kw.get("input") is not n:
                 dtype_users.append(u)
+                continue
+            if n is x and _lse_of(u, x):
+                dtype_users.append(u)      # rewired to the op's lse
                 continue
             if _shape_only(u, n) or _expanded_to(u, n):
                 ev = C.example_value(u)

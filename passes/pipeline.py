@@ -97,6 +97,7 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> Lis
                         op_node(final).target = sdpa_attention
                     site.status = FUSED
                     dead.append(item.pv.node)
+                    dead.extend(item.lse_users)         # rewired to the op's lse
                     internal |= item.chain
                     for n in analysis.folded:
                         folded[n] = (positions.get(n), values[n])

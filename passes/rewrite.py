@@ -16,7 +16,7 @@ import torch.fx as fx
 from attn_compiler import layout
 
 from . import canonicalize as C
-from .analyze.values import _size_eq
+from .analyze.values import Decline, _size_eq
 from attn_compiler import ops as _ops  # noqa: F401  registers torch.ops.attn_compiler
 
 
@@ -25,14 +25,17 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
     get = lambda n: replaced.get(n, n)  # noqa: E731  operands may be earlier sites' outputs
     anchor = m.pv.node
     created = []
+    lse_users = list(getattr(m, "lse_users", ()))
+    op_at = _op_position(g, anchor, lse_users, [get(o.node) for o in (m.q, m.k, m.v)]
+                         + [get(c.node) for c in analysis.captures])
     try:
-        with g.inserting_before(anchor):
-            def call(fn, *args):
-                n = g.call_function(fn, args)
-                n.meta["stack_trace"] = anchor.meta.get("stack_trace")
-                created.append(n)
-                return n
+        def call(fn, *args):
+            n = g.call_function(fn, args)
+            n.meta["stack_trace"] = anchor.meta.get("stack_trace")
+            created.append(n)
+            return n
 
+        with g.inserting_before(op_at):
             heads = m.heads[1] if m.heads is not None else None
             q, k, v = (call(layout.to_op_layout, get(o.node), o.labels, o.target,
                             None if _lead_is_one(o) else heads) for o in (m.q, m.k, m.v))
@@ -44,6 +47,14 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
             seed = call(layout.dropout_seed) if analysis.spec.dropout_p > 0 else None
             res = call(torch.ops.attn_compiler.attention.default, q, k, v, caps,
                        analysis.spec.dumps(), seed)
+        rewired = []
+        for u in lse_users:              # logsumexp(scores, -1) -> the op's lse
+            with g.inserting_before(u):
+                op = C.canonical(u)
+                new = call(layout.lse_as, call(operator.getitem, res, 1), bool(op.kw.get("keepdim", False)),
+                           C.example_value(u).dtype)
+            rewired.append((u, new))
+        with g.inserting_before(anchor):
             out = call(operator.getitem, res, 0)
             if m.sink is not None:          # the sink's share of the denominator, from lse
                 out = call(layout.with_sink, out, call(operator.getitem, res, 1), get(m.sink))
@@ -60,6 +71,9 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
     anchor.replace_all_uses_with(final)
     replaced[anchor] = final
     final.meta["attn_compiler_nodes"] = list(created)     # what undo() erases
+    for u, new in rewired:
+        u.replace_all_uses_with(new)
+    final.meta["attn_compiler_rewired"] = rewired            # what undo() puts back
     for u in m.dtype_users:
         with g.inserting_before(u):
             op = C.canonical(u)
@@ -76,6 +90,20 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
         u.replace_all_uses_with(new)
         g.erase_node(u)
     return final
+
+
+def _op_position(g: fx.Graph, anchor: fx.Node, lse_users, inputs) -> fx.Node:
+    """Where the op call goes: before P·V, or before the first reader of the
+    scores' logsumexp when that comes first (Granite computes it before the
+    softmax); every input of the op must be defined there."""
+    if not lse_users:
+        return anchor
+    pos = {n: i for i, n in enumerate(g.nodes)}
+    at = min([anchor, *lse_users], key=pos.__getitem__)
+    late = [n for n in inputs if isinstance(n, fx.Node) and pos[n] >= pos[at]]
+    if late:
+        raise Decline(f"'{late[0].name}', an input of the attention, is made after the scores' logsumexp")
+    return at
 
 
 def _constant_like(shape, fill, dtype, device) -> torch.Tensor:
@@ -127,6 +155,8 @@ def op_node(final: fx.Node) -> fx.Node:
 def undo(gm: fx.GraphModule, anchor: fx.Node, final: fx.Node, replaced: Dict[fx.Node, fx.Node]) -> None:
     """Put the original site back (its nodes were left in the graph)."""
     final.replace_all_uses_with(anchor)
+    for u, new in final.meta.get("attn_compiler_rewired", ()):
+        new.replace_all_uses_with(u)
     for n in reversed(final.meta["attn_compiler_nodes"]):
         if not n.users:
             gm.graph.erase_node(n)

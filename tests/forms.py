@@ -1076,3 +1076,21 @@ def sinks_with_empty_rows(q, k, v, sink):
     s = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill((j > i - 3) & (j > 0) | (i < 2), float("-inf"))
     c = torch.cat([s, sink.expand(q.shape[0], -1, Lq, 1)], dim=-1)
     return F.softmax(c, dim=-1)[:, :, :, :Lk] @ v
+
+
+class GraniteSinkScale(nn.Module):
+    """Granite SWA: the sink applied after the attention as
+    ``sigmoid(logsumexp(scores) - sink)``; the logsumexp of the scores is the
+    op's own lse (rewired), so the scores are not kept for it."""
+
+    def __init__(self, heads=4):
+        super().__init__()
+        self.sinks = nn.Parameter(torch.linspace(-1.0, 1.5, heads))
+
+    def forward(self, q, k, v, mask):
+        w = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5 + mask
+        lse = torch.logsumexp(w, dim=-1)
+        sink_scale = (lse - self.sinks.view(1, -1, 1)).to(torch.float32).sigmoid()
+        p = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        o = torch.matmul(F.dropout(p, p=0.0, training=False), v)
+        return o * sink_scale.unsqueeze(-1).to(o.dtype)

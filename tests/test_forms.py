@@ -438,6 +438,8 @@ RESEARCH_CASES = [
     Case("gpt_oss_sinks", _mod(forms.GptOssSinks, lambda dt: _qkv(dt, hkv=H // 2)), kv_heads=H // 2),
     Case("sinks_with_empty_rows", lambda dt: (forms.sinks_with_empty_rows,
                                               _qkv(dt) + [_t(1, H, 1, 1, dtype=dt)])),
+    Case("granite_sink_scale", _mod(forms.GraniteSinkScale,
+                                    lambda dt: _qkv(dt) + [_additive(_keep_mask(), dt)[:, None, None, :]])),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -463,6 +465,7 @@ def test_research_form_fp32_forward_backward(case):
     ("xlm_expand_as_in_place", "bf16"),
     ("gpt_oss_sinks", "bf16"),
     ("sinks_with_empty_rows", "fp16"),
+    ("granite_sink_scale", "bf16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_research_form_low_precision_forward(case_id, dtype, on_kernels):
@@ -519,11 +522,13 @@ def test_swinv2_logit_scale_gets_gradient():
     golden_check(g_ours, g_eager, g_gold, name="dlogit_scale")
 
 
-@pytest.mark.parametrize("case_id", ["inplace_masked_fill_", "xlm_expand_as_in_place", "inplace_iadd_bias"])
+@pytest.mark.parametrize("case_id", ["inplace_masked_fill_", "xlm_expand_as_in_place", "inplace_iadd_bias",
+                                     "granite_sink_scale"])
 def test_in_place_writes_to_the_scores_leave_with_them(case_id):
     """An in-place op on a fused site's own scores (``scores.masked_fill_``,
     ``scores += bias``) is erased with the site: nothing reads those scores
-    any more, and keeping the write would keep the Lq x Lk product alive."""
+    any more, and keeping the write would keep the Lq x Lk product alive.  So
+    is a ``logsumexp`` of the scores, read from the op's lse instead."""
     graphs = []
 
     def inner(gm, example_inputs):
@@ -536,12 +541,13 @@ def test_in_place_writes_to_the_scores_leave_with_them(case_id):
     torch.compile(fn, backend=attn_compiler.backend(inner=inner))(*args)
     assert_fused(attn_compiler.report(), 1)
     left = [n for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_method")
-            and (str(getattr(n.target, "__name__", n.target)) in ("matmul", "masked_fill_", "iadd", "add_")
+            and (str(getattr(n.target, "__name__", n.target)) in ("matmul", "masked_fill_", "iadd", "add_",
+                                                                  "logsumexp")
                  or "matmul" in str(n.target))]
     assert not left, [n.format_node() for n in left]
 
 
-@pytest.mark.parametrize("case_id", ["gpt_oss_sinks", "sinks_with_empty_rows"])
+@pytest.mark.parametrize("case_id", ["gpt_oss_sinks", "sinks_with_empty_rows", "granite_sink_scale"])
 def test_sinks_on_the_kernels_forward_backward(case_id):
     """Attention sinks through the generated kernels (Triton's interpreter on
     CPU), float32 forward and backward: the sink's gradient comes through the

@@ -204,6 +204,20 @@ def gpt_oss():
     return model
 
 
+def granite_swa():
+    """Granite SWA: sinks applied after the attention as
+    sigmoid(logsumexp(scores) - sink); the logsumexp is the op's lse."""
+    cfg = transformers.GraniteSWAConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=0, eos_token_id=1, pad_token_id=0, attn_implementation="eager")
+    model = transformers.GraniteSWAForCausalLM(cfg)
+    with torch.no_grad():      # sinks start at 0; spread them so they matter
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.sinks.copy_(torch.linspace(-1.0, 1.5, 4) - i)
+    return model
+
+
 def _padding_mask(L):
     mask = torch.ones(B, L, dtype=torch.long)
     mask[0, L - 3:] = 0  # row 0 right-padded, row 1 full
@@ -456,6 +470,8 @@ KERNEL_CASES = {
                                                        "attention_mask": _padding_mask(10)}}, LAYERS),
     "gpt_oss_sinks_padding": (gpt_oss, lambda: {"inputs": {"input_ids": _ids(10),
                                                           "attention_mask": _padding_mask(10)}}, LAYERS),
+    "granite_swa_sink_scale": (granite_swa, lambda: {"inputs": {"input_ids": _ids(10),
+                                                               "attention_mask": _padding_mask(10)}}, LAYERS),
 }
 
 
