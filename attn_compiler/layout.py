@@ -107,6 +107,17 @@ def lse_as(lse: torch.Tensor, keepdim: bool, dtype: torch.dtype) -> torch.Tensor
     return (lse.unsqueeze(-1) if keepdim else lse).to(dtype)
 
 
+def zero_empty_rows(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``nan_to_num(P)`` before P·V: a row that keeps no key (a -inf mask
+    over all of it: lse = -inf, the softmax nan) gives 0; every other row of
+    P holds no nan, so it is unchanged.  The lse also enters with weight 0, so
+    the backward receives a (zero) lse gradient: with one, the op's backward
+    reads such rows as P = 0 (eager's nan_to_num(P)), so dV stays finite."""
+    empty = torch.isneginf(lse).unsqueeze(-1)
+    read = torch.where(empty, 0.0, lse.unsqueeze(-1)) * 0.0
+    return torch.where(empty, torch.zeros((), dtype=out.dtype, device=out.device), out + read.to(out.dtype))
+
+
 def with_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
     """Attention with a sink logit per row (GPT-OSS): the softmax over the keys
     and the sink, without the sink's column, is softmax(s) · e^lse / (e^lse +

@@ -66,6 +66,7 @@ _SIGNATURES: Dict[str, Tuple[str, ...]] = {
     "softmax": ("input", "dim", "_stacklevel", "dtype"),
     "log_softmax": ("input", "dim", "_stacklevel", "dtype"),
     "logsumexp": ("input", "dim", "keepdim"),
+    "nan_to_num": ("input", "nan", "posinf", "neginf"),
     "dropout": ("input", "p", "training", "inplace"),
     "matmul": ("input", "other"), "bmm": ("input", "mat2"),
     "baddbmm": ("input", "batch1", "batch2", "beta", "alpha"),

@@ -195,7 +195,8 @@ def choose(gm: fx.GraphModule, m, analysis, final: fx.Node, op_node: fx.Node, ch
     dynamic = any(not isinstance(x, int) for a in op_node.args[:3] for x in C.example_value(a).shape)
     host_cost = not graphs and not dynamic
     # SDPA gives no lse: not a candidate where the site's lse is read (sinks, a logsumexp of the scores)
-    sink = getattr(m, "sink", None) is not None or bool(getattr(m, "lse_users", None))
+    sink = (getattr(m, "sink", None) is not None or bool(getattr(m, "lse_users", None))
+            or getattr(m, "zero_empty_rows", False))
     key = _key(analysis.spec, op_node, training, ("g" if graphs else "d" if dynamic else "c") + ("s" if sink else ""))
     ours.name = OURS
     candidates: Dict[str, Callable[[], object]] = {OURS: ours}

@@ -53,6 +53,7 @@ class SiteMatch:
     row_scales: List["RowScale"] = dataclasses.field(default_factory=list)
     sink: Optional[fx.Node] = None   # attention sinks: a (B, H, Lq, 1) logit beside the keys
     lse_users: List[fx.Node] = dataclasses.field(default_factory=list)   # logsumexp(scores, -1): the op's lse
+    zero_empty_rows: bool = False    # nan_to_num(P): a row that keeps no key gives 0, not nan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,6 +343,11 @@ def _follow_probabilities(sm: fx.Node, start: Optional[fx.Node] = None):
                 post.append(users[0])
                 cur = users[0]
                 continue
+            if op is not None and op.name == "nan_to_num" and op.kw.get("input") is cur \
+                    and op.kw.get("nan", 0.0) == 0 and not isinstance(op.kw.get("nan", 0.0), fx.Node):
+                post.append(users[0])      # P's nan rows (no key kept, -inf masks) become 0
+                cur = users[0]
+                continue
             if op is not None and op.name in ("mul", "div") and not swapped and _row_factor(op, cur) is not None:
                 post.append(users[0])      # a head mask: P · m = m ⊙ (P·V) when m is one per row
                 cur = users[0]
@@ -494,8 +500,11 @@ def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swap
             raise Decline("attention sinks on scores that are not [B, H, Lq, Lk]")
         if not _precedes(sink, site) and _reads(sink, site):
             raise Decline("the attention sinks may be computed from the scores")
+    zero_rows = any(C.canonical(n).name == "nan_to_num" for n in post)
+    if zero_rows and (len(batch) != 2 or heads is not None):
+        raise Decline("nan_to_num of the probabilities on scores that are not [B, H, Lq, Lk]")
     return SiteMatch(sm, x, qk, pv, q, k, v, pv.out_labels, op_out, len(batch),
-                     dropout_p, chain, dtype_users, heads, scales, sink, lse_users)
+                     dropout_p, chain, dtype_users, heads, scales, sink, lse_users, zero_rows)
 
 
 def _row_scales(sm, post, pn, plabels: str, out_labels: str, site: set) -> List[RowScale]:

@@ -58,6 +58,8 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
             out = call(operator.getitem, res, 0)
             if m.sink is not None:          # the sink's share of the denominator, from lse
                 out = call(layout.with_sink, out, call(operator.getitem, res, 1), get(m.sink))
+            if getattr(m, "zero_empty_rows", False):
+                out = call(layout.zero_empty_rows, out, call(operator.getitem, res, 1))
             group = C.shape_of(m.qk.node)[2] if m.batch_rank == 3 else None
             final = call(layout.from_op_layout, out, m.op_out_labels, m.out_labels, group)
             for rs in m.row_scales:

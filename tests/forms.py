@@ -1094,3 +1094,10 @@ class GraniteSinkScale(nn.Module):
         p = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
         o = torch.matmul(F.dropout(p, p=0.0, training=False), v)
         return o * sink_scale.unsqueeze(-1).to(o.dtype)
+
+
+def nan_to_num_probabilities(q, k, v, keep):
+    """``torch.nan_to_num(softmax(s))`` after a -inf mask that leaves some
+    query rows no key: those rows give 0 (and finite gradients), not nan."""
+    s = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~keep, float("-inf"))
+    return torch.nan_to_num(F.softmax(s, dim=-1), nan=0.0) @ v

@@ -385,6 +385,15 @@ def _left_padding(b=B, lk=L):
     return keep
 
 
+def _rows_without_keys(n=L):
+    """(B, 1, n, n) bool keep mask: batch 0's first 3 query rows keep no key,
+    batch 1 keeps its first 8 keys."""
+    keep = torch.ones(B, 1, n, n, dtype=torch.bool)
+    keep[0, :, :3] = False
+    keep[1, :, :, 8:] = False
+    return keep
+
+
 def _adjacency(n=L):
     """(1, 1, n, n) 0/1 float adjacency with self loops (every row keeps a key)."""
     g = torch.Generator().manual_seed(1)
@@ -440,6 +449,7 @@ RESEARCH_CASES = [
                                               _qkv(dt) + [_t(1, H, 1, 1, dtype=dt)])),
     Case("granite_sink_scale", _mod(forms.GraniteSinkScale,
                                     lambda dt: _qkv(dt) + [_additive(_keep_mask(), dt)[:, None, None, :]])),
+    Case("nan_to_num_probabilities", lambda dt: (forms.nan_to_num_probabilities, _qkv(dt) + [_rows_without_keys()])),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -466,6 +476,7 @@ def test_research_form_fp32_forward_backward(case):
     ("gpt_oss_sinks", "bf16"),
     ("sinks_with_empty_rows", "fp16"),
     ("granite_sink_scale", "bf16"),
+    ("nan_to_num_probabilities", "bf16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_research_form_low_precision_forward(case_id, dtype, on_kernels):
@@ -547,7 +558,8 @@ def test_in_place_writes_to_the_scores_leave_with_them(case_id):
     assert not left, [n.format_node() for n in left]
 
 
-@pytest.mark.parametrize("case_id", ["gpt_oss_sinks", "sinks_with_empty_rows", "granite_sink_scale"])
+@pytest.mark.parametrize("case_id", ["gpt_oss_sinks", "sinks_with_empty_rows", "granite_sink_scale",
+                                     "nan_to_num_probabilities"])
 def test_sinks_on_the_kernels_forward_backward(case_id):
     """Attention sinks through the generated kernels (Triton's interpreter on
     CPU), float32 forward and backward: the sink's gradient comes through the
