@@ -194,13 +194,11 @@ def choose(gm: fx.GraphModule, m, analysis, final: fx.Node, op_node: fx.Node, ch
     # lengths the graph runs at whatever they are: host cost measured at the hint misleads
     dynamic = any(not isinstance(x, int) for a in op_node.args[:3] for x in C.example_value(a).shape)
     host_cost = not graphs and not dynamic
-    # SDPA gives no lse: not a candidate where the site's lse is read (sinks, a logsumexp of the scores)
-    sink = (getattr(m, "sink", None) is not None or bool(getattr(m, "lse_users", None))
-            or getattr(m, "zero_empty_rows", False))
-    key = _key(analysis.spec, op_node, training, ("g" if graphs else "d" if dynamic else "c") + ("s" if sink else ""))
+    reads_lse = m.reads_lse         # SDPA gives no lse: then not a candidate
+    key = _key(analysis.spec, op_node, training, ("g" if graphs else "d" if dynamic else "c") + ("s" if reads_lse else ""))
     ours.name = OURS
     candidates: Dict[str, Callable[[], object]] = {OURS: ours}
-    if sdpa.sdpa_form(analysis.spec) is not None and not sink:
+    if sdpa.sdpa_form(analysis.spec) is not None and not reads_lse:
         candidates[SDPA] = _Runner(gm, _subgraph(sources, final), sources, checker, training,
                                    override={op_node: sdpa.sdpa_attention}, name=SDPA)
     candidates[ORIGINAL] = _Runner(gm, _subgraph(sources, m.pv.node), sources, checker, training, name=ORIGINAL)
@@ -321,7 +319,7 @@ def _kernel_choices(spec, site_key: str) -> Dict[str, str]:
 
 def _key(spec, op_node: fx.Node, training: bool, regime: str) -> str:
     """The decision's cache key; ``regime``: "g" CUDA graphs, "d" dynamic lengths,
-    "c" neither (host cost counted), then "s" for a site with attention sinks."""
+    "c" neither (host cost counted), then "s" for a site whose lse is read."""
     from attn_compiler.dispatch import source_digest
 
     q, k, v = (C.example_value(a) for a in op_node.args[:3])

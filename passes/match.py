@@ -55,6 +55,12 @@ class SiteMatch:
     lse_users: List[fx.Node] = dataclasses.field(default_factory=list)   # logsumexp(scores, -1): the op's lse
     zero_empty_rows: bool = False    # nan_to_num(P): a row that keeps no key gives 0, not nan
 
+    @property
+    def reads_lse(self) -> bool:
+        """Whether the rewrite reads the op's lse (sinks, a logsumexp of the
+        scores, nan_to_num(P)): SDPA, which gives none, cannot stand in."""
+        return self.sink is not None or bool(self.lse_users) or self.zero_empty_rows
+
 
 @dataclasses.dataclass(frozen=True)
 class RowScale:
@@ -146,15 +152,10 @@ def _sink_parts(sm: fx.Node, x: fx.Node):
                                 or C.norm_dim(shifted[2], rank) != rank - 1):
         return None             # a shift by the max over another axis is not one per row
     cat = shifted[0] if shifted is not None else x
-    op = C.canonical(cat)
-    if op is None or op.name != "cat" or len(sm.users) != 1:
+    parts = _last_axis_cat(cat)
+    if parts is None or len(parts) != 2 or len(sm.users) != 1:
         return None
-    parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
-    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     shape = C.shape_of(cat)
-    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not isinstance(dim, int) or shape is None \
-            or C.norm_dim(dim, len(shape)) != len(shape) - 1 or not all(isinstance(t, fx.Node) for t in parts):
-        return None
     s, sink = parts
     sink_shape, s_shape = C.shape_of(sink), C.shape_of(s)
     if sink_shape is None or s_shape is None or sink_shape[-1] != 1 or not isinstance(s_shape[-1], int):
@@ -180,16 +181,22 @@ def _concatenated_scores(x: fx.Node) -> bool:
     axis, scores made by a contraction with other logits (GPT-OSS's sinks:
     ``softmax(cat([scores, sinks], -1))[..., :-1]``)."""
     shifted = C.row_max_shift(x)
-    op = C.canonical(shifted[0] if shifted is not None else x)
+    parts = _last_axis_cat(shifted[0] if shifted is not None else x)
+    return parts is not None and any(next(qk_candidates(t), None) is not None for t in parts)
+
+
+def _last_axis_cat(n: Any) -> Optional[List[fx.Node]]:
+    """The tensors ``n = torch.cat(tensors, dim)`` joins along its last axis, or None."""
+    op = C.canonical(n)
     if op is None or op.name != "cat":
-        return False
-    parts = op.node.args[0] if op.node.args else op.node.kwargs.get("tensors")
-    dim = op.node.args[1] if len(op.node.args) > 1 else op.node.kwargs.get("dim", 0)
-    rank = len(C.shape_of(x) or ())
+        return None
+    parts = n.args[0] if n.args else n.kwargs.get("tensors")
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    rank = len(C.shape_of(n) or ())
     if not isinstance(parts, (list, tuple)) or not isinstance(dim, int) or rank < 2 \
-            or C.norm_dim(dim, rank) != rank - 1:
-        return False
-    return any(isinstance(t, fx.Node) and next(qk_candidates(t), None) is not None for t in parts)
+            or C.norm_dim(dim, rank) != rank - 1 or not all(isinstance(t, fx.Node) for t in parts):
+        return None
+    return list(parts)
 
 
 def _scores_from_outside(x: fx.Node) -> bool:

@@ -25,7 +25,7 @@ from .analyze.build import analyze
 from .analyze.verify import SideChecker
 from .analyze.values import Decline
 from .match import Declined, find_sites
-from .operands import op_lead
+from .operands import mutating_users, op_lead
 from .choose import ORIGINAL, SDPA, choose, decision_features
 from .rewrite import op_node, rewrite, undo
 
@@ -168,7 +168,6 @@ def _remove_dead(gm: fx.GraphModule, roots: List[fx.Node], internal: Optional[se
     site's own scores, ``scores.masked_fill_(m, v)``: that tensor is read by
     nothing but the site, which no longer runs)."""
     stack = list(roots)
-    from .operands import mutating_users
     pos = {m: i for i, m in enumerate(gm.graph.nodes)}
     for n in sorted(internal or (), key=lambda m: -pos.get(m, -1)):
         target = n.args[0] if n.args else None

@@ -25,7 +25,7 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
     get = lambda n: replaced.get(n, n)  # noqa: E731  operands may be earlier sites' outputs
     anchor = m.pv.node
     created = []
-    lse_users = list(getattr(m, "lse_users", ()))
+    lse_users = list(m.lse_users)
     op_at = _op_position(g, anchor, lse_users, [get(o.node) for o in (m.q, m.k, m.v)]
                          + [get(c.node) for c in analysis.captures])
     try:
@@ -58,7 +58,7 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
             out = call(operator.getitem, res, 0)
             if m.sink is not None:          # the sink's share of the denominator, from lse
                 out = call(layout.with_sink, out, call(operator.getitem, res, 1), get(m.sink))
-            if getattr(m, "zero_empty_rows", False):
+            if m.zero_empty_rows:
                 out = call(layout.zero_empty_rows, out, call(operator.getitem, res, 1))
             group = C.shape_of(m.qk.node)[2] if m.batch_rank == 3 else None
             final = call(layout.from_op_layout, out, m.op_out_labels, m.out_labels, group)

@@ -161,7 +161,7 @@ class SideValues:
             e = as_bool(x.expr) if dt == torch.bool else as_num(x.expr)
             if not dt.is_floating_point and dt != torch.bool and not is_bool(x.expr):
                 return None  # integer truncation of an index expression: keep as tensor
-            return Val(round_constants(e, dt), shape)
+            return Val(e, shape)        # rounded to dt by side_value, as every side value
         if name in ("detach",):
             x = self.value(k["input"])
             return Val(x.expr, shape) if not _has_leaf(x.expr) else None
