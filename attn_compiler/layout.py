@@ -40,6 +40,7 @@ def expand_batch(q: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 FLAT = -1  # an axis of length B*H read at b * H + h
 CYCLIC_B = -2  # an axis of length n read at b mod n (B a multiple of n): Swin's window masks
+MERGE_NEXT = -3  # this axis and the next are one (q // W, q % W): merged into the next's op axis
 
 
 def captured_view(x: torch.Tensor, axes: Tuple[Optional[int], ...],
@@ -47,7 +48,12 @@ def captured_view(x: torch.Tensor, axes: Tuple[Optional[int], ...],
     """``x`` as a 4-D tensor broadcastable to ``[B, H, Lq, Lk]``; ``axes[i]``
     is the op axis of x's axis ``i`` (None: read at index 0; FLAT: the
     merged batch-and-head axis, split with ``heads``; CYCLIC_B: the batch
-    axis read at b mod n, repeated to ``like``'s batch: a copy of x, B/n times)."""
+    axis read at b mod n, repeated to ``like``'s batch: a copy of x, B/n times;
+    MERGE_NEXT: flattened with the next axis, the query split in two)."""
+    while MERGE_NEXT in axes:
+        i = axes.index(MERGE_NEXT)
+        x = x.flatten(i, i + 1)
+        axes = axes[:i] + axes[i + 1:]
     if CYCLIC_B in axes:
         i = axes.index(CYCLIC_B)
         reps = like.shape[0] // x.shape[i]

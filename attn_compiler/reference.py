@@ -49,7 +49,7 @@ import torch
 
 from attn_compiler.passes.analyze import torch_eval
 from attn_compiler.passes.analyze.spec import (
-    DIM_NAMES, AttentionSpec, Lk, Lq, _relation_offsets, kv_idx, q_idx)
+    DIM_NAMES, AttentionSpec, CapturedTensor, Lk, Lq, _relation_offsets, kv_idx, q_idx)
 
 # Elements of one (B, Hq, BLOCK_M, BLOCK_N) score block: 1M fp32 = 4 MiB.
 BLOCK_ELEMENTS = 1 << 20
@@ -162,7 +162,7 @@ def check_inputs(q, k, v, captured, spec: AttentionSpec) -> None:
         raise ValueError(f"spec has {len(spec.captured)} captured tensors, got {len(captured)}")
     full = (B, Hq, Lq, Lk)
     for i, (t, c) in enumerate(zip(captured, spec.captured)):
-        want = tuple(n if d else 1 for n, d in zip(full, c.dims))
+        want = tuple(n if d else 1 for n, d in zip(full[:3] + (c.kv_size(Lk),), c.dims))
         if t.dim() != 4 or any(s != w and s != 1 for s, w in zip(t.shape, want)) or \
                 any(s != 1 and not d for s, d in zip(t.shape, c.dims)):
             names = [n for n, d in zip(DIM_NAMES, c.dims) if d]
@@ -194,9 +194,13 @@ def _ungrouped(x, pb: _Problem, M: int) -> torch.Tensor:
     return x.reshape(x.shape[0], pb.Hq, M, x.shape[-1])
 
 
-def _slice_captured(t, m0, m1, n0, n1):
+def _slice_captured(t, m0, m1, n0, n1, c: CapturedTensor):
     t = t if t.shape[2] == 1 else t[:, :, m0:m1]
-    return t if t.shape[3] == 1 else t[:, :, :, n0:n1]
+    if not c.dims[3]:
+        return t
+    if c.kv_map:    # a term of a split key axis: read at kv // W or kv % W
+        return t.index_select(3, c.kv_index(torch.arange(n0, n1, device=t.device)))
+    return t[:, :, :, n0:n1]
 
 
 def _block_env(pb: _Problem, s, m0, m1, n0, n1) -> dict:
@@ -210,7 +214,7 @@ def _block_env(pb: _Problem, s, m0, m1, n0, n1) -> dict:
         "Lq": pb.Lq, "Lk": pb.Lk, "D": pb.D,
     }
     for i, t in enumerate(pb.captured):
-        env[f"t{i}"] = _slice_captured(t, m0, m1, n0, n1)
+        env[f"t{i}"] = _slice_captured(t, m0, m1, n0, n1, pb.spec.captured[i])
     return env
 
 
@@ -369,7 +373,7 @@ def _backward_rows(pb: _Problem, m0, m1, rows, dk, dv, dcap, skip):
             g = _masked_mul(dz, p_zero, spec.dcaptured[i], env)
             dims = [d for d in range(4) if acc.shape[d] == 1 and g.shape[d] != 1]
             g = g.sum(dims, keepdim=True) if dims else g
-            _slice_captured(acc, m0, m1, n0, n1).add_(g)
+            _slice_captured(acc, m0, m1, n0, n1, spec.captured[i]).add_(g)   # kv_map: no gradient
         ds = dz if spec.dscore == 1 else _masked_mul(dz, p_zero, spec.dscore, env, inplace=True)
         dsg = _grouped(ds, pb, M, cd).mul_(pb.scale)              # (B, Hkv, G*M, N)
         dqg += dsg @ kb

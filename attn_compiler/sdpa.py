@@ -41,7 +41,8 @@ def sdpa_form(spec: AttentionSpec) -> Optional[SdpaForm]:
 @functools.lru_cache(maxsize=512)
 def _form(text: str) -> Optional[SdpaForm]:
     spec = AttentionSpec.loads(text)
-    if spec.dropout_p > 0 or spec.softmax_dtype != "float32" or spec.out_dtype != spec.prob_dtype:
+    if spec.dropout_p > 0 or spec.softmax_dtype != "float32" or spec.out_dtype != spec.prob_dtype \
+            or any(c.kv_map for c in spec.captured):     # SDPA would need it expanded to Lk
         return None
     kept = _kept_value(spec.score_mod)
     additive = None

@@ -77,7 +77,7 @@ _SIGNATURES: Dict[str, Tuple[str, ...]] = {
     "sum": ("input", "dim", "keepdim", "dtype"),
     "arange": ("start", "end", "step"),
     "to": ("input", "dtype"), "type": ("input", "dtype"), "type_as": ("input", "other"),
-    "expand_as": ("input", "other"), "view_as": ("input", "other"),
+    "expand_as": ("input", "other"), "view_as": ("input", "other"), "reshape_as": ("input", "other"),
     "contiguous": ("input",), "clone": ("input",), "detach": ("input",),
     "float": ("input",), "half": ("input",), "bfloat16": ("input",), "double": ("input",),
     "bool": ("input",), "long": ("input",), "int": ("input",),

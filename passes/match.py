@@ -54,6 +54,8 @@ class SiteMatch:
     sink: Optional[fx.Node] = None   # attention sinks: a (B, H, Lq, 1) logit beside the keys
     lse_users: List[fx.Node] = dataclasses.field(default_factory=list)   # logsumexp(scores, -1): the op's lse
     zero_empty_rows: bool = False    # nan_to_num(P): a row that keeps no key gives 0, not nan
+    # ``P.masked_fill(m, 0)`` with the scores' own mask m ([Note: probabilities zeroed by the mask])
+    zero_masks: List[fx.Node] = dataclasses.field(default_factory=list)
 
     @property
     def reads_lse(self) -> bool:
@@ -359,6 +361,10 @@ def _follow_probabilities(sm: fx.Node, start: Optional[fx.Node] = None):
                 post.append(users[0])      # a head mask: P · m = m ⊙ (P·V) when m is one per row
                 cur = users[0]
                 continue
+            if op is not None and not swapped and _zeroes_where(op, cur):
+                post.append(users[0])      # P.masked_fill(mask, 0): checked against the scores' mask
+                cur = users[0]
+                continue
             if op is None or op.name not in _POST_OPS or op.kw.get("input") is not cur:
                 if _reaches_pv(users[0]):
                     name = op.name if op is not None else getattr(users[0].target, "__name__", users[0].name)
@@ -404,6 +410,26 @@ def _row_factor(op: C.COp, p: fx.Node):
     return b
 
 
+def _zeroes_where(op: C.COp, p: fx.Node) -> bool:
+    """``p.masked_fill(m, 0)``, ``where(m, 0, p)`` or ``where(m, p, 0)``:
+    probabilities set to 0 under a boolean tensor, out of place and with P's
+    shape; the analysis proves the zeros fall where the scores were masked
+    ([Note: probabilities zeroed by the mask])."""
+    node = op.node
+    if str(node.target).endswith("_") or C.shape_of(node) != C.shape_of(p):
+        return False
+    if op.name == "masked_fill":
+        cond, zero, kept = op.kw.get("mask"), op.kw.get("value"), op.kw.get("input")
+    elif op.name == "where":
+        cond, a, b = op.kw.get("condition"), op.kw.get("input"), op.kw.get("other")
+        zero, kept = (a, b) if b is p else (b, a)
+    else:
+        return False
+    ev = C.example_value(cond) if isinstance(cond, fx.Node) else None
+    return (kept is p and cond is not p and isinstance(ev, torch.Tensor) and ev.dtype == torch.bool
+            and isinstance(zero, (int, float)) and not isinstance(zero, bool) and zero == 0)
+
+
 def _reaches_pv(u: fx.Node, depth: int = 4) -> bool:
     """Whether ``u`` (an op after the softmax this matcher cannot follow,
     DeBERTa's ``masked_fill(rmask, 0)`` of the probabilities) feeds a P·V
@@ -424,7 +450,8 @@ def _leads_to_pv(u: fx.Node, p: fx.Node, depth: int = 6) -> bool:
     for _ in range(depth):
         op = C.canonical(u)
         follows = op is not None and (op.name in _POST_OPS and op.kw.get("input") is p
-                                      or op.name in ("mul", "div") and _row_factor(op, p) is not None)
+                                      or op.name in ("mul", "div") and _row_factor(op, p) is not None
+                                      or _zeroes_where(op, p))
         if not follows or len(u.users) != 1:
             return False
         nxt = next(iter(u.users))
@@ -510,8 +537,12 @@ def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swap
     zero_rows = any(C.canonical(n).name == "nan_to_num" for n in post)
     if zero_rows and (len(batch) != 2 or heads is not None):
         raise Decline("nan_to_num of the probabilities on scores that are not [B, H, Lq, Lk]")
+    zero_masks = [n for n in post if C.canonical(n).name in ("masked_fill", "where")]
+    if zero_masks and (len(batch) != 2 or heads is not None or C.shape_of(zero_masks[0]) != C.shape_of(x)):
+        raise Decline("probabilities zeroed by a mask, on scores that are not [B, H, Lq, Lk]")
     return SiteMatch(sm, x, qk, pv, q, k, v, pv.out_labels, op_out, len(batch),
-                     dropout_p, chain, dtype_users, heads, scales, sink, lse_users, zero_rows)
+                     dropout_p, chain, dtype_users, heads, scales, sink, lse_users,
+                     zero_rows or bool(zero_masks), zero_masks)
 
 
 def _row_scales(sm, post, pn, plabels: str, out_labels: str, site: set) -> List[RowScale]:

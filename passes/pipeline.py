@@ -113,11 +113,45 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> Lis
     gm.meta[FOLDED] = list(folded.values())
     modules = _module_sites(gm, graph_id, len(sites))
     sites += modules
+    for body, inputs in _subgraphs(gm, values):
+        inner = attention_pass(body, inputs, graph_id)
+        for site in inner:
+            site.ordinal = len(sites)
+            sites.append(site)
+        # a constant the body folded is guarded like the parent's own (no placeholder of
+        # the parent stands for it: the guard checks the tensor itself)
+        gm.meta[FOLDED] += [(None, t) for _, t in folded_inputs(body)]
     if dead or any(s.status == FUSED for s in modules):
         _remove_dead(gm, dead, internal)
         gm.graph.lint()
         gm.recompile()
     return sites
+
+
+# Higher-order ops whose first argument is a subgraph that runs as part of the
+# graph: ``torch.utils.checkpoint`` regions (Hugging Face's and timm's gradient
+# checkpointing) and dynamo's plain ``wrap``.  Their bodies get the attention
+# pass too; the op call inside is recomputed in the backward like any other.
+_SUBGRAPH_OPS = ("tag_activation_checkpoint", "wrap")
+
+
+def _subgraphs(gm: fx.GraphModule, values: Dict[fx.Node, torch.Tensor]):
+    """``(body, example inputs)`` for each subgraph a higher-order op of ``gm``
+    runs; an input is the parent's real tensor where it has one, else the
+    fake tensor dynamo recorded (nothing in a body is then folded from it)."""
+    seen = set()
+    for n in gm.graph.nodes:
+        name = getattr(n.target, "__name__", "") if n.op == "call_function" else ""
+        if name not in _SUBGRAPH_OPS or not n.args or not isinstance(n.args[0], fx.Node) \
+                or n.args[0].op != "get_attr" or n.args[0].target in seen:
+            continue
+        body = getattr(gm, n.args[0].target, None)
+        if not isinstance(body, fx.GraphModule):
+            continue
+        seen.add(n.args[0].target)
+        inputs = [values.get(a, a.meta.get("example_value")) if isinstance(a, fx.Node) else a
+                  for a in n.args[1:]]
+        yield body, inputs
 
 
 def _kept_reason(decision) -> str:

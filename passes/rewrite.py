@@ -17,6 +17,7 @@ from attn_compiler import layout
 
 from . import canonicalize as C
 from .analyze.values import Decline, _size_eq
+from .operands import mutating_users, view_writers
 from attn_compiler import ops as _ops  # noqa: F401  registers torch.ops.attn_compiler
 
 
@@ -65,6 +66,10 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
             for rs in m.row_scales:
                 factor = get(rs.factor) if isinstance(rs.factor, fx.Node) else rs.factor
                 final = call(layout.scale_rows, final, factor, rs.div, rs.shapes, rs.axes)
+            if mutating_users(anchor) or view_writers(anchor):
+                # the user writes the attention output in place (``o += x``): the op
+                # saved its output for the backward, so the user gets a copy
+                final = call(torch.clone, final)
         _fake_run(created, get, anchor)
     except Exception:
         for n in reversed(created):

@@ -80,7 +80,7 @@ def band_of(spec: AttentionSpec) -> Optional[Band]:
 def tma_planes(spec: AttentionSpec) -> List[int]:
     """Indices of the captured float tensors with both a query and a key axis."""
     return [i for i, c in enumerate(spec.captured)
-            if c.dims[2] and c.dims[3] and c.is_float]
+            if c.dims[2] and c.dims[3] and c.is_float and not c.kv_map]
 
 
 def tma_rows(spec: AttentionSpec) -> List[int]:
@@ -90,7 +90,7 @@ def tma_rows(spec: AttentionSpec) -> List[int]:
     K/V; as a pointer load in the MMA layout the row is reloaded, unpipelined,
     every tile (run 23: causal padding forward 0.784 -> 0.724 ms)."""
     return [i for i, c in enumerate(spec.captured)
-            if c.dims[3] and not c.dims[2] and c.is_float]
+            if c.dims[3] and not c.dims[2] and c.is_float and not c.kv_map]
 
 
 def unsupported_reason(spec: AttentionSpec) -> Optional[str]:
@@ -121,6 +121,8 @@ class _Hooks:
 
     def __init__(self, spec: AttentionSpec, family: Optional[str] = None):
         self.spec = spec
+        if any(c.kv_map and c.requires_grad for c in spec.captured):
+            raise Unsupported("the gradient of a term read along a split key axis")
         # descriptors under TMA: planes in every family, rows in the forward's
         self.tma_ids = sorted(set(tma_planes(spec)) | set(tma_rows(spec) if family == "fwd" else ()))
         # decode packs the query heads of a KV head into its rows: off_h is a
@@ -225,7 +227,10 @@ class _Hooks:
                 terms.append(f"{qi} * t{i}_sq")
                 bounds.append(f"({qi} < Lq)")
             if c.dims[3]:
-                terms.append(f"{ki} * t{i}_sk")
+                # a term of a split key axis is read at kv // W or kv % W ([Note: split key axes])
+                at = {"div": f"({ki} // {c.kv_map[1]})", "mod": f"({ki} % {c.kv_map[1]})"}.get(
+                    c.kv_map[0], ki) if c.kv_map else ki
+                terms.append(f"{at} * t{i}_sk")
                 bounds.append(f"({ki} < Lk)")
             ptr = f"T{i} + " + " + ".join(terms)
             mask = f", mask={' & '.join(bounds)}, other=0" if bounds else ""

@@ -1101,3 +1101,84 @@ def nan_to_num_probabilities(q, k, v, keep):
     query rows no key: those rows give 0 (and finite gradients), not nan."""
     s = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~keep, float("-inf"))
     return torch.nan_to_num(F.softmax(s, dim=-1), nan=0.0) @ v
+
+
+def espnet_zeroed_probabilities(q, k, v, keep):
+    """ESPnet/WeNet (and FastSpeech2-Conformer): ``mask = keep.eq(0)``, the
+    scores filled with finfo.min there, then ``softmax(...).masked_fill(mask,
+    0.0)``: rows that keep no key give 0, not eager's uniform average."""
+    mask = keep.eq(0)
+    s = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(mask, float(torch.finfo(s.dtype).min))
+    p = torch.softmax(s, dim=-1).masked_fill(mask, 0.0)
+    return torch.matmul(F.dropout(p, p=0.0, training=False), v)
+
+
+def deberta_xsoftmax(q, k, v):
+    """DeBERTa's XSoftmax written out: a mask built in the graph filled into
+    the scores with finfo.min and, with 0, into the probabilities again (query
+    row 3 keeps no key and gives 0)."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    rmask = torch.zeros(s.shape[-2], s.shape[-1], dtype=torch.bool)
+    rmask[:, 5:] = True
+    rmask[3] = True
+    s = s.masked_fill(rmask, torch.finfo(s.dtype).min)
+    return torch.softmax(s, -1).masked_fill(rmask, 0) @ v
+
+
+def where_zeroed_probabilities(q, k, v, keep):
+    """``torch.where(keep, s, -inf)`` and ``torch.where(keep, softmax, 0)``:
+    rows without a key give 0 instead of nan."""
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = torch.where(keep, s, float("-inf"))
+    return torch.where(keep, s.softmax(-1), 0.0) @ v
+
+
+class SamDecomposedRelPos(nn.Module):
+    """SAM's (ViTDet's) image-encoder attention with decomposed relative
+    positions: the (B*H, N, N) scores are viewed as (B*H, qh, qw, kh, kw), a
+    query-dependent height term and width term are added along the split key
+    axis, and the scores are viewed back; q, k, v enter as (B, H, qh*qw, D)."""
+
+    def __init__(self, size=(3, 5), dim=16):
+        super().__init__()
+        self.size = size
+        self.rel_pos_h = nn.Parameter(0.5 * torch.randn(2 * size[0] - 1, dim))
+        self.rel_pos_w = nn.Parameter(0.5 * torch.randn(2 * size[1] - 1, dim))
+
+    @staticmethod
+    def get_rel_pos(q_size, k_size, rel_pos):
+        q_coords = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+        k_coords = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+        relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+        return rel_pos[relative_coords.long()]
+
+    def forward(self, q, k, v):
+        b, heads, n, c = q.shape
+        h, w = self.size
+        query = q.reshape(b * heads, n, c)
+        attn = (query * c ** -0.5) @ k.reshape(b * heads, n, c).transpose(-2, -1)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", query.reshape(b * heads, h, w, c),
+                             self.get_rel_pos(h, h, self.rel_pos_h))
+        rel_w = torch.einsum("bhwc,wkc->bhwk", query.reshape(b * heads, h, w, c),
+                             self.get_rel_pos(w, w, self.rel_pos_w))
+        attn = attn.reshape(b * heads, h, w, h, w)
+        attn = attn + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+        attn = attn.reshape(b * heads, h * w, h * w)
+        attn = torch.softmax(attn, dtype=torch.float32, dim=-1).to(q.dtype)
+        return (attn @ v.reshape(b * heads, n, c)).reshape(b, heads, n, c)
+
+
+def output_added_in_place(q, k, v, g):
+    """The attention output written in place (``o += g``, a residual): the op
+    keeps its output for the backward, so the rewrite hands the user a copy."""
+    o = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+    o += g
+    return o
+
+
+def output_view_scaled_in_place(q, k, v, g):
+    """The attention output scaled in place through a view of it."""
+    o = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+    o.transpose(1, 2).mul_(2.0)
+    return o * g

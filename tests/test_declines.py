@@ -99,15 +99,26 @@ def probs_scaled_by_score_rowmax(q, k, v):
     return p @ v
 
 
-def deberta_xsoftmax(q, k, v):
-    """DeBERTa's XSoftmax: the mask filled into the scores and filled with 0
-    into the probabilities again (fully masked rows end as 0, not uniform)."""
+def probs_zeroed_by_another_mask(q, k, v):
+    """The probabilities zeroed under a mask that is not the scores' own (the
+    scores keep the padded keys that the zeroing drops): not a softmax of
+    the kept scores, so not the op."""
     s = _scores(q, k)
-    rmask = torch.zeros(s.shape[-2], s.shape[-1], dtype=torch.bool)
-    rmask[:, 5:] = True
-    rmask[3] = True
-    s = s.masked_fill(rmask, torch.finfo(s.dtype).min)
-    return torch.softmax(s, -1).masked_fill(rmask, 0) @ v
+    pad = torch.zeros(s.shape[-1], dtype=torch.bool)
+    pad[5:] = True
+    s = s.masked_fill(torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, -1).masked_fill(pad, 0.0) @ v
+
+
+def probs_zeroed_beside_additive_mask(q, k, v):
+    """The scores' own mask zeroed again after the softmax, with a float tensor
+    added to the scores too (a key bias): such a tensor may mask a whole row
+    by itself (finfo.min), and that row would not be 0 in eager."""
+    s = _scores(q, k)
+    mask = torch.zeros(s.shape[-1], dtype=torch.bool)
+    mask[5:] = True
+    s = (s + v.mean(-1).unsqueeze(-2)).masked_fill(mask, torch.finfo(s.dtype).min)
+    return torch.softmax(s, -1).masked_fill(mask, 0.0) @ v
 
 
 def two_sink_columns(q, k, v):
@@ -132,7 +143,8 @@ DECLINED = [
     (score_sorted_rank, []),
     (probs_inplace_zeroed, []),
     (probs_scaled_by_score_rowmax, ["scores"]),
-    (deberta_xsoftmax, ["masked_fill", "between the softmax and p·v"]),
+    (probs_zeroed_by_another_mask, ["zeroed", "other than the scores' own"]),
+    (probs_zeroed_beside_additive_mask, ["zeroed", "other masked positions"]),
     (two_sink_columns, ["concatenated"]),
 ]
 

@@ -450,6 +450,14 @@ RESEARCH_CASES = [
     Case("granite_sink_scale", _mod(forms.GraniteSinkScale,
                                     lambda dt: _qkv(dt) + [_additive(_keep_mask(), dt)[:, None, None, :]])),
     Case("nan_to_num_probabilities", lambda dt: (forms.nan_to_num_probabilities, _qkv(dt) + [_rows_without_keys()])),
+    Case("espnet_zeroed_probabilities", lambda dt: (forms.espnet_zeroed_probabilities,
+                                                    _qkv(dt) + [_rows_without_keys().long()])),
+    Case("deberta_xsoftmax", _fn(forms.deberta_xsoftmax)),
+    Case("output_added_in_place", lambda dt: (forms.output_added_in_place, _qkv(dt) + [_t(B, H, L, D, dtype=dt)])),
+    Case("output_view_scaled_in_place", lambda dt: (forms.output_view_scaled_in_place,
+                                                    _qkv(dt) + [_t(B, H, L, D, dtype=dt)])),
+    Case("where_zeroed_probabilities", lambda dt: (forms.where_zeroed_probabilities,
+                                                   _qkv(dt) + [_rows_without_keys()])),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -477,6 +485,10 @@ def test_research_form_fp32_forward_backward(case):
     ("sinks_with_empty_rows", "fp16"),
     ("granite_sink_scale", "bf16"),
     ("nan_to_num_probabilities", "bf16"),
+    ("espnet_zeroed_probabilities", "bf16"),
+    ("espnet_zeroed_probabilities", "fp16"),
+    ("deberta_xsoftmax", "bf16"),
+    ("where_zeroed_probabilities", "fp16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_research_form_low_precision_forward(case_id, dtype, on_kernels):
@@ -559,10 +571,49 @@ def test_in_place_writes_to_the_scores_leave_with_them(case_id):
 
 
 @pytest.mark.parametrize("case_id", ["gpt_oss_sinks", "sinks_with_empty_rows", "granite_sink_scale",
-                                     "nan_to_num_probabilities"])
+                                     "nan_to_num_probabilities", "espnet_zeroed_probabilities",
+                                     "deberta_xsoftmax", "where_zeroed_probabilities"])
 def test_sinks_on_the_kernels_forward_backward(case_id):
     """Attention sinks through the generated kernels (Triton's interpreter on
     CPU), float32 forward and backward: the sink's gradient comes through the
     op's lse (delta - dlse), and rows that keep no key give 0 and no nan."""
     with _implementation(True):
         check_case(RESEARCH_BY_ID[case_id])
+
+
+@pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_sam_decomposed_relative_positions_inference(dtype, on_kernels):
+    """SAM's decomposed relative positions (under no_grad, as SAM is run):
+    the height and width terms stay (B*H, N, kh) and (B*H, N, kw) tensors that
+    the op reads at kv // kw and kv % kw ([Note: split key axes]); no
+    (N, N) bias is built; golden-relative to eager."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    m = forms.SamDecomposedRelPos().to(dtype)
+    qkv = _qkv(dtype, lq=15, lk=15)
+    with torch.no_grad(), _implementation(on_kernels):
+        ours = torch.compile(m, backend=attn_compiler.backend(inner="aot_eager"))(*qkv)
+        eager = m(*qkv)
+        golden = copy.deepcopy(m).double()(*[_to64(t) for t in qkv])
+    (row,) = attn_compiler.report().fused
+    spec = AttentionSpec.loads(row.features["spec"])
+    assert sorted(c.kv_map for c in spec.captured) == [("div", 5), ("mod", 5)], spec.captured
+    assert all(c.dims[1:] == (True, True, True) for c in spec.captured), spec.captured
+    golden_check(ours, eager, golden, name="sam out")
+
+
+def test_sam_decomposed_relative_positions_training_is_declined():
+    """In training the relative-position terms need a gradient along the split
+    key axis, which the kernels do not produce: declined with that reason,
+    and the model's outputs and gradients are eager's."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    m = forms.SamDecomposedRelPos()
+    qkv = _qkv(F32, lq=15, lk=15)
+    out = torch.compile(m, backend=attn_compiler.backend(inner="aot_eager"))(*qkv)
+    (row,) = attn_compiler.report()
+    assert row.status == "declined" and "split key axis" in row.reason and "grad" in row.reason, row.reason
+    torch.testing.assert_close(out, m(*qkv))

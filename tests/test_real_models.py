@@ -17,6 +17,7 @@ with two sequence lengths (the second may recompile with dynamic shapes).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -431,6 +432,76 @@ def test_vit_bidirectional():
     pixels = torch.randn(B, 3, 16, 16, generator=g)  # 16 patches + [CLS] = 17 tokens
     check_model(vit, {"pixel_values": pixels}, LAYERS,
                 output_fn=lambda out: out.last_hidden_state)
+
+
+def _checkpointed(build):
+    def checkpointed():
+        model = build()
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        return model
+    checkpointed.__name__ = f"{build.__name__}_checkpointed"
+    return checkpointed
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_gradient_checkpointing_llama(inner):
+    """``gradient_checkpointing_enable()``: each decoder layer runs inside a
+    ``torch.utils.checkpoint`` region, a subgraph of a higher-order op in the
+    dynamo graph; its attention is fused there (recomputed in the backward
+    like the rest of the layer), forward and gradients golden-relative."""
+    check_model(_checkpointed(llama), {"input_ids": _ids(11)}, LAYERS, inner=inner)
+
+
+def test_gradient_checkpointing_bert_padding():
+    check_model(_checkpointed(bert), {"input_ids": _ids(12), "attention_mask": _padding_mask(12)}, LAYERS)
+
+
+def sam_vision():
+    """SAM's image encoder: windowed and global attention, both with decomposed
+    relative positions built as ``rel_h[..., None] + rel_w[..., None, :]`` and
+    ``reshape_as`` the scores ([Note: split key axes])."""
+    cfg = transformers.SamVisionConfig(
+        hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, image_size=64, patch_size=8,
+        mlp_dim=64, output_channels=16, window_size=4, global_attn_indexes=[1], use_rel_pos=True)
+    cfg._attn_implementation = "eager"
+    return transformers.SamVisionModel(cfg)
+
+
+def vitdet():
+    """ViTDet: the scores viewed as (B*H, qh, qw, kh, kw) with the height and
+    width terms added there, then viewed back."""
+    cfg = transformers.VitDetConfig(
+        hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, image_size=64, patch_size=8,
+        mlp_ratio=2, window_size=4, window_block_indices=[0], use_relative_position_embeddings=True,
+        attn_implementation="eager")
+    return transformers.VitDetModel(cfg)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")
+@pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
+@pytest.mark.parametrize("build", [sam_vision, vitdet])
+def test_decomposed_relative_positions_inference(build, on_kernels):
+    """SAM and ViTDet image encoders under no_grad (how they are run): every
+    attention fused, the (N, N) relative-position bias never built (the op
+    reads the height and width terms at kv // kw and kv % kw), output
+    golden-relative to eager."""
+    from attn_compiler import dispatch
+    from attn_compiler.passes.analyze.spec import AttentionSpec
+    model = _seeded(build).eval()
+    pixels = torch.randn(B, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    impl = dispatch.implementation("triton") if on_kernels else contextlib.nullcontext()
+    with torch.no_grad(), impl:
+        ours = _compile(model)(pixel_values=pixels).last_hidden_state
+        eager = model(pixel_values=pixels).last_hidden_state
+        golden = copy.deepcopy(model).double()(pixel_values=pixels.double()).last_hidden_state
+    rows = attn_compiler.report()
+    _assert_all_fused(rows, LAYERS)
+    for r in rows:
+        maps = sorted(c.kv_map[0] for c in AttentionSpec.loads(r.features["spec"]).captured)
+        assert maps == ["div", "mod"], r.features
+    golden_check(ours, eager, golden, name=build.__name__)
 
 
 # ---------------------------------------------------------------- the generated kernels

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 # CaptureView axis codes: FLAT the merged (b, h) axis of a [B*H, ...] tensor,
 # CYCLIC_B an axis of n read at b mod n
-from attn_compiler.layout import CYCLIC_B, FLAT
+from attn_compiler.layout import CYCLIC_B, FLAT, MERGE_NEXT
 
 from .. import canonicalize as C
 from . import spec as S
@@ -78,6 +78,8 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analys
     if qk.addend is not None and interp.const(qk.beta) != 0:
         interp.memo[qk.node] = _baddbmm_value(interp, qk, coef)
     result = interp.run()
+    for node in m.zero_masks:
+        _check_zero_mask(interp, node, result.expr)
     if checker is not None:
         sizes = _concrete_sizes(m, smap)
         for node, val in interp.joins:
@@ -91,6 +93,8 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analys
     extra = mod.free_symbols - {S.score, *_OP_AXES, S.Lq, S.Lk, S.D}
     if extra:
         raise Decline(f"the score modification depends on {sorted(map(str, extra))}")
+    if m.zero_masks:
+        mod = _masked_to_neg_inf(mod, specs)
     reason = can_evaluate(mod)
     if reason:
         raise Decline(reason)
@@ -104,6 +108,64 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analys
         score_dtype=_dtype_name(_score_dtype(m.softmax_in)),
     )
     return Analysis(spec, captures, list(dict.fromkeys(interp.folded)))
+
+
+# [Note: probabilities zeroed by the mask]
+# ESPnet/WeNet's and FastSpeech2's ``softmax(s.masked_fill(m, finfo.min)).masked_fill(m, 0)``
+# (and DeBERTa's XSoftmax written out) zero the probabilities where the scores
+# were masked.  In a row that keeps a key, those probabilities are 0 already
+# (the fill lies far below the kept scores, e^(fill - max) underflows), so the
+# zeroing changes nothing; in a row that keeps none, eager's softmax is uniform
+# (a finite fill) or nan (-inf) and the zeroing makes it 0.  When the zeroed
+# positions are exactly the masked ones (the two conditions are equivalent as
+# sympy booleans over the same captured tensors) and nothing else in the
+# scores may hold a fill, the site is the scores with their fills made -inf:
+# a row without a key has lse = -inf and gives 0 (``layout.zero_empty_rows``,
+# the same rewrite as ``nan_to_num(P)``), and a partly masked row is as it was.
+
+def _check_zero_mask(interp: ScoreInterpreter, node: fx.Node, scores) -> None:
+    """Decline unless ``node`` (``P.masked_fill(m, 0)`` / ``where``) zeroes
+    exactly where the scores ``scores`` are masked."""
+    from .values import Val
+    op = C.canonical(node)
+    operands, extra = interp.operands(op)
+    kept = op.kw["input"] if op.name == "masked_fill" else next(
+        a for a in (op.kw["input"], op.kw["other"]) if isinstance(a, fx.Node))
+    p = sympy.Symbol("P", real=True)
+    interp._readers = [node]
+    interp.memo[interp.resolve(kept)] = Val(p, C.shape_of(kept), True, interp.score_frame)
+    try:
+        v = interp.elementwise(node, op.name, operands, extra)
+    finally:
+        interp.memo.pop(interp.resolve(kept), None)
+        interp._readers = [interp.softmax_node]
+    zero, taken = sympy.false, sympy.false
+    for e, c in S._pieces(v.expr):
+        here = sympy.And(c, sympy.Not(taken))
+        if e.is_zero:
+            zero = sympy.Or(zero, here)
+        elif e != p:
+            raise Decline("the probabilities are changed under a mask, not only zeroed")
+        taken = sympy.Or(taken, c)
+    keep = S._keep_condition(scores)
+    same = sympy.Equivalent(keep, sympy.Not(zero))
+    if sympy.simplify_logic(same) is not sympy.true:
+        raise Decline("the probabilities are zeroed under a mask other than the scores' own")
+
+
+def _masked_to_neg_inf(mod, specs):
+    """The score modification with its fills made -inf ([Note: probabilities
+    zeroed by the mask]); declines when a kept branch may itself hold a fill."""
+    pieces = S._pieces(mod)
+    for e, _ in pieces:
+        if S._is_fill(e):
+            continue
+        floats = [i for i in S.captured_reads(e, len(specs)) if specs[i].is_float]
+        if floats or e.has(sympy.S.NegativeInfinity) or any(
+                bool(a <= S.MASK_FILL_THRESHOLD) for a in S._finite_constants(e)):
+            raise Decline("the probabilities are zeroed under the scores' mask, but the scores may "
+                          "hold other masked positions (a float tensor or a fill added to them)")
+    return sympy.Piecewise(*[(sympy.S.NegativeInfinity if S._is_fill(e) else e, c) for e, c in pieces])
 
 
 def _score_dtype(softmax_in: fx.Node) -> torch.dtype:
@@ -232,6 +294,42 @@ def _within_heads(a, heads):
     return a.replace(sympy.floor, floor) if a.has(sympy.floor) else a
 
 
+def _split_term(a) -> Optional[tuple]:
+    """``(q_idx or kv_idx, "div" | "mod", W)`` when ``a`` is ``floor(x / W)``
+    or ``x mod W`` of an op index x ([Note: split key axes]), else None."""
+    if isinstance(a, sympy.floor):
+        num, den = sympy.fraction(sympy.together(a.args[0]))
+        kind = "div"
+    elif isinstance(a, sympy.Mod):
+        num, den = a.args
+        kind = "mod"
+    else:
+        return None
+    if num in (S.q_idx, S.kv_idx) and den.is_Integer and int(den) > 1:
+        return (num, kind, int(den))
+    return None
+
+
+def _split_axis(split: tuple, args, i: int, node: fx.Node):
+    """The CaptureView code of axis ``i`` of a tensor read at ``args``: a query
+    split into (q // W, q % W) on two adjacent axes is one query axis
+    (MERGE_NEXT, then 2); a key read at kv // W or kv % W keeps its axis (3,
+    with ``CapturedTensor.kv_map``)."""
+    sym, kind, w = split
+    shape = C.shape_of(node)
+    size = shape[i] if i < len(shape) else None
+    if sym == S.q_idx:
+        nxt = _split_term(args[i + 1]) if kind == "div" and i + 1 < len(args) else None
+        if nxt == (S.q_idx, "mod", w) and shape[i + 1] == w:
+            return MERGE_NEXT
+        if kind == "mod" and i > 0 and _split_term(args[i - 1]) == (S.q_idx, "div", w):
+            return 2
+        raise Decline("a captured tensor is read along part of a split query axis")
+    if not isinstance(size, int) or (kind == "mod" and size != w):
+        raise Decline("a captured tensor is read along a split key axis with a dynamic size")
+    return 3
+
+
 def _cyclic_period(a, node, i) -> Optional[int]:
     """n when ``a`` is ``b mod n`` and the tensor's axis ``i`` has n entries."""
     if isinstance(a, sympy.Mod) and a.args[0] == S.b and a.args[1].is_Integer:
@@ -255,9 +353,15 @@ def _rename_captures(expr, leaves, flat, op_sizes=(None, None)):
     sub, captures, specs = {}, [], []
     for call in calls:
         lf = by_name[str(call.func)]
-        axes = []
-        for i, a in enumerate(call.args):
-            a = _within_heads(a, op_sizes[1])
+        axes, kv_map = [], ()
+        args = [_within_heads(a, op_sizes[1]) for a in call.args]
+        for i, a in enumerate(args):
+            split = _split_term(a)
+            if split is not None:
+                axes.append(_split_axis(split, args, i, lf.node))
+                if split[0] == S.kv_idx:
+                    kv_map = split[1:]
+                continue
             if a == 0:
                 axes.append(None)
             elif a == flat and flat not in _OP_AXES:
@@ -270,7 +374,7 @@ def _rename_captures(expr, leaves, flat, op_sizes=(None, None)):
                 raise Decline(f"a captured tensor is read at {a}, not along one op axis")
         if axes.count(CYCLIC_B) > 1 or (CYCLIC_B in axes and FLAT in axes):
             raise Decline("a captured tensor is read at b mod n along two axes")
-        used = [a for a in axes if a is not None]
+        used = [a for a in axes if a is not None and a != MERGE_NEXT]
         used = [j for a in used for j in ((0, 1) if a == FLAT else (0,) if a == CYCLIC_B else (a,))]
         if len(set(used)) != len(used):
             raise Decline("a captured tensor is read along the same op axis twice")
@@ -280,7 +384,10 @@ def _rename_captures(expr, leaves, flat, op_sizes=(None, None)):
         ev = C.example_value(lf.node)
         captures.append(CaptureView(lf.node, tuple(axes)))
         dims = tuple(j in used for j in range(4))
-        specs.append(S.CapturedTensor(dims, _dtype_name(ev.dtype),
-                                      bool(ev.requires_grad and ev.dtype.is_floating_point)))
+        grad = bool(ev.requires_grad and ev.dtype.is_floating_point)
+        if kv_map and (grad or not ev.dtype.is_floating_point):
+            raise Decline("a term read along a split key axis (decomposed relative positions) "
+                          + ("requires grad" if grad else "is not a float tensor"))
+        specs.append(S.CapturedTensor(dims, _dtype_name(ev.dtype), grad, kv_map))
         sub[call] = S.captured_call(i)
     return expr.xreplace(sub), captures, specs

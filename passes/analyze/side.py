@@ -168,7 +168,7 @@ class SideValues:
         if name in ("expand", "expand_as"):
             x = self.value(k["input"])
             return Val(self.broadcast(x, shape), shape)
-        if name in ("unsqueeze", "view", "reshape", "squeeze", "flatten"):
+        if name in ("unsqueeze", "view", "reshape", "squeeze", "flatten", "view_as", "reshape_as"):
             return self.side_reshape(node, k)
         if name in ("transpose", "permute"):
             return self.side_permute(node, op)
@@ -183,6 +183,9 @@ class SideValues:
         """Reshapes that only add or drop size-1 axes keep the expression."""
         x = self.value(k["input"])
         old, new = x.shape, C.shape_of(node)
+        merged = _merged_split_axes(x, old, new)
+        if merged is not None:
+            return merged
         old_keep = [i for i, s in enumerate(old) if not is_one(s)]
         new_keep = [i for i, s in enumerate(new) if not is_one(s)]
         if len(old_keep) != len(new_keep) or not all(
@@ -248,6 +251,24 @@ class SideValues:
                     _size_eq(a, b) for a, b in zip(old_sizes, new_sizes)):
                 return None  # a real slice of a captured tensor: capture the slice
         return Val(_subs(x.expr, sub), new)
+
+
+def _merged_split_axes(x: Val, old, new) -> Optional[Val]:
+    """A (..., qh, qw, kh, kw) side value viewed as (..., qh*qw, kh*kw): SAM's
+    decomposed relative positions built beside the scores and reshaped to
+    them ([Note: split key axes]); the value keeps reading its own tensors,
+    at (q // qw, q % qw, kv // kw, kv % kw)."""
+    if new is None or len(old) != len(new) + 2 or len(new) < 2 \
+            or not all(isinstance(d, int) for d in tuple(old[-4:]) + tuple(new[-2:])) \
+            or new[-2] != old[-4] * old[-3] or new[-1] != old[-2] * old[-1] \
+            or not all(_size_eq(a, b) for a, b in zip(old[:-4], new[:-2])):
+        return None
+    qw, kw = old[-3], old[-1]
+    sub = {AX[0]: sympy.Mod(AX[0], kw), AX[1]: sympy.floor(AX[0] / kw),
+           AX[2]: sympy.Mod(AX[1], qw), AX[3]: sympy.floor(AX[1] / qw)}
+    for i in range(len(new) - 2):
+        sub[AX[4 + i]] = AX[2 + i]
+    return Val(_subs(x.expr, sub), new)
 
 
 def registered_buffer(node: fx.Node) -> bool:

@@ -104,11 +104,31 @@ class CapturedTensor:
     receives it as a 4-D tensor with size 1 on the others.
     ``requires_grad``: whether the backward must produce its gradient.
     ``dtype``: torch dtype name at the site (e.g. ``"float32"``, ``"bool"``).
+    ``kv_map``: ``()`` when the key axis is read at ``kv_idx``; ``("div", W)``
+    or ``("mod", W)`` when it is read at ``kv_idx // W`` or ``kv_idx % W``: a
+    term of a key axis split into (Lk / W, W) (SAM's decomposed relative
+    positions, [Note: split key axes]); its last axis then has Lk / W or W
+    entries.
     """
 
     dims: Tuple[bool, bool, bool, bool]
     dtype: str
     requires_grad: bool = False
+    kv_map: Tuple = ()
+
+    def kv_size(self, lk: int) -> int:
+        """The length of the tensor's key axis for ``lk`` keys."""
+        if not self.kv_map:
+            return lk
+        kind, w = self.kv_map
+        return -(-lk // w) if kind == "div" else w
+
+    def kv_index(self, kv):
+        """The index of the tensor's key axis read at key ``kv`` (an int tensor)."""
+        if not self.kv_map:
+            return kv
+        kind, w = self.kv_map
+        return kv // w if kind == "div" else kv % w
 
     @property
     def is_float(self) -> bool:
@@ -220,7 +240,8 @@ class AttentionSpec:
         d = {
             "score_mod": sympy.srepr(self.score_mod),
             "scale": sympy.srepr(self.scale),
-            "captured": [[list(c.dims), c.dtype, c.requires_grad] for c in self.captured],
+            "captured": [[list(c.dims), c.dtype, c.requires_grad] + ([list(c.kv_map)] if c.kv_map else [])
+                         for c in self.captured],
             "dropout_p": self.dropout_p,
             "gqa_group": self.gqa_group,
             "softmax_dtype": self.softmax_dtype,
@@ -238,7 +259,8 @@ class AttentionSpec:
         return AttentionSpec(
             score_mod=sympy.sympify(eval(d["score_mod"], ns)),
             scale=sympy.sympify(eval(d["scale"], ns)),
-            captured=tuple(CapturedTensor(tuple(c[0]), c[1], c[2]) for c in d["captured"]),
+            captured=tuple(CapturedTensor(tuple(c[0]), c[1], c[2], tuple(c[3]) if len(c) > 3 else ())
+                           for c in d["captured"]),
             dropout_p=d["dropout_p"],
             gqa_group=d["gqa_group"],
             softmax_dtype=d["softmax_dtype"],

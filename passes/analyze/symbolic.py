@@ -21,8 +21,9 @@ for the node's runtime value; the op receives that tensor.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import sympy
 import torch
@@ -43,6 +44,38 @@ _UNARY = {
     "neg": lambda x: -x, "sin": sympy.sin, "cos": sympy.cos, "erf": sympy.erf,
 }
 _BINARY = {"add", "sub", "rsub", "mul", "div", "pow", "minimum", "maximum"}
+
+
+# [Note: split key axes]
+# SAM's (and ViTDet's, MViTv2's) decomposed relative positions view the scores
+# (B*H, Lq, Lk) as (B*H, qh, qw, kh, kw), add ``rel_h[..., :, None]`` and
+# ``rel_w[..., None, :]`` and view them back.  In the split view the trailing
+# axes are read at (q // qw, q % qw, kv // kw, kv % kw) (``Frame.split``); a
+# captured tensor whose two query terms are adjacent axes reads the query axis
+# itself (merged by the rewrite), and one read at kv // kw or kv % kw keeps
+# that key axis (``CapturedTensor.kv_map``): the kernels read it at that index,
+# so the (Lq, Lk) bias is never built.  Only a view into exactly that split
+# and back is taken; while split, no reduction over the last axis is a row's.
+
+def _axes_split(src: Val, new) -> Optional[Val]:
+    """The chain value of a view that splits the query and key axes into
+    (qh, qw, kh, kw), or merges them back; None for any other reshape."""
+    if new is None or src.frame is None:
+        return None
+    def ints(*ds):
+        return all(isinstance(d, int) for d in ds)
+
+    if src.frame.split is None and len(new) >= 4 and len(new) - 2 == len(src.shape) \
+            and ints(*new[-4:], *src.shape[-2:]) and new[-4] * new[-3] == src.shape[-2] and new[-2] * new[-1] == src.shape[-1] \
+            and not (new[-4] == src.shape[-2] and new[-2] == src.shape[-1]) \
+            and _same_sizes(tuple(new[:-4]), tuple(src.shape[:-2])):
+        frame = dataclasses.replace(src.frame, split=(new[-3], new[-1]))
+        return Val(src.expr, tuple(new), True, frame)
+    if src.frame.split is not None and len(new) + 2 == len(src.shape) and ints(*new[-2:]) \
+            and new[-2] == src.shape[-4] * src.shape[-3] and new[-1] == src.shape[-2] * src.shape[-1] \
+            and _same_sizes(tuple(new[:-2]), tuple(src.shape[:-4])):
+        return Val(src.expr, tuple(new), True, dataclasses.replace(src.frame, split=None))
+    return None
 
 
 def _grouped(x):
@@ -236,8 +269,9 @@ class ScoreInterpreter(SideValues):
         if len(v.shape) > rank:
             raise Decline("a tensor of higher rank than the scores joins the score chain")
         comps = frame.components()
-        targets = {1: S.kv_idx, 2: S.q_idx}
-        for i in range(3, rank + 1):
+        idx = frame.index_axes()
+        targets = {j: idx[len(idx) - j] for j in range(1, len(idx) + 1)}
+        for i in range(len(idx) + 1, rank + 1):
             targets[i] = comps[rank - i]
         sub = {}
         for i in range(1, len(v.shape) + 1):
@@ -263,6 +297,7 @@ class ScoreInterpreter(SideValues):
         if name == "sub":
             shift = C.row_max_shift(node)
             if shift is not None and self._is_row_constant(op.kw.get("other"), shift[2]) \
+                    and not self.value(shift[0]).frame.split \
                     and self._only_casts_to_softmax(node):
                 return self.value(shift[0])  # softmax(z - rowmax) == softmax(z)
         if name in _CASTS:
@@ -271,7 +306,12 @@ class ScoreInterpreter(SideValues):
             if dt is not None and not dt.is_floating_point:
                 raise Decline(f"the scores are cast to {dt}")
             return Val(round_constants(src.expr, dt), C.shape_of(node), True, src.frame)
-        if name in ("view", "reshape", "unsqueeze", "squeeze", "flatten"):
+        if name in ("view_as", "reshape_as") and not self.value(op.kw["input"]).chain:
+            v = self.side_reshape(node, op.kw)     # a side tensor shaped like the scores (SAM)
+            if v is None:
+                raise Decline(f"'{name}' of a tensor to the scores' shape cannot be expressed")
+            return v
+        if name in ("view", "reshape", "unsqueeze", "squeeze", "flatten", "view_as", "reshape_as"):
             return self.chain_reshape(node, op)
         if name == "expand_as" and op.kw.get("input") is not None and not self.value(op.kw["input"]).chain:
             x = self.value(op.kw["input"])          # a mask broadcast to the scores' shape (DistilBERT)
@@ -332,7 +372,10 @@ class ScoreInterpreter(SideValues):
     def chain_reshape(self, node, op) -> Val:
         src = self.value(op.kw["input"])
         new = C.shape_of(node)
-        if new is None or len(new) < 2 or not _same_sizes(new[-2:], src.shape[-2:]):
+        split = _axes_split(src, new)
+        if split is not None:
+            return split
+        if new is None or len(new) < 2 or not _same_sizes(new[-2:], src.shape[-2:]) or src.frame.split:
             raise Decline("a reshape of the scores that moves the query or key axis")
         lead = tuple(new[:-2])
         total = sympy.Mul(*[_sym(s) for s in lead])

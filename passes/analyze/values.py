@@ -41,6 +41,17 @@ class Frame:
     sizes: Tuple
     op_sizes: Tuple
     flat: Any                 # sympy expression of the flat batch index
+    # the query and key axes viewed as (Lq / qw, qw) and (Lk / kw, kw): (qw, kw),
+    # or None ([Note: split key axes])
+    split: Optional[Tuple[int, int]] = None
+
+    def index_axes(self) -> List[Any]:
+        """The op coordinates of a chain value's trailing (query, key) axes."""
+        if self.split is None:
+            return [S.q_idx, S.kv_idx]
+        qw, kw = self.split
+        return [sympy.floor(S.q_idx / qw), sympy.Mod(S.q_idx, qw),
+                sympy.floor(S.kv_idx / kw), sympy.Mod(S.kv_idx, kw)]
 
     def components(self) -> List[Any]:
         if _same_sizes(self.sizes, self.op_sizes):
