@@ -260,7 +260,11 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
         raise Decline(f"softmax over dim {dim}, not the last (key) dim")
     if pv is None:
         if post is None:
-            return None
+            product = _reaches_product(node)
+            if product is None:
+                return None
+            raise Decline(f"the probabilities reach the product '{product.name}' through ops "
+                          "that cannot be expressed (heads mixed, maps combined)")
         raise Decline(post)
     first = None
     for _ in range(_MAX_QK_TRIES):
@@ -444,6 +448,29 @@ def _reaches_pv(u: fx.Node, depth: int = 4) -> bool:
             return True
         u = nxt
     return False
+
+
+def _reaches_product(sm: fx.Node, depth: int = 8, limit: int = 64) -> Optional[fx.Node]:
+    """A contraction that a softmax of Q·Kᵀ scores feeds within ``depth`` ops
+    of any kind (Differential Transformer's two maps subtracted, DeepViT's
+    heads mixed after the softmax, ConViT's gated sum of two softmaxes): that
+    softmax is attention the matcher cannot follow, reported as declined
+    rather than passed unseen.  None when there is none."""
+    frontier, seen = [sm], {sm}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if C.contraction(u) is not None:
+                    return u
+                nxt.append(u)
+        if len(seen) > limit:
+            return None
+        frontier = nxt
+    return None
 
 
 def _leads_to_pv(u: fx.Node, p: fx.Node, depth: int = 6) -> bool:

@@ -99,6 +99,26 @@ def probs_scaled_by_score_rowmax(q, k, v):
     return p @ v
 
 
+def differential_two_maps(q, k, v):
+    """Differential Transformer: one softmax over twice the heads, viewed as
+    pairs of maps and subtracted before P·V."""
+    b, h, n, _ = q.shape
+    w = F.softmax(_scores(q, k), dim=-1, dtype=torch.float32).type_as(q)
+    w = w.view(b, h // 2, 2, n, n)
+    w = w[:, :, 0] - 0.3 * w[:, :, 1]
+    return torch.matmul(w, v[:, : h // 2])
+
+
+def deepvit_reattention(q, k, v):
+    """DeepViT's re-attention: heads mixed by a learned matrix and normalised
+    over heads between the softmax and P·V."""
+    attn = torch.softmax(_scores(q, k), dim=-1)
+    mix = torch.linspace(-1.0, 1.0, q.shape[1] ** 2, dtype=q.dtype).reshape(q.shape[1], q.shape[1])
+    attn = torch.einsum("bhij,hg->bgij", attn, mix)
+    attn = F.layer_norm(attn.permute(0, 2, 3, 1), (attn.shape[1],)).permute(0, 3, 1, 2)
+    return torch.einsum("bhij,bhjd->bhid", attn, v)
+
+
 def probs_zeroed_by_another_mask(q, k, v):
     """The probabilities zeroed under a mask that is not the scores' own (the
     scores keep the padded keys that the zeroing drops): not a softmax of
@@ -143,6 +163,8 @@ DECLINED = [
     (score_sorted_rank, []),
     (probs_inplace_zeroed, []),
     (probs_scaled_by_score_rowmax, ["scores"]),
+    (differential_two_maps, ["reach the product"]),
+    (deepvit_reattention, ["reach the product"]),
     (probs_zeroed_by_another_mask, ["zeroed", "other than the scores' own"]),
     (probs_zeroed_beside_additive_mask, ["zeroed", "other masked positions"]),
     (two_sink_columns, ["concatenated"]),

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_real_models import KERNEL_CASES, check_on_kernels  # noqa: E402
+from test_real_models import KERNEL_CASES, check_on_kernels, check_relpos_inference, sam_vision, vitdet  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -25,3 +25,12 @@ def test_real_model_bf16_on_the_kernels(case, counted):
     kwargs = kwargs()
     check_on_kernels(build, kwargs.pop("inputs"), n_sites, device="cuda", dtype=torch.bfloat16, **kwargs)
     assert counted["forward"] >= n_sites and counted["backward"] >= n_sites, counted
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("build", [sam_vision, vitdet])
+def test_decomposed_relative_positions_bf16_on_the_kernels(build, inner):
+    """SAM / ViTDet inference in bfloat16 on the GPU kernels: the height and
+    width terms read at kv // kw and kv % kw."""
+    check_relpos_inference(build, True, device="cuda", dtype=torch.bfloat16, inner=inner)

@@ -477,6 +477,34 @@ def vitdet():
     return transformers.VitDetModel(cfg)
 
 
+def check_relpos_inference(build, on_kernels, device=None, dtype=None, inner="aot_eager") -> None:
+    """SAM / ViTDet image encoder under no_grad, compiled against eager (in
+    ``dtype`` on ``device``) and a float64 golden of the same weights; every
+    site fused with its height and width terms read along the split key axis."""
+    from attn_compiler import dispatch
+    from attn_compiler.passes.analyze.spec import AttentionSpec
+    model = _seeded(build).eval()
+    pixels = torch.randn(B, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    golden_model = copy.deepcopy(model).double()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+        golden_model = copy.deepcopy(model).double()
+        pixels = pixels.to(device=device, dtype=dtype)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    impl = dispatch.implementation("triton") if on_kernels else contextlib.nullcontext()
+    with torch.no_grad(), impl:
+        ours = _compile(model, inner)(pixel_values=pixels).last_hidden_state
+        eager = model(pixel_values=pixels).last_hidden_state
+        golden = golden_model(pixel_values=pixels.double()).last_hidden_state
+    rows = attn_compiler.report()
+    _assert_all_fused(rows, LAYERS)
+    for r in rows:
+        maps = sorted(c.kv_map[0] for c in AttentionSpec.loads(r.features["spec"]).captured)
+        assert maps == ["div", "mod"], r.features
+    golden_check(ours, eager, golden, name=build.__name__)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 @pytest.mark.parametrize("build", [sam_vision, vitdet])
@@ -485,23 +513,7 @@ def test_decomposed_relative_positions_inference(build, on_kernels):
     attention fused, the (N, N) relative-position bias never built (the op
     reads the height and width terms at kv // kw and kv % kw), output
     golden-relative to eager."""
-    from attn_compiler import dispatch
-    from attn_compiler.passes.analyze.spec import AttentionSpec
-    model = _seeded(build).eval()
-    pixels = torch.randn(B, 3, 64, 64, generator=torch.Generator().manual_seed(5))
-    torch._dynamo.reset()
-    attn_compiler.reset()
-    impl = dispatch.implementation("triton") if on_kernels else contextlib.nullcontext()
-    with torch.no_grad(), impl:
-        ours = _compile(model)(pixel_values=pixels).last_hidden_state
-        eager = model(pixel_values=pixels).last_hidden_state
-        golden = copy.deepcopy(model).double()(pixel_values=pixels.double()).last_hidden_state
-    rows = attn_compiler.report()
-    _assert_all_fused(rows, LAYERS)
-    for r in rows:
-        maps = sorted(c.kv_map[0] for c in AttentionSpec.loads(r.features["spec"]).captured)
-        assert maps == ["div", "mod"], r.features
-    golden_check(ours, eager, golden, name=build.__name__)
+    check_relpos_inference(build, on_kernels)
 
 
 # ---------------------------------------------------------------- the generated kernels
@@ -543,6 +555,7 @@ KERNEL_CASES = {
                                                           "attention_mask": _padding_mask(10)}}, LAYERS),
     "granite_swa_sink_scale": (granite_swa, lambda: {"inputs": {"input_ids": _ids(10),
                                                                "attention_mask": _padding_mask(10)}}, LAYERS),
+    "llama_checkpointed_left_padding": (_checkpointed(llama), _llama_left_padding, LAYERS),
 }
 
 
