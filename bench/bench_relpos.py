@@ -13,7 +13,8 @@ compared, on the same q, k, v and relative-position tables:
 - ``sdpa_bias``: SDPA with the decomposed bias expanded to (B, H, N, N) as its
   attn_mask (Hugging Face's SDPA path for SAM does this);
 - ``flex``: FlexAttention with a score_mod that reads rel_h / rel_w at
-  kv // kw and kv % kw.
+  kv // kw and kv % kw (``flex_64``: the same with 64 x 64 tiles, for shapes
+  where its default tiles do not fit).
 
     PYTHONPATH=. python bench/bench_relpos.py --out OUT      # GPU
     python bench/bench_relpos.py --smoke                      # CPU, tiny shapes
@@ -32,7 +33,7 @@ import common
 import torch
 import torch.nn as nn
 
-IMPLS = ("eager", "inductor", "attn_compiler", "sdpa_bias", "flex")
+IMPLS = ("eager", "inductor", "attn_compiler", "sdpa_bias", "flex", "flex_64")
 # (batch*windows, heads, grid h, grid w, head dim): SAM ViT-B global and
 # windowed layers, SAM ViT-H global
 SHAPES = ((1, 12, 64, 64, 64), (25, 12, 14, 14, 64), (1, 16, 64, 64, 80))
@@ -87,9 +88,10 @@ def build(name: str, mod: SamAttention):
                 q[:, None], k[:, None], v[:, None], attn_mask=bias.to(q.dtype), scale=mod.scale)
             return out[:, 0]
         return sdpa
-    if name == "flex":
+    if name in ("flex", "flex_64"):
         from torch.nn.attention.flex_attention import flex_attention
         flex = torch.compile(flex_attention)
+        opts = {"BLOCK_M": 64, "BLOCK_N": 64} if name == "flex_64" else None
 
         def run(q, k, v):
             rel_h, rel_w = mod.terms(q)
@@ -98,7 +100,8 @@ def build(name: str, mod: SamAttention):
 
             def score_mod(score, b, hh, qi, kv):
                 return score + rh[hh, qi, kv // w] + rw[hh, qi, kv % w]
-            return flex(q[None], k[None], v[None], score_mod=score_mod, scale=mod.scale)[0]
+            return flex(q[None], k[None], v[None], score_mod=score_mod, scale=mod.scale,
+                        kernel_options=opts)[0]
         return run
     raise ValueError(name)
 
@@ -125,6 +128,9 @@ def main(argv=None) -> int:
             mod.to(dtype)
             for name in names:
                 common.reset_compiled()
+                if name == "attn_compiler":
+                    import attn_compiler
+                    attn_compiler.reset()
                 row = dict(env, impl=name, shape=f"{bh_batch}x{heads}x{h}x{w}x{d}")
                 try:
                     fn = build(name, mod)

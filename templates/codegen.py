@@ -226,16 +226,23 @@ class _Hooks:
             if c.dims[2]:
                 terms.append(f"{qi} * t{i}_sq")
                 bounds.append(f"({qi} < Lq)")
+            aligned = None
             if c.dims[3]:
                 # a term of a split key axis is read at kv // W or kv % W ([Note: split key axes])
                 at = {"div": f"({ki} // {c.kv_map[1]})", "mod": f"({ki} % {c.kv_map[1]})"}.get(
                     c.kv_map[0], ki) if c.kv_map else ki
+                if c.kv_map and orient == "row":
+                    aligned = self._aligned_kv_load(i, c, list(terms), list(bounds), vec)
                 terms.append(f"{at} * t{i}_sk")
                 bounds.append(f"({ki} < Lk)")
             ptr = f"T{i} + " + " + ".join(terms)
             mask = f", mask={' & '.join(bounds)}, other=0" if bounds else ""
             conv = ".to(tl.float32)" if c.is_float else ""
             load = f"tl.load({ptr}{mask})" + ("[None, :]" if vec else "")
+            if aligned is not None:
+                lines += [f"if {c.kv_map[1]} % BLOCK_N == 0:", f"    t{i} = {aligned}{conv}",
+                          "else:", f"    t{i} = {load}{conv}"]
+                continue
             if plane:
                 load = f"tl.trans({load})"
             if tma and i in self.tma_ids and (i in self.planes or orient == "row"):
@@ -250,6 +257,22 @@ class _Hooks:
             else:
                 lines.append(f"t{i} = {load}{conv}")
         return lines
+
+    @staticmethod
+    def _aligned_kv_load(i: int, c, terms: List[str], bounds: List[str], vec: bool) -> str:
+        """The load of a split-key-axis term when W is a multiple of BLOCK_N (a
+        tile lies within one W-run of keys; ``start_n`` is the tile's first
+        key): ``kv // W`` is then one index for the whole tile (a column of
+        the query rows, broadcast), and ``kv % W`` a contiguous run."""
+        kind, w = c.kv_map
+        if kind == "div":
+            at = f"(start_n // {w})"
+        else:
+            at = f"((start_n % {w}) + tl.arange(0, BLOCK_N){'' if vec else '[None, :]'})"
+            bounds = bounds + [f"({'offs_n' if vec else 'kv_idx'} < Lk)"]
+        ptr = f"T{i} + " + " + ".join(terms + [f"{at} * t{i}_sk"])
+        mask = f", mask={' & '.join(bounds)}, other=0" if bounds else ""
+        return f"tl.load({ptr}{mask})"
 
     # -- forward score -------------------------------------------------------
     def score_lines(self, kind: str) -> List[str]:
