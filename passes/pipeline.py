@@ -130,9 +130,10 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> Lis
 
 # Higher-order ops whose first argument is a subgraph that runs as part of the
 # graph: ``torch.utils.checkpoint`` regions (Hugging Face's and timm's gradient
-# checkpointing) and dynamo's plain ``wrap``.  Their bodies get the attention
+# checkpointing), dynamo's plain ``wrap`` and ``torch.compiler.nested_compile_region``
+# (``invoke_subgraph``: one body for every call of the region).  Their bodies get the attention
 # pass too; the op call inside is recomputed in the backward like any other.
-_SUBGRAPH_OPS = ("tag_activation_checkpoint", "wrap")
+_SUBGRAPH_OPS = {"tag_activation_checkpoint": 1, "wrap": 1, "invoke_subgraph": 2}  # name: first operand
 
 
 def _subgraphs(gm: fx.GraphModule, values: Dict[fx.Node, torch.Tensor]):
@@ -150,7 +151,7 @@ def _subgraphs(gm: fx.GraphModule, values: Dict[fx.Node, torch.Tensor]):
             continue
         seen.add(n.args[0].target)
         inputs = [values.get(a, a.meta.get("example_value")) if isinstance(a, fx.Node) else a
-                  for a in n.args[1:]]
+                  for a in n.args[_SUBGRAPH_OPS[name]:]]
         yield body, inputs
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -1182,3 +1183,23 @@ def output_view_scaled_in_place(q, k, v, g):
     o = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v
     o.transpose(1, 2).mul_(2.0)
     return o * g
+
+
+def _plain_attention(q, k, v):
+    return (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+
+
+def checkpointed_attention(q, k, v):
+    """The attention inside ``torch.utils.checkpoint`` (a subgraph of a
+    higher-order op in dynamo's graph): recomputed in the backward."""
+    return torch.utils.checkpoint.checkpoint(_plain_attention, q, k, v, use_reentrant=False)
+
+
+@torch.compiler.nested_compile_region
+def _region_attention(q, k, v):
+    return _plain_attention(q, k, v)
+
+
+def nested_region_attention(q, k, v):
+    """``torch.compiler.nested_compile_region``: one subgraph for both calls."""
+    return _region_attention(q, k, v) + 0.5 * _region_attention(k, q, v)

@@ -453,6 +453,8 @@ RESEARCH_CASES = [
     Case("espnet_zeroed_probabilities", lambda dt: (forms.espnet_zeroed_probabilities,
                                                     _qkv(dt) + [_rows_without_keys().long()])),
     Case("deberta_xsoftmax", _fn(forms.deberta_xsoftmax)),
+    Case("checkpointed_attention", _fn(forms.checkpointed_attention)),
+    Case("nested_region_attention", _fn(forms.nested_region_attention)),
     Case("output_added_in_place", lambda dt: (forms.output_added_in_place, _qkv(dt) + [_t(B, H, L, D, dtype=dt)])),
     Case("output_view_scaled_in_place", lambda dt: (forms.output_view_scaled_in_place,
                                                     _qkv(dt) + [_t(B, H, L, D, dtype=dt)])),
