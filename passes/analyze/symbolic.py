@@ -127,6 +127,8 @@ class ScoreInterpreter(SideValues):
         v = self.value(self.softmax_in)
         if not v.chain:
             raise Decline("softmax input does not depend on the scores")
+        if v.frame is not None and v.frame.split is not None:
+            raise Decline("the softmax runs over part of a split key axis")
         e = as_num(v.expr)
         self._note_prefix(e)
         return Interpretation(e, self.prefix_scales, self.leaves)
