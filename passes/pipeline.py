@@ -69,7 +69,8 @@ def folded_inputs(gm: fx.GraphModule) -> List[tuple]:
     return list(gm.meta.get(FOLDED, ()))
 
 
-def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> List[Site]:
+def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: bool = False) -> List[Site]:
+    """``body``: ``gm`` is the subgraph of a higher-order op (``_subgraphs``)."""
     values = real_values(gm, example_inputs)
     checker = SideChecker(gm, example_inputs)
     sites, replaced, dead, internal = [], {}, [], set()
@@ -84,6 +85,10 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> Lis
         else:
             try:
                 analysis = analyze(item, values, checker)
+                if body and analysis.folded:
+                    # the guard of [Note: folded buffers] re-compiles the parent graph as
+                    # dynamo gave it, but a body is shared with it: nothing is folded there
+                    raise Decline("a mask read as a constant inside a checkpointed or nested region")
                 site.features = features(item, analysis.spec)
                 sources = [replaced.get(o.node, o.node) for o in (item.q, item.k, item.v)]
                 final = rewrite(gm, item, analysis, replaced)
@@ -113,14 +118,10 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0) -> Lis
     gm.meta[FOLDED] = list(folded.values())
     modules = _module_sites(gm, graph_id, len(sites))
     sites += modules
-    for body, inputs in _subgraphs(gm, values):
-        inner = attention_pass(body, inputs, graph_id)
-        for site in inner:
+    for sub, inputs in _subgraphs(gm, values):
+        for site in attention_pass(sub, inputs, graph_id, body=True):
             site.ordinal = len(sites)
             sites.append(site)
-        # a constant the body folded is guarded like the parent's own (no placeholder of
-        # the parent stands for it: the guard checks the tensor itself)
-        gm.meta[FOLDED] += [(None, t) for _, t in folded_inputs(body)]
     if dead or any(s.status == FUSED for s in modules):
         _remove_dead(gm, dead, internal)
         gm.graph.lint()
