@@ -74,8 +74,10 @@ def _logits(out):
     return out.logits
 
 
-def _step(model, inputs, output_fn):
-    out = output_fn(model(**inputs))
+def _step(model, inputs, output_fn, autocast=None):
+    ctx = torch.autocast(_device_of(inputs), dtype=autocast) if autocast else contextlib.nullcontext()
+    with ctx:           # the forward under autocast, the backward after it, as in training
+        out = output_fn(model(**inputs))
     # A fixed random projection as the loss: pow(2).mean() after a final
     # LayerNorm is (almost) constant and would leave the gradients ~0.
     g = torch.Generator().manual_seed(5)
@@ -117,8 +119,12 @@ def check_grads(ours, eager, golden, what=""):
     assert not mismatched, "gradients off:\n" + "\n".join(mismatched)
 
 
+def _device_of(inputs) -> str:
+    return next(iter(inputs.values())).device.type
+
+
 def check_model(build, inputs, n_sites, *, inner="aot_eager", output_fn=_logits,
-                golden_inputs=None, golden_prepare=None, device=None, dtype=None):
+                golden_inputs=None, golden_prepare=None, device=None, dtype=None, autocast=None):
     """Forward + backward through eager fp32, float64 golden and ours; compare all.
 
     The loss is a fixed random projection of ``output_fn(model output)``.  ``golden_inputs``
@@ -127,6 +133,8 @@ def check_model(build, inputs, n_sites, *, inner="aot_eager", output_fn=_logits,
     switches the golden model to an equivalent code path that runs in float64.
     ``device``/``dtype`` move the model and its inputs (eager and ours then run
     in ``dtype``; the golden is the same rounded weights in float64).
+    ``autocast``: eager's and ours forwards run under ``torch.autocast`` to that
+    dtype (mixed-precision training; the golden runs in float64 without it).
     """
     model = _seeded(build)
     if device is not None or dtype is not None:
@@ -138,14 +146,14 @@ def check_model(build, inputs, n_sites, *, inner="aot_eager", output_fn=_logits,
         golden_prepare(golden_model)
     ours_model = copy.deepcopy(model)
 
-    eager_out, eager_grads = _step(model, inputs, output_fn)
+    eager_out, eager_grads = _step(model, inputs, output_fn, autocast)
     if golden_inputs is None:
         golden_inputs = _cast_inputs(inputs, torch.float64)
     elif device is not None:
         golden_inputs = {k: v.to(device) for k, v in golden_inputs.items()}
     gold_out, gold_grads = _step(golden_model, golden_inputs, output_fn)
     compiled = _compile(ours_model, inner)
-    ours_out, ours_grads = _step(compiled, inputs, output_fn)
+    ours_out, ours_grads = _step(compiled, inputs, output_fn, autocast)
 
     _assert_all_fused(attn_compiler.report(), n_sites, "forward")
     golden_check(ours_out, eager_out, gold_out, name="output")
@@ -434,6 +442,17 @@ def test_vit_bidirectional():
                 output_fn=lambda out: out.last_hidden_state)
 
 
+@pytest.mark.parametrize("build", [llama, bert, gpt2])
+def test_autocast_bf16_training(build):
+    """Mixed-precision training: the compiled model called under
+    ``torch.autocast(bfloat16)`` (Hugging Face Trainer's ``bf16=True``), with
+    padding; forward and gradients golden-relative to eager under the same
+    autocast."""
+    L = 11
+    check_model(build, {"input_ids": _ids(L), "attention_mask": _padding_mask(L)}, LAYERS,
+                autocast=torch.bfloat16)
+
+
 def _checkpointed(build):
     def checkpointed():
         model = build()
@@ -556,6 +575,8 @@ KERNEL_CASES = {
     "granite_swa_sink_scale": (granite_swa, lambda: {"inputs": {"input_ids": _ids(10),
                                                                "attention_mask": _padding_mask(10)}}, LAYERS),
     "llama_checkpointed_left_padding": (_checkpointed(llama), _llama_left_padding, LAYERS),
+    "bert_autocast_padding": (bert, lambda: {"inputs": {"input_ids": _ids(12), "attention_mask": _padding_mask(12)},
+                                             "autocast": torch.bfloat16}, LAYERS),
 }
 
 
