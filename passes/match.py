@@ -290,6 +290,13 @@ def _shape_only(user: fx.Node, n: fx.Node) -> bool:
     return all(not isinstance(C.example_value(a), torch.Tensor) for a in others)
 
 
+def _dtype_only(user: fx.Node, n: fx.Node) -> bool:
+    """``y.type_as(n)`` of another tensor ``y``: reads only ``n``'s dtype (the
+    Differential Transformer's causal mask ``...type_as(scores)``)."""
+    op = C.canonical(user)
+    return op is not None and op.name == "type_as" and op.kw.get("other") is n and op.kw.get("input") is not n
+
+
 def _expanded_to(user: fx.Node, n: fx.Node) -> bool:
     """``mask.expand_as(scores)`` (DistilBERT, XLM): reads only ``n``'s shape."""
     op = C.canonical(user)
@@ -635,7 +642,7 @@ def chain_nodes(score: fx.Node, softmax_in: fx.Node, softmax: fx.Node) -> set:
             if n is not softmax_in:
                 # a tensor made from the scores' shape alone (full_like(s, -inf),
                 # s.new_full(...)) is a side value, not a function of the scores
-                stack.extend(u for u in n.users if not _shape_only(u, n))
+                stack.extend(u for u in n.users if not _shape_only(u, n) and not _dtype_only(u, n))
     back, stack = set(), [softmax_in]
     while stack:
         n = stack.pop()

@@ -1203,3 +1203,16 @@ def _region_attention(q, k, v):
 def nested_region_attention(q, k, v):
     """``torch.compiler.nested_compile_region``: one subgraph for both calls."""
     return _region_attention(q, k, v) + 0.5 * _region_attention(k, q, v)
+
+
+def diff_transformer_scores(q, k, v):
+    """The Differential Transformer's score chain (one of its two maps):
+    ``nan_to_num`` of the scores, a causal mask made from zeros filled with
+    -inf and ``type_as(scores)``, added in place, the softmax in float32."""
+    n = q.shape[-2]
+    w = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    mask = torch.triu(torch.zeros([n, n]).float().fill_(float("-inf")).type_as(w), 1)
+    w = torch.nan_to_num(w)
+    w += mask
+    w = F.softmax(w, dim=-1, dtype=torch.float32).type_as(w)
+    return torch.matmul(w, v)

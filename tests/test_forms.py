@@ -454,6 +454,7 @@ RESEARCH_CASES = [
                                                     _qkv(dt) + [_rows_without_keys().long()])),
     Case("deberta_xsoftmax", _fn(forms.deberta_xsoftmax)),
     Case("checkpointed_attention", _fn(forms.checkpointed_attention)),
+    Case("diff_transformer_scores", _fn(forms.diff_transformer_scores)),
     Case("nested_region_attention", _fn(forms.nested_region_attention)),
     Case("output_added_in_place", lambda dt: (forms.output_added_in_place, _qkv(dt) + [_t(B, H, L, D, dtype=dt)])),
     Case("output_view_scaled_in_place", lambda dt: (forms.output_view_scaled_in_place,
@@ -491,6 +492,7 @@ def test_research_form_fp32_forward_backward(case):
     ("espnet_zeroed_probabilities", "fp16"),
     ("deberta_xsoftmax", "bf16"),
     ("where_zeroed_probabilities", "fp16"),
+    ("diff_transformer_scores", "bf16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_research_form_low_precision_forward(case_id, dtype, on_kernels):

@@ -320,6 +320,8 @@ class ScoreInterpreter(SideValues):
             return Val(self.broadcast(x, C.shape_of(node)), C.shape_of(node))
         if name in ("mul", "div"):
             return self.scaling(node, op)
+        if name == "nan_to_num":
+            return self.chain_nan_to_num(node, op)
         operands, extra = self.operands(op)
         if operands is None:
             raise Decline(f"'{name}' between Q·Kᵀ and softmax cannot be expressed")
@@ -328,6 +330,22 @@ class ScoreInterpreter(SideValues):
             if v.chain:
                 self._note_prefix(v.expr)
         return self.elementwise(node, name, operands, extra)
+
+    def chain_nan_to_num(self, node, op) -> Val:
+        """``torch.nan_to_num(scores)`` (the Differential Transformer's): an
+        infinite score becomes its dtype's largest finite value, a finite one
+        stays; as a clamp to those values.  A nan score (nan inputs) is not
+        modelled: it stays nan where eager's would be 0."""
+        src = self.value(op.kw["input"])
+        dt = C.example_value(node).dtype
+        if not dt.is_floating_point or any(isinstance(op.kw.get(a), fx.Node) for a in ("nan", "posinf", "neginf")):
+            raise Decline("'nan_to_num' of the scores with runtime bounds")
+        big = torch.finfo(dt).max
+        hi = op.kw.get("posinf") if op.kw.get("posinf") is not None else big
+        lo = op.kw.get("neginf") if op.kw.get("neginf") is not None else -big
+        x = as_num(src.expr)
+        return Val(sympy.Max(sympy.Min(x, self.const(float(hi))), self.const(float(lo))),
+                   C.shape_of(node), True, src.frame)
 
     @staticmethod
     def _is_row_constant(m: fx.Node, dim) -> bool:
