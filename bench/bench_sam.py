@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                 rep = attn_compiler.report()
                 row["fused"] = len(rep.fused)
                 row["declined"] = [r.reason for r in rep if r.status != "fused"]
-            del model
+            model = None      # free it before the next implementation
         except Exception as e:  # noqa: BLE001 - a failing implementation is a row, not a stop
             row["error"] = common.short_error(e)
         rows.append(row)

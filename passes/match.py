@@ -148,12 +148,9 @@ def _sink_parts(sm: fx.Node, x: fx.Node):
     column (``p[..., :-1]``).  Then ``(s, sink, the slice)``, else None.  The
     site is s's attention with the sink in the denominator:
     out = softmax(s)·V ⊙ sigmoid(lse(s) - sink) (layout.with_sink)."""
-    shifted = C.row_max_shift(x)
-    rank = len(C.shape_of(x) or ())
-    if shifted is not None and (shifted[1] is not shifted[0] or not isinstance(shifted[2], int)
-                                or C.norm_dim(shifted[2], rank) != rank - 1):
-        return None             # a shift by the max over another axis is not one per row
-    cat = shifted[0] if shifted is not None else x
+    cat = _behind_shift_and_casts(x)
+    if cat is None:
+        return None
     parts = _last_axis_cat(cat)
     if parts is None or len(parts) != 2 or len(sm.users) != 1:
         return None
@@ -182,9 +179,38 @@ def _concatenated_scores(x: fx.Node) -> bool:
     """Whether ``x`` (behind a row-max shift) concatenates, along the last
     axis, scores made by a contraction with other logits (GPT-OSS's sinks:
     ``softmax(cat([scores, sinks], -1))[..., :-1]``)."""
-    shifted = C.row_max_shift(x)
-    parts = _last_axis_cat(shifted[0] if shifted is not None else x)
+    parts = _last_axis_cat(_behind_shift_and_casts(x))
     return parts is not None and any(next(qk_candidates(t), None) is not None for t in parts)
+
+
+_WIDTH = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
+
+
+def _behind_shift_and_casts(x: fx.Node) -> Optional[fx.Node]:
+    """The softmax input ``x`` with a row-max shift and casts to a dtype at
+    least as wide peeled (Inkling2's ``cat([scores, sinks], -1).float()``):
+    the node they apply to; None when a shift is by a max over another axis
+    (not one value per row)."""
+    node = x
+    for _ in range(4):
+        shifted = C.row_max_shift(node)
+        rank = len(C.shape_of(node) or ())
+        if shifted is not None:
+            if shifted[1] is not shifted[0] or not isinstance(shifted[2], int) \
+                    or C.norm_dim(shifted[2], rank) != rank - 1:
+                return None
+            node = shifted[0]
+            continue
+        op = C.canonical(node)
+        src = op.kw.get("input") if op is not None and op.name in _POST_OPS - {"dropout", "view", "reshape"} \
+            else None
+        if not isinstance(src, fx.Node):
+            break
+        a, b = getattr(C.example_value(src), "dtype", None), getattr(C.example_value(node), "dtype", None)
+        if a not in _WIDTH or b not in _WIDTH or _WIDTH[b] < _WIDTH[a] or C.shape_of(src) != C.shape_of(node):
+            break
+        node = src
+    return node
 
 
 def _last_axis_cat(n: Any) -> Optional[List[fx.Node]]:

@@ -1216,3 +1216,14 @@ def diff_transformer_scores(q, k, v):
     w += mask
     w = F.softmax(w, dim=-1, dtype=torch.float32).type_as(w)
     return torch.matmul(w, v)
+
+
+def inkling_float_cast_sinks(q, k, v, sinks):
+    """Inkling2's sinks: a per-token sink logit (B, H, L, 1) concatenated to
+    the scores, the concatenation cast to float32 before the softmax, the
+    sink's column dropped and P cast back."""
+    w = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
+    w = w + torch.triu(torch.full((w.shape[-2], w.shape[-1]), float("-inf"), dtype=w.dtype), 1)
+    combined = torch.cat([w, sinks], dim=-1).float()
+    p = F.softmax(combined, dim=-1)[..., :-1].to(q.dtype)
+    return torch.matmul(p, v)

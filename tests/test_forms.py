@@ -455,6 +455,8 @@ RESEARCH_CASES = [
     Case("deberta_xsoftmax", _fn(forms.deberta_xsoftmax)),
     Case("checkpointed_attention", _fn(forms.checkpointed_attention)),
     Case("diff_transformer_scores", _fn(forms.diff_transformer_scores)),
+    Case("inkling_float_cast_sinks", lambda dt: (forms.inkling_float_cast_sinks,
+                                                 _qkv(dt) + [_t(B, H, L, 1, dtype=dt)])),
     Case("nested_region_attention", _fn(forms.nested_region_attention)),
     Case("output_added_in_place", lambda dt: (forms.output_added_in_place, _qkv(dt) + [_t(B, H, L, D, dtype=dt)])),
     Case("output_view_scaled_in_place", lambda dt: (forms.output_view_scaled_in_place,
@@ -493,6 +495,7 @@ def test_research_form_fp32_forward_backward(case):
     ("deberta_xsoftmax", "bf16"),
     ("where_zeroed_probabilities", "fp16"),
     ("diff_transformer_scores", "bf16"),
+    ("inkling_float_cast_sinks", "bf16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_research_form_low_precision_forward(case_id, dtype, on_kernels):
@@ -576,7 +579,8 @@ def test_in_place_writes_to_the_scores_leave_with_them(case_id):
 
 @pytest.mark.parametrize("case_id", ["gpt_oss_sinks", "sinks_with_empty_rows", "granite_sink_scale",
                                      "nan_to_num_probabilities", "espnet_zeroed_probabilities",
-                                     "deberta_xsoftmax", "where_zeroed_probabilities"])
+                                     "deberta_xsoftmax", "where_zeroed_probabilities",
+                                     "inkling_float_cast_sinks"])
 def test_sinks_on_the_kernels_forward_backward(case_id):
     """Attention sinks through the generated kernels (Triton's interpreter on
     CPU), float32 forward and backward: the sink's gradient comes through the
