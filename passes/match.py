@@ -463,8 +463,12 @@ def _zeroes_where(op: C.COp, p: fx.Node) -> bool:
     else:
         return False
     ev = C.example_value(cond) if isinstance(cond, fx.Node) else None
-    return (kept is p and cond is not p and isinstance(ev, torch.Tensor) and ev.dtype == torch.bool
-            and isinstance(zero, (int, float)) and not isinstance(zero, bool) and zero == 0)
+    if isinstance(zero, fx.Node):       # torch.scalar_tensor(0) (CPM-Ant): the analysis proves it 0
+        zv = C.example_value(zero)
+        zero_ok = isinstance(zv, torch.Tensor) and zv.dim() == 0 and zero is not p
+    else:
+        zero_ok = isinstance(zero, (int, float)) and not isinstance(zero, bool) and zero == 0
+    return kept is p and cond is not p and isinstance(ev, torch.Tensor) and ev.dtype == torch.bool and zero_ok
 
 
 def _reaches_pv(u: fx.Node, depth: int = 4) -> bool:

@@ -1227,3 +1227,15 @@ def inkling_float_cast_sinks(q, k, v, sinks):
     combined = torch.cat([w, sinks], dim=-1).float()
     p = F.softmax(combined, dim=-1)[..., :-1].to(q.dtype)
     return torch.matmul(p, v)
+
+
+def cpmant_scalar_tensor_fills(q, k, v, keep):
+    """CPM-Ant: the fills are 0-d tensors (``torch.scalar_tensor(-inf)`` into
+    the scores, ``torch.scalar_tensor(0)`` into the probabilities) under the
+    same ``mask == torch.tensor(False)``."""
+    score = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    drop = keep == torch.tensor(False)
+    score = torch.masked_fill(score, drop, torch.scalar_tensor(float("-inf"), dtype=score.dtype))
+    score = torch.softmax(score, -1)
+    score = torch.masked_fill(score, drop, torch.scalar_tensor(0, dtype=score.dtype))
+    return torch.matmul(score, v)

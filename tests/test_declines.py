@@ -130,6 +130,16 @@ def probs_zeroed_by_another_mask(q, k, v):
     return torch.softmax(s, -1).masked_fill(pad, 0.0) @ v
 
 
+def probs_filled_with_a_tensor_half(q, k, v):
+    """The masked probabilities set to a 0-d tensor 0.5, not 0: not a
+    softmax of the kept scores."""
+    s = _scores(q, k)
+    drop = torch.zeros(s.shape[-1], dtype=torch.bool)
+    drop[5:] = True
+    s = s.masked_fill(drop, float("-inf"))
+    return torch.softmax(s, -1).masked_fill(drop, torch.scalar_tensor(0.5, dtype=s.dtype)) @ v
+
+
 def probs_zeroed_beside_additive_mask(q, k, v):
     """The scores' own mask zeroed again after the softmax, with a float tensor
     added to the scores too (a key bias): such a tensor may mask a whole row
@@ -166,6 +176,7 @@ DECLINED = [
     (differential_two_maps, ["reach the product"]),
     (deepvit_reattention, ["reach the product"]),
     (probs_zeroed_by_another_mask, ["zeroed", "other than the scores' own"]),
+    (probs_filled_with_a_tensor_half, ["not only zeroed"]),
     (probs_zeroed_beside_additive_mask, ["zeroed", "other masked positions"]),
     (two_sink_columns, ["concatenated"]),
 ]

@@ -455,6 +455,8 @@ RESEARCH_CASES = [
     Case("deberta_xsoftmax", _fn(forms.deberta_xsoftmax)),
     Case("checkpointed_attention", _fn(forms.checkpointed_attention)),
     Case("diff_transformer_scores", _fn(forms.diff_transformer_scores)),
+    Case("cpmant_scalar_tensor_fills", lambda dt: (forms.cpmant_scalar_tensor_fills,
+                                                   _qkv(dt) + [_rows_without_keys()])),
     Case("inkling_float_cast_sinks", lambda dt: (forms.inkling_float_cast_sinks,
                                                  _qkv(dt) + [_t(B, H, L, 1, dtype=dt)])),
     Case("nested_region_attention", _fn(forms.nested_region_attention)),
