@@ -588,6 +588,7 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
         # (attention sinks: eager's softmax gives it all to the sink), not 0/0
         empty = torch.isneginf(lse)
         lse2.masked_fill_(empty, math.inf)
+        rinv.masked_fill_(empty, 1.0)       # [Note: rows of fills] re-computed it as 1/0
         delta.masked_fill_(empty, 0.0)
     grad_args = []
     for g, st in zip(dcap, p.grad_strides):

@@ -411,7 +411,10 @@ def _probs_(z, lse_b, stats):
     if stats is None:
         return z.sub_(lse_b[..., None]).exp_()
     m, l = stats
-    return z.sub_(m[..., None]).exp_().div_(l[..., None])
+    p = z.sub_(m[..., None]).exp_().div_(l[..., None])
+    # a row without a key whose lse the backward reads (+inf: P = 0, see
+    # attention_backward) stays 0 beside a row of huge fills, not 0/0
+    return p.masked_fill_((lse_b == math.inf)[..., None], 0.0)
 
 
 def _masked_mul(dz, p_zero, expr, env, inplace=False):

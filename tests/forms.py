@@ -1239,3 +1239,13 @@ def cpmant_scalar_tensor_fills(q, k, v, keep):
     score = torch.softmax(score, -1)
     score = torch.masked_fill(score, drop, torch.scalar_tensor(0, dtype=score.dtype))
     return torch.matmul(score, v)
+
+
+def zeroed_probabilities_inf_with_bias(q, k, v, keep, bias):
+    """A -inf mask zeroed again after the softmax, beside an additive float
+    bias (CPM-Ant's learned position bias; here also finfo.min over whole
+    rows): with -inf the masked keys add nothing to eager's denominator, so
+    the site is the softmax over the kept keys whatever the bias holds."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
+    s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, dim=-1).masked_fill(~keep, 0.0) @ v

@@ -394,6 +394,13 @@ def _rows_without_keys(n=L):
     return keep
 
 
+def _bias_rows_of_min(dtype, n=L):
+    """(1, H, n, n) float bias: noise, with query row 5 finfo.min over every key."""
+    bias = 0.5 * torch.randn(1, H, n, n)
+    bias[..., 5, :] = torch.finfo(torch.float32).min
+    return bias.to(dtype).requires_grad_()
+
+
 def _adjacency(n=L):
     """(1, 1, n, n) 0/1 float adjacency with self loops (every row keeps a key)."""
     g = torch.Generator().manual_seed(1)
@@ -457,6 +464,8 @@ RESEARCH_CASES = [
     Case("diff_transformer_scores", _fn(forms.diff_transformer_scores)),
     Case("cpmant_scalar_tensor_fills", lambda dt: (forms.cpmant_scalar_tensor_fills,
                                                    _qkv(dt) + [_rows_without_keys()])),
+    Case("zeroed_probabilities_inf_with_bias", lambda dt: (forms.zeroed_probabilities_inf_with_bias,
+                                                           _qkv(dt) + [_rows_without_keys(), _bias_rows_of_min(dt)])),
     Case("inkling_float_cast_sinks", lambda dt: (forms.inkling_float_cast_sinks,
                                                  _qkv(dt) + [_t(B, H, L, 1, dtype=dt)])),
     Case("nested_region_attention", _fn(forms.nested_region_attention)),
@@ -582,7 +591,7 @@ def test_in_place_writes_to_the_scores_leave_with_them(case_id):
 @pytest.mark.parametrize("case_id", ["gpt_oss_sinks", "sinks_with_empty_rows", "granite_sink_scale",
                                      "nan_to_num_probabilities", "espnet_zeroed_probabilities",
                                      "deberta_xsoftmax", "where_zeroed_probabilities",
-                                     "inkling_float_cast_sinks"])
+                                     "inkling_float_cast_sinks", "zeroed_probabilities_inf_with_bias"])
 def test_sinks_on_the_kernels_forward_backward(case_id):
     """Attention sinks through the generated kernels (Triton's interpreter on
     CPU), float32 forward and backward: the sink's gradient comes through the

@@ -112,16 +112,19 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analys
 
 # [Note: probabilities zeroed by the mask]
 # ESPnet/WeNet's and FastSpeech2's ``softmax(s.masked_fill(m, finfo.min)).masked_fill(m, 0)``
-# (and DeBERTa's XSoftmax written out) zero the probabilities where the scores
-# were masked.  In a row that keeps a key, those probabilities are 0 already
-# (the fill lies far below the kept scores, e^(fill - max) underflows), so the
-# zeroing changes nothing; in a row that keeps none, eager's softmax is uniform
-# (a finite fill) or nan (-inf) and the zeroing makes it 0.  When the zeroed
-# positions are exactly the masked ones (the two conditions are equivalent as
-# sympy booleans over the same captured tensors) and nothing else in the
-# scores may hold a fill, the site is the scores with their fills made -inf:
-# a row without a key has lse = -inf and gives 0 (``layout.zero_empty_rows``,
-# the same rewrite as ``nan_to_num(P)``), and a partly masked row is as it was.
+# (and DeBERTa's XSoftmax written out, CPM-Ant's with -inf) zero the
+# probabilities where the scores were masked.  When the zeroed positions are
+# exactly the masked ones (the two conditions are equivalent as sympy booleans
+# over the same captured tensors), eager's output in a row is the sum over the
+# kept keys K of e^(z_j) v_j / (sum_K e^(z_k) + c e^F), c masked keys filled
+# with F.  With F = -inf the masked keys add nothing: it is the softmax over K,
+# the scores with the fills made -inf, and a row without a key gives 0
+# (``layout.zero_empty_rows``, as for ``nan_to_num(P)``).  A finite F adds
+# exactly nothing too (e^(F - max) underflows) as long as the kept scores stay
+# far above F, which nothing but another fill can break: a finite fill beside
+# a float tensor or another fill in the kept scores is declined (a row whose
+# kept scores are all finfo.min through an additive mask is uniform over all
+# keys in eager).
 
 def _check_zero_mask(interp: ScoreInterpreter, node: fx.Node, scores) -> None:
     """Decline unless ``node`` (``P.masked_fill(m, 0)`` / ``where``) zeroes
@@ -155,16 +158,20 @@ def _check_zero_mask(interp: ScoreInterpreter, node: fx.Node, scores) -> None:
 
 def _masked_to_neg_inf(mod, specs):
     """The score modification with its fills made -inf ([Note: probabilities
-    zeroed by the mask]); declines when a kept branch may itself hold a fill."""
+    zeroed by the mask]); declines a finite fill beside a kept branch that may
+    hold a fill itself."""
     pieces = S._pieces(mod)
-    for e, _ in pieces:
-        if S._is_fill(e):
-            continue
-        floats = [i for i in S.captured_reads(e, len(specs)) if specs[i].is_float]
-        if floats or e.has(sympy.S.NegativeInfinity) or any(
-                bool(a <= S.MASK_FILL_THRESHOLD) for a in S._finite_constants(e)):
-            raise Decline("the probabilities are zeroed under the scores' mask, but the scores may "
-                          "hold other masked positions (a float tensor or a fill added to them)")
+    fills = {S._fill_value(e) for e, _ in pieces if S._is_fill(e)}
+    if any(not math.isinf(f) for f in fills):
+        for e, _ in pieces:
+            if S._is_fill(e):
+                continue
+            floats = [i for i in S.captured_reads(e, len(specs)) if specs[i].is_float]
+            if floats or e.has(sympy.S.NegativeInfinity) or any(
+                    bool(a <= S.MASK_FILL_THRESHOLD) for a in S._finite_constants(e)):
+                raise Decline("the probabilities are zeroed under the scores' mask filled with a finite "
+                              "value, but the scores may hold other masked positions (a float tensor or "
+                              "a fill added to them)")
     return sympy.Piecewise(*[(sympy.S.NegativeInfinity if S._is_fill(e) else e, c) for e, c in pieces])
 
 
