@@ -179,8 +179,18 @@ def _concatenated_scores(x: fx.Node) -> bool:
     """Whether ``x`` (behind a row-max shift) concatenates, along the last
     axis, scores made by a contraction with other logits (GPT-OSS's sinks:
     ``softmax(cat([scores, sinks], -1))[..., :-1]``)."""
-    parts = _last_axis_cat(_behind_shift_and_casts(x))
-    return parts is not None and any(next(qk_candidates(t), None) is not None for t in parts)
+    node = x
+    for _ in range(6):          # behind a mask or bias added to the concatenation (PEGASUS-X)
+        node = _behind_shift_and_casts(node)
+        parts = _last_axis_cat(node)
+        if parts is not None:
+            return any(next(qk_candidates(t), None) is not None for t in parts)
+        op = C.canonical(node)
+        if op is None or op.name not in ("add", "sub", "mul", "div", "masked_fill") \
+                or not isinstance(op.kw.get("input"), fx.Node) or C.shape_of(op.kw["input"]) != C.shape_of(node):
+            return False
+        node = op.kw["input"]
+    return False
 
 
 _WIDTH = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
@@ -271,9 +281,9 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
                           "(a graph break splits Q·Kᵀ from the softmax)")
         if _concatenated_scores(x):
             pv, post = _follow_probabilities(node)[:2]
-            if pv is not None or isinstance(post, str):
-                raise Decline("the softmax runs over the scores concatenated with other logits "
-                              "(attention sinks)")
+            if pv is not None or isinstance(post, str) or _reaches_product(node) is not None:
+                raise Decline("the softmax runs over the scores concatenated with other logits along "
+                              "the key axis (sink columns other than one, local and global blocks)")
         return None
     pv, post, p_operand, dropout_p, swapped = _follow_probabilities(node, start)
     rank = len(C.shape_of(x))

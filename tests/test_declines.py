@@ -119,6 +119,17 @@ def deepvit_reattention(q, k, v):
     return torch.einsum("bhij,bhjd->bhid", attn, v)
 
 
+def local_global_blocks_concatenated(q, k, v):
+    """PEGASUS-X's local blocks: scores against global keys and against the
+    block's own keys concatenated (behind an added mask), one softmax, the
+    probabilities split again for two products."""
+    g = k[:, :, :3]
+    s = torch.cat([q @ g.transpose(-1, -2), _scores(q, k)], dim=-1)
+    s = s + torch.zeros(s.shape[-1], dtype=s.dtype)
+    p = torch.softmax(s, dim=-1)
+    return p[..., :3] @ v[:, :, :3] + p[..., 3:] @ v
+
+
 def probs_zeroed_by_another_mask(q, k, v):
     """The probabilities zeroed under a mask that is not the scores' own (the
     scores keep the padded keys that the zeroing drops): not a softmax of
@@ -174,6 +185,7 @@ DECLINED = [
     (probs_inplace_zeroed, []),
     (probs_scaled_by_score_rowmax, ["scores"]),
     (differential_two_maps, ["reach the product"]),
+    (local_global_blocks_concatenated, ["concatenated"]),
     (deepvit_reattention, ["reach the product"]),
     (probs_zeroed_by_another_mask, ["zeroed", "other than the scores' own"]),
     (probs_filled_with_a_tensor_half, ["not only zeroed"]),
