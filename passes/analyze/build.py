@@ -132,8 +132,10 @@ def _check_zero_mask(interp: ScoreInterpreter, node: fx.Node, scores) -> None:
     from .values import Val
     op = C.canonical(node)
     operands, extra = interp.operands(op)
+    # P: the operand with the site's shape (the zero is a number or a 0-d tensor)
     kept = op.kw["input"] if op.name == "masked_fill" else next(
-        a for a in (op.kw["input"], op.kw["other"]) if isinstance(a, fx.Node))
+        a for a in (op.kw["input"], op.kw["other"])
+        if isinstance(a, fx.Node) and C.shape_of(a) == C.shape_of(node))
     p = sympy.Symbol("P", real=True)
     interp._readers = [node]
     interp.memo[interp.resolve(kept)] = Val(p, C.shape_of(kept), True, interp.score_frame)
