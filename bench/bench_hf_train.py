@@ -1,0 +1,126 @@
+"""A Hugging Face LLaMA training step (forward, loss, backward; no optimizer),
+bf16, with and without gradient checkpointing.
+
+Paths, each on a fresh copy of the same random weights:
+
+- ``hf_sdpa+inductor``: the model with Hugging Face's default SDPA attention,
+  ``torch.compile(model)`` (what most users run);
+- ``inductor``: the model with eager attention, ``torch.compile(model)``;
+- ``attn_compiler``: the model with eager attention compiled by our backend
+  (inner inductor).
+
+With ``--checkpoint`` every decoder layer runs under
+``gradient_checkpointing_enable()``; our backend fuses the attention inside
+those regions too.
+
+    PYTHONPATH=. python bench/bench_hf_train.py --out OUT                 # GPU
+    python bench/bench_hf_train.py --smoke                                 # CPU, tiny
+
+Prints ms per step and peak MiB of a step beyond the inputs; each path's loss
+is compared with the first path's before it is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import common
+import torch
+
+PATHS = ("hf_sdpa+inductor", "inductor", "attn_compiler")
+
+
+def build(path: str, cfg, state, checkpoint: bool, dtype, dev):
+    import transformers
+    cfg = transformers.LlamaConfig(**cfg.to_dict())
+    cfg._attn_implementation = "sdpa" if path.startswith("hf_sdpa") else "eager"
+    model = transformers.LlamaForCausalLM(cfg)
+    model.load_state_dict(state)
+    model.to(dev, dtype).train()
+    if checkpoint:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    if path == "attn_compiler":
+        import attn_compiler
+        attn_compiler.reset()
+        return torch.compile(model, backend=attn_compiler.backend())
+    return torch.compile(model)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--paths", default=",".join(PATHS))
+    ap.add_argument("--checkpoint", default="no,yes", help="no, yes or both (comma-separated)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    import transformers
+    if args.smoke:
+        args.layers, args.hidden, args.heads, args.kv_heads, args.batch, args.seq = 2, 32, 4, 2, 2, 16
+    dev = common.device()
+    dtype = torch.bfloat16 if common.on_cuda() else torch.float32
+    cfg = transformers.LlamaConfig(vocab_size=32000 if not args.smoke else 100, hidden_size=args.hidden,
+                                   intermediate_size=int(args.hidden * 8 / 3) // 64 * 64 or 64,
+                                   num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                   num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq)
+    torch.manual_seed(0)
+    state = transformers.LlamaForCausalLM(cfg).state_dict()
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq),
+                        generator=torch.Generator().manual_seed(1)).to(dev)
+    rows, env, base_loss = [], common.environment(), {}
+    for ckpt in [c == "yes" for c in args.checkpoint.split(",")]:
+        for path in [p for p in args.paths.split(",") if p]:
+            common.reset_compiled()
+            row = dict(env, path=path, checkpoint=ckpt, layers=args.layers, hidden=args.hidden,
+                       heads=f"{args.heads}:{args.kv_heads}", batch=args.batch, seq=args.seq)
+            try:
+                model = build(path, cfg, state, ckpt, dtype, dev)
+
+                def step():
+                    loss = model(input_ids=ids, labels=ids).loss
+                    loss.backward()
+                    return loss
+
+                loss = float(step())
+                base_loss.setdefault(ckpt, loss)
+                row["loss"], row["loss_vs_first"] = loss, abs(loss - base_loss[ckpt]) / abs(base_loss[ckpt])
+                params = list(model.parameters())
+                row["ms"] = common.time_ms(step, grad_to_none=params)
+                for p in params:
+                    p.grad = None
+                row["peak_mib"] = common.peak_mib(step)
+                if path == "attn_compiler":
+                    import attn_compiler
+                    rep = attn_compiler.report()
+                    row["fused"], row["declined"] = len(rep.fused), [r.reason for r in rep if r.status != "fused"]
+                model = None            # free it before the next path
+            except Exception as e:  # noqa: BLE001 - a failing path is a row, not a stop
+                row["error"] = common.short_error(e)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            common.free_memory()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "hf_train.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    print("\n| checkpointing | path | ms / step | peak MiB | loss vs first | sites |\n|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {'yes' if r['checkpoint'] else 'no'} | {r['path']} | error: {r['error'][:70]} | | | |")
+            continue
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        sites = f"{r['fused']} fused, {len(r['declined'])} declined" if "fused" in r else ""
+        print(f"| {'yes' if r['checkpoint'] else 'no'} | {r['path']} | {r['ms']:.1f} | {peak} | "
+              f"{r['loss_vs_first']:.1e} | {sites} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
