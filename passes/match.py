@@ -289,7 +289,8 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
     rank = len(C.shape_of(x))
     if C.norm_dim(dim, rank) != rank - 1:
         if pv is None:
-            if _contracted_along(node, C.norm_dim(dim, rank)):
+            # a column of logits (ConvBERT's span kernel, (N, K, 1)) is no score matrix
+            if _contracted_along(node, C.norm_dim(dim, rank)) and C.shape_of(x)[-1] != 1:
                 raise Decline(f"the key axis (softmax dim {dim}) is not the scores' last axis "
                               "(a [query, key, batch, head] layout)")
             return None
