@@ -373,7 +373,12 @@ def _backward_rows(pb: _Problem, m0, m1, rows, dk, dv, dcap, skip):
             g = _masked_mul(dz, p_zero, spec.dcaptured[i], env)
             dims = [d for d in range(4) if acc.shape[d] == 1 and g.shape[d] != 1]
             g = g.sum(dims, keepdim=True) if dims else g
-            _slice_captured(acc, m0, m1, n0, n1, spec.captured[i]).add_(g)   # kv_map: no gradient
+            c = spec.captured[i]
+            if c.kv_map and acc.shape[3] != 1:  # each key's share to its entry at kv // W or kv % W
+                rows = acc if acc.shape[2] == 1 else acc[:, :, m0:m1]
+                rows.index_add_(3, c.kv_index(torch.arange(n0, n1, device=acc.device)), g)
+            else:
+                _slice_captured(acc, m0, m1, n0, n1, c).add_(g)
         ds = dz if spec.dscore == 1 else _masked_mul(dz, p_zero, spec.dscore, env, inplace=True)
         dsg = _grouped(ds, pb, M, cd).mul_(pb.scale)              # (B, Hkv, G*M, N)
         dqg += dsg @ kb

@@ -121,8 +121,6 @@ class _Hooks:
 
     def __init__(self, spec: AttentionSpec, family: Optional[str] = None):
         self.spec = spec
-        if any(c.kv_map and c.requires_grad for c in spec.captured):
-            raise Unsupported("the gradient of a term read along a split key axis")
         # descriptors under TMA: planes in every family, rows in the forward's
         self.tma_ids = sorted(set(tma_planes(spec)) | set(tma_rows(spec) if family == "fwd" else ()))
         # decode packs the query heads of a KV head into its rows: off_h is a
@@ -377,15 +375,24 @@ class _Hooks:
             lines.append(f"g{i} = {g}")
             if di == 1 and kind == "PARTIAL":
                 lines.append(f"g{i} = tl.where(p == 0, 0.0, g{i})")
-            lines += self._grad_store(i, c.dims, qax, kax)
+            lines += self._grad_store(i, c.dims, qax, kax, c.kv_map)
         return lines
 
-    def _grad_store(self, i: int, dims, qax: int, kax: int) -> List[str]:
+    def _grad_store(self, i: int, dims, qax: int, kax: int, kv_map=()) -> List[str]:
+        """Atomic adds of captured gradient ``g{i}`` into its broadcast shape; a
+        term of a split key axis adds each key's share at kv // W or kv % W
+        (several keys of a tile meet at one entry: the atomics sum them)."""
         base = f"DT{i} + off_b.to(tl.int64) * dt{i}_sb + off_h.to(tl.int64) * dt{i}_sh"
         qv, kv = "offs_m", "offs_n"
         g = f"g{i}"
+
+        def at(x):
+            return x if not kv_map else f"({x} // {kv_map[1]})" if kv_map[0] == "div" else f"({x} % {kv_map[1]})"
         if dims[2] and dims[3]:
-            ptr = f"{base} + q_idx * dt{i}_sq + kv_idx * dt{i}_sk"
+            ptr = f"{base} + q_idx * dt{i}_sq + {at('kv_idx')} * dt{i}_sk"
+            return [f"tl.atomic_add({ptr}, {g}, mask=(q_idx < Lq) & (kv_idx < Lk), sem='relaxed')"]
+        if dims[3] and kv_map:
+            ptr = f"{base} + {at('kv_idx')} * dt{i}_sk"
             return [f"tl.atomic_add({ptr}, {g}, mask=(q_idx < Lq) & (kv_idx < Lk), sem='relaxed')"]
         if dims[3]:
             return [f"tl.atomic_add({base} + {kv} * dt{i}_sk, tl.sum({g}, axis={qax}), mask={kv} < Lk, sem='relaxed')"]

@@ -1,10 +1,12 @@
 """Terms read along a split key axis ([Note: split key axes]): SAM's decomposed
 relative positions ``rel_h[b, h, q, kv // W] + rel_w[b, h, q, kv % W]``,
-through the forward, backward (gradients of q, k, v; the terms take none) and
+through the forward, backward (gradients of q, k, v and of the terms) and
 decode kernels, golden-relative to the reference.  Tiles of 16 keys make both
 of the generated loads run: W = 16 (a tile lies in one W-run of keys, the
 aligned load) and W = 6 (the per-element gather)."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -62,10 +64,10 @@ def test_decode(w):
     golden_check(out, eager, gold, name="decode/out")
 
 
-def test_a_gradient_along_a_split_key_axis_is_not_generated():
-    """The kernels do not reduce a gradient onto a term read at kv // W: the
-    spec is reported unsupported (the analysis declines such sites first)."""
-    from attn_compiler.templates import codegen
-    cspec = CapturedTensor((True, True, True, True), "float32", True, ("div", 4))
-    reason = codegen.unsupported_reason(make_spec(score + captured_call(0), captured=[cspec]))
-    assert reason and "split key axis" in reason
+@pytest.mark.parametrize("w", [16, 6])
+def test_backward_of_the_terms(w):
+    """The terms' own gradients: each key's dS added at kv // W or kv % W."""
+    q, k, v = qkv(B=2, Hq=2, Lq=21, Lk=48)
+    caps, cspecs = _split_terms(2, 2, 21, 48, w, torch.float32)
+    cspecs = tuple(dataclasses.replace(c, requires_grad=True) for c in cspecs)
+    check_backward(q, k, v, caps, _spec(cspecs, torch.float32), config=TILE)

@@ -623,16 +623,11 @@ def test_sam_decomposed_relative_positions_inference(dtype, on_kernels):
     golden_check(ours, eager, golden, name="sam out")
 
 
-def test_sam_decomposed_relative_positions_training_is_declined():
-    """In training the relative-position terms need a gradient along the split
-    key axis, which the kernels do not produce: declined with that reason,
-    and the model's outputs and gradients are eager's."""
-    torch.manual_seed(0)
-    torch._dynamo.reset()
-    attn_compiler.reset()
-    m = forms.SamDecomposedRelPos()
-    qkv = _qkv(F32, lq=15, lk=15)
-    out = torch.compile(m, backend=attn_compiler.backend(inner="aot_eager"))(*qkv)
-    (row,) = attn_compiler.report()
-    assert row.status == "declined" and "split key axis" in row.reason and "grad" in row.reason, row.reason
-    torch.testing.assert_close(out, m(*qkv))
+@pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
+def test_sam_decomposed_relative_positions_training(on_kernels):
+    """In training the height and width terms take their gradient (each key's
+    share added at kv // kw or kv % kw): the relative-position tables and q,
+    k, v golden-relative to eager."""
+    case = Case("sam_training", lambda dt: (forms.SamDecomposedRelPos().to(dt), _qkv(dt, lq=15, lk=15)))
+    with _implementation(on_kernels):
+        check_case(case)

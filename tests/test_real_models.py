@@ -535,6 +535,22 @@ def test_decomposed_relative_positions_inference(build, on_kernels):
     check_relpos_inference(build, on_kernels)
 
 
+def _pixels():
+    return {"pixel_values": torch.randn(B, 3, 64, 64, generator=torch.Generator().manual_seed(5))}
+
+
+def _hidden(out):
+    return out.last_hidden_state
+
+
+@pytest.mark.parametrize("build", [sam_vision, vitdet])
+def test_decomposed_relative_positions_training(build):
+    """Training SAM / ViTDet (ViTDet's use in detection): the height and width
+    terms get their gradient along the split key axis; forward and every
+    parameter gradient golden-relative to eager."""
+    check_model(build, _pixels(), LAYERS, output_fn=_hidden)
+
+
 # ---------------------------------------------------------------- the generated kernels
 
 def check_on_kernels(build, inputs, n_sites, **kwargs) -> None:
@@ -575,6 +591,7 @@ KERNEL_CASES = {
     "granite_swa_sink_scale": (granite_swa, lambda: {"inputs": {"input_ids": _ids(10),
                                                                "attention_mask": _padding_mask(10)}}, LAYERS),
     "llama_checkpointed_left_padding": (_checkpointed(llama), _llama_left_padding, LAYERS),
+    "vitdet_relpos_training": (vitdet, lambda: {"inputs": _pixels(), "output_fn": _hidden}, LAYERS),
     "bert_autocast_padding": (bert, lambda: {"inputs": {"input_ids": _ids(12), "attention_mask": _padding_mask(12)},
                                              "autocast": torch.bfloat16}, LAYERS),
 }

@@ -394,9 +394,9 @@ def _rename_captures(expr, leaves, flat, op_sizes=(None, None)):
         captures.append(CaptureView(lf.node, tuple(axes)))
         dims = tuple(j in used for j in range(4))
         grad = bool(ev.requires_grad and ev.dtype.is_floating_point)
-        if kv_map and (grad or not ev.dtype.is_floating_point):
+        if kv_map and not ev.dtype.is_floating_point:
             raise Decline("a term read along a split key axis (decomposed relative positions) "
-                          + ("requires grad" if grad else "is not a float tensor"))
+                          "is not a float tensor")
         specs.append(S.CapturedTensor(dims, _dtype_name(ev.dtype), grad, kv_map))
         sub[call] = S.captured_call(i)
     return expr.xreplace(sub), captures, specs
