@@ -22,8 +22,6 @@ is compared with the first path's before it is timed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 import common
@@ -78,9 +76,8 @@ def main(argv=None) -> int:
     for ckpt in [c == "yes" for c in args.checkpoint.split(",")]:
         for path in [p for p in args.paths.split(",") if p]:
             common.reset_compiled()
-            row = dict(env, path=path, checkpoint=ckpt, layers=args.layers, hidden=args.hidden,
-                       heads=f"{args.heads}:{args.kv_heads}", batch=args.batch, seq=args.seq)
-            try:
+
+            def measure(row, path=path, ckpt=ckpt):
                 model = build(path, cfg, state, ckpt, dtype, dev)
 
                 def step():
@@ -97,28 +94,11 @@ def main(argv=None) -> int:
                     p.grad = None
                 row["peak_mib"] = common.peak_mib(step)
                 if path == "attn_compiler":
-                    import attn_compiler
-                    rep = attn_compiler.report()
-                    row["fused"], row["declined"] = len(rep.fused), [r.reason for r in rep if r.status != "fused"]
-                model = None            # free it before the next path
-            except Exception as e:  # noqa: BLE001 - a failing path is a row, not a stop
-                row["error"] = common.short_error(e)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            common.free_memory()
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "hf_train.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    print("\n| checkpointing | path | ms / step | peak MiB | loss vs first | sites |\n|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {'yes' if r['checkpoint'] else 'no'} | {r['path']} | error: {r['error'][:70]} | | | |")
-            continue
-        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        sites = f"{r['fused']} fused, {len(r['declined'])} declined" if "fused" in r else ""
-        print(f"| {'yes' if r['checkpoint'] else 'no'} | {r['path']} | {r['ms']:.1f} | {peak} | "
-              f"{r['loss_vs_first']:.1e} | {sites} |")
+                    row["sites"] = common.sites_summary()
+            row = dict(env, path=path, checkpoint=ckpt, layers=args.layers, hidden=args.hidden,
+                       heads=f"{args.heads}:{args.kv_heads}", batch=args.batch, seq=args.seq)
+            rows.append(common.model_row(row, measure))
+    common.finish_rows(rows, args.out, "hf_train", ["checkpoint", "path", "ms", "peak_mib", "loss_vs_first", "sites"])
     return 0
 
 

@@ -25,8 +25,6 @@ error of each against float32 eager.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 import common
@@ -131,8 +129,8 @@ def main(argv=None) -> int:
                 if name == "attn_compiler":
                     import attn_compiler
                     attn_compiler.reset()
-                row = dict(env, impl=name, shape=f"{bh_batch}x{heads}x{h}x{w}x{d}")
-                try:
+
+                def measure(row, name=name):
                     fn = build(name, mod)
                     out = fn(q, k, v)
                     row["rel_err"] = float((out.float() - ref).norm() / ref.norm())
@@ -140,25 +138,10 @@ def main(argv=None) -> int:
                     row["tflops"] = 4 * bh_batch * heads * n * n * d / row["ms"] / 1e9
                     row["peak_mib"] = common.peak_mib(lambda: fn(q, k, v))
                     if name == "attn_compiler":
-                        import attn_compiler
-                        row["sites"] = [f"{r.status} {r.reason} {r.features.get('choice', '')}".strip()
-                                        for r in attn_compiler.report()]
-                except Exception as e:  # noqa: BLE001 - a failing baseline is a row, not a stop
-                    row["error"] = common.short_error(e)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                common.free_memory()
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "relpos.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    print("\n| shape BHxH x h x w x D | impl | ms | TFLOP/s | peak MiB | rel err |\n|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['shape']} | {r['impl']} | error: {r['error'][:60]} | | | |")
-        else:
-            peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-            print(f"| {r['shape']} | {r['impl']} | {r['ms']:.3f} | {r['tflops']:.0f} | {peak} | {r['rel_err']:.1e} |")
+                        row["sites"] = common.sites_summary()
+                rows.append(common.model_row(dict(env, impl=name, shape=f"{bh_batch}x{heads}x{h}x{w}x{d}"),
+                                             measure))
+    common.finish_rows(rows, args.out, "relpos", ["shape", "impl", "ms", "tflops", "peak_mib", "rel_err", "sites"])
     return 0
 
 

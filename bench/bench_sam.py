@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import sys
 
 import common
@@ -79,8 +77,8 @@ def main(argv=None) -> int:
     rows, env = [], common.environment()
     for name in [n for n in args.only.split(",") if n]:
         common.reset_compiled()
-        row = dict(env, impl=name, batch=args.batch, image=size, dtype=str(dtype).removeprefix("torch."))
-        try:
+
+        def measure(row, name=name):
             model = build(name, cfg, state, dtype, dev)
             with torch.no_grad():
                 out = model(pixel_values=x).last_hidden_state
@@ -88,28 +86,10 @@ def main(argv=None) -> int:
                 row["ms"] = common.time_ms(lambda: model(pixel_values=x))
                 row["peak_mib"] = common.peak_mib(lambda: model(pixel_values=x))
             if name == "attn_compiler":
-                import attn_compiler
-                rep = attn_compiler.report()
-                row["fused"] = len(rep.fused)
-                row["declined"] = [r.reason for r in rep if r.status != "fused"]
-            model = None      # free it before the next implementation
-        except Exception as e:  # noqa: BLE001 - a failing implementation is a row, not a stop
-            row["error"] = common.short_error(e)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        common.free_memory()
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "sam.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    print("\n| impl | ms | peak MiB | rel err vs fp32 eager | sites |\n|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['impl']} | error: {r['error'][:70]} | | | |")
-            continue
-        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        sites = f"{r['fused']} fused, {len(r['declined'])} declined" if "fused" in r else ""
-        print(f"| {r['impl']} | {r['ms']:.2f} | {peak} | {r['rel_err']:.1e} | {sites} |")
+                row["sites"] = common.sites_summary()
+        row = dict(env, impl=name, batch=args.batch, image=size, dtype=str(dtype).removeprefix("torch."))
+        rows.append(common.model_row(row, measure))
+    common.finish_rows(rows, args.out, "sam", ["impl", "batch", "ms", "peak_mib", "rel_err", "sites"])
     return 0
 
 

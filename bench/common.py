@@ -21,7 +21,9 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -38,6 +40,8 @@ from results import (
     SKIPPED,
     UNSUPPORTED,
     Results,
+    fmt,
+    markdown_table,
 )
 
 # one FLOP count for the benchmarks and the site report
@@ -166,6 +170,40 @@ def short_error(exc: BaseException, width: int = 160) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def model_row(row: dict[str, Any], measure: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """One row of the whole-model benchmarks (bench_sam, bench_relpos,
+    bench_hf_train): ``measure(row)`` fills it; an error it raises becomes the
+    row's ``error`` (a failing path is a row, not a stop).  Printed as it
+    comes; GPU memory freed after."""
+    try:
+        measure(row)
+    except Exception as e:  # noqa: BLE001 - see above
+        row["error"] = short_error(e)
+    print(json.dumps(row, default=str), flush=True)
+    free_memory()
+    return row
+
+
+def sites_summary() -> str:
+    """What the backend did with the sites it saw since its last reset."""
+    import attn_compiler
+
+    return attn_compiler.report().summary()
+
+
+def finish_rows(rows: Sequence[dict[str, Any]], out: str | None, name: str, columns: Sequence[str]) -> None:
+    """``OUT/<name>.jsonl`` (with ``out``), then ``columns`` of every row as a
+    markdown table; a row that failed shows its error instead."""
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r, default=str) + "\n" for r in rows)
+    table = [[fmt(r.get(c)) for c in columns] if "error" not in r
+             else [fmt(r.get(columns[0])), fmt(r.get(columns[1])), "error: " + r["error"][:70]] + [""] * (len(columns) - 3)
+             for r in rows]
+    print("\n" + markdown_table(table, columns))
 
 
 def classify_error(exc: BaseException) -> str:

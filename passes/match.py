@@ -414,7 +414,7 @@ def _follow_probabilities(sm: fx.Node, start: Optional[fx.Node] = None):
                 cur = users[0]
                 continue
             if op is None or op.name not in _POST_OPS or op.kw.get("input") is not cur:
-                if _reaches_pv(users[0]):
+                if _reaches_product(users[0]) is not None:
                     name = op.name if op is not None else getattr(users[0].target, "__name__", users[0].name)
                     return None, f"'{name}' between the softmax and P·V cannot be expressed", None, None, False
                 return None, None, None, None, False
@@ -482,28 +482,13 @@ def _zeroes_where(op: C.COp, p: fx.Node) -> bool:
     return kept is p and cond is not p and isinstance(ev, torch.Tensor) and ev.dtype == torch.bool and zero_ok
 
 
-def _reaches_pv(u: fx.Node, depth: int = 4) -> bool:
-    """Whether ``u`` (an op after the softmax this matcher cannot follow,
-    DeBERTa's ``masked_fill(rmask, 0)`` of the probabilities) feeds a P·V
-    product through at most ``depth`` single-use, same-shape ops: the site is
-    then reported as declined instead of passing unseen."""
-    shape = C.shape_of(u)
-    for _ in range(depth):
-        if len(u.users) != 1 or shape is None or C.shape_of(u) != shape:
-            return False
-        nxt = next(iter(u.users))
-        if _pv_of(nxt, u) is not None:
-            return True
-        u = nxt
-    return False
-
-
 def _reaches_product(sm: fx.Node, depth: int = 8, limit: int = 64) -> Optional[fx.Node]:
-    """A contraction that a softmax of Q·Kᵀ scores feeds within ``depth`` ops
-    of any kind (Differential Transformer's two maps subtracted, DeepViT's
-    heads mixed after the softmax, ConViT's gated sum of two softmaxes): that
-    softmax is attention the matcher cannot follow, reported as declined
-    rather than passed unseen.  None when there is none."""
+    """A contraction that ``sm`` (a softmax of Q·Kᵀ scores, or an op after it
+    the matcher cannot follow) feeds within ``depth`` ops of any kind
+    (Differential Transformer's two maps subtracted, DeepViT's heads mixed
+    after the softmax, an XSoftmax-style in-place zeroing): that softmax is
+    attention the matcher cannot follow, reported as declined rather than
+    passed unseen.  None when there is none."""
     frontier, seen = [sm], {sm}
     for _ in range(depth):
         nxt = []

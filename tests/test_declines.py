@@ -186,7 +186,7 @@ DECLINED = [
     (probs_scaled_by_score_rowmax, ["scores"]),
     (differential_two_maps, ["reach the product"]),
     (local_global_blocks_concatenated, ["concatenated"]),
-    (deepvit_reattention, ["reach the product"]),
+    (deepvit_reattention, ["einsum", "cannot be expressed"]),
     (probs_zeroed_by_another_mask, ["zeroed", "other than the scores' own"]),
     (probs_filled_with_a_tensor_half, ["not only zeroed"]),
     (probs_zeroed_beside_additive_mask, ["zeroed", "other masked positions"]),

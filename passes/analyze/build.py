@@ -129,21 +129,13 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analys
 def _check_zero_mask(interp: ScoreInterpreter, node: fx.Node, scores) -> None:
     """Decline unless ``node`` (``P.masked_fill(m, 0)`` / ``where``) zeroes
     exactly where the scores ``scores`` are masked."""
-    from .values import Val
     op = C.canonical(node)
-    operands, extra = interp.operands(op)
     # P: the operand with the site's shape (the zero is a number or a 0-d tensor)
     kept = op.kw["input"] if op.name == "masked_fill" else next(
         a for a in (op.kw["input"], op.kw["other"])
         if isinstance(a, fx.Node) and C.shape_of(a) == C.shape_of(node))
     p = sympy.Symbol("P", real=True)
-    interp._readers = [node]
-    interp.memo[interp.resolve(kept)] = Val(p, C.shape_of(kept), True, interp.score_frame)
-    try:
-        v = interp.elementwise(node, op.name, operands, extra)
-    finally:
-        interp.memo.pop(interp.resolve(kept), None)
-        interp._readers = [interp.softmax_node]
+    v = interp.elementwise_over(node, kept, p)
     zero, taken = sympy.false, sympy.false
     for e, c in S._pieces(v.expr):
         here = sympy.And(c, sympy.Not(taken))

@@ -163,6 +163,21 @@ class ScoreInterpreter(SideValues):
         self.memo[node] = v
         return v
 
+    def elementwise_over(self, node: fx.Node, stand_in: fx.Node, symbol) -> Val:
+        """The value of elementwise ``node`` with ``stand_in`` (an input of it
+        with the scores' shape) read as the scalar ``symbol`` in the score
+        frame: what ``node`` does to the probabilities, position by position."""
+        op = C.canonical(node)
+        operands, extra = self.operands(op)
+        readers, self._readers = self._readers, [node]
+        key = self.resolve(stand_in)
+        self.memo[key] = Val(symbol, C.shape_of(stand_in), True, self.score_frame)
+        try:
+            return self.elementwise(node, op.name, operands, extra)
+        finally:
+            self.memo.pop(key, None)
+            self._readers = readers
+
     def const(self, x):
         if isinstance(x, bool):
             return sympy.true if x else sympy.false
