@@ -68,6 +68,35 @@ def inductor_with_mode(mode: Optional[str], options: Optional[dict] = None) -> C
     return inner
 
 
+def compile_nested(gm, example_inputs) -> Callable:
+    """Inductor (default options) on ``gm`` and real ``example_inputs`` while
+    dynamo is compiling an enclosing frame: outside that frame's tracing
+    context (its fake mode) and with compile metrics of its own (dynamo raises
+    at the end of the frame's compile when a metric is set twice); the
+    backward is compiled now, not at its first call (which would land in
+    whatever compile is running then).  Raises RuntimeError where this torch
+    keeps its metrics elsewhere."""
+    from torch._dynamo import utils as dynamo_utils
+    from torch._dynamo.metrics_context import MetricsContext
+    from torch._functorch import config as functorch_config
+    from torch._guards import tracing
+    from torch._inductor.compile_fx import compile_fx
+
+    tls = getattr(dynamo_utils, "_metrics_context_tls", None)
+    if tls is None:
+        raise RuntimeError("cannot keep a nested compile's metrics apart on this torch")
+    saved = tls.__dict__.get("metrics_context")
+    tls.metrics_context = MetricsContext(on_exit=lambda *args: None)
+    try:
+        with tracing(None), functorch_config.patch(force_non_lazy_backward_lowering=True):
+            return compile_fx(gm, list(example_inputs))
+    finally:
+        if saved is None:
+            del tls.metrics_context
+        else:
+            tls.metrics_context = saved
+
+
 def is_fake_tensor(x) -> bool:
     """Whether ``x`` is a fake tensor (shapes only, no data)."""
     from torch._subclasses.fake_tensor import FakeTensor

@@ -41,13 +41,14 @@ def backend(inner: str = "inductor", **options: Any) -> Callable:
         inner_fn = lookup_inner_backend(inner)
 
     def attn_compiler(gm, example_inputs):
-        from attn_compiler.passes.choose import cuda_graphs
+        from attn_compiler.passes.choose import candidate_compiler, compile_with_inductor, cuda_graphs
         from attn_compiler.passes.pipeline import attention_pass, folded_inputs
 
         gid = next(_graph_ids)
         original = _snapshot(gm)
         try:
-            with cuda_graphs(_runs_as_cuda_graphs(inner, mode, patches)):
+            with cuda_graphs(_runs_as_cuda_graphs(inner, mode, patches)), \
+                    candidate_compiler(compile_with_inductor if inner == "inductor" else None):
                 sites = attention_pass(gm, example_inputs, gid)
             guards = folded_inputs(gm) if original is not None else []
         except Exception as e:  # noqa: BLE001 - never break the user's model on our account

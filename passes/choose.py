@@ -10,8 +10,11 @@ user's tensors are never written):
 * ``attn_compiler`` — the rewritten nodes (the op runs the tuned Triton kernels);
 * ``sdpa`` — the same nodes with the op replaced by
   ``F.scaled_dot_product_attention``, where it computes the spec exactly;
-* ``original`` — the graph's own nodes from the operands to the site output,
-  eagerly (what the site costs when nothing fuses it).
+* ``original`` — the graph's own nodes from the operands to the site output
+  (what the site costs when nothing fuses it).
+
+Each runs as the inner compiler builds it where that is inductor
+([Note: candidates as inductor compiles them]), else eagerly.
 
 With training inputs (an operand requires grad) a candidate is timed forward +
 backward.  Times are CUDA-graph replays where the candidate can be captured
@@ -39,6 +42,24 @@ our host time; the choice then gives up a little kernel time, mostly to SDPA.
 A graph compiled for dynamic lengths keeps the replay comparison: its one
 decision serves every length, and the host's share at the example length (a
 decode graph's first, shortest cache) says nothing about the long ones.
+
+[Note: candidates as inductor compiles them]  Nothing in a compiled model
+runs eagerly: inductor, the default inner compiler, fuses a site we leave
+alone (its scale, bias, mask and softmax into a few kernels; for SAM's
+14×14 windows 2–4× faster than eager, level with our kernels), and it
+fuses the ops around our op too (the relative-position terms that feed it,
+their backward).  Timed eagerly, the original loses sites it should win and
+our op carries the unfused cost of its inputs.  So with inductor inside,
+each candidate is its subgraph cut out as a graph of its own (sources and
+outside values become inputs) and compiled by inductor with its default
+options (no CUDA graphs of its own: the timing replays it in one), forward
+and, training, backward.  The compiles happen only when the decision is not
+cached, cost seconds per distinct site, and run outside the enclosing dynamo
+frame's tracing context and compile metrics (the inputs are real tensors).
+Where a cut graph writes one of its inputs in place, or inductor fails on
+it, that candidate is timed eagerly and the decision's note says so.  Inside
+a whole model inductor may fuse a site with more of its neighbours; the cut
+graphs do not see that.
 """
 from __future__ import annotations
 
@@ -58,7 +79,7 @@ from attn_compiler.dispatch import graph_bench
 from attn_compiler.testing import disagreement
 
 from . import canonicalize as C
-from .operands import mutating_users
+from .operands import mutating_users, storage_writers, view_writers
 
 log = logging.getLogger("attn_compiler")
 
@@ -74,6 +95,9 @@ LAUNCH_COST: Optional[Callable[[Callable[[], object]], float]] = None
 HOST_BOUND = 1.15
 
 _CUDA_GRAPHS: contextvars.ContextVar[bool] = contextvars.ContextVar("attn_compiler_cuda_graphs", default=False)
+# compiles the candidates for their timing: ``(gm, example_inputs) -> callable``, or None (eager)
+_CANDIDATE_COMPILER: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar(
+    "attn_compiler_candidate_compiler", default=None)
 
 
 @contextlib.contextmanager
@@ -84,6 +108,26 @@ def cuda_graphs(on: bool) -> Iterator[None]:
         yield
     finally:
         _CUDA_GRAPHS.reset(token)
+
+
+@contextlib.contextmanager
+def candidate_compiler(compile_fn: Optional[Callable]) -> Iterator[None]:
+    """Inside: the candidates are timed as ``compile_fn`` builds them
+    ([Note: candidates as inductor compiles them]); None times them eagerly."""
+    token = _CANDIDATE_COMPILER.set(compile_fn)
+    try:
+        yield
+    finally:
+        _CANDIDATE_COMPILER.reset(token)
+
+
+def compile_with_inductor(gm: fx.GraphModule, example_inputs) -> Callable:
+    """Inductor with its default options on a cut-out subgraph of real inputs
+    that returns a tuple, compiled inside the enclosing frame's compile
+    (``_compat.compile_nested``); the result is called with the inputs as arguments."""
+    from attn_compiler._compat import compile_nested
+
+    return compile_nested(gm, example_inputs)
 
 
 @dataclasses.dataclass
@@ -98,14 +142,11 @@ class Decision:
 
 
 def _subgraph(sources: List[fx.Node], sink: fx.Node) -> List[fx.Node]:
-    """Nodes on a path from a source to ``sink`` (sink included), in graph order."""
-    anc, stack = set(), [sink]
-    while stack:
-        n = stack.pop()
-        if n in anc:
-            continue
-        anc.add(n)
-        stack.extend(n.all_input_nodes)
+    """Nodes on a path from a source to ``sink`` (sink included), in graph
+    order, with the in-place writes made before ``sink`` to any of them
+    (``s.masked_fill_(m, -inf)``, whose result nothing reads) and the views
+    they write through."""
+    order = {n: i for i, n in enumerate(sink.graph.nodes)}
     desc, stack = set(), list(sources)
     while stack:
         n = stack.pop()
@@ -113,8 +154,25 @@ def _subgraph(sources: List[fx.Node], sink: fx.Node) -> List[fx.Node]:
             if u not in desc:
                 desc.add(u)
                 stack.append(u)
-    keep = anc & desc
-    return [n for n in sink.graph.nodes if n in keep]
+
+    def ancestors(roots):
+        anc, stack = set(), list(roots)
+        while stack:
+            n = stack.pop()
+            if n in anc:
+                continue
+            anc.add(n)
+            stack.extend(n.all_input_nodes)
+        return anc
+
+    keep = ancestors([sink]) & desc
+    while True:
+        writers = {w for n in keep for w in storage_writers(n) + view_writers(n)
+                   if w not in keep and order[w] < order[sink]}
+        if not writers:
+            break
+        keep |= ancestors(writers) & desc
+    return sorted(keep, key=order.__getitem__)
 
 
 def _writes(n: fx.Node) -> bool:
@@ -154,7 +212,10 @@ class _Runner:
             out = getattr(self.interp, n.op)(target, args, kwargs)
             env[n] = args[0] if n in self.writes else out
             fresh.add(n)
-        out = env[self.nodes[-1]]
+        return self._finish(env[self.nodes[-1]])
+
+    def _finish(self, out: torch.Tensor) -> torch.Tensor:
+        """Training: the backward of ``out`` (gradients dropped); the output, detached."""
         if self.training and out.requires_grad:
             if self.grad is None:
                 self.grad = torch.randn_like(out)
@@ -163,6 +224,47 @@ class _Runner:
                 if isinstance(v, torch.Tensor):
                     v.grad = None
         return out.detach()
+
+
+class _CompiledRunner(_Runner):
+    """A candidate's subgraph as a compiler builds it, called on the runner's
+    inputs; eager (``_Runner``) where it cannot be compiled
+    ([Note: candidates as inductor compiles them])."""
+
+    def __init__(self, gm, nodes, sources, checker, training: bool, compile_fn: Callable, override=None,
+                 name: str = ""):
+        super().__init__(gm, nodes, sources, checker, training, override=override, name=name)
+        self.gm, self.compile_fn = gm, compile_fn
+        self.fn: Optional[Callable] = None
+        self.eager_why: Optional[str] = None
+
+    def _build(self) -> Callable:
+        outside = [n for n in self.writes if n.args[0] not in self.nodes]
+        if outside:
+            raise ValueError(f"'{outside[0].name}' writes an input of the subgraph in place")
+        g = fx.Graph()
+        env: Dict[fx.Node, fx.Node] = {}
+        for i, n in enumerate([*self.sources, *self.leaves]):
+            env[n] = g.placeholder(f"in{i}")
+        for n in self.nodes:
+            env[n] = g.node_copy(n, env.__getitem__)
+            env[n].meta = {}
+            if n in self.override:
+                env[n].target = self.override[n]
+        g.output((env[self.nodes[-1]],))
+        return self.compile_fn(fx.GraphModule(self.gm, g), [*self.src_vals, *self.leaves.values()])
+
+    def __call__(self):
+        if self.fn is None and self.eager_why is None:
+            try:
+                self.fn = self._build()
+            except Exception as exc:  # noqa: BLE001 - time it eagerly instead
+                self.eager_why = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                log.info("%s timed eagerly: %s", self.name, self.eager_why)
+        if self.fn is None:
+            return super().__call__()
+        args = [*self.src_vals, *self.leaves.values()]
+        return self._finish(self.fn(*args)[0])
 
 
 def _hint(x) -> int:
@@ -186,8 +288,16 @@ def choose(gm: fx.GraphModule, m, analysis, final: fx.Node, op_node: fx.Node, ch
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     if not cuda or not autotune.tuning_enabled() or capturing:
         return Decision(OURS, training=training, note="not timed (needs CUDA and autotuning on)")
+    compile_fn = _CANDIDATE_COMPILER.get()
+
+    def runner(sink, name, override=None) -> _Runner:
+        if compile_fn is None:
+            return _Runner(gm, _subgraph(sources, sink), sources, checker, training, override=override, name=name)
+        return _CompiledRunner(gm, _subgraph(sources, sink), sources, checker, training, compile_fn,
+                               override=override, name=name)
+
     try:
-        ours = _Runner(gm, _subgraph(sources, final), sources, checker, training)
+        ours = runner(final, OURS)
     except Exception as exc:  # noqa: BLE001 - cannot compute the inputs: keep the rewrite untimed
         return Decision(OURS, training=training, note=f"not timed ({type(exc).__name__})")
     graphs = _CUDA_GRAPHS.get()
@@ -195,13 +305,12 @@ def choose(gm: fx.GraphModule, m, analysis, final: fx.Node, op_node: fx.Node, ch
     dynamic = any(not isinstance(x, int) for a in op_node.args[:3] for x in C.example_value(a).shape)
     host_cost = not graphs and not dynamic
     reads_lse = m.reads_lse         # SDPA gives no lse: then not a candidate
-    key = _key(analysis.spec, op_node, training, ("g" if graphs else "d" if dynamic else "c") + ("s" if reads_lse else ""))
-    ours.name = OURS
+    key = _key(analysis.spec, op_node, training, ("g" if graphs else "d" if dynamic else "c") + ("s" if reads_lse else "")
+               + ("" if compile_fn is None else "i"))
     candidates: Dict[str, Callable[[], object]] = {OURS: ours}
     if sdpa.sdpa_form(analysis.spec) is not None and not reads_lse:
-        candidates[SDPA] = _Runner(gm, _subgraph(sources, final), sources, checker, training,
-                                   override={op_node: sdpa.sdpa_attention}, name=SDPA)
-    candidates[ORIGINAL] = _Runner(gm, _subgraph(sources, m.pv.node), sources, checker, training, name=ORIGINAL)
+        candidates[SDPA] = runner(final, SDPA, override={op_node: sdpa.sdpa_attention})
+    candidates[ORIGINAL] = runner(m.pv.node, ORIGINAL)
     first: List[torch.Tensor] = []
     disagree: Dict[str, str] = {}
 
@@ -228,7 +337,14 @@ def choose(gm: fx.GraphModule, m, analysis, final: fx.Node, op_node: fx.Node, ch
     if ORIGINAL in disagree or ORIGINAL in choice.errors and "differs" in choice.errors[ORIGINAL]:
         return Decision(ORIGINAL, choice.times_ms, dict(choice.errors), training, True,
                         "the original's numbers differ from the fused kernel's: kept as written")
-    note = "from the autotune cache" if choice.from_cache else ""
+    notes = []
+    if choice.from_cache:
+        notes.append("from the autotune cache")
+    elif compile_fn is not None:
+        eager = [f"{r.name} timed eagerly: {r.eager_why}" for r in candidates.values()
+                 if isinstance(r, _CompiledRunner) and r.eager_why]
+        notes.append("; ".join(eager) if eager else "timed as inductor compiles each")
+    note = "; ".join(notes)
     if "calls" in host:
         note = (f"attn_compiler timed by its calls without CUDA graphs: {host['calls']:.3f} ms per call, "
                 f"kernels {host['replays']:.3f} ms" + (f"; {note}" if note else ""))
@@ -319,7 +435,8 @@ def _kernel_choices(spec, site_key: str) -> Dict[str, str]:
 
 def _key(spec, op_node: fx.Node, training: bool, regime: str) -> str:
     """The decision's cache key; ``regime``: "g" CUDA graphs, "d" dynamic lengths,
-    "c" neither (host cost counted), then "s" for a site whose lse is read."""
+    "c" neither (host cost counted), then "s" for a site whose lse is read,
+    "i" where the original is timed as inductor compiles it."""
     from attn_compiler.dispatch import source_digest
 
     q, k, v = (C.example_value(a) for a in op_node.args[:3])

@@ -157,11 +157,12 @@ def _subgraphs(gm: fx.GraphModule, values: Dict[fx.Node, torch.Tensor]):
 
 
 def _kept_reason(decision) -> str:
-    if decision.note:
-        return decision.note
     t = decision.times_ms
-    return (f"kept as written: the original subgraph is faster "
-            f"({t.get(ORIGINAL, 0):.3f} ms vs {t.get('attn_compiler') or float('nan'):.3f} ms fused)")
+    if t.get(ORIGINAL) is None:         # not timed: the original disagreed
+        return decision.note
+    why = (f"kept as written: the original subgraph is faster "
+           f"({t[ORIGINAL]:.3f} ms vs {t.get('attn_compiler') or float('nan'):.3f} ms fused)")
+    return f"{why}; {decision.note}" if decision.note else why
 
 
 def _module_sites(gm, graph_id: int, first: int) -> List[Site]:

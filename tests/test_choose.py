@@ -220,6 +220,94 @@ def test_torch_compile_mode_and_options_reach_the_backend(kw, graphs, monkeypatc
     torch._dynamo.reset()
 
 
+class Windowed(torch.nn.Module):
+    """A scaled, biased, in-place-masked site: what inductor fuses into a few kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.randn(3, 24, 24) * 0.1)
+
+    def forward(self, q, k, v):
+        s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + self.bias
+        s.masked_fill_(torch.ones(24, 24, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(s.float(), -1).type_as(q) @ v
+
+
+def test_an_in_place_mask_belongs_to_the_original(timed, monkeypatch):
+    """``s.masked_fill_(m, -inf)``: nothing reads the write's result, yet the
+    original subgraph must make it (else it disagrees and the site is lost)."""
+    rep = _run(Windowed(), "original", monkeypatch)
+    assert rep[0].features["choice"] == "original", str(rep)
+    assert "original subgraph is faster" in rep[0].reason
+    assert rep[0].features["times_ms"]["original"] == 1.0
+
+
+def _with_inductor(monkeypatch, compile_fn, winner, grad):
+    """Compile ``Windowed`` with inductor inside; the original is timed through
+    ``compile_fn`` (its graphs recorded), ``winner`` is the fastest."""
+    seen = []
+
+    def spy(gm, inputs):
+        seen.append(gm)
+        return compile_fn(gm, inputs)
+    monkeypatch.setattr(choose, "compile_with_inductor", spy)
+    monkeypatch.setattr(choose, "BENCH", lambda fn: 1.0 if fn.name == winner else 2.0)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    torch.manual_seed(0)
+    model = Windowed()
+    q, k, v = (torch.randn(2, 3, 24, 16, requires_grad=grad) for _ in range(3))
+    ref = model(q, k, v)
+    out = torch.compile(model, backend="attn_compiler")(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if grad:
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    return seen, attn_compiler.report()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_candidates_are_timed_as_inductor_compiles_them(grad, timed, monkeypatch):
+    """[Note: candidates as inductor compiles them]: each candidate's cut-out
+    subgraph goes through inductor for real and agrees with our kernel's
+    numbers (the original wins here)."""
+    seen, rep = _with_inductor(monkeypatch, choose.compile_with_inductor, "original", grad)
+    site = rep[0]
+    times = site.features["times_ms"]
+    assert len(seen) == len(times) and all(t is not None for t in times.values()), str(rep)
+    targets = [{str(n.target) for n in g.graph.nodes} for g in seen]
+    ours = [t for t in targets if any("attn_compiler" in x for x in t)]
+    original = [t for t in targets if any("softmax" in x for x in t)]
+    assert len(ours) == 1 and len(original) == 1
+    assert any("masked_fill_" in x for x in original[0]) and not any("attn_compiler" in x for x in original[0])
+    assert len([n for n in seen[targets.index(original[0])].graph.nodes if n.op == "placeholder"]) == 5  # q k v bias mask
+    assert site.features["choice"] == "original" and not site.fused, str(rep)
+    assert site.features["training"] is grad
+    assert "timed as inductor compiles each" in site.features["choice_note"]
+    assert "original subgraph is faster" in site.reason
+
+
+def test_candidates_that_inductor_cannot_compile_are_timed_eagerly(timed, monkeypatch):
+    def broken(gm, inputs):
+        raise RuntimeError("no kernel for this")
+    seen, rep = _with_inductor(monkeypatch, broken, "attn_compiler", True)
+    site = rep[0]
+    assert site.fused and site.features["choice"] == "attn_compiler"
+    assert len(seen) == len(site.features["times_ms"]) >= 2
+    assert all(t is not None for t in site.features["times_ms"].values())
+    note = site.features["choice_note"]
+    assert "original timed eagerly: RuntimeError: no kernel for this" in note
+    assert "attn_compiler timed eagerly: RuntimeError: no kernel for this" in note
+
+
+def test_other_inner_compilers_time_the_original_eagerly(timed, monkeypatch):
+    monkeypatch.setattr(choose, "compile_with_inductor", lambda *a: pytest.fail("compiled with inductor"))
+    rep = _run(Causal(), "original", monkeypatch)
+    assert rep[0].features["choice"] == "original"
+    assert "inductor" not in rep[0].features.get("choice_note", "")
+
+
 def test_untimed_on_cpu_keeps_the_rewrite():
     torch._dynamo.reset()
     attn_compiler.reset()
