@@ -142,12 +142,17 @@ def _transposed_contraction(n: fx.Node) -> Optional[C.Contraction]:
     return dataclasses.replace(c, node=n, out_labels=o[:-2] + o[-1] + o[-2])
 
 
+_CASTS = frozenset({"to", "type", "type_as", "float", "half", "bfloat16", "double"})
+
+
 def _sink_parts(sm: fx.Node, x: fx.Node):
     """Attention sinks (GPT-OSS): the softmax runs over ``cat([s, sink], -1)``
     (behind a row-max shift of that cat) and its only use drops the sink's
-    column (``p[..., :-1]``).  Then ``(s, sink, the slice)``, else None.  The
-    site is s's attention with the sink in the denominator:
-    out = softmax(s)·V ⊙ sigmoid(lse(s) - sink) (layout.with_sink)."""
+    column (``p[..., :-1]``), maybe behind casts.  The sink may come first
+    (x-transformers: ``cat((sink, s), -1)``, then ``p[..., 1:]``).  Then
+    ``(s, sink, the slice)``, else None.  The site is s's attention with the
+    sink in the denominator: out = softmax(s)·V ⊙ sigmoid(lse(s) - sink)
+    (layout.with_sink)."""
     cat = _behind_shift_and_casts(x)
     if cat is None:
         return None
@@ -155,13 +160,23 @@ def _sink_parts(sm: fx.Node, x: fx.Node):
     if parts is None or len(parts) != 2 or len(sm.users) != 1:
         return None
     shape = C.shape_of(cat)
-    s, sink = parts
-    sink_shape, s_shape = C.shape_of(sink), C.shape_of(s)
-    if sink_shape is None or s_shape is None or sink_shape[-1] != 1 or not isinstance(s_shape[-1], int):
+    widths = [C.shape_of(t)[-1] if C.shape_of(t) else None for t in parts]
+    if widths[1] == 1:
+        (s, sink), first = parts, False
+    elif widths[0] == 1:
+        (sink, s), first = parts, True
+    else:
+        return None
+    s_shape = C.shape_of(s)
+    if not isinstance(s_shape[-1], int):
         return None
     sl = next(iter(sm.users))
     sop = C.canonical(sl)
-    if sop is None or sop.name != "getitem" or sop.kw.get("input") is not sm:
+    while sop is not None and sop.name in _CASTS and len(sl.users) == 1:
+        sl = next(iter(sl.users))          # p.type(dtype)[..., 1:]
+        sop = C.canonical(sl)
+    if sop is None or sop.name != "getitem" or not isinstance(sop.kw.get("input"), fx.Node) \
+            or not (sop.kw["input"] is sm or _reaches(sm, sl, 4)):
         return None
     index = sop.kw.get("index")
     index = index if isinstance(index, tuple) else (index,)
@@ -169,10 +184,12 @@ def _sink_parts(sm: fx.Node, x: fx.Node):
     full = slice(None, None, None)
     lead_ok = all(i is Ellipsis or i == full for i in index[:-1]) and \
         (Ellipsis in index or len(index) == len(shape))
-    if not (lead_ok and isinstance(last, slice) and last.start in (None, 0) and last.step in (None, 1)
-            and last.stop in (-1, s_shape[-1])):
+    if not (lead_ok and isinstance(last, slice) and last.step in (None, 1)):
         return None
-    return s, sink, sl
+    n = s_shape[-1]
+    kept = (last.start == 1 and last.stop in (None, n + 1)) if first else \
+        (last.start in (None, 0) and last.stop in (-1, n))
+    return (s, sink, sl) if kept else None
 
 
 def _concatenated_scores(x: fx.Node) -> bool:

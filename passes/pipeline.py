@@ -25,7 +25,8 @@ from .analyze.build import analyze
 from .analyze.verify import SideChecker
 from .analyze.values import Decline
 from .match import Declined, find_sites
-from .operands import mutating_users, op_lead
+from . import canonicalize as C
+from .operands import _VIEW_OPS, mutating_users, op_lead
 from .choose import ORIGINAL, SDPA, choose, decision_features
 from .rewrite import op_node, rewrite, undo
 
@@ -69,8 +70,32 @@ def folded_inputs(gm: fx.GraphModule) -> List[tuple]:
     return list(gm.meta.get(FOLDED, ()))
 
 
+# copies, casts and views: a result of one that nothing reads is dead code
+_UNREAD_OK = frozenset({"clone", "detach", "contiguous", "to", "type", "type_as", "float", "half", "bfloat16",
+                        "double"}) | _VIEW_OPS
+
+
+def drop_unread(gm: fx.GraphModule) -> int:
+    """Erase copies, casts and views whose result nothing reads (dynamo keeps
+    them: x-transformers' ``qk_similarities = sim.clone()``, kept for
+    intermediates it then drops).  Such a node would read as a second use of
+    the scores and decline the site; the inner compiler drops them anyway.
+    Returns how many were erased."""
+    erased = 0
+    for n in reversed(list(gm.graph.nodes)):
+        if n.users or n.op not in ("call_function", "call_method"):
+            continue
+        op = C.canonical(n)
+        if op is not None and op.name in _UNREAD_OK:
+            gm.graph.erase_node(n)
+            erased += 1
+    return erased
+
+
 def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: bool = False) -> List[Site]:
     """``body``: ``gm`` is the subgraph of a higher-order op (``_subgraphs``)."""
+    if drop_unread(gm):
+        gm.recompile()
     values = real_values(gm, example_inputs)
     checker = SideChecker(gm, example_inputs)
     sites, replaced, dead, internal = [], {}, [], set()

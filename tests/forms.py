@@ -1069,6 +1069,35 @@ class GptOssSinks(nn.Module):
         return torch.matmul(F.dropout(p, p=0.0, training=False).to(v.dtype), v)
 
 
+class SinkFirstBehindCast(nn.Module):
+    """x-transformers' learned sink: the sink's column goes first
+    (``cat((sink, sim), -1)``), the softmax in float32, a cast back to the
+    input dtype, then ``attn[..., 1:]`` drops the sink; a key padding mask
+    by masked_fill with -finfo.max."""
+
+    def __init__(self, heads=4):
+        super().__init__()
+        self.head_attn_sink = nn.Parameter(torch.linspace(-0.5, 1.5, heads))
+
+    def forward(self, q, k, v, keep):
+        sim = torch.einsum("bhid,bhjd->bhij", q, k) * q.shape[-1] ** -0.5
+        sim = sim.masked_fill(~keep[:, None, None, :], -torch.finfo(sim.dtype).max)
+        sink = self.head_attn_sink[None, :, None, None].expand(sim.shape[0], -1, sim.shape[2], 1)
+        sim = torch.cat((sink.to(sim.dtype), sim), dim=-1)
+        attn = F.softmax(sim, dim=-1, dtype=torch.float32).type(q.dtype)
+        return torch.einsum("bhij,bhjd->bhid", attn[..., 1:], v)
+
+
+def scores_copied_for_nobody(q, k, v):
+    """x-transformers keeps ``qk_similarities = sim.clone()`` (and casts of it)
+    for intermediates a caller may ask for; unasked, nothing reads them, and
+    they are no second use of the scores."""
+    sim = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    kept = sim.clone()
+    kept.detach().float()
+    return sim.softmax(-1) @ v
+
+
 def sinks_with_empty_rows(q, k, v, sink):
     """Sinks with a -inf mask that leaves the first query rows no key: eager's
     softmax puts all their mass on the sink (output 0), ours too."""

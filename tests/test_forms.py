@@ -452,6 +452,8 @@ RESEARCH_CASES = [
                                                   _qkv(dt) + [_keep_mask().long()])),
     Case("xlm_expand_as_in_place", lambda dt: (forms.xlm_expand_as_in_place, _qkv(dt) + [_keep_mask().float()])),
     Case("gpt_oss_sinks", _mod(forms.GptOssSinks, lambda dt: _qkv(dt, hkv=H // 2)), kv_heads=H // 2),
+    Case("sink_first_behind_cast", _mod(forms.SinkFirstBehindCast, lambda dt: _qkv(dt) + [_keep_mask()])),
+    Case("scores_copied_for_nobody", _fn(forms.scores_copied_for_nobody)),
     Case("sinks_with_empty_rows", lambda dt: (forms.sinks_with_empty_rows,
                                               _qkv(dt) + [_t(1, H, 1, 1, dtype=dt)])),
     Case("granite_sink_scale", _mod(forms.GraniteSinkScale,
@@ -498,6 +500,7 @@ def test_research_form_fp32_forward_backward(case):
     ("local_band_with_global_tokens", "bf16"),
     ("xlm_expand_as_in_place", "bf16"),
     ("gpt_oss_sinks", "bf16"),
+    ("sink_first_behind_cast", "bf16"),
     ("sinks_with_empty_rows", "fp16"),
     ("granite_sink_scale", "bf16"),
     ("nan_to_num_probabilities", "bf16"),
@@ -588,7 +591,8 @@ def test_in_place_writes_to_the_scores_leave_with_them(case_id):
     assert not left, [n.format_node() for n in left]
 
 
-@pytest.mark.parametrize("case_id", ["gpt_oss_sinks", "sinks_with_empty_rows", "granite_sink_scale",
+@pytest.mark.parametrize("case_id", ["gpt_oss_sinks", "sink_first_behind_cast", "sinks_with_empty_rows",
+                                     "granite_sink_scale",
                                      "nan_to_num_probabilities", "espnet_zeroed_probabilities",
                                      "deberta_xsoftmax", "where_zeroed_probabilities",
                                      "inkling_float_cast_sinks", "zeroed_probabilities_inf_with_bias"])
