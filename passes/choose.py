@@ -19,7 +19,9 @@ Each runs as the inner compiler builds it where that is inductor
 With training inputs (an operand requires grad) a candidate is timed forward +
 backward.  Times are CUDA-graph replays where the candidate can be captured
 (the kernels' cost, not the Python cost of running a subgraph node by node),
-else plain launches.  Each candidate's output is compared with ours first: a
+else plain launches.  The candidates are timed round-robin, twice each, and keep
+their best time (``_interleaved``), so a stretch of contention on the GPU
+does not decide against whichever one it fell on.  Each candidate's output is compared with ours first: a
 candidate that disagrees is dropped; if the original disagrees, the site is
 kept as it was (we cannot show we compute the user's function).  The decision
 is cached per (kernel source, shape bucket, training, CUDA graphs or not) in
@@ -323,7 +325,7 @@ def choose(gm: fx.GraphModule, m, analysis, final: fx.Node, op_node: fx.Node, ch
             disagree[name] = f"differs from attn_compiler: {why}"
         return disagree.get(name)
 
-    bench = BENCH or graph_bench
+    bench = _interleaved(BENCH or graph_bench, list(candidates.values()))
     host: Dict[str, float] = {}
     if host_cost:
         bench = _with_host_cost(bench, ours, gm, sources, final, op_node, checker, training, host)
@@ -351,6 +353,30 @@ def choose(gm: fx.GraphModule, m, analysis, final: fx.Node, op_node: fx.Node, ch
     d = Decision(choice.name, choice.times_ms, dict(choice.errors), training, True, note)
     d.kernels = _kernel_choices(analysis.spec, key)
     return d
+
+
+TIMING_ROUNDS = 2
+
+
+def _interleaved(bench, fns: List[Callable[[], object]]):
+    """``bench`` asked for one candidate times them all, round-robin over
+    ``TIMING_ROUNDS`` rounds, and keeps each one's best: a stretch of
+    contention on the GPU (another process, a clock change) then weighs on
+    every candidate instead of deciding against the one timed in it.  A
+    candidate that raises is asked again, alone, when its time is wanted."""
+    best: Dict[int, float] = {}
+
+    def timed(fn):
+        if not best:
+            for _ in range(TIMING_ROUNDS):
+                for f in fns:
+                    try:
+                        best[id(f)] = min(best.get(id(f), float("inf")), float(bench(f)))
+                    except Exception:  # noqa: BLE001 - raised again below, when it is this one's turn
+                        best.setdefault(id(f), float("inf"))
+        t = best.get(id(fn), float("inf"))
+        return t if t != float("inf") else bench(fn)
+    return timed
 
 
 def _with_host_cost(bench, ours: "_Runner", gm, sources, final, op_node, checker, training: bool,
