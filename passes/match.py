@@ -702,9 +702,22 @@ def chain_nodes(score: fx.Node, softmax_in: fx.Node, softmax: fx.Node) -> set:
                 if m not in back and order[m] < order[softmax]:
                     back.add(m)
                     grew = True
+                    # what the write stores, where it reads the scores
+                    # (MViTv2: s[:, :, 0:, 0:] = (s[:, :, 0:, 0:].view(..) + rel).view(..))
+                    stack = list(m.all_input_nodes)
+                    while stack:
+                        a = stack.pop()
+                        if a not in back and _reaches_from(score, a):
+                            back.add(a)
+                            stack.extend(a.all_input_nodes)
     if softmax_in not in back:
         raise Decline("softmax input does not come from the contraction")
     return back
+
+
+def _reaches_from(score: fx.Node, a: fx.Node, depth: int = 12) -> bool:
+    """Whether ``a`` is computed from ``score`` (within ``depth`` steps)."""
+    return a is score or (depth > 0 and any(_reaches_from(score, i, depth - 1) for i in a.all_input_nodes))
 
 
 def _softmax_body(x: fx.Node, sm: fx.Node) -> set:

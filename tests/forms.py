@@ -1098,6 +1098,59 @@ def scores_copied_for_nobody(q, k, v):
     return sim.softmax(-1) @ v
 
 
+class MViTv2RelPos(nn.Module):
+    """timm's MViTv2: decomposed relative positions (height and width tables
+    indexed by scaled distances, K pooled to a coarser grid than Q) written
+    back into the scores by a slice assignment of a 6-D view of them,
+    ``attn[:, :, sp:, sp:] = (attn[:, :, sp:, sp:].view(B, H, qh, qw, kh, kw)
+    + rel_h + rel_w).view(...)``.  Without a cls token (sp = 0) the slice is
+    all of the scores; with one (sp = 1) only part of them (declined).
+    q (B, H, sp + qh*qw, D), k and v (B, H, sp + kh*kw, D)."""
+
+    def __init__(self, q_size=(4, 3), k_size=(2, 3), dim=16, cls_token=False):
+        super().__init__()
+        self.q_size, self.k_size, self.sp = q_size, k_size, int(cls_token)
+        self.rel_pos_h = nn.Parameter(torch.randn(2 * max(q_size[0], k_size[0]) - 1, dim) * 0.2)
+        self.rel_pos_w = nn.Parameter(torch.randn(2 * max(q_size[1], k_size[1]) - 1, dim) * 0.2)
+
+    @staticmethod
+    def _dist(qn, kn):
+        q_ratio, k_ratio = max(kn / qn, 1.0), max(qn / kn, 1.0)
+        dist = torch.arange(qn).unsqueeze(-1) * q_ratio - torch.arange(kn).unsqueeze(0) * k_ratio
+        dist += (kn - 1) * k_ratio
+        return dist.long()
+
+    def forward(self, q, k, v):
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        (q_h, q_w), (k_h, k_w), sp = self.q_size, self.k_size, self.sp
+        rel_h = self.rel_pos_h[self._dist(q_h, k_h)]
+        rel_w = self.rel_pos_w[self._dist(q_w, k_w)]
+        B, n_head, _, dim = q.shape
+        r_q = q[:, :, sp:].reshape(B, n_head, q_h, q_w, dim)
+        rel_h = torch.einsum("byhwc,hkc->byhwk", r_q, rel_h)
+        rel_w = torch.einsum("byhwc,wkc->byhwk", r_q, rel_w)
+        attn[:, :, sp:, sp:] = (attn[:, :, sp:, sp:].view(B, -1, q_h, q_w, k_h, k_w)
+                                + rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).view(B, -1, q_h * q_w, k_h * k_w)
+        return attn.softmax(dim=-1) @ v
+
+
+def causal_by_boolean_index_assignment(q, k, v):
+    """The causal mask written by boolean indexing, ``s[..., m] = -inf``
+    (a masked_fill spelled as an index_put)."""
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    Lq, Lk = s.shape[-2:]
+    s[..., torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).triu(1)] = float("-inf")
+    return s.softmax(-1) @ v
+
+
+def padding_by_boolean_index_assignment(q, k, v, drop):
+    """A runtime (B, H, Lq, Lk) boolean mask written into the scores by
+    ``s[drop] = finfo.min`` (every row keeps a key)."""
+    s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    s[drop] = torch.finfo(s.dtype).min
+    return F.softmax(s, dim=-1) @ v
+
+
 def sinks_with_empty_rows(q, k, v, sink):
     """Sinks with a -inf mask that leaves the first query rows no key: eager's
     softmax puts all their mass on the sink (output 0), ours too."""

@@ -172,8 +172,34 @@ def two_sink_columns(q, k, v):
     return torch.matmul(p, v)
 
 
+
+
+class MViTv2WithClsToken(nn.Module):
+    """timm's MViTv2 with a cls token: the relative positions are assigned to
+    the scores without the cls row and column, a part of them
+    (forms.MViTv2RelPos; q of 1 + 4*3 tokens, k and v of 1 + 2*3)."""
+
+    def __init__(self):
+        super().__init__()
+        from forms import MViTv2RelPos
+        self.inner = MViTv2RelPos(cls_token=True)
+
+    def forward(self, q, k, v):
+        # the tables are float32: the float64 golden run casts in and out
+        return self.inner(q.float(), k[:, :, :7].float(), v[:, :, :7].float()).to(q.dtype)
+
+
+def scores_assigned_in_part(q, k, v):
+    """A slice of the scores overwritten (``s[..., :3] = -1e4``)."""
+    s = _scores(q, k)
+    s[..., :3] = -1e4
+    return s.softmax(-1) @ v
+
+
 DECLINED = [
     (transformer_xl_key_axis_not_last, ("key axis", "not the scores' last")),
+    (MViTv2WithClsToken, ["assigned in part"]),
+    (scores_assigned_in_part, ["assigned in part"]),
     (softmax_over_queries, ["dim"]),
     (softmax_over_heads, ["dim"]),
     (probs_returned, ["probabilit"]),

@@ -454,6 +454,11 @@ RESEARCH_CASES = [
     Case("gpt_oss_sinks", _mod(forms.GptOssSinks, lambda dt: _qkv(dt, hkv=H // 2)), kv_heads=H // 2),
     Case("sink_first_behind_cast", _mod(forms.SinkFirstBehindCast, lambda dt: _qkv(dt) + [_keep_mask()])),
     Case("scores_copied_for_nobody", _fn(forms.scores_copied_for_nobody)),
+    Case("causal_by_boolean_index_assignment", _fn(forms.causal_by_boolean_index_assignment)),
+    Case("padding_by_boolean_index_assignment", lambda dt: (
+        forms.padding_by_boolean_index_assignment,
+        _qkv(dt) + [(~_keep_mask())[:, None, None, :].expand(B, H, L, L).contiguous()])),
+    Case("mvitv2_relpos_slice_assigned", _mod(forms.MViTv2RelPos, lambda dt: _qkv(dt, lq=12, lk=6))),
     Case("sinks_with_empty_rows", lambda dt: (forms.sinks_with_empty_rows,
                                               _qkv(dt) + [_t(1, H, 1, 1, dtype=dt)])),
     Case("granite_sink_scale", _mod(forms.GraniteSinkScale,
@@ -501,6 +506,8 @@ def test_research_form_fp32_forward_backward(case):
     ("xlm_expand_as_in_place", "bf16"),
     ("gpt_oss_sinks", "bf16"),
     ("sink_first_behind_cast", "bf16"),
+    ("mvitv2_relpos_slice_assigned", "bf16"),
+    ("padding_by_boolean_index_assignment", "fp16"),
     ("sinks_with_empty_rows", "fp16"),
     ("granite_sink_scale", "bf16"),
     ("nan_to_num_probabilities", "bf16"),
@@ -602,6 +609,16 @@ def test_sinks_on_the_kernels_forward_backward(case_id):
     op's lse (delta - dlse), and rows that keep no key give 0 and no nan."""
     with _implementation(True):
         check_case(RESEARCH_BY_ID[case_id])
+
+
+def test_mvitv2_relative_positions_on_the_kernels_forward_backward():
+    """MViTv2's relative positions, assigned back into all of the scores,
+    through the generated kernels (the interpreter on CPU): read along the
+    split key axis (kv // kw, kv % kw) with their gradients, float32."""
+    with _implementation(True):
+        check_case(RESEARCH_BY_ID["mvitv2_relpos_slice_assigned"])
+    spec = AttentionSpec.loads(attn_compiler.report().fused[0].features["spec"])
+    assert sorted(c.kv_map for c in spec.captured) == [("div", 3), ("mod", 3)], spec.captured
 
 
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Any, Dict, List, Optional, Tuple
 
 import sympy
@@ -86,6 +87,39 @@ def _grouped(x):
         return x
     folded = sympy.piecewise_fold(x)
     return folded if not isinstance(folded, sympy.Add) else S.Grouped(x)
+
+
+def _whole(index, shape) -> bool:
+    """Whether ``x[index]`` is all of ``x`` (slices from 0 to the end, an
+    Ellipsis), for ``x`` of ``shape``."""
+    if shape is None:
+        return False
+    index = index if isinstance(index, tuple) else (index,)
+    if sum(i is Ellipsis for i in index) > 1 or len([i for i in index if i is not Ellipsis]) > len(shape):
+        return False
+    for i in index:
+        if i is Ellipsis:
+            continue
+        if not (isinstance(i, slice) and i.start in (None, 0) and i.stop is None and i.step in (None, 1)):
+            return False
+    return True
+
+
+def _bool_index(index, shape) -> Optional[fx.Node]:
+    """The boolean tensor of ``x[m]`` (``m`` of x's rank) or ``x[..., m]``
+    (``m`` over x's last axes), else None."""
+    index = index if isinstance(index, tuple) else (index,)
+    m = index[-1]
+    if shape is None or not isinstance(m, fx.Node):
+        return None
+    ev = C.example_value(m)
+    if not isinstance(ev, torch.Tensor) or ev.dtype != torch.bool:
+        return None
+    if len(index) == 1 and ev.dim() == len(shape):
+        return m
+    if len(index) == 2 and index[0] is Ellipsis and ev.dim() <= len(shape):
+        return m
+    return None
 
 
 class ScoreInterpreter(SideValues):
@@ -214,9 +248,9 @@ class ScoreInterpreter(SideValues):
                 self.prefix_scales.add(coeff)
 
     # ---- elementwise ---------------------------------------------------
-    def elementwise(self, node: fx.Node, name: str, operands: List[Any], extra) -> Val:
+    def elementwise(self, node: fx.Node, name: str, operands: List[Any], extra, out_shape=None) -> Val:
         vals = [self.value(a) for a in operands]
-        out_shape = C.shape_of(node)
+        out_shape = out_shape or C.shape_of(node)
         if out_shape is None:
             raise Decline(f"'{name}' without a tensor result")
         chain = [v for v in vals if v.chain]
@@ -307,10 +341,14 @@ class ScoreInterpreter(SideValues):
 
     # ---- the chain -----------------------------------------------------
     def chain_value(self, node: fx.Node) -> Val:
+        if node.target is operator.setitem:
+            return self.chain_setitem(node)
         op = C.canonical(node)
         if op is None:
             raise Decline(f"unsupported node '{node.name}' in the score chain")
         name = op.name
+        if name == "getitem" and _whole(op.kw.get("index"), C.shape_of(op.kw["input"])):
+            return self.value(op.kw["input"])      # s[:, :, 0:, 0:]: all of it
         if name == "sub":
             shift = C.row_max_shift(node)
             if shift is not None and self._is_row_constant(op.kw.get("other"), shift[2]) \
@@ -345,6 +383,25 @@ class ScoreInterpreter(SideValues):
             if v.chain:
                 self._note_prefix(v.expr)
         return self.elementwise(node, name, operands, extra)
+
+    def chain_setitem(self, node: fx.Node) -> Val:
+        """``s[idx] = value`` over all of ``s`` (MViTv2 writes its relative
+        positions back so, with a cls token a slice of it would remain):
+        the scores are ``value`` from here on."""
+        target, index, value = node.args[:3]
+        shape = C.shape_of(target)
+        mask = _bool_index(index, shape)
+        if mask is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            # s[..., m] = v, s[m] = v with a boolean m: masked_fill(s, m, v)
+            return self.elementwise(node, "masked_fill", [target, mask, value], {}, out_shape=shape)
+        if not _whole(index, shape):
+            raise Decline("the scores are assigned in part (a slice or an index of them)")
+        v = self.value(value)
+        if not v.chain:
+            raise Decline("the scores are overwritten by values that do not depend on them")
+        if tuple(v.shape) != tuple(shape):
+            return Val(self.broadcast(v, shape), shape, True, v.frame)
+        return v
 
     def chain_nan_to_num(self, node, op) -> Val:
         """``torch.nan_to_num(scores)`` (the Differential Transformer's): an
