@@ -1143,6 +1143,17 @@ def causal_by_boolean_index_assignment(q, k, v):
     return s.softmax(-1) @ v
 
 
+def masks_by_slice_assignment(q, k, v):
+    """Masks written by slice assignment of numbers: a block of rows and the
+    last keys, a head's first keys, a batch's last row
+    (``s[:, :, 2:5, -3:] = -inf``, ``s[:, 1:2, :, :2] = -1e4``, ...)."""
+    s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    s[:, :, 2:5, -3:] = float("-inf")
+    s[:, 1:2, :, :2] = -1e4
+    s[1:, :, -1:, 4:6] = 3.0
+    return s.softmax(-1) @ v
+
+
 def padding_by_boolean_index_assignment(q, k, v, drop):
     """A runtime (B, H, Lq, Lk) boolean mask written into the scores by
     ``s[drop] = finfo.min`` (every row keeps a key)."""

@@ -190,9 +190,10 @@ class MViTv2WithClsToken(nn.Module):
 
 
 def scores_assigned_in_part(q, k, v):
-    """A slice of the scores overwritten (``s[..., :3] = -1e4``)."""
+    """A slice of the scores overwritten by other values (``s[..., :3] =
+    t[..., :3]``; a number there is a mask, and fused)."""
     s = _scores(q, k)
-    s[..., :3] = -1e4
+    s[..., :3] = torch.cos(q[..., :3])
     return s.softmax(-1) @ v
 
 

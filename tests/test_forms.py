@@ -455,6 +455,7 @@ RESEARCH_CASES = [
     Case("sink_first_behind_cast", _mod(forms.SinkFirstBehindCast, lambda dt: _qkv(dt) + [_keep_mask()])),
     Case("scores_copied_for_nobody", _fn(forms.scores_copied_for_nobody)),
     Case("causal_by_boolean_index_assignment", _fn(forms.causal_by_boolean_index_assignment)),
+    Case("masks_by_slice_assignment", _fn(forms.masks_by_slice_assignment)),
     Case("padding_by_boolean_index_assignment", lambda dt: (
         forms.padding_by_boolean_index_assignment,
         _qkv(dt) + [(~_keep_mask())[:, None, None, :].expand(B, H, L, L).contiguous()])),
@@ -508,6 +509,7 @@ def test_research_form_fp32_forward_backward(case):
     ("sink_first_behind_cast", "bf16"),
     ("mvitv2_relpos_slice_assigned", "bf16"),
     ("padding_by_boolean_index_assignment", "fp16"),
+    ("masks_by_slice_assignment", "bf16"),
     ("sinks_with_empty_rows", "fp16"),
     ("granite_sink_scale", "bf16"),
     ("nan_to_num_probabilities", "bf16"),

@@ -105,6 +105,38 @@ def _whole(index, shape) -> bool:
     return True
 
 
+def _slice_region(index, shape) -> Optional[List[Tuple[int, Any, Any]]]:
+    """``x[index]`` as (axis, lo, hi) bounds for the axes it slices, when it
+    is made of slices with unit step and bounds that are ints (negative ones
+    counted from an int size) and one Ellipsis at most; else None."""
+    index = index if isinstance(index, tuple) else (index,)
+    if sum(i is Ellipsis for i in index) > 1 or len([i for i in index if i is not Ellipsis]) > len(shape):
+        return None
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (len(shape) - len(index) + 1) + index[at + 1:]
+    out = []
+    for d, i in enumerate(index):
+        if not isinstance(i, slice) or i.step not in (None, 1):
+            return None
+        size = shape[d]
+        bounds = []
+        for b, default in ((i.start, 0), (i.stop, None)):
+            if b is None:
+                bounds.append(default)
+            elif isinstance(b, int) and b >= 0:
+                bounds.append(b)
+            elif isinstance(b, int) and isinstance(size, int):
+                bounds.append(max(size + b, 0))
+            else:
+                return None
+        lo, hi = bounds
+        if lo == 0 and hi is None:
+            continue
+        out.append((d, sympy.Integer(lo), sympy.oo if hi is None else sympy.Integer(hi)))
+    return out
+
+
 def _bool_index(index, shape) -> Optional[fx.Node]:
     """The boolean tensor of ``x[m]`` (``m`` of x's rank) or ``x[..., m]``
     (``m`` over x's last axes), else None."""
@@ -395,7 +427,20 @@ class ScoreInterpreter(SideValues):
             # s[..., m] = v, s[m] = v with a boolean m: masked_fill(s, m, v)
             return self.elementwise(node, "masked_fill", [target, mask, value], {}, out_shape=shape)
         if not _whole(index, shape):
-            raise Decline("the scores are assigned in part (a slice or an index of them)")
+            region = _slice_region(index, shape)
+            if region is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise Decline("the scores are assigned in part (a slice or an index of them)")
+            # s[..., :p] = v: v where every sliced axis's position is in its slice
+            v = self.value(target)
+            if len(v.shape) != len(shape):
+                raise Decline("the scores are assigned in part (a slice or an index of them)")
+            comps = v.frame.components() if v.frame is not None else []
+            axes = comps + v.frame.index_axes() if v.frame is not None else []
+            if len(axes) != len(shape):
+                raise Decline("a slice assigned to the scores across a split axis")
+            cond = sympy.And(*[sympy.And(lo <= axes[d], axes[d] < hi) for d, lo, hi in region])
+            return Val(sympy.Piecewise((self.const(float(value)), cond), (as_num(v.expr), True)),
+                       shape, True, v.frame)
         v = self.value(value)
         if not v.chain:
             raise Decline("the scores are overwritten by values that do not depend on them")
