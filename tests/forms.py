@@ -1145,12 +1145,13 @@ def causal_by_boolean_index_assignment(q, k, v):
 
 def masks_by_slice_assignment(q, k, v):
     """Masks written by slice assignment of numbers: a block of rows and the
-    last keys, a head's first keys, a batch's last row
+    last keys, a head's first keys, a batch's last row, one head's key
     (``s[:, :, 2:5, -3:] = -inf``, ``s[:, 1:2, :, :2] = -1e4``, ...)."""
     s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
     s[:, :, 2:5, -3:] = float("-inf")
     s[:, 1:2, :, :2] = -1e4
     s[1:, :, -1:, 4:6] = 3.0
+    s[0, 2, :, 1] = -1e4          # ints index one position
     return s.softmax(-1) @ v
 
 

@@ -107,8 +107,9 @@ def _whole(index, shape) -> bool:
 
 def _slice_region(index, shape) -> Optional[List[Tuple[int, Any, Any]]]:
     """``x[index]`` as (axis, lo, hi) bounds for the axes it slices, when it
-    is made of slices with unit step and bounds that are ints (negative ones
-    counted from an int size) and one Ellipsis at most; else None."""
+    is made of ints and slices with unit step and bounds that are ints
+    (negative ones counted from an int size) and one Ellipsis at most; else
+    None."""
     index = index if isinstance(index, tuple) else (index,)
     if sum(i is Ellipsis for i in index) > 1 or len([i for i in index if i is not Ellipsis]) > len(shape):
         return None
@@ -117,9 +118,14 @@ def _slice_region(index, shape) -> Optional[List[Tuple[int, Any, Any]]]:
         index = index[:at] + (slice(None),) * (len(shape) - len(index) + 1) + index[at + 1:]
     out = []
     for d, i in enumerate(index):
+        size = shape[d]
+        if isinstance(i, int) and not isinstance(i, bool):      # s[:, 1] = v: the slice 1:2
+            if i < 0 and not isinstance(size, int):
+                return None
+            i = i + size if i < 0 else i
+            i = slice(i, i + 1)
         if not isinstance(i, slice) or i.step not in (None, 1):
             return None
-        size = shape[d]
         bounds = []
         for b, default in ((i.start, 0), (i.stop, None)):
             if b is None:
