@@ -462,7 +462,7 @@ def _kernel_choices(spec, site_key: str) -> Dict[str, str]:
 def _key(spec, op_node: fx.Node, training: bool, regime: str) -> str:
     """The decision's cache key; ``regime``: "g" CUDA graphs, "d" dynamic lengths,
     "c" neither (host cost counted), then "s" for a site whose lse is read,
-    "i" where the original is timed as inductor compiles it."""
+    "i" where the candidates are timed as inductor compiles them."""
     from attn_compiler.dispatch import source_digest
 
     q, k, v = (C.example_value(a) for a in op_node.args[:3])

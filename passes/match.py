@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from . import canonicalize as C
-from .analyze.values import Decline
+from .analyze.values import _CASTS, Decline
 from .operands import (Operand, _check_grouped, _check_layouts, _operand, mutated_between,
                        mutating_users, peel)
 
@@ -142,7 +142,7 @@ def _transposed_contraction(n: fx.Node) -> Optional[C.Contraction]:
     return dataclasses.replace(c, node=n, out_labels=o[:-2] + o[-1] + o[-2])
 
 
-_CASTS = frozenset({"to", "type", "type_as", "float", "half", "bfloat16", "double"})
+_FLOAT_CASTS = _CASTS - {"long", "int", "bool"}
 
 
 def _sink_parts(sm: fx.Node, x: fx.Node):
@@ -170,13 +170,12 @@ def _sink_parts(sm: fx.Node, x: fx.Node):
     s_shape = C.shape_of(s)
     if not isinstance(s_shape[-1], int):
         return None
-    sl = next(iter(sm.users))
+    prev, sl = sm, next(iter(sm.users))
     sop = C.canonical(sl)
-    while sop is not None and sop.name in _CASTS and len(sl.users) == 1:
-        sl = next(iter(sl.users))          # p.type(dtype)[..., 1:]
+    while sop is not None and sop.name in _FLOAT_CASTS and sop.kw.get("input") is prev and len(sl.users) == 1:
+        prev, sl = sl, next(iter(sl.users))          # p.type(dtype)[..., 1:]
         sop = C.canonical(sl)
-    if sop is None or sop.name != "getitem" or not isinstance(sop.kw.get("input"), fx.Node) \
-            or not (sop.kw["input"] is sm or _reaches(sm, sl, 4)):
+    if sop is None or sop.name != "getitem" or sop.kw.get("input") is not prev:
         return None
     index = sop.kw.get("index")
     index = index if isinstance(index, tuple) else (index,)
@@ -707,17 +706,12 @@ def chain_nodes(score: fx.Node, softmax_in: fx.Node, softmax: fx.Node) -> set:
                     stack = list(m.all_input_nodes)
                     while stack:
                         a = stack.pop()
-                        if a not in back and _reaches_from(score, a):
+                        if a not in back and (a is score or _reaches(score, a, 12)):
                             back.add(a)
                             stack.extend(a.all_input_nodes)
     if softmax_in not in back:
         raise Decline("softmax input does not come from the contraction")
     return back
-
-
-def _reaches_from(score: fx.Node, a: fx.Node, depth: int = 12) -> bool:
-    """Whether ``a`` is computed from ``score`` (within ``depth`` steps)."""
-    return a is score or (depth > 0 and any(_reaches_from(score, i, depth - 1) for i in a.all_input_nodes))
 
 
 def _softmax_body(x: fx.Node, sm: fx.Node) -> set:

@@ -23,7 +23,7 @@ from attn_compiler.sdpa import sdpa_attention
 from .analyze import spec as S
 from .analyze.build import analyze
 from .analyze.verify import SideChecker
-from .analyze.values import Decline
+from .analyze.values import _CASTS, Decline
 from .match import Declined, find_sites
 from . import canonicalize as C
 from .operands import _VIEW_OPS, mutating_users, op_lead
@@ -71,8 +71,7 @@ def folded_inputs(gm: fx.GraphModule) -> List[tuple]:
 
 
 # copies, casts and views: a result of one that nothing reads is dead code
-_UNREAD_OK = frozenset({"clone", "detach", "contiguous", "to", "type", "type_as", "float", "half", "bfloat16",
-                        "double"}) | _VIEW_OPS
+_UNREAD_OK = frozenset(_CASTS | _VIEW_OPS)
 
 
 def drop_unread(gm: fx.GraphModule) -> int:

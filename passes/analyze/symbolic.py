@@ -89,29 +89,14 @@ def _grouped(x):
     return folded if not isinstance(folded, sympy.Add) else S.Grouped(x)
 
 
-def _whole(index, shape) -> bool:
-    """Whether ``x[index]`` is all of ``x`` (slices from 0 to the end, an
-    Ellipsis), for ``x`` of ``shape``."""
-    if shape is None:
-        return False
-    index = index if isinstance(index, tuple) else (index,)
-    if sum(i is Ellipsis for i in index) > 1 or len([i for i in index if i is not Ellipsis]) > len(shape):
-        return False
-    for i in index:
-        if i is Ellipsis:
-            continue
-        if not (isinstance(i, slice) and i.start in (None, 0) and i.stop is None and i.step in (None, 1)):
-            return False
-    return True
-
-
 def _slice_region(index, shape) -> Optional[List[Tuple[int, Any, Any]]]:
-    """``x[index]`` as (axis, lo, hi) bounds for the axes it slices, when it
-    is made of ints and slices with unit step and bounds that are ints
-    (negative ones counted from an int size) and one Ellipsis at most; else
-    None."""
+    """``x[index]`` as (axis, lo, hi) bounds for the axes it slices (none:
+    all of ``x``), when it is made of ints and slices with unit step and
+    bounds that are ints (negative ones counted from an int size) and one
+    Ellipsis at most; else None."""
     index = index if isinstance(index, tuple) else (index,)
-    if sum(i is Ellipsis for i in index) > 1 or len([i for i in index if i is not Ellipsis]) > len(shape):
+    if shape is None or sum(i is Ellipsis for i in index) > 1 \
+            or len([i for i in index if i is not Ellipsis]) > len(shape):
         return None
     if Ellipsis in index:
         at = index.index(Ellipsis)
@@ -385,7 +370,7 @@ class ScoreInterpreter(SideValues):
         if op is None:
             raise Decline(f"unsupported node '{node.name}' in the score chain")
         name = op.name
-        if name == "getitem" and _whole(op.kw.get("index"), C.shape_of(op.kw["input"])):
+        if name == "getitem" and _slice_region(op.kw.get("index"), C.shape_of(op.kw["input"])) == []:
             return self.value(op.kw["input"])      # s[:, :, 0:, 0:]: all of it
         if name == "sub":
             shift = C.row_max_shift(node)
@@ -423,36 +408,31 @@ class ScoreInterpreter(SideValues):
         return self.elementwise(node, name, operands, extra)
 
     def chain_setitem(self, node: fx.Node) -> Val:
-        """``s[idx] = value`` over all of ``s`` (MViTv2 writes its relative
-        positions back so, with a cls token a slice of it would remain):
-        the scores are ``value`` from here on."""
+        """``s[idx] = value``: over all of ``s``, the scores are ``value`` from
+        here on (MViTv2 writes its relative positions back so); a number
+        written where a boolean index or slices select is a mask."""
         target, index, value = node.args[:3]
         shape = C.shape_of(target)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
         mask = _bool_index(index, shape)
-        if mask is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if mask is not None and number:
             # s[..., m] = v, s[m] = v with a boolean m: masked_fill(s, m, v)
             return self.elementwise(node, "masked_fill", [target, mask, value], {}, out_shape=shape)
-        if not _whole(index, shape):
-            region = _slice_region(index, shape)
-            if region is None or not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise Decline("the scores are assigned in part (a slice or an index of them)")
-            # s[..., :p] = v: v where every sliced axis's position is in its slice
-            v = self.value(target)
-            if len(v.shape) != len(shape):
-                raise Decline("the scores are assigned in part (a slice or an index of them)")
-            comps = v.frame.components() if v.frame is not None else []
-            axes = comps + v.frame.index_axes() if v.frame is not None else []
-            if len(axes) != len(shape):
-                raise Decline("a slice assigned to the scores across a split axis")
-            cond = sympy.And(*[sympy.And(lo <= axes[d], axes[d] < hi) for d, lo, hi in region])
-            return Val(sympy.Piecewise((self.const(float(value)), cond), (as_num(v.expr), True)),
-                       shape, True, v.frame)
-        v = self.value(value)
-        if not v.chain:
-            raise Decline("the scores are overwritten by values that do not depend on them")
-        if tuple(v.shape) != tuple(shape):
-            return Val(self.broadcast(v, shape), shape, True, v.frame)
-        return v
+        region = _slice_region(index, shape)
+        if region == []:
+            v = self.value(value)
+            if not v.chain:
+                raise Decline("the scores are overwritten by values that do not depend on them")
+            return v if tuple(v.shape) == tuple(shape) else Val(self.broadcast(v, shape), shape, True, v.frame)
+        if region is None or not number:
+            raise Decline("the scores are assigned in part (a slice or an index of them)")
+        # s[..., :p] = v: v where every sliced axis's position lies in its slice
+        v = self.value(target)
+        axes = v.frame.components() + v.frame.index_axes()
+        if len(axes) != len(shape):
+            raise Decline("a slice assigned to the scores across a split axis")
+        cond = sympy.And(*[sympy.And(lo <= axes[d], axes[d] < hi) for d, lo, hi in region])
+        return Val(sympy.Piecewise((self.const(float(value)), cond), (as_num(v.expr), True)), shape, True, v.frame)
 
     def chain_nan_to_num(self, node, op) -> Val:
         """``torch.nan_to_num(scores)`` (the Differential Transformer's): an
