@@ -18,6 +18,9 @@ Forward (online softmax, per query block, over KV blocks j)::
     acc   = acc * exp(m - m') + (exp(z_j - m') ∘ keep_j / (1-p)) V_j
     out   = acc / l,   lse = m + log l
 
+A ``zero_masked`` spec zeroes exp(z_j - m') where the mask drops a score in
+acc (and in dV below), not in l: eager's ``softmax(z).masked_fill(~keep, 0)``.
+
 [Note: fully masked rows] A row whose z are all -inf keeps m = -inf; we
 subtract 0 instead of m there so exp() gives 0 rather than nan, and the row
 ends as 0/0 = nan — exactly what eager ``softmax`` returns.  A row filled with
@@ -244,6 +247,14 @@ def _keep_scaled(pb: _Problem, env) -> Optional[torch.Tensor]:
     return keep.to(pb.cd) * (1.0 / (1.0 - pb.spec.dropout_p))
 
 
+def _zero_masked_(p, pb: _Problem, env):
+    """P zeroed where the mask drops a score, for a ``zero_masked`` spec (in
+    place; the softmax denominator has counted those keys already)."""
+    if pb.spec.zero_masked:
+        p.masked_fill_(~torch_eval.evaluate(pb.spec.mask_predicate, env).to(torch.bool), 0.0)
+    return p
+
+
 def _skippable(pb: _Problem):
     """A function (m0, m1, n0, n1) -> True when every score of the block is -inf
     for index reasons alone (causal / window blocks), so it adds nothing."""
@@ -300,6 +311,7 @@ def _forward_rows(pb: _Problem, m0: int, m1: int, skip):
         alpha = torch.exp(m - m_sub)                              # rescale of the old state
         p = z.sub_(m_sub[..., None]).exp_()                       # in place: z is done
         l = l * alpha + p.sum(-1)                                 # softmax denominator: no dropout
+        _zero_masked_(p, pb, env)
         keep = _keep_scaled(pb, env)
         if keep is not None:
             p.mul_(keep)
@@ -364,7 +376,8 @@ def _backward_rows(pb: _Problem, m0, m1, rows, dk, dv, dcap, skip):
         kb, vb = pb.k[:, :, n0:n1].to(cd), pb.v[:, :, n0:n1].to(cd)
         dp = _ungrouped(dog @ vb.transpose(-1, -2), pb, M)        # dO Vᵀ: (B, Hq, M, N)
         keep = _keep_scaled(pb, env)
-        pd = p if keep is None else p * keep
+        pd = _zero_masked_(p.clone(), pb, env) if pb.spec.zero_masked else p
+        pd = pd if keep is None else pd * keep
         if keep is not None:
             dp.mul_(keep)
         dz = dp.sub_(delta_b[..., None]).mul_(p).masked_fill_(p_zero, 0.0)

@@ -9,7 +9,8 @@ either; SDPA's own autograd then handles the backward).
 Expressed exactly: a score modification that is the score itself, with the
 scale of the spec, plus at most one of: a causal band (kv_idx <= q_idx, SDPA's
 top-left ``is_causal``), a boolean keep-mask tensor (-inf fill), or one
-additive float tensor; no dropout (SDPA draws its own random numbers), output
+additive float tensor; no dropout (SDPA draws its own random numbers), no
+probabilities zeroed after the softmax (``zero_masked``), output
 in the input dtype.  Anything else is not an SDPA site.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ def sdpa_form(spec: AttentionSpec) -> Optional[SdpaForm]:
 @functools.lru_cache(maxsize=512)
 def _form(text: str) -> Optional[SdpaForm]:
     spec = AttentionSpec.loads(text)
-    if spec.dropout_p > 0 or spec.softmax_dtype != "float32" or spec.out_dtype != spec.prob_dtype \
+    if spec.dropout_p > 0 or spec.zero_masked or spec.softmax_dtype != "float32" or spec.out_dtype != spec.prob_dtype \
             or any(c.kv_map for c in spec.captured):     # SDPA would need it expanded to Lk
         return None
     kept = _kept_value(spec.score_mod)

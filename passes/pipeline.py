@@ -24,6 +24,7 @@ from .analyze import spec as S
 from .analyze.build import analyze
 from .analyze.verify import SideChecker
 from .analyze.values import _CASTS, Decline
+from .distribute import distribute, restore
 from .match import Declined, find_sites
 from . import canonicalize as C
 from .operands import _VIEW_OPS, mutating_users, op_lead
@@ -93,11 +94,13 @@ def drop_unread(gm: fx.GraphModule) -> int:
 
 def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: bool = False) -> List[Site]:
     """``body``: ``gm`` is the subgraph of a higher-order op (``_subgraphs``)."""
-    if drop_unread(gm):
+    dropped = drop_unread(gm)
+    distributed = distribute(gm)          # [Note: maps combined before P·V]
+    if dropped or distributed:
         gm.recompile()
     values = real_values(gm, example_inputs)
     checker = SideChecker(gm, example_inputs)
-    sites, replaced, dead, internal = [], {}, [], set()
+    sites, replaced, dead, internal, fused_products = [], {}, [], set(), set()
     positions = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     folded: Dict[fx.Node, tuple] = {}
     for ordinal, item in enumerate(find_sites(gm)):
@@ -125,6 +128,7 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: 
                     if decision.choice == SDPA:
                         op_node(final).target = sdpa_attention
                     site.status = FUSED
+                    fused_products.add(item.pv.node)
                     dead.append(item.pv.node)
                     dead.extend(item.lse_users)         # rewired to the op's lse
                     internal |= item.chain
@@ -139,6 +143,9 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: 
         counters[site.status] += 1
         log.info("attention site %s: %s %s", loc, site.status, site.reason)
         sites.append(site)
+    restored = [d for d in distributed if d.product not in fused_products]
+    for d in restored:                    # unfused: the user's nodes, as written
+        restore(gm, d)
     gm.meta[FOLDED] = list(folded.values())
     modules = _module_sites(gm, graph_id, len(sites))
     sites += modules
@@ -146,7 +153,7 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: 
         for site in attention_pass(sub, inputs, graph_id, body=True):
             site.ordinal = len(sites)
             sites.append(site)
-    if dead or any(s.status == FUSED for s in modules):
+    if dead or restored or any(s.status == FUSED for s in modules):
         _remove_dead(gm, dead, internal)
         gm.graph.lint()
         gm.recompile()

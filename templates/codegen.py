@@ -335,6 +335,14 @@ class _Hooks:
         return self.load_lines(self.used_captured(pred)) + [
             f"keep = (({self.pr(pred)}) + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)) != 0"]
 
+    def zero_masked_lines(self, var: str) -> List[str]:
+        """``var`` (P before P·V) zeroed where the mask drops a score, for a
+        ``zero_masked`` spec, in PARTIAL tiles (a FULL tile drops none); the
+        softmax denominator has counted those keys already."""
+        if not self.spec.zero_masked:
+            return ["pass"]
+        return [f"{var} = tl.where(({self.pr(self.spec.mask_predicate)}) != 0, {var}, 0.0)"]
+
     # -- backward: dS and dT -------------------------------------------------
     def dscore_lines(self, kind: str, orient: str, grads: bool = True) -> List[str]:
         """From ``dz`` (= P ∘ (dP - delta), 0 where P == 0) and ``p``: ``ds`` =
@@ -461,6 +469,8 @@ def _hooks_for(family: str, h: _Hooks) -> Dict[str, object]:
         "RAW_FULL": bool(h.raw_full),
         "FILL_LSE": repr(float(reference._HUGE_LSE)),
         "KEEP": h.keep_lines(),
+        "ZERO_MASKED_P": h.zero_masked_lines("p"),
+        "ZERO_MASKED_PD": h.zero_masked_lines("pd"),
     }
     if family == "bwd":
         common.update({

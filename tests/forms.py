@@ -1343,3 +1343,63 @@ def zeroed_probabilities_inf_with_bias(q, k, v, keep, bias):
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
     s = s.masked_fill(~keep, float("-inf"))
     return torch.softmax(s, dim=-1).masked_fill(~keep, 0.0) @ v
+
+
+def conformer_relpos_zeroed_probabilities(q, k, v, keep, bias):
+    """ESPnet/WeNet's relative-position attention (FastSpeech2-Conformer):
+    the content scores plus a float position term, filled with finfo.min
+    where the mask drops, and the probabilities zeroed there again.  The
+    float term may hold finfo.min itself (here over a whole query row), so the
+    masked keys stay in the denominator: the spec's ``zero_masked``."""
+    mask = keep.eq(0)
+    s = (torch.matmul(q, k.transpose(-2, -1)) + bias) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(mask, float(torch.finfo(s.dtype).min))
+    p = torch.softmax(s, dim=-1).masked_fill(mask, 0.0)
+    return torch.matmul(F.dropout(p, p=0.0, training=False), v)
+
+
+def conformer_relpos_zeroed_where(q, k, v, keep, bias):
+    """The same written with ``torch.where`` and a -1e9 fill, the bias added
+    after the scaling."""
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias
+    s = torch.where(keep, s, -1e9)
+    return torch.where(keep, s.softmax(-1), 0.0) @ v
+
+
+def differential_two_maps(q, k, v):
+    """Two maps per head pair of one softmax over all heads, subtracted with
+    a number before P·V ([Note: maps combined before P·V])."""
+    b, h, n, _ = q.shape
+    w = F.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1, dtype=torch.float32).type_as(q)
+    w = w.view(b, h // 2, 2, n, n)
+    w = w[:, :, 0] - 0.3 * w[:, :, 1]
+    return torch.matmul(w, v[:, : h // 2])
+
+
+class DifferentialAttention(nn.Module):
+    """The Differential Transformer's attention as its reference code writes
+    it: q and k with 2H heads, v with H heads of twice the head dim, a causal
+    -inf mask added after ``nan_to_num``, the softmax in float32, then each
+    pair of maps subtracted with a learned lambda (a 0-d tensor) before P·V."""
+
+    def __init__(self, dim=8, lambda_init=0.8):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+            setattr(self, name, nn.Parameter(0.1 * torch.randn(dim, generator=g)))
+        self.lambda_init = lambda_init
+
+    def forward(self, q, k, v):
+        bsz, h2, n, d = q.shape
+        q = q * d ** -0.5
+        w = torch.matmul(q, k.transpose(-1, -2))
+        mask = torch.triu(torch.zeros([n, n]).float().fill_(float("-inf")).type_as(w), 1)
+        w = torch.nan_to_num(w)
+        w += mask
+        w = F.softmax(w, dim=-1, dtype=torch.float32).type_as(w)
+        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1, dim=-1).float()).type_as(q)
+        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2, dim=-1).float()).type_as(q)
+        lambda_full = lambda_1 - lambda_2 + self.lambda_init
+        w = w.view(bsz, h2 // 2, 2, n, n)
+        w = w[:, :, 0] - lambda_full * w[:, :, 1]
+        return torch.matmul(w, v)

@@ -183,6 +183,29 @@ def test_finite_fill_causal_rows():
     check_backward(q, k, v, [], spec, config=TILE_16)
 
 
+def test_zero_masked_finite_fill_beside_a_bias():
+    """A ``zero_masked`` spec (ESPnet/FastSpeech2-Conformer: finfo.min where
+    the padding mask drops, a float bias with a gradient beside it, P zeroed
+    there again after the softmax): the dropped keys stay in the denominator,
+    P·V and dV skip them, and the fully padded batch gives 0 rather than a
+    uniform average; its dV is 0 (MODE 3: the block map's FULL tiles need no
+    zeroing)."""
+    import dataclasses
+    q, k, v = qkv(Lq=37, Lk=45, seed=18)
+    keep = padding_keep(2, 45, full_row=True)
+    keep[0, ..., 20:] = False
+    bias = randn(1, 2, 37, 45, seed=19)
+    mod = sympy.Piecewise((sympy.Float(F32_MIN), sympy.Eq(captured_call(1), 0)), (score + T0, True))
+    spec = dataclasses.replace(make_spec(mod, captured=[captured_spec(".HQK", grad=True),
+                                                        captured_spec("B..K", "bool")]), zero_masked=True)
+    assert kernels.mask_plan(spec, 37, 45).mode == 3
+    out, _ = kernels.forward(q, k, v, [bias, keep], spec, config=TILE_16)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isfinite(out[0]).all()
+    _, _, dv, (dbias,) = check_backward(q, k, v, [bias, keep], spec, config=TILE_16)
+    assert torch.equal(dv[1], torch.zeros_like(dv[1])) and dv[0, :, 20:].abs().sum() == 0
+    assert dbias.shape == bias.shape and torch.isfinite(dbias).all()
+
+
 def test_padding_mask_block_map():
     """-inf padding (no row fully masked): dK/dV and dQ walk the block map (MODE 3),
     whose skipped and FULL tiles differ between batches."""

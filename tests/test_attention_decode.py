@@ -72,6 +72,22 @@ def test_finite_fill_fully_masked_batch_is_uniform():
     assert (lse[1] == F32_MIN).all()
 
 
+def test_zero_masked_fully_masked_batch_is_zero():
+    """A ``zero_masked`` spec (P zeroed where the finfo.min fill went, after
+    the softmax) beside a float bias: the fully padded batch gives 0, the
+    other's dropped keys count in the denominator only."""
+    import dataclasses
+    from attn_compiler.passes.analyze.spec import captured_call
+    q, k, v = qkv(B=2, Hq=4, Hkv=2, Lq=2, Lk=LK, seed=4)
+    keep = padding_keep(2, LK, full_row=True)
+    bias = torch.randn(2, 1, 1, LK, generator=torch.Generator().manual_seed(5)).to(q.device)
+    mod = sympy.Piecewise((sympy.Float(F32_MIN), sympy.Eq(captured_call(1), 0)), (score + captured_call(0), True))
+    spec = dataclasses.replace(make_spec(mod, group=2, captured=[captured_spec("B..K"), captured_spec("B..K", "bool")]),
+                               zero_masked=True)
+    out, _, _ = _decode_check(q, k, v, [bias, keep], spec, splits=3)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isfinite(out[0]).all()
+
+
 def test_softcap_kv_batch_broadcast_noncontiguous():
     """Soft-capping, K/V of batch 1 for two query batches, a (B, L, H, D) cache view."""
     q, k, v = qkv(B=2, Bkv=1, Hq=4, Hkv=2, Lq=1, Lk=LK, layout="blhd", qscale=6.0, seed=4)

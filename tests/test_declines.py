@@ -99,16 +99,6 @@ def probs_scaled_by_score_rowmax(q, k, v):
     return p @ v
 
 
-def differential_two_maps(q, k, v):
-    """Differential Transformer: one softmax over twice the heads, viewed as
-    pairs of maps and subtracted before P·V."""
-    b, h, n, _ = q.shape
-    w = F.softmax(_scores(q, k), dim=-1, dtype=torch.float32).type_as(q)
-    w = w.view(b, h // 2, 2, n, n)
-    w = w[:, :, 0] - 0.3 * w[:, :, 1]
-    return torch.matmul(w, v[:, : h // 2])
-
-
 def deepvit_reattention(q, k, v):
     """DeepViT's re-attention: heads mixed by a learned matrix and normalised
     over heads between the softmax and P·V."""
@@ -149,17 +139,6 @@ def probs_filled_with_a_tensor_half(q, k, v):
     drop[5:] = True
     s = s.masked_fill(drop, float("-inf"))
     return torch.softmax(s, -1).masked_fill(drop, torch.scalar_tensor(0.5, dtype=s.dtype)) @ v
-
-
-def probs_zeroed_beside_additive_mask(q, k, v):
-    """The scores' own mask zeroed again after the softmax, with a float tensor
-    added to the scores too (a key bias): such a tensor may mask a whole row
-    by itself (finfo.min), and that row would not be 0 in eager."""
-    s = _scores(q, k)
-    mask = torch.zeros(s.shape[-1], dtype=torch.bool)
-    mask[5:] = True
-    s = (s + v.mean(-1).unsqueeze(-2)).masked_fill(mask, torch.finfo(s.dtype).min)
-    return torch.softmax(s, -1).masked_fill(mask, 0.0) @ v
 
 
 def two_sink_columns(q, k, v):
@@ -211,12 +190,10 @@ DECLINED = [
     (score_sorted_rank, []),
     (probs_inplace_zeroed, []),
     (probs_scaled_by_score_rowmax, ["scores"]),
-    (differential_two_maps, ["reach the product"]),
     (local_global_blocks_concatenated, ["concatenated"]),
     (deepvit_reattention, ["einsum", "cannot be expressed"]),
     (probs_zeroed_by_another_mask, ["zeroed", "other than the scores' own"]),
     (probs_filled_with_a_tensor_half, ["not only zeroed"]),
-    (probs_zeroed_beside_additive_mask, ["zeroed", "other masked positions"]),
     (two_sink_columns, ["concatenated"]),
 ]
 

@@ -401,6 +401,13 @@ def _bias_rows_of_min(dtype, n=L):
     return bias.to(dtype).requires_grad_()
 
 
+def _bias_rows_of_own_min(dtype, n=L):
+    """As ``_bias_rows_of_min`` with the dtype's own finfo.min (finite in it)."""
+    bias = 0.5 * torch.randn(1, H, n, n)
+    bias[..., 5, :] = torch.finfo(dtype).min
+    return bias.to(dtype).requires_grad_()
+
+
 def _adjacency(n=L):
     """(1, 1, n, n) 0/1 float adjacency with self loops (every row keeps a key)."""
     g = torch.Generator().manual_seed(1)
@@ -482,6 +489,14 @@ RESEARCH_CASES = [
                                                     _qkv(dt) + [_t(B, H, L, D, dtype=dt)])),
     Case("where_zeroed_probabilities", lambda dt: (forms.where_zeroed_probabilities,
                                                    _qkv(dt) + [_rows_without_keys()])),
+    Case("differential_two_maps", _fn(forms.differential_two_maps)),
+    Case("differential_attention", _mod(forms.DifferentialAttention, lambda dt: [
+        _t(B, H, L, D, dtype=dt), _t(B, H, L, D, dtype=dt), _t(B, H // 2, L, 2 * D, dtype=dt)])),
+    Case("conformer_relpos_zeroed_probabilities", lambda dt: (
+        forms.conformer_relpos_zeroed_probabilities,
+        _qkv(dt) + [_rows_without_keys().long(), _bias_rows_of_own_min(dt)])),
+    Case("conformer_relpos_zeroed_where", lambda dt: (
+        forms.conformer_relpos_zeroed_where, _qkv(dt) + [_rows_without_keys(), _t(B, H, L, L, dtype=dt)])),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -517,6 +532,10 @@ def test_research_form_fp32_forward_backward(case):
     ("espnet_zeroed_probabilities", "fp16"),
     ("deberta_xsoftmax", "bf16"),
     ("where_zeroed_probabilities", "fp16"),
+    ("conformer_relpos_zeroed_probabilities", "bf16"),
+    ("differential_attention", "bf16"),
+    ("differential_two_maps", "fp16"),
+    ("conformer_relpos_zeroed_where", "fp16"),
     ("diff_transformer_scores", "bf16"),
     ("inkling_float_cast_sinks", "bf16"),
 ])
@@ -575,13 +594,8 @@ def test_swinv2_logit_scale_gets_gradient():
     golden_check(g_ours, g_eager, g_gold, name="dlogit_scale")
 
 
-@pytest.mark.parametrize("case_id", ["inplace_masked_fill_", "xlm_expand_as_in_place", "inplace_iadd_bias",
-                                     "granite_sink_scale"])
-def test_in_place_writes_to_the_scores_leave_with_them(case_id):
-    """An in-place op on a fused site's own scores (``scores.masked_fill_``,
-    ``scores += bias``) is erased with the site: nothing reads those scores
-    any more, and keeping the write would keep the Lq x Lk product alive.  So
-    is a ``logsumexp`` of the scores, read from the op's lse instead."""
+def _graph_capture():
+    """(graphs, inner compiler keeping the graphs our pass hands it), after a reset."""
     graphs = []
 
     def inner(gm, example_inputs):
@@ -590,6 +604,17 @@ def test_in_place_writes_to_the_scores_leave_with_them(case_id):
 
     torch._dynamo.reset()
     attn_compiler.reset()
+    return graphs, inner
+
+
+@pytest.mark.parametrize("case_id", ["inplace_masked_fill_", "xlm_expand_as_in_place", "inplace_iadd_bias",
+                                     "granite_sink_scale"])
+def test_in_place_writes_to_the_scores_leave_with_them(case_id):
+    """An in-place op on a fused site's own scores (``scores.masked_fill_``,
+    ``scores += bias``) is erased with the site: nothing reads those scores
+    any more, and keeping the write would keep the Lq x Lk product alive.  So
+    is a ``logsumexp`` of the scores, read from the op's lse instead."""
+    graphs, inner = _graph_capture()
     fn, args = (BY_ID.get(case_id) or RESEARCH_BY_ID[case_id]).build(F32)
     torch.compile(fn, backend=attn_compiler.backend(inner=inner))(*args)
     assert_fused(attn_compiler.report(), 1)
@@ -604,7 +629,8 @@ def test_in_place_writes_to_the_scores_leave_with_them(case_id):
                                      "granite_sink_scale",
                                      "nan_to_num_probabilities", "espnet_zeroed_probabilities",
                                      "deberta_xsoftmax", "where_zeroed_probabilities",
-                                     "inkling_float_cast_sinks", "zeroed_probabilities_inf_with_bias"])
+                                     "inkling_float_cast_sinks", "zeroed_probabilities_inf_with_bias",
+                                     "conformer_relpos_zeroed_probabilities", "conformer_relpos_zeroed_where"])
 def test_sinks_on_the_kernels_forward_backward(case_id):
     """Attention sinks through the generated kernels (Triton's interpreter on
     CPU), float32 forward and backward: the sink's gradient comes through the
@@ -654,3 +680,31 @@ def test_sam_decomposed_relative_positions_training(on_kernels):
     case = Case("sam_training", lambda dt: (forms.SamDecomposedRelPos().to(dt), _qkv(dt, lq=15, lk=15)))
     with _implementation(on_kernels):
         check_case(case)
+
+def _differential_top_k(q, k, v):
+    """forms.differential_two_maps with a top-k mask (declined: the mask reads
+    a reduction of the scores)."""
+    b, h, n, _ = q.shape
+    s = q @ k.transpose(-1, -2)
+    s = s.masked_fill(s < s.topk(4, dim=-1).values[..., -1:], float("-inf"))
+    w = s.softmax(-1).view(b, h // 2, 2, n, n)
+    return (w[:, :, 0] - 0.3 * w[:, :, 1]) @ v[:, : h // 2]
+
+
+@pytest.mark.parametrize("declined", [False, True], ids=["fused", "declined"])
+def test_differential_maps_run_as_one_site_or_as_written(declined):
+    """[Note: maps combined before P·V] A fused differential site is one op
+    over all heads, its two halves combined after it; a declined one runs the
+    user's nodes as written (the view, the two maps, their difference and one
+    P·V), not the distributed form."""
+    graphs, inner = _graph_capture()
+    fn = _differential_top_k if declined else forms.differential_two_maps
+    q, k, v = _qkv(F32)
+    out = torch.compile(fn, backend=attn_compiler.backend(inner=inner))(q, k, v)
+    torch.testing.assert_close(out, fn(q, k, v))
+    rep = attn_compiler.report()
+    rows = rep.fused + rep.declined
+    assert [r.status for r in rows] == ["declined" if declined else "fused"], [(r.status, r.reason) for r in rows]
+    targets = [str(getattr(n.target, "__name__", n.target)) for gm in graphs for n in gm.graph.nodes]
+    assert ("repeat_pairs" in targets) is not declined, targets
+    assert targets.count("matmul") + targets.count("__matmul__") == (2 if declined else 0), targets

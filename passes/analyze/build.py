@@ -93,8 +93,9 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analys
     extra = mod.free_symbols - {S.score, *_OP_AXES, S.Lq, S.Lk, S.D}
     if extra:
         raise Decline(f"the score modification depends on {sorted(map(str, extra))}")
+    zero_masked = False
     if m.zero_masks:
-        mod = _masked_to_neg_inf(mod, specs)
+        mod, zero_masked = _masked_to_neg_inf(mod, specs)
     reason = can_evaluate(mod)
     if reason:
         raise Decline(reason)
@@ -106,6 +107,7 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analys
         out_dtype=_dtype_name(C.example_value(m.pv.node).dtype),
         prob_dtype=_dtype_name(C.example_value(m.pv.operand(0)[0]).dtype),
         score_dtype=_dtype_name(_score_dtype(m.softmax_in)),
+        zero_masked=zero_masked,
     )
     return Analysis(spec, captures, list(dict.fromkeys(interp.folded)))
 
@@ -117,14 +119,24 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analys
 # exactly the masked ones (the two conditions are equivalent as sympy booleans
 # over the same captured tensors), eager's output in a row is the sum over the
 # kept keys K of e^(z_j) v_j / (sum_K e^(z_k) + c e^F), c masked keys filled
-# with F.  With F = -inf the masked keys add nothing: it is the softmax over K,
-# the scores with the fills made -inf, and a row without a key gives 0
-# (``layout.zero_empty_rows``, as for ``nan_to_num(P)``).  A finite F adds
-# exactly nothing too (e^(F - max) underflows) as long as the kept scores stay
-# far above F, which nothing but another fill can break: a finite fill beside
-# a float tensor or another fill in the kept scores is declined (a row whose
-# kept scores are all finfo.min through an additive mask is uniform over all
-# keys in eager).
+# with F.  Two ways to compute it:
+# - With F = -inf the masked keys add nothing: it is the softmax over K, the
+#   scores with the fills made -inf, and a row without a key gives 0
+#   (``layout.zero_empty_rows``, as for ``nan_to_num(P)``).  A finite F adds
+#   exactly nothing too (e^(F - max) underflows) as long as the kept scores
+#   stay far above F, which nothing but another fill can break.  So a finite
+#   fill is made -inf when the kept scores hold no float tensor and no fill
+#   (the fast kernels: -inf tiles are skipped).
+# - Otherwise (FastSpeech2's relative-position scores beside the fill: a
+#   float tensor could hold finfo.min, and a row whose kept scores are all
+#   finfo.min is uniform over every key in eager) the spec keeps the fill and
+#   says ``zero_masked``: the kernels compute the softmax with the fills, as
+#   eager does, and zero P where the mask drops before P·V (the denominator
+#   keeps them).  A row of fills only is uniform, then zeroed: 0, as eager.
+#   A row whose scores are all -inf gives 0 (``layout.zero_empty_rows``): as
+#   eager's when the mask drops all of it (a fill beyond float16's range rounds
+#   to -inf).  A row the mask keeps, all -inf through a float tensor, is nan in
+#   eager and 0 here.
 
 def _check_zero_mask(interp: ScoreInterpreter, node: fx.Node, scores) -> None:
     """Decline unless ``node`` (``P.masked_fill(m, 0)`` / ``where``) zeroes
@@ -151,9 +163,10 @@ def _check_zero_mask(interp: ScoreInterpreter, node: fx.Node, scores) -> None:
 
 
 def _masked_to_neg_inf(mod, specs):
-    """The score modification with its fills made -inf ([Note: probabilities
-    zeroed by the mask]); declines a finite fill beside a kept branch that may
-    hold a fill itself."""
+    """``(mod, zero_masked)``: the score modification with its fills made -inf
+    and False, or, when a finite fill sits beside a kept branch that may hold
+    a fill itself, ``mod`` as it is and True ([Note: probabilities zeroed by
+    the mask])."""
     pieces = S._pieces(mod)
     fills = {S._fill_value(e) for e, _ in pieces if S._is_fill(e)}
     if any(not math.isinf(f) for f in fills):
@@ -163,10 +176,8 @@ def _masked_to_neg_inf(mod, specs):
             floats = [i for i in S.captured_reads(e, len(specs)) if specs[i].is_float]
             if floats or e.has(sympy.S.NegativeInfinity) or any(
                     bool(a <= S.MASK_FILL_THRESHOLD) for a in S._finite_constants(e)):
-                raise Decline("the probabilities are zeroed under the scores' mask filled with a finite "
-                              "value, but the scores may hold other masked positions (a float tensor or "
-                              "a fill added to them)")
-    return sympy.Piecewise(*[(sympy.S.NegativeInfinity if S._is_fill(e) else e, c) for e, c in pieces])
+                return mod, True
+    return sympy.Piecewise(*[(sympy.S.NegativeInfinity if S._is_fill(e) else e, c) for e, c in pieces]), False
 
 
 def _score_dtype(softmax_in: fx.Node) -> torch.dtype:

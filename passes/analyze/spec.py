@@ -8,7 +8,7 @@ An attention site computes, for every batch ``b``, query head ``h``, query row
     score  = scale * <q[b, h, q_idx, :], k[b, h // G, kv_idx, :]>     # G = GQA group
     z      = score_mod(score, b, h, q_idx, kv_idx, t0(...), t1(...))  # sympy expression
     P      = softmax(z, over kv_idx)                                  # in float32 or wider
-    out    = dropout(P, p) @ v[b, h // G]
+    out    = dropout(P ∘ keep, p) @ v[b, h // G]                       # keep: see zero_masked
 
 ``score_mod`` is a sympy expression over the symbols ``score, b, h, q_idx,
 kv_idx``, the size symbols ``Lq, Lk`` (query and key lengths of the call) and
@@ -151,6 +151,11 @@ class AttentionSpec:
     # dtype of the scores entering the softmax in eager: what the score
     # modification was computed in (bfloat16 scores allow the hardware tanh)
     score_dtype: str = "float32"
+    # the probabilities are zeroed where the mask drops a score, after the
+    # softmax and before P·V (ESPnet's ``softmax(s.masked_fill(m, finfo.min))
+    # .masked_fill(m, 0)``): the denominator still counts every key, a row
+    # that keeps none gives 0 ([Note: probabilities zeroed by the mask])
+    zero_masked: bool = False
 
     # ---- derived views -------------------------------------------------
     @functools.cached_property
@@ -249,6 +254,8 @@ class AttentionSpec:
             "prob_dtype": self.prob_dtype,
             "score_dtype": self.score_dtype,
         }
+        if self.zero_masked:      # absent when False: the texts (and cache keys) of other specs stay
+            d["zero_masked"] = True
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @staticmethod
@@ -267,6 +274,7 @@ class AttentionSpec:
             out_dtype=d["out_dtype"],
             prob_dtype=d["prob_dtype"],
             score_dtype=d.get("score_dtype", "float32"),
+            zero_masked=d.get("zero_masked", False),
         )
 
     @functools.cached_property

@@ -1,0 +1,152 @@
+"""Research attention forms as written, bf16: eager, inductor, attn_compiler.
+
+- ``differential``: the Differential Transformer's attention as its reference
+  code writes it (2H heads of q and k, H heads of v at twice the head dim, a
+  causal -inf mask, the softmax in float32, each pair of maps subtracted with
+  a learned lambda before P·V).  attn_compiler runs it as one causal
+  attention over the 2H heads ([Note: maps combined before P·V]).
+- ``conformer``: ESPnet / WeNet / FastSpeech2-Conformer relative-position
+  attention: content scores plus a position term (a (B, H, N, N) float tensor
+  the model computes from q), ``masked_fill(mask, finfo.min)``, softmax, and the
+  probabilities zeroed again under the mask (key padding).  attn_compiler reads
+  the position term as a captured tensor and zeroes P in the kernel (the
+  spec's ``zero_masked``).
+
+    PYTHONPATH=. python bench/bench_research.py --out OUT      # GPU
+    python bench/bench_research.py --smoke                      # CPU, tiny shapes
+
+Per form, shape and implementation: ms of a forward under no_grad and of a
+forward+backward (host included; ``graph_ms``: the forward as CUDA-graph
+replays), peak MiB of the forward+backward, and the relative error of the
+output against float32 eager.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import common
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMPLS = ("eager", "inductor", "attn_compiler")
+# (form, batch, heads, length, head dim)
+SHAPES = (("differential", 4, 16, 2048, 64), ("differential", 1, 16, 8192, 64),
+          ("conformer", 8, 8, 1024, 64), ("conformer", 4, 8, 2048, 64))
+SMOKE_SHAPES = (("differential", 1, 2, 32, 16), ("conformer", 2, 2, 24, 16))
+
+
+class Differential(nn.Module):
+    """q, k (B, 2H, N, D); v (B, H, N, 2D)."""
+
+    def __init__(self, dim: int, lambda_init: float = 0.8) -> None:
+        super().__init__()
+        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
+            nn.Parameter(0.1 * torch.randn(dim)) for _ in range(4))
+        self.lambda_init = lambda_init
+
+    def forward(self, q, k, v):
+        bsz, h2, n, d = q.shape
+        q = q * d ** -0.5
+        w = torch.matmul(q, k.transpose(-1, -2))
+        mask = torch.triu(torch.zeros([n, n], device=q.device).float().fill_(float("-inf")).type_as(w), 1)
+        w = torch.nan_to_num(w)
+        w += mask
+        w = F.softmax(w, dim=-1, dtype=torch.float32).type_as(w)
+        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1, dim=-1).float()).type_as(q)
+        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2, dim=-1).float()).type_as(q)
+        lambda_full = lambda_1 - lambda_2 + self.lambda_init
+        w = w.view(bsz, h2 // 2, 2, n, n)
+        w = w[:, :, 0] - lambda_full * w[:, :, 1]
+        return torch.matmul(w, v)
+
+
+class Conformer(nn.Module):
+    """q, k, v (B, H, N, D); pos (B, H, N, N): the position term; keep (B, 1, N) int."""
+
+    def forward(self, q, k, v, pos, keep):
+        scores = (torch.matmul(q, k.transpose(-2, -1)) + pos) / math.sqrt(q.shape[-1])
+        mask = keep.unsqueeze(1).eq(0)
+        scores = scores.masked_fill(mask, float(torch.finfo(scores.dtype).min))
+        attn = torch.softmax(scores, dim=-1).masked_fill(mask, 0.0)
+        return torch.matmul(attn, v)
+
+
+def inputs(form: str, b: int, h: int, n: int, d: int, dev, dtype):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dev, dtype)
+    if form == "differential":
+        return [rnd(b, 2 * h, n, d), rnd(b, 2 * h, n, d), rnd(b, h, n, 2 * d)]
+    keep = torch.ones(b, 1, n, dtype=torch.long, device=dev)
+    keep[b // 2:, :, (3 * n) // 4:] = 0              # half the batch pads its last quarter
+    return [rnd(b, h, n, d), rnd(b, h, n, d), rnd(b, h, n, d), rnd(b, h, n, n), keep]
+
+
+def build(name: str, mod: nn.Module):
+    if name == "eager":
+        return mod
+    if name == "inductor":
+        return torch.compile(mod)
+    if name == "attn_compiler":
+        import attn_compiler
+        return torch.compile(mod, backend=attn_compiler.backend())
+    raise ValueError(name)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, float32 (CPU)")
+    ap.add_argument("--only", default=",".join(IMPLS))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    dev = common.device()
+    dtype = torch.float32 if args.smoke or not common.on_cuda() else torch.bfloat16
+    names = [n for n in args.only.split(",") if n]
+    rows, env = [], common.environment()
+    for form, b, h, n, d in (SMOKE_SHAPES if args.smoke else SHAPES):
+        torch.manual_seed(0)
+        mod = (Differential(d) if form == "differential" else Conformer()).to(dev)
+        xs = inputs(form, b, h, n, d, dev, dtype)
+        with torch.no_grad():
+            ref = mod(*[x.float() if x.is_floating_point() else x for x in xs])
+        mod.to(dtype)
+        grads = [x for x in xs[:3]]
+        for name in names:
+            common.reset_compiled()
+            if name == "attn_compiler":
+                import attn_compiler
+                attn_compiler.reset()
+
+            def measure(row, name=name):
+                fn = build(name, mod)
+                with torch.no_grad():
+                    out = fn(*xs)
+                    row["rel_err"] = float((out.float() - ref).norm() / ref.norm())
+                    row["fwd_ms"] = common.time_ms(lambda: fn(*xs))
+                    row["graph_ms"] = common.time_graph_ms(lambda: fn(*xs))
+                for x in grads:
+                    x.requires_grad_(True)
+                try:
+                    def step():
+                        fn(*xs).float().sum().backward()
+                    step()
+                    row["fwd_bwd_ms"] = common.time_ms(step, grad_to_none=grads + list(mod.parameters()))
+                    row["peak_mib"] = common.peak_mib(step)
+                finally:
+                    for x in grads:
+                        x.requires_grad_(False)
+                        x.grad = None
+                if name == "attn_compiler":
+                    row["sites"] = common.sites_summary()
+            rows.append(common.model_row(dict(env, impl=name, form=form, shape=f"{b}x{h}x{n}x{d}"), measure))
+    common.finish_rows(rows, args.out, "research",
+                       ["form", "shape", "impl", "fwd_ms", "graph_ms", "fwd_bwd_ms", "peak_mib", "rel_err", "sites"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Probabilities combined across pairs of heads before P·V, moved past P·V.
+
+[Note: maps combined before P·V]  The Differential Transformer computes one
+softmax over 2H heads, views the probabilities as H pairs of maps and takes
+their difference before the product with V::
+
+    w = softmax(q @ k.transpose(-1, -2) + mask, -1)        # (B, 2H, Lq, Lk)
+    w = w.view(B, H, 2, Lq, Lk)
+    w = w[:, :, 0] - lam * w[:, :, 1]                      # (B, H, Lq, Lk)
+    out = w @ v                                            # v: (B, H, Lk, Dv)
+
+P·V is linear in P, so ``out = P0·V - lam · P1·V``: one attention over the 2H
+heads with each value head read by both heads of its pair (v repeated along
+a new pair axis: (B, 2H, Lk, Dv), linear in Lk), then the same combination of
+the two halves of its output.  ``distribute`` rewrites the graph that way
+before matching, so the softmax feeds one ordinary P·V (a site the matcher
+takes as any other); ``restore`` puts the user's nodes back when that site is
+not fused (declined, or the original kept by the never-slower choice), so an
+unfused model runs exactly what was written.
+
+Taken: a view / reshape / unflatten that splits the head axis (1 of a 4-D P)
+into (H, 2); the two maps as ``x[:, :, 0]`` / ``x[:, :, 1]`` (getitem or
+select); their combination ``a - c * b`` or ``a + c * b`` with either map
+optionally scaled, by a number or a tensor that is one value per head or
+less (its last two axes of size 1: it does not mix queries or keys); the
+product ``w @ v`` with v of 4 axes.  Anything else is left as it is.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_arg
+
+from . import canonicalize as C
+
+
+@dataclasses.dataclass
+class Distributed:
+    product: fx.Node            # the new P·V over the 2H heads: the site's product once matched
+    out: fx.Node                # the node now standing for the user's product
+    created: List[fx.Node]      # the new nodes, in graph order
+    saved: List[tuple]          # (node, op, target, args, kwargs, meta) of the user's nodes, in order
+
+
+def repeat_pairs(v: torch.Tensor) -> torch.Tensor:
+    """(B, H, Lk, Dv) -> (B, 2H, Lk, Dv): value head h for heads 2h and 2h + 1."""
+    return v.unsqueeze(2).expand(-1, -1, 2, -1, -1).flatten(1, 2)
+
+
+def pair_half(o: torch.Tensor, i: int) -> torch.Tensor:
+    """(B, 2H, Lq, Dv) -> (B, H, Lq, Dv): the outputs of heads 2h + i."""
+    return o.unflatten(1, (-1, 2)).select(2, i)
+
+
+def _pair_index(node: fx.Node, x: fx.Node) -> Optional[int]:
+    """0 or 1 when ``node`` is ``x[:, :, i]`` (or ``x.select(2, i)``) of the
+    (B, H, 2, Lq, Lk) view ``x``, else None."""
+    op = C.canonical(node)
+    if op is None or op.kw.get("input") is not x:
+        return None
+    if op.name == "getitem":
+        idx = op.kw.get("index")
+        if not isinstance(idx, tuple) or len(idx) < 3:
+            return None
+        whole = slice(None, None, None)
+        if any(e != whole for e in idx[:2]) or any(e not in (whole, Ellipsis) for e in idx[3:]):
+            return None
+        i = idx[2]
+    elif op.name == "select" and len(op.args) == 3:
+        dim, i = op.args[1], op.args[2]
+        if dim not in (2, -3):
+            return None
+    else:
+        return None
+    if isinstance(i, bool) or not isinstance(i, int) or i not in (0, 1, -1, -2):
+        return None
+    return i % 2
+
+
+def _per_head(c) -> bool:
+    """A factor that scales whole maps: a number, or a tensor whose last two
+    axes (queries, keys) are of size 1."""
+    if isinstance(c, (int, float)) and not isinstance(c, bool):
+        return True
+    v = C.example_value(c) if isinstance(c, fx.Node) else None
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() > 4:
+        return False
+    return all(isinstance(s, int) and s == 1 for s in tuple(v.shape)[-2:])
+
+
+def _half(node) -> Optional[tuple]:
+    """(x, i) when ``node`` is map i of a pair view ``x`` (``x[:, :, i]``)."""
+    op = C.canonical(node)
+    if op is None or op.name not in ("getitem", "select") or not isinstance(op.kw.get("input"), fx.Node):
+        return None
+    x = op.kw["input"]
+    i = _pair_index(node, x)
+    return None if i is None else (x, i)
+
+
+def _term(node) -> Optional[tuple]:
+    """(half, x, i, scaling node or None) when ``node`` is a map of a pair, or
+    one scaled by a per-head factor."""
+    h = _half(node)
+    if h is not None:
+        return node, h[0], h[1], None
+    op = C.canonical(node)
+    if op is None or op.name != "mul" or len(node.users) != 1 or str(node.target).endswith("_"):
+        return None
+    a, b = op.kw.get("input"), op.kw.get("other")
+    for half, factor in ((a, b), (b, a)):
+        h = _half(half) if isinstance(half, fx.Node) else None
+        if h is not None and factor is not half and _per_head(factor):
+            return half, h[0], h[1], node
+    return None
+
+
+def _split_heads(x: fx.Node, p: fx.Node) -> bool:
+    """``x`` is ``p`` (B, 2H, Lq, Lk) viewed as (B, H, 2, Lq, Lk)."""
+    from .analyze.values import _size_eq
+    op = C.canonical(x)
+    if op is None or op.name not in ("view", "reshape", "unflatten") or op.kw.get("input") is not p:
+        return False
+    ps, xs = C.shape_of(p), C.shape_of(x)
+    if ps is None or xs is None or len(ps) != 4 or len(xs) != 5:
+        return False
+    return (isinstance(xs[2], int) and xs[2] == 2 and _size_eq(xs[0], ps[0]) and _size_eq(xs[1] * 2, ps[1])
+            and _size_eq(xs[3], ps[2]) and _size_eq(xs[4], ps[3]))
+
+
+def _find(product: fx.Node):
+    """The user's nodes of a combined product ``product`` (w @ v), or None:
+    (p, v, x, halves {node: i}, scales, comb)."""
+    con = C.contraction(product)
+    if con is None or con.addend is not None or len(con.lhs_labels) != 4 or len(con.rhs_labels) != 4:
+        return None
+    l, r, o = con.lhs_labels, con.rhs_labels, con.out_labels
+    if not (r == l[:2] + l[3] + r[3] and o == l[:3] + r[3] and con.alpha == 1):
+        return None
+    comb, v = con.lhs, con.rhs
+    op = C.canonical(comb)
+    if op is None or op.name not in ("sub", "add") or len(comb.users) != 1 or str(comb.target).endswith("_") \
+            or op.kw.get("alpha", 1) != 1:
+        return None
+    a, b = op.kw.get("input"), op.kw.get("other")
+    terms = [_term(a) if isinstance(a, fx.Node) else None, _term(b) if isinstance(b, fx.Node) else None]
+    if None in terms:
+        return None
+    (ha, x, ia, sa), (hb, xb, ib, sb) = terms
+    if xb is not x or {ia, ib} != {0, 1} or len(ha.users) != 1 or len(hb.users) != 1 \
+            or set(x.users) != {ha, hb}:
+        return None
+    p = C.canonical(x).kw.get("input")
+    if not _split_heads(x, p):
+        return None
+    halves = {ha: ia, hb: ib}
+    scales = [t for t in (sa, sb) if t is not None]
+    vs = C.shape_of(v)
+    if vs is None or len(vs) != 4:
+        return None
+    return p, v, x, halves, scales, comb
+
+
+def _fake_value(n: fx.Node, env):
+    def val(a):
+        return env[a] if a in env else C.example_value(a)
+    args, kwargs = map_arg(n.args, val), map_arg(n.kwargs, val)
+    if n.op == "call_method":
+        return getattr(args[0], n.target)(*args[1:], **kwargs)
+    return n.target(*args, **kwargs)
+
+
+def distribute(gm: fx.GraphModule) -> List[Distributed]:
+    """Rewrite every combined product of ``gm`` (see the note); returns what
+    ``restore`` needs to undo each."""
+    out = []
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method"):
+            continue
+        found = _find(node)
+        if found is None:
+            continue
+        try:
+            d = _rewrite(gm.graph, node, *found)
+        except Exception:  # noqa: BLE001 - a form we misread stays as written
+            continue
+        if d is not None:
+            out.append(d)
+    return out
+
+
+def _rewrite(g: fx.Graph, product, p, v, x, halves, scales, comb) -> Optional[Distributed]:
+    want = C.example_value(product)
+    mode = getattr(want, "fake_mode", None)
+    if mode is None:
+        return None
+    trace = product.meta.get("stack_trace")
+    created, env = [], {}
+
+    def make(target, args, op="call_function", like=None):
+        if like is not None:
+            n = g.node_copy(like, lambda a: mapping.get(a, a))
+        else:
+            n = g.create_node(op, target, args)
+        n.meta["stack_trace"] = trace
+        created.append(n)
+        with mode:
+            env[n] = _fake_value(n, env)
+        n.meta["example_value"] = env[n]
+        return n
+
+    mapping: Dict[fx.Node, fx.Node] = {}
+    try:
+        with g.inserting_before(product):
+            vr = make(repeat_pairs, (v,))
+            pv = make(torch.matmul, (p, vr))
+            for h, i in halves.items():
+                mapping[h] = make(pair_half, (pv, i))
+            for s in scales:
+                mapping[s] = make(None, None, like=s)
+            new_out = make(None, None, like=comb)
+    except Exception:
+        for n in reversed(created):
+            g.erase_node(n)
+        raise
+    got = env[new_out]
+    if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
+        for n in reversed(created):
+            g.erase_node(n)
+        return None
+    order = {n: i for i, n in enumerate(g.nodes)}
+    old = sorted([x] + list(halves) + list(scales) + [comb, product], key=order.__getitem__)
+    saved = [(n, n.op, n.target, n.args, n.kwargs, dict(n.meta)) for n in old]
+    product.replace_all_uses_with(new_out)
+    for n in reversed(old):
+        g.erase_node(n)
+    return Distributed(pv, new_out, created, saved)
+
+
+def restore(gm: fx.GraphModule, d: Distributed) -> None:
+    """Put the user's nodes back in place of ``d``'s (its site was not fused)."""
+    g = gm.graph
+    remap: Dict[fx.Node, fx.Node] = {}
+    with g.inserting_before(d.out):
+        for old, op, target, args, kwargs, meta in d.saved:
+            n = g.create_node(op, target, map_arg(args, lambda a: remap.get(a, a)),
+                              map_arg(kwargs, lambda a: remap.get(a, a)))
+            n.meta.update(meta)
+            n.meta.pop("_ac_canon", None)
+            remap[old] = n
+    product = remap[d.saved[-1][0]]
+    d.out.replace_all_uses_with(product)
+    for n in reversed(d.created):
+        if not n.users:
+            g.erase_node(n)
+
+
