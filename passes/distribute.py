@@ -127,8 +127,24 @@ def _split_heads(x: fx.Node, p: fx.Node) -> bool:
     ps, xs = C.shape_of(p), C.shape_of(x)
     if ps is None or xs is None or len(ps) != 4 or len(xs) != 5:
         return False
-    return (isinstance(xs[2], int) and xs[2] == 2 and _size_eq(xs[0], ps[0]) and _size_eq(xs[1] * 2, ps[1])
+    # a view keeps the element count, so with the other axes equal, (H, 2) is
+    # the head axis split (2 * (h2 // 2) == h2 is more than sympy proves for a
+    # dynamic head count)
+    return (_pair_axis(op, xs) and _size_eq(xs[0], ps[0])
             and _size_eq(xs[3], ps[2]) and _size_eq(xs[4], ps[3]))
+
+
+def _pair_axis(op, xs) -> bool:
+    """Axis 2 of the view is 2 wide: by its shape, or (dynamic head counts, whose
+    shape reads h2 // (h2 // 2)) by the literal 2 the view was given."""
+    if isinstance(xs[2], int):
+        return xs[2] == 2
+    if op.name == "unflatten":
+        dim, sizes = (op.args[1:3] + (None, None))[:2] if len(op.args) >= 3 else (None, None)
+        return dim == 1 and isinstance(sizes, (tuple, list)) and len(sizes) == 2 and sizes[1] == 2 \
+            and not isinstance(sizes[1], bool)
+    sizes = op.kw.get("sizes", ())
+    return len(sizes) == 5 and isinstance(sizes[2], int) and not isinstance(sizes[2], bool) and sizes[2] == 2
 
 
 def _find(product: fx.Node):

@@ -341,9 +341,10 @@ def _check_lengths(compiled, fn, lengths, hkv=None):
 
 
 @pytest.mark.parametrize("form", [forms.hf5_causal_where_finfo, forms.causal_tril_in_graph,
-                                  forms.mistral_sliding_window, forms.gqa_repeat_interleave],
+                                  forms.mistral_sliding_window, forms.gqa_repeat_interleave,
+                                  forms.diff_transformer_scores, forms.differential_two_maps],
                          ids=["hf5_causal_where_finfo", "causal_tril_in_graph", "mistral_sliding_window",
-                              "gqa_repeat_interleave"])
+                              "gqa_repeat_interleave", "diff_transformer_scores", "differential_two_maps"])
 def test_dynamic_true_two_lengths(form):
     torch._dynamo.reset()
     hkv = 2 if form is forms.gqa_repeat_interleave else None

@@ -69,11 +69,11 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analys
     """The spec of site ``m``; ``checker`` (verify.SideChecker) re-computes
     every folded mask from the example inputs and declines on a mismatch."""
     qk = m.qk
-    coef = sympy.sympify(m.q.factor) * sympy.sympify(m.k.factor)
     smap = size_map(m)
     interp = ScoreInterpreter(qk.node, 1, m.softmax_in, real_values, smap, m.chain, m.softmax,
                               m.heads)
-    coef = coef * interp.const(qk.alpha)
+    # q.shape[-1] ** -0.5 is a SymFloat when the head dim is dynamic: named through the size map
+    coef = interp.const(m.q.factor) * interp.const(m.k.factor) * interp.const(qk.alpha)
     interp.coef = coef
     if qk.addend is not None and interp.const(qk.beta) != 0:
         interp.memo[qk.node] = _baddbmm_value(interp, qk, coef)

@@ -83,6 +83,15 @@ def _same_sizes(a, b) -> bool:
 def _size_eq(x, y) -> bool:
     if isinstance(x, int) and isinstance(y, int):
         return x == y
+    if isinstance(x, torch.SymInt) or isinstance(y, torch.SymInt):
+        # the shape environment knows its symbols are positive integers:
+        # (2 * s**2) // s == 2 * s, which sympy alone does not prove
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+        try:
+            if statically_known_true(x == y):
+                return True
+        except Exception:  # noqa: BLE001 - fall back to sympy
+            pass
     try:
         return bool(sympy.simplify(_sym(x) - _sym(y)) == 0)
     except Exception:  # noqa: BLE001 - unknown size kinds compare unequal
