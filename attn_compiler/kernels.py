@@ -579,17 +579,14 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     rinv = torch.empty_like(delta)
     cap = captured_args(captured)
     dos = dout.stride()
+    # with dlse (d lse / d score = P: dz = P ∘ (dP - delta + dlse)) a row that
+    # keeps no key (lse = -inf) has P = 0 where its lse is read (attention
+    # sinks: eager's softmax gives it all to the sink), not 0/0: the preprocess
+    # does both (HAS_DLSE)
+    dl = (dlse, *dlse.stride()) if dlse is not None else (delta, 0, 0, 0)
     _grid(mod.attention_bwd_preprocess, p.pre_grid)(
-        q, k, v, out, dout, lse, delta, lse2, rinv, *cap, *p.qkv_strides, *out.stride(), *dos, *p.pre_tail,
-        **p.pre_kw)
-    if dlse is not None:        # d lse / d score = P: dz = P ∘ (dP - delta + dlse)
-        delta.sub_(dlse.to(torch.float32))
-        # a row that keeps no key (lse = -inf) has P = 0 where its lse is read
-        # (attention sinks: eager's softmax gives it all to the sink), not 0/0
-        empty = torch.isneginf(lse)
-        lse2.masked_fill_(empty, math.inf)
-        rinv.masked_fill_(empty, 1.0)       # [Note: rows of fills] re-computed it as 1/0
-        delta.masked_fill_(empty, 0.0)
+        q, k, v, out, dout, lse, delta, lse2, rinv, *dl, *cap, *p.qkv_strides, *out.stride(), *dos, *p.pre_tail,
+        HAS_DLSE=dlse is not None, **p.pre_kw)
     grad_args = []
     for g, st in zip(dcap, p.grad_strides):
         grad_args += [g, *st]
