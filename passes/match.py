@@ -501,7 +501,7 @@ def _zeroes_where(op: C.COp, p: fx.Node) -> bool:
 def _reaches_product(sm: fx.Node, depth: int = 8, limit: int = 64) -> Optional[fx.Node]:
     """A contraction that ``sm`` (a softmax of Q·Kᵀ scores, or an op after it
     the matcher cannot follow) feeds within ``depth`` ops of any kind
-    (Differential Transformer's two maps subtracted, DeepViT's heads mixed
+    (two maps combined in a way distribute does not take, DeepViT's heads mixed
     after the softmax, an XSoftmax-style in-place zeroing): that softmax is
     attention the matcher cannot follow, reported as declined rather than
     passed unseen.  None when there is none."""
