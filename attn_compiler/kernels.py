@@ -345,8 +345,11 @@ def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: 
     dev = device if device is not None else captured[0].device
     m = torch.empty((nb, nh, nm, triton_cdiv(Lk, bn)), dtype=torch.int32, device=dev)
     sb, sh, sm = (m.stride(0) if ub else 0), (m.stride(1) if uh else 0), (m.stride(2) if uq else 0)
+    # a mask that does not vary along the queries (key padding) has one map row
+    # for every query block, and its rows are all alike: 16 of them make the
+    # row of tiles, not bm (a quarter of the work at bm = 64)
     _grid(mod.attention_block_map, (nm, nb * nh))(m, sb, sh, sm, nb, nh, *captured_args(captured), Lq, Lk,
-                                                  BLOCK_M=bm, BLOCK_N=bn,
+                                                  BLOCK_M=bm if uq else min(bm, 16), BLOCK_N=bn,
                                                   FILL_ROWS=mask_plan(spec, Lq, Lk).fill_rows)
     if cols:
         c = torch.empty_like(m)
