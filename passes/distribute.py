@@ -23,7 +23,12 @@ into (H, 2); the two maps as ``x[:, :, 0]`` / ``x[:, :, 1]`` (getitem or
 select); their combination ``a - c * b`` or ``a + c * b`` with either map
 optionally scaled, by a number or a tensor that is one value per head or
 less (its last two axes of size 1: it does not mix queries or keys); the
-product ``w @ v`` with v of 4 axes.  Anything else is left as it is.
+product ``w @ v`` with v of 4 axes.
+
+The paper's pseudo-code writes two softmaxes instead, ``(softmax(a1) - lam *
+softmax(a2)) @ v``: that becomes ``softmax(a1) @ v - lam * (softmax(a2) @
+v)``, two P·V products the matcher takes one by one (``lam`` of size 1 along
+the keys); restored when neither is fused.  Anything else is left as it is.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ from . import canonicalize as C
 
 @dataclasses.dataclass
 class Distributed:
-    product: fx.Node            # the new P·V over the 2H heads: the site's product once matched
+    products: List[fx.Node]     # the new P·V nodes: the sites' products once matched
     out: fx.Node                # the node now standing for the user's product
     created: List[fx.Node]      # the new nodes, in graph order
     saved: List[tuple]          # (node, op, target, args, kwargs, meta) of the user's nodes, in order
@@ -177,7 +182,82 @@ def _find(product: fx.Node):
     vs = C.shape_of(v)
     if vs is None or len(vs) != 4:
         return None
-    return p, v, x, halves, scales, comb
+
+    def build(make, mapping):
+        pv = make(torch.matmul, (p, make(repeat_pairs, (v,))))
+        for h, i in halves.items():
+            mapping[h] = make(pair_half, (pv, i))
+        return [pv]
+    return comb, scales, [x] + list(halves), build
+
+
+def _softmax_output(node, depth: int = 4) -> bool:
+    """``node`` is a softmax, behind casts or dropout."""
+    from .analyze.values import _CASTS
+    for _ in range(depth):
+        op = C.canonical(node)
+        if op is None:
+            return False
+        if op.name == "softmax":
+            return True
+        if op.name not in _CASTS and op.name != "dropout" or not isinstance(op.kw.get("input"), fx.Node):
+            return False
+        node = op.kw["input"]
+    return False
+
+
+def _per_row(c) -> bool:
+    """A factor P·V carries past it: a number, or a tensor of size 1 along the keys (last axis)."""
+    if isinstance(c, (int, float)) and not isinstance(c, bool):
+        return True
+    v = C.example_value(c) if isinstance(c, fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.is_floating_point() and (v.dim() == 0 or (
+        isinstance(v.shape[-1], int) and v.shape[-1] == 1))
+
+
+def _map_of(node) -> Optional[tuple]:
+    """(softmax output, scaling node or None): ``node`` itself, or it scaled per row."""
+    if _softmax_output(node):
+        return node, None
+    op = C.canonical(node)
+    if op is None or op.name != "mul" or len(node.users) != 1 or str(node.target).endswith("_"):
+        return None
+    a, b = op.kw.get("input"), op.kw.get("other")
+    for m, factor in ((a, b), (b, a)):
+        if isinstance(m, fx.Node) and factor is not m and _softmax_output(m) and _per_row(factor):
+            return m, node
+    return None
+
+
+def _find_two_maps(product: fx.Node):
+    """``(softmax(a) - lam * softmax(b)) @ v`` (the Differential Transformer as
+    its paper's pseudo-code writes it: two softmaxes): ``a @ v - lam * (b @ v)``,
+    two P·V products the matcher takes one by one."""
+    con = C.contraction(product)
+    if con is None or con.addend is not None or len(con.lhs_labels) not in (3, 4) or con.alpha != 1:
+        return None
+    l, r, o = con.lhs_labels, con.rhs_labels, con.out_labels
+    if not (len(r) == len(l) and r == l[:-2] + l[-1] + r[-1] and o == l[:-1] + r[-1]):
+        return None
+    comb, v = con.lhs, con.rhs
+    op = C.canonical(comb)
+    if op is None or op.name not in ("sub", "add") or len(comb.users) != 1 or str(comb.target).endswith("_") \
+            or op.kw.get("alpha", 1) != 1:
+        return None
+    a, b = op.kw.get("input"), op.kw.get("other")
+    terms = [_map_of(a) if isinstance(a, fx.Node) else None, _map_of(b) if isinstance(b, fx.Node) else None]
+    if None in terms:
+        return None
+    (ma, sa), (mb, sb) = terms
+    shape = C.shape_of(comb)
+    if ma is mb or len(ma.users) != 1 or len(mb.users) != 1 or C.shape_of(ma) != shape or C.shape_of(mb) != shape:
+        return None
+
+    def build(make, mapping):
+        for m in (ma, mb):
+            mapping[m] = make(torch.matmul, (m, v))
+        return [mapping[ma], mapping[mb]]
+    return comb, [t for t in (sa, sb) if t is not None], [], build
 
 
 def _fake_value(n: fx.Node, env):
@@ -191,12 +271,13 @@ def _fake_value(n: fx.Node, env):
 
 def distribute(gm: fx.GraphModule) -> List[Distributed]:
     """Rewrite every combined product of ``gm`` (see the note); returns what
-    ``restore`` needs to undo each."""
+    ``restore`` needs to undo each (the pass restores those whose products
+    it did not fuse)."""
     out = []
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
-        found = _find(node)
+        found = _find(node) or _find_two_maps(node)
         if found is None:
             continue
         try:
@@ -208,19 +289,24 @@ def distribute(gm: fx.GraphModule) -> List[Distributed]:
     return out
 
 
-def _rewrite(g: fx.Graph, product, p, v, x, halves, scales, comb) -> Optional[Distributed]:
+def _rewrite(g: fx.Graph, product, comb, scales, replaced, build) -> Optional[Distributed]:
+    """Insert the distributed form of ``product`` (``build`` makes its P·V
+    nodes and maps the terms it replaces), then the scalings and the
+    combination copied onto them; erase ``replaced``, the scalings, the
+    combination and the product (kept, for ``restore``)."""
     want = C.example_value(product)
     mode = getattr(want, "fake_mode", None)
     if mode is None:
         return None
     trace = product.meta.get("stack_trace")
     created, env = [], {}
+    mapping: Dict[fx.Node, fx.Node] = {}
 
-    def make(target, args, op="call_function", like=None):
+    def make(target, args, like=None):
         if like is not None:
             n = g.node_copy(like, lambda a: mapping.get(a, a))
         else:
-            n = g.create_node(op, target, args)
+            n = g.create_node("call_function", target, args)
         n.meta["stack_trace"] = trace
         created.append(n)
         with mode:
@@ -228,13 +314,9 @@ def _rewrite(g: fx.Graph, product, p, v, x, halves, scales, comb) -> Optional[Di
         n.meta["example_value"] = env[n]
         return n
 
-    mapping: Dict[fx.Node, fx.Node] = {}
     try:
         with g.inserting_before(product):
-            vr = make(repeat_pairs, (v,))
-            pv = make(torch.matmul, (p, vr))
-            for h, i in halves.items():
-                mapping[h] = make(pair_half, (pv, i))
+            products = build(make, mapping)
             for s in scales:
                 mapping[s] = make(None, None, like=s)
             new_out = make(None, None, like=comb)
@@ -248,12 +330,12 @@ def _rewrite(g: fx.Graph, product, p, v, x, halves, scales, comb) -> Optional[Di
             g.erase_node(n)
         return None
     order = {n: i for i, n in enumerate(g.nodes)}
-    old = sorted([x] + list(halves) + list(scales) + [comb, product], key=order.__getitem__)
+    old = sorted(list(replaced) + list(scales) + [comb, product], key=order.__getitem__)
     saved = [(n, n.op, n.target, n.args, n.kwargs, dict(n.meta)) for n in old]
     product.replace_all_uses_with(new_out)
     for n in reversed(old):
         g.erase_node(n)
-    return Distributed(pv, new_out, created, saved)
+    return Distributed(products, new_out, created, saved)
 
 
 def restore(gm: fx.GraphModule, d: Distributed) -> None:

@@ -143,7 +143,7 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: 
         counters[site.status] += 1
         log.info("attention site %s: %s %s", loc, site.status, site.reason)
         sites.append(site)
-    restored = [d for d in distributed if d.product not in fused_products]
+    restored = [d for d in distributed if not any(p in fused_products for p in d.products)]
     for d in restored:                    # unfused: the user's nodes, as written
         restore(gm, d)
     gm.meta[FOLDED] = list(folded.values())

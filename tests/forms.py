@@ -1403,3 +1403,19 @@ class DifferentialAttention(nn.Module):
         w = w.view(bsz, h2 // 2, 2, n, n)
         w = w[:, :, 0] - lambda_full * w[:, :, 1]
         return torch.matmul(w, v)
+
+
+def differential_two_softmaxes(q, k, v):
+    """The Differential Transformer as its paper's pseudo-code writes it: q
+    and k split in two along the head dim, two softmaxes, ``(softmax(a1) -
+    lam * softmax(a2)) @ v`` on (B*H, L, D) tensors ([Note: maps combined
+    before P·V]: two sites)."""
+    b, h, n, d = q.shape
+    qf, kf, vf = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+    q1, q2 = qf[..., : d // 2], qf[..., d // 2:]
+    k1, k2 = kf[..., : d // 2], kf[..., d // 2:]
+    s = (d // 2) ** -0.5
+    a1 = torch.softmax(q1 @ k1.transpose(-1, -2) * s, dim=-1)
+    a2 = torch.softmax(q2 @ k2.transpose(-1, -2) * s, dim=-1)
+    lam = torch.full((1, 1, 1), 0.6, dtype=q.dtype)
+    return ((a1 - lam * a2) @ vf).unflatten(0, (b, h))

@@ -491,6 +491,7 @@ RESEARCH_CASES = [
     Case("where_zeroed_probabilities", lambda dt: (forms.where_zeroed_probabilities,
                                                    _qkv(dt) + [_rows_without_keys()])),
     Case("differential_two_maps", _fn(forms.differential_two_maps)),
+    Case("differential_two_softmaxes", _fn(forms.differential_two_softmaxes), sites=2),
     Case("differential_attention", _mod(forms.DifferentialAttention, lambda dt: [
         _t(B, H, L, D, dtype=dt), _t(B, H, L, D, dtype=dt), _t(B, H // 2, L, 2 * D, dtype=dt)])),
     Case("conformer_relpos_zeroed_probabilities", lambda dt: (
@@ -536,6 +537,7 @@ def test_research_form_fp32_forward_backward(case):
     ("conformer_relpos_zeroed_probabilities", "bf16"),
     ("differential_attention", "bf16"),
     ("differential_two_maps", "fp16"),
+    ("differential_two_softmaxes", "bf16"),
     ("conformer_relpos_zeroed_where", "fp16"),
     ("diff_transformer_scores", "bf16"),
     ("inkling_float_cast_sinks", "bf16"),
@@ -690,6 +692,29 @@ def _differential_top_k(q, k, v):
     s = s.masked_fill(s < s.topk(4, dim=-1).values[..., -1:], float("-inf"))
     w = s.softmax(-1).view(b, h // 2, 2, n, n)
     return (w[:, :, 0] - 0.3 * w[:, :, 1]) @ v[:, : h // 2]
+
+
+def _two_softmaxes_top_k(q, k, v):
+    """forms.differential_two_softmaxes' combination, both maps under a top-k
+    mask (declined)."""
+    def top_k_softmax(s):
+        return s.masked_fill(s < s.topk(4, dim=-1).values[..., -1:], float("-inf")).softmax(-1)
+    a1 = top_k_softmax(q[:, :2] @ k[:, :2].transpose(-1, -2))
+    a2 = top_k_softmax(q[:, 2:] @ k[:, 2:].transpose(-1, -2))
+    return (a1 - 0.6 * a2) @ v[:, :2]
+
+
+def test_two_declined_softmaxes_keep_their_one_product():
+    """[Note: maps combined before P·V] Two maps whose sites are both declined
+    run as written: one P·V of their combination, not two."""
+    graphs, inner = _graph_capture()
+    q, k, v = _qkv(F32)
+    out = torch.compile(_two_softmaxes_top_k, backend=attn_compiler.backend(inner=inner))(q, k, v)
+    torch.testing.assert_close(out, _two_softmaxes_top_k(q, k, v))
+    rep = attn_compiler.report()
+    assert len(rep.declined) == 2 and not rep.fused, [(r.status, r.reason) for r in rep.declined]
+    matmuls = [n for gm in graphs for n in gm.graph.nodes if "matmul" in str(getattr(n.target, "__name__", n.target))]
+    assert len(matmuls) == 3, [n.format_node() for n in matmuls]
 
 
 @pytest.mark.parametrize("declined", [False, True], ids=["fused", "declined"])
