@@ -152,14 +152,14 @@ def _pair_axis(op, xs) -> bool:
     return len(sizes) == 5 and isinstance(sizes[2], int) and not isinstance(sizes[2], bool) and sizes[2] == 2
 
 
-def _find(product: fx.Node):
-    """The user's nodes of a combined product ``product`` (w @ v), or None:
-    (p, v, x, halves {node: i}, scales, comb)."""
+def _combined_product(product: fx.Node, ranks) -> Optional[tuple]:
+    """(comb, v, a, b) when ``product`` is ``comb @ v`` (a plain matmul of
+    rank in ``ranks``) and ``comb`` is ``a - b`` or ``a + b``, read by nothing else."""
     con = C.contraction(product)
-    if con is None or con.addend is not None or len(con.lhs_labels) != 4 or len(con.rhs_labels) != 4:
+    if con is None or con.addend is not None or len(con.lhs_labels) not in ranks or con.alpha != 1:
         return None
     l, r, o = con.lhs_labels, con.rhs_labels, con.out_labels
-    if not (r == l[:2] + l[3] + r[3] and o == l[:3] + r[3] and con.alpha == 1):
+    if not (len(r) == len(l) and r == l[:-2] + l[-1] + r[-1] and o == l[:-1] + r[-1]):
         return None
     comb, v = con.lhs, con.rhs
     op = C.canonical(comb)
@@ -167,7 +167,19 @@ def _find(product: fx.Node):
             or op.kw.get("alpha", 1) != 1:
         return None
     a, b = op.kw.get("input"), op.kw.get("other")
-    terms = [_term(a) if isinstance(a, fx.Node) else None, _term(b) if isinstance(b, fx.Node) else None]
+    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+        return None
+    return comb, v, a, b
+
+
+def _find(product: fx.Node):
+    """The user's nodes of a combined product ``product`` (w @ v), or None:
+    (p, v, x, halves {node: i}, scales, comb)."""
+    found = _combined_product(product, (4,))
+    if found is None:
+        return None
+    comb, v, a, b = found
+    terms = [_term(a), _term(b)]
     if None in terms:
         return None
     (ha, x, ia, sa), (hb, xb, ib, sb) = terms
@@ -233,19 +245,11 @@ def _find_two_maps(product: fx.Node):
     """``(softmax(a) - lam * softmax(b)) @ v`` (the Differential Transformer as
     its paper's pseudo-code writes it: two softmaxes): ``a @ v - lam * (b @ v)``,
     two P·V products the matcher takes one by one."""
-    con = C.contraction(product)
-    if con is None or con.addend is not None or len(con.lhs_labels) not in (3, 4) or con.alpha != 1:
+    found = _combined_product(product, (3, 4))
+    if found is None:
         return None
-    l, r, o = con.lhs_labels, con.rhs_labels, con.out_labels
-    if not (len(r) == len(l) and r == l[:-2] + l[-1] + r[-1] and o == l[:-1] + r[-1]):
-        return None
-    comb, v = con.lhs, con.rhs
-    op = C.canonical(comb)
-    if op is None or op.name not in ("sub", "add") or len(comb.users) != 1 or str(comb.target).endswith("_") \
-            or op.kw.get("alpha", 1) != 1:
-        return None
-    a, b = op.kw.get("input"), op.kw.get("other")
-    terms = [_map_of(a) if isinstance(a, fx.Node) else None, _map_of(b) if isinstance(b, fx.Node) else None]
+    comb, v, a, b = found
+    terms = [_map_of(a), _map_of(b)]
     if None in terms:
         return None
     (ma, sa), (mb, sb) = terms
