@@ -173,8 +173,9 @@ def _combined_product(product: fx.Node, ranks) -> Optional[tuple]:
 
 
 def _find(product: fx.Node):
-    """The user's nodes of a combined product ``product`` (w @ v), or None:
-    (p, v, x, halves {node: i}, scales, comb)."""
+    """``(comb, scalings, nodes replaced, build)`` for ``_rewrite`` when
+    ``product`` is the combined maps of one softmax's head pairs (see the
+    note), else None."""
     found = _combined_product(product, (4,))
     if found is None:
         return None
@@ -242,9 +243,10 @@ def _map_of(node) -> Optional[tuple]:
 
 
 def _find_two_maps(product: fx.Node):
-    """``(softmax(a) - lam * softmax(b)) @ v`` (the Differential Transformer as
-    its paper's pseudo-code writes it: two softmaxes): ``a @ v - lam * (b @ v)``,
-    two P·V products the matcher takes one by one."""
+    """As ``_find`` for ``(softmax(a1) - lam * softmax(a2)) @ v`` (the
+    Differential Transformer as its paper's pseudo-code writes it: two
+    softmaxes): ``a1 @ v - lam * (a2 @ v)``, two P·V products the matcher
+    takes one by one."""
     found = _combined_product(product, (3, 4))
     if found is None:
         return None
