@@ -41,6 +41,7 @@ def expand_batch(q: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 FLAT = -1  # an axis of length B*H read at b * H + h
 CYCLIC_B = -2  # an axis of length n read at b mod n (B a multiple of n): Swin's window masks
 MERGE_NEXT = -3  # this axis and the next are one (q // W, q % W): merged into the next's op axis
+MERGE_NEXT_SWAPPED = -4  # this axis and the next are one (q % W, q // W): swapped, then merged
 
 
 def captured_view(x: torch.Tensor, axes: Tuple[Optional[int], ...],
@@ -49,9 +50,16 @@ def captured_view(x: torch.Tensor, axes: Tuple[Optional[int], ...],
     is the op axis of x's axis ``i`` (None: read at index 0; FLAT: the
     merged batch-and-head axis, split with ``heads``; CYCLIC_B: the batch
     axis read at b mod n, repeated to ``like``'s batch: a copy of x, B/n times;
-    MERGE_NEXT: flattened with the next axis, the query split in two)."""
-    while MERGE_NEXT in axes:
-        i = axes.index(MERGE_NEXT)
+    MERGE_NEXT: flattened with the next axis, the query split in two;
+    MERGE_NEXT_SWAPPED: the same split written (q % W, q // W), swapped first:
+    a copy of x, which has one query axis less than the scores)."""
+    if any(a is None for a in axes):     # first: the halves of a split query are then neighbours
+        x = x[tuple(0 if a is None else slice(None) for a in axes)]
+        axes = tuple(a for a in axes if a is not None)
+    while MERGE_NEXT in axes or MERGE_NEXT_SWAPPED in axes:
+        i = next(j for j, a in enumerate(axes) if a in (MERGE_NEXT, MERGE_NEXT_SWAPPED))
+        if axes[i] == MERGE_NEXT_SWAPPED:
+            x = x.transpose(i, i + 1)
         x = x.flatten(i, i + 1)
         axes = axes[:i] + axes[i + 1:]
     if CYCLIC_B in axes:
@@ -63,9 +71,7 @@ def captured_view(x: torch.Tensor, axes: Tuple[Optional[int], ...],
         i = axes.index(FLAT)
         x = x.unflatten(i, (-1, heads))
         axes = axes[:i] + (0, 1) + axes[i + 1:]
-    if any(a is None for a in axes):
-        x = x[tuple(0 if a is None else slice(None) for a in axes)]
-    kept = [a for a in axes if a is not None]
+    kept = list(axes)
     x = x.permute(sorted(range(len(kept)), key=lambda i: kept[i]))
     for j in range(4):
         if j not in kept:

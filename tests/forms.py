@@ -1419,3 +1419,35 @@ def differential_two_softmaxes(q, k, v):
     a2 = torch.softmax(q2 @ k2.transpose(-1, -2) * s, dim=-1)
     lam = torch.full((1, 1, 1), 0.6, dtype=q.dtype)
     return ((a1 - lam * a2) @ vf).unflatten(0, (b, h))
+
+
+def _rel_logits_1d(q, rel_k, permute_mask):
+    """timm's ``rel_logits_1d``: relative logits along one axis, shifted to
+    absolute keys by padding and reshaping, tiled over the other axis."""
+    b, h, w, _ = q.shape
+    x = (q @ rel_k.transpose(-1, -2)).reshape(-1, w, 2 * w - 1)
+    x_pad = F.pad(F.pad(x, [0, 1]).flatten(1), [0, w - 1]).reshape(-1, w + 1, 2 * w - 1)
+    x = x_pad[:, :w, w - 1:]
+    return x.reshape(b, h, 1, w, w).expand(-1, -1, h, -1, -1).permute(permute_mask)
+
+
+class BoTNetRelPos(nn.Module):
+    """timm's BottleneckAttn (BoTNet, HaloNet's sibling): relative position
+    logits from ``rel_logits_1d`` along the width and, on the transposed grid,
+    the height; the height term reads the query split as (q % W, q // W)
+    (``layout.MERGE_NEXT_SWAPPED``).  q, k, v (B*H, h*w, D)."""
+
+    def __init__(self, h=3, w=4, dim=16):
+        super().__init__()
+        self.h, self.w = h, w
+        g = torch.Generator().manual_seed(4)
+        self.height_rel = nn.Parameter(0.2 * torch.randn(2 * h - 1, dim, generator=g))
+        self.width_rel = nn.Parameter(0.2 * torch.randn(2 * w - 1, dim, generator=g))
+
+    def forward(self, q, k, v):
+        b, hw, _ = q.shape
+        grid = q.reshape(b, self.h, self.w, -1)
+        rel_w = _rel_logits_1d(grid, self.width_rel, permute_mask=(0, 1, 3, 2, 4))
+        rel_h = _rel_logits_1d(grid.transpose(1, 2), self.height_rel, permute_mask=(0, 3, 1, 4, 2))
+        attn = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + (rel_h + rel_w).reshape(b, hw, hw)
+        return attn.softmax(dim=-1) @ v

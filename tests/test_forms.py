@@ -490,6 +490,8 @@ RESEARCH_CASES = [
                                                     _qkv(dt) + [_t(B, H, L, D, dtype=dt)])),
     Case("where_zeroed_probabilities", lambda dt: (forms.where_zeroed_probabilities,
                                                    _qkv(dt) + [_rows_without_keys()])),
+    Case("botnet_relative_positions", _mod(forms.BoTNetRelPos, lambda dt: [
+        _t(B * H, 12, D, dtype=dt), _t(B * H, 12, D, dtype=dt), _t(B * H, 12, D, dtype=dt)])),
     Case("differential_two_maps", _fn(forms.differential_two_maps)),
     Case("differential_two_softmaxes", _fn(forms.differential_two_softmaxes), sites=2),
     Case("differential_attention", _mod(forms.DifferentialAttention, lambda dt: [
@@ -538,6 +540,7 @@ def test_research_form_fp32_forward_backward(case):
     ("differential_attention", "bf16"),
     ("differential_two_maps", "fp16"),
     ("differential_two_softmaxes", "bf16"),
+    ("botnet_relative_positions", "bf16"),
     ("conformer_relpos_zeroed_where", "fp16"),
     ("diff_transformer_scores", "bf16"),
     ("inkling_float_cast_sinks", "bf16"),
@@ -650,6 +653,18 @@ def test_mvitv2_relative_positions_on_the_kernels_forward_backward():
         check_case(RESEARCH_BY_ID["mvitv2_relpos_slice_assigned"])
     spec = AttentionSpec.loads(attn_compiler.report().fused[0].features["spec"])
     assert sorted(c.kv_map for c in spec.captured) == [("div", 3), ("mod", 3)], spec.captured
+
+
+def test_botnet_relative_positions_on_the_kernels_forward_backward():
+    """BoTNet's relative positions (timm's rel_logits_1d: pads, reshapes, a
+    tiled and permuted term per axis) through the generated kernels, float32:
+    read along the split key axis, the height term's query split (q % w,
+    q // w) merged back into one query axis, with their gradients."""
+    with _implementation(True):
+        check_case(RESEARCH_BY_ID["botnet_relative_positions"])
+    spec = AttentionSpec.loads(attn_compiler.report().fused[0].features["spec"])
+    assert sorted(c.kv_map for c in spec.captured) == [("div", 4), ("mod", 4)], spec.captured
+    assert all(c.dims == (False, True, True, True) for c in spec.captured), spec.captured   # (B*H, N, N) scores: one head axis
 
 
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 # CaptureView axis codes: FLAT the merged (b, h) axis of a [B*H, ...] tensor,
 # CYCLIC_B an axis of n read at b mod n
-from attn_compiler.layout import CYCLIC_B, FLAT, MERGE_NEXT
+from attn_compiler.layout import CYCLIC_B, FLAT, MERGE_NEXT, MERGE_NEXT_SWAPPED
 
 from .. import canonicalize as C
 from . import spec as S
@@ -325,16 +325,24 @@ def _split_term(a) -> Optional[tuple]:
 def _split_axis(split: tuple, args, i: int, node: fx.Node):
     """The CaptureView code of axis ``i`` of a tensor read at ``args``: a query
     split into (q // W, q % W) on two adjacent axes is one query axis
-    (MERGE_NEXT, then 2); a key read at kv // W or kv % W keeps its axis (3,
-    with ``CapturedTensor.kv_map``)."""
+    (MERGE_NEXT, then 2), and so is (q % W, q // W) (BoTNet's height term:
+    MERGE_NEXT_SWAPPED, then 2); a key read at kv // W or kv % W keeps its
+    axis (3, with ``CapturedTensor.kv_map``)."""
     sym, kind, w = split
     shape = C.shape_of(node)
     size = shape[i] if i < len(shape) else None
     if sym == S.q_idx:
-        nxt = _split_term(args[i + 1]) if kind == "div" and i + 1 < len(args) else None
-        if nxt == (S.q_idx, "mod", w) and shape[i + 1] == w:
-            return MERGE_NEXT
-        if kind == "mod" and i > 0 and _split_term(args[i - 1]) == (S.q_idx, "div", w):
+        # the two halves are neighbours once axes read at 0 are dropped
+        # (``layout.captured_view`` drops them first): BoTNet's height term is
+        # (H, W, 1, H, H) read at (h, q % W, 0, q // W, kv // W)
+        other = "mod" if kind == "div" else "div"
+        j_next = next((j for j in range(i + 1, len(args)) if args[j] != 0), None)
+        j_prev = next((j for j in range(i - 1, -1, -1) if args[j] != 0), None)
+        nxt = _split_term(args[j_next]) if j_next is not None else None
+        prev = _split_term(args[j_prev]) if j_prev is not None else None
+        if nxt == (S.q_idx, other, w) and shape[j_next if kind == "div" else i] == w:
+            return MERGE_NEXT if kind == "div" else MERGE_NEXT_SWAPPED
+        if prev == (S.q_idx, other, w):
             return 2
         raise Decline("a captured tensor is read along part of a split query axis")
     if not isinstance(size, int) or (kind == "mod" and size != w):
@@ -386,7 +394,7 @@ def _rename_captures(expr, leaves, flat, op_sizes=(None, None)):
                 raise Decline(f"a captured tensor is read at {a}, not along one op axis")
         if axes.count(CYCLIC_B) > 1 or (CYCLIC_B in axes and FLAT in axes):
             raise Decline("a captured tensor is read at b mod n along two axes")
-        used = [a for a in axes if a is not None and a != MERGE_NEXT]
+        used = [a for a in axes if a is not None and a not in (MERGE_NEXT, MERGE_NEXT_SWAPPED)]
         used = [j for a in used for j in ((0, 1) if a == FLAT else (0,) if a == CYCLIC_B else (a,))]
         if len(set(used)) != len(used):
             raise Decline("a captured tensor is read along the same op axis twice")
