@@ -21,14 +21,14 @@ unfused model runs exactly what was written.
 Taken: a view / reshape / unflatten that splits the head axis (1 of a 4-D P)
 into (H, 2); the two maps as ``x[:, :, 0]`` / ``x[:, :, 1]`` (getitem or
 select); their combination ``a - c * b`` or ``a + c * b`` with either map
-optionally scaled, by a number or a tensor that is one value per head or
-less (its last two axes of size 1: it does not mix queries or keys); the
-product ``w @ v`` with v of 4 axes.
+optionally scaled, by a number or a tensor of size 1 along the keys (its
+last axis: a per-head lambda; P·V carries it past itself); the product
+``w @ v`` with v of 4 axes.
 
 The paper's pseudo-code writes two softmaxes instead, ``(softmax(a1) - lam *
 softmax(a2)) @ v``: that becomes ``softmax(a1) @ v - lam * (softmax(a2) @
-v)``, two P·V products the matcher takes one by one (``lam`` of size 1 along
-the keys); restored when neither is fused.  Anything else is left as it is.
+v)``, two P·V products the matcher takes one by one (``lam`` as above); restored
+when neither is fused.  Anything else is left as it is.
 """
 from __future__ import annotations
 
@@ -85,15 +85,13 @@ def _pair_index(node: fx.Node, x: fx.Node) -> Optional[int]:
     return i % 2
 
 
-def _per_head(c) -> bool:
-    """A factor that scales whole maps: a number, or a tensor whose last two
-    axes (queries, keys) are of size 1."""
+def _per_row(c) -> bool:
+    """A factor P·V carries past it: a number, or a tensor of size 1 along the keys (last axis)."""
     if isinstance(c, (int, float)) and not isinstance(c, bool):
         return True
     v = C.example_value(c) if isinstance(c, fx.Node) else None
-    if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() > 4:
-        return False
-    return all(isinstance(s, int) and s == 1 for s in tuple(v.shape)[-2:])
+    return isinstance(v, torch.Tensor) and v.is_floating_point() and (v.dim() == 0 or (
+        isinstance(v.shape[-1], int) and v.shape[-1] == 1))
 
 
 def _half(node) -> Optional[tuple]:
@@ -108,7 +106,7 @@ def _half(node) -> Optional[tuple]:
 
 def _term(node) -> Optional[tuple]:
     """(half, x, i, scaling node or None) when ``node`` is a map of a pair, or
-    one scaled by a per-head factor."""
+    one scaled by a factor P·V carries past itself (``_per_row``)."""
     h = _half(node)
     if h is not None:
         return node, h[0], h[1], None
@@ -118,7 +116,7 @@ def _term(node) -> Optional[tuple]:
     a, b = op.kw.get("input"), op.kw.get("other")
     for half, factor in ((a, b), (b, a)):
         h = _half(half) if isinstance(half, fx.Node) else None
-        if h is not None and factor is not half and _per_head(factor):
+        if h is not None and factor is not half and _per_row(factor):
             return half, h[0], h[1], node
     return None
 
@@ -217,15 +215,6 @@ def _softmax_output(node, depth: int = 4) -> bool:
             return False
         node = op.kw["input"]
     return False
-
-
-def _per_row(c) -> bool:
-    """A factor P·V carries past it: a number, or a tensor of size 1 along the keys (last axis)."""
-    if isinstance(c, (int, float)) and not isinstance(c, bool):
-        return True
-    v = C.example_value(c) if isinstance(c, fx.Node) else None
-    return isinstance(v, torch.Tensor) and v.is_floating_point() and (v.dim() == 0 or (
-        isinstance(v.shape[-1], int) and v.shape[-1] == 1))
 
 
 def _map_of(node) -> Optional[tuple]:
