@@ -749,3 +749,35 @@ def test_differential_maps_run_as_one_site_or_as_written(declined):
     targets = [str(getattr(n.target, "__name__", n.target)) for gm in graphs for n in gm.graph.nodes]
     assert ("repeat_pairs" in targets) is not declined, targets
     assert targets.count("matmul") + targets.count("__matmul__") == (2 if declined else 0), targets
+
+
+def _differential_per_head_lambda(q, k, v):
+    """Paired maps combined with ``+`` and a per-head lambda of (1, H/2, 1, 1)."""
+    b, h, n, _ = q.shape
+    w = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).view(b, h // 2, 2, n, n)
+    lam = torch.linspace(0.2, 0.8, h // 2, dtype=q.dtype).view(1, -1, 1, 1)
+    return (w[:, :, 0] + (-lam) * w[:, :, 1]) @ v[:, : h // 2]
+
+
+def _two_softmaxes_one_declined(q, k, v):
+    """Two maps, the first plain, the second under a top-k mask: the first's
+    site fuses, the second's stays a product of its own."""
+    s2 = q[:, 2:] @ k[:, 2:].transpose(-1, -2)
+    a2 = s2.masked_fill(s2 < s2.topk(4, dim=-1).values[..., -1:], float("-inf")).softmax(-1)
+    a1 = (q[:, :2] @ k[:, :2].transpose(-1, -2) * 0.25).softmax(-1)
+    return (a1 - a2 * 0.5) @ v[:, :2]
+
+
+@pytest.mark.parametrize("fn, fused", [(_differential_per_head_lambda, 1), (_two_softmaxes_one_declined, 1)],
+                         ids=["per_head_lambda_added", "two_softmaxes_one_declined"])
+def test_differential_variants_match_eager(fn, fused):
+    """[Note: maps combined before P·V] variants: a per-head lambda with
+    ``+``; two softmaxes of which only one site fuses (the distributed form
+    stays: the fused site's op and the other's own product)."""
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    q, k, v = _qkv(F32)
+    out = torch.compile(fn, backend=attn_compiler.backend(inner="aot_eager"))(q, k, v)
+    golden = fn(*[_to64(t) for t in (q, k, v)])
+    golden_check(out, fn(q, k, v), golden, name="out")
+    assert len(attn_compiler.report().fused) == fused
