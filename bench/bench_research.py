@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             ref = mod(*[x.float() if x.is_floating_point() else x for x in xs])
         mod.to(dtype)
-        grads = [x for x in xs[:3]]
+        grads = list(xs[:3])
         for name in names:
             common.reset_compiled()
             if name == "attn_compiler":

@@ -104,20 +104,21 @@ def _half(node) -> Optional[tuple]:
     return None if i is None else (x, i)
 
 
-def _term(node) -> Optional[tuple]:
-    """(half, x, i, scaling node or None) when ``node`` is a map of a pair, or
-    one scaled by a factor P·V carries past itself (``_per_row``)."""
-    h = _half(node)
-    if h is not None:
-        return node, h[0], h[1], None
+def _scaled(node, base) -> Optional[tuple]:
+    """(term, what ``base`` said of it, scaling node or None) when ``node`` is
+    a term ``base`` accepts (a result not None), or one scaled by a factor
+    P·V carries past itself (``_per_row``)."""
+    said = base(node)
+    if said is not None:
+        return node, said, None
     op = C.canonical(node)
     if op is None or op.name != "mul" or len(node.users) != 1 or str(node.target).endswith("_"):
         return None
     a, b = op.kw.get("input"), op.kw.get("other")
-    for half, factor in ((a, b), (b, a)):
-        h = _half(half) if isinstance(half, fx.Node) else None
-        if h is not None and factor is not half and _per_row(factor):
-            return half, h[0], h[1], node
+    for term, factor in ((a, b), (b, a)):
+        said = base(term) if isinstance(term, fx.Node) and factor is not term else None
+        if said is not None and _per_row(factor):
+            return term, said, node
     return None
 
 
@@ -150,9 +151,10 @@ def _pair_axis(op, xs) -> bool:
     return len(sizes) == 5 and isinstance(sizes[2], int) and not isinstance(sizes[2], bool) and sizes[2] == 2
 
 
-def _combined_product(product: fx.Node, ranks) -> Optional[tuple]:
-    """(comb, v, a, b) when ``product`` is ``comb @ v`` (a plain matmul of
-    rank in ``ranks``) and ``comb`` is ``a - b`` or ``a + b``, read by nothing else."""
+def _combined_product(product: fx.Node, ranks, base) -> Optional[tuple]:
+    """(comb, v, term a, term b) when ``product`` is ``comb @ v`` (a plain
+    matmul of rank in ``ranks``) and ``comb``, read by nothing else, is
+    ``a - b`` or ``a + b`` of terms ``_scaled(·, base)`` takes."""
     con = C.contraction(product)
     if con is None or con.addend is not None or len(con.lhs_labels) not in ranks or con.alpha != 1:
         return None
@@ -165,23 +167,18 @@ def _combined_product(product: fx.Node, ranks) -> Optional[tuple]:
             or op.kw.get("alpha", 1) != 1:
         return None
     a, b = op.kw.get("input"), op.kw.get("other")
-    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
-        return None
-    return comb, v, a, b
+    terms = [_scaled(t, base) if isinstance(t, fx.Node) else None for t in (a, b)]
+    return None if None in terms else (comb, v, *terms)
 
 
 def _find(product: fx.Node):
     """``(comb, scalings, nodes replaced, build)`` for ``_rewrite`` when
     ``product`` is the combined maps of one softmax's head pairs (see the
     note), else None."""
-    found = _combined_product(product, (4,))
+    found = _combined_product(product, (4,), _half)
     if found is None:
         return None
-    comb, v, a, b = found
-    terms = [_term(a), _term(b)]
-    if None in terms:
-        return None
-    (ha, x, ia, sa), (hb, xb, ib, sb) = terms
+    comb, v, (ha, (x, ia), sa), (hb, (xb, ib), sb) = found
     if xb is not x or {ia, ib} != {0, 1} or len(ha.users) != 1 or len(hb.users) != 1 \
             or set(x.users) != {ha, hb}:
         return None
@@ -217,33 +214,15 @@ def _softmax_output(node, depth: int = 4) -> bool:
     return False
 
 
-def _map_of(node) -> Optional[tuple]:
-    """(softmax output, scaling node or None): ``node`` itself, or it scaled per row."""
-    if _softmax_output(node):
-        return node, None
-    op = C.canonical(node)
-    if op is None or op.name != "mul" or len(node.users) != 1 or str(node.target).endswith("_"):
-        return None
-    a, b = op.kw.get("input"), op.kw.get("other")
-    for m, factor in ((a, b), (b, a)):
-        if isinstance(m, fx.Node) and factor is not m and _softmax_output(m) and _per_row(factor):
-            return m, node
-    return None
-
-
 def _find_two_maps(product: fx.Node):
     """As ``_find`` for ``(softmax(a1) - lam * softmax(a2)) @ v`` (the
     Differential Transformer as its paper's pseudo-code writes it: two
     softmaxes): ``a1 @ v - lam * (a2 @ v)``, two P·V products the matcher
     takes one by one."""
-    found = _combined_product(product, (3, 4))
+    found = _combined_product(product, (3, 4), lambda n: True if _softmax_output(n) else None)
     if found is None:
         return None
-    comb, v, a, b = found
-    terms = [_map_of(a), _map_of(b)]
-    if None in terms:
-        return None
-    (ma, sa), (mb, sb) = terms
+    comb, v, (ma, _, sa), (mb, _, sb) = found
     shape = C.shape_of(comb)
     if ma is mb or len(ma.users) != 1 or len(mb.users) != 1 or C.shape_of(ma) != shape or C.shape_of(mb) != shape:
         return None
