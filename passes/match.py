@@ -614,7 +614,8 @@ def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swap
     if zero_rows and (len(batch) != 2 or heads is not None):
         raise Decline("nan_to_num of the probabilities on scores that are not [B, H, Lq, Lk]")
     zero_masks = [n for n in post if C.canonical(n).name in ("masked_fill", "where")]
-    if zero_masks and (len(batch) != 2 or heads is not None or C.shape_of(zero_masks[0]) != C.shape_of(x)):
+    if zero_masks and ((len(batch) != 2 and heads is None) or C.shape_of(zero_masks[0]) != C.shape_of(x)
+                       or len(C.shape_of(x)) != 4):
         raise Decline("probabilities zeroed by a mask, on scores that are not [B, H, Lq, Lk]")
     return SiteMatch(sm, x, qk, pv, q, k, v, pv.out_labels, op_out, len(batch),
                      dropout_p, chain, dtype_users, heads, scales, sink, lse_users,

@@ -9,6 +9,7 @@ graph as it was: the user's model never crashes because of us.
 from __future__ import annotations
 
 import logging
+import operator
 from collections import Counter
 from typing import Dict, List, Optional
 
@@ -92,11 +93,66 @@ def drop_unread(gm: fx.GraphModule) -> int:
     return erased
 
 
+_OUT_OF_PLACE_OPERATORS = {"iadd": operator.add, "isub": operator.sub, "imul": operator.mul,
+                            "itruediv": operator.truediv}
+
+
+def functionalize_probability_writes(gm: fx.GraphModule) -> int:
+    """Rewrite in-place writes to a softmax's output as out-of-place ops.
+
+    ``p = softmax(s); p.masked_fill_(rmask, 0); p @ v`` (XSoftmax as Hugging
+    Face's SEW-D writes it) reads as P used twice.  The write becomes
+    ``p2 = p.masked_fill(rmask, 0)``, and every use of ``p`` after it reads
+    ``p2``, which holds what ``p`` held then.  A chain of writes is handled
+    one write at a time.  The softmax allocates ``p``, so only views can
+    alias it: a view made before the write would see the write, so then
+    nothing is rewritten.  The rewrite holds whether or not the site is
+    fused.  Returns how many writes were rewritten."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    count = 0
+    for sm in list(gm.graph.nodes):
+        op = C.canonical(sm)
+        if op is None or op.name != "softmax":
+            continue
+        x = sm
+        while True:
+            writes = sorted(mutating_users(x), key=order.__getitem__)
+            if not writes:
+                break
+            m = writes[0]
+            out_of_place = _out_of_place(m)
+            if out_of_place is None or x in m.args[1:] or x in m.kwargs.values() or any(
+                    order[u] < order[m] and C.canonical(u) is not None and C.canonical(u).name in _VIEW_OPS
+                    for u in x.users):
+                break
+            later = [u for u in x.users if u is not m and order[u] > order[m]]
+            m.target = out_of_place
+            m.meta.pop("_ac_canon", None)
+            for u in later:
+                u.replace_input_with(x, m)
+                u.meta.pop("_ac_canon", None)
+            count += 1
+            x = m
+    return count
+
+
+def _out_of_place(m: fx.Node):
+    """The out-of-place target of the in-place call ``m`` (a method such as
+    ``masked_fill_``, or ``*=``), or None."""
+    if m.op == "call_method" and m.target.endswith("_") and not m.target.startswith("_"):
+        name = m.target[:-1]
+        return name if name in ("masked_fill", "mul", "div", "add", "sub", "where", "clamp", "nan_to_num") else None
+    if m.op == "call_function":
+        return _OUT_OF_PLACE_OPERATORS.get(getattr(m.target, "__name__", ""))
+    return None
+
+
 def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: bool = False) -> List[Site]:
     """``body``: ``gm`` is the subgraph of a higher-order op (``_subgraphs``)."""
     dropped = drop_unread(gm)
+    written = functionalize_probability_writes(gm)
     distributed = distribute(gm)          # [Note: maps combined before P·V]
-    if dropped or distributed:
+    if dropped or written or distributed:
         gm.recompile()
     values = real_values(gm, example_inputs)
     checker = SideChecker(gm, example_inputs)

@@ -1221,6 +1221,56 @@ def deberta_xsoftmax(q, k, v):
     return torch.softmax(s, -1).masked_fill(rmask, 0) @ v
 
 
+def sewd_xsoftmax_in_place(q, k, v, keep):
+    """XSoftmax as Hugging Face's SEW-D writes it: ``rmask = ~mask``, the
+    scores filled with finfo.min there, then ``output.masked_fill_(rmask, 0)``
+    on the softmax's own output, which P·V then reads (rows that keep no key
+    give 0)."""
+    rmask = ~keep.to(torch.bool)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(rmask, torch.finfo(s.dtype).min)
+    p = torch.softmax(s, -1)
+    p.masked_fill_(rmask, 0)
+    return torch.matmul(F.dropout(p, p=0.0, training=False), v)
+
+
+def sewd_heads_view_zeroed(q, k, v, keep):
+    """SEW-D's / DeBERTa's layout around XSoftmax: (B*H, L, D) operands,
+    ``bmm`` scores viewed as (B, H, Lq, Lk), the (B, 1, Lq, Lk) mask filled
+    in and zeroed out of the probabilities, P viewed back for ``bmm``; q, k,
+    v enter as (B, H, L, D).  ``in_place``: the zeroing is ``masked_fill_``
+    on the softmax's output, as SEW-D writes it."""
+    return _sewd_heads_view(q, k, v, keep, in_place=False)
+
+
+def sewd_heads_view_zeroed_in_place(q, k, v, keep):
+    return _sewd_heads_view(q, k, v, keep, in_place=True)
+
+
+def _sewd_heads_view(q, k, v, keep, in_place):
+    b, h, n, d = q.shape
+    q, k, v = (t.reshape(b * h, t.shape[2], d) for t in (q, k, v))
+    s = torch.bmm(q, k.transpose(-1, -2)) / math.sqrt(d)
+    s = s.view(-1, h, s.size(-2), s.size(-1))
+    rmask = ~(keep.to(torch.bool))
+    p = torch.softmax(s.masked_fill(rmask, torch.tensor(torch.finfo(s.dtype).min)), -1)
+    if in_place:
+        p.masked_fill_(rmask, 0)
+    else:
+        p = p.masked_fill(rmask, 0)
+    return torch.bmm(p.view(-1, p.size(-2), p.size(-1)), v).view(b, h, n, d)
+
+
+def probabilities_scaled_in_place_twice(q, k, v, keep, head_w):
+    """Two in-place writes to the probabilities: ``p *= head_w`` (a per-head
+    factor, as a head mask) and ``p.masked_fill_(~keep, 0)``."""
+    s = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~keep, float("-inf"))
+    p = s.softmax(-1)
+    p *= head_w
+    p.masked_fill_(~keep, 0.0)
+    return p @ v
+
+
 def where_zeroed_probabilities(q, k, v, keep):
     """``torch.where(keep, s, -inf)`` and ``torch.where(keep, softmax, 0)``:
     rows without a key give 0 instead of nan."""

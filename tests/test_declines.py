@@ -91,6 +91,17 @@ def probs_inplace_zeroed(q, k, v):
     return p @ v
 
 
+def probs_viewed_then_written(q, k, v):
+    """A view of the probabilities taken before an in-place write to them
+    sees the write: the write is not rewritten out of place.  (Without
+    gradients: the softmax's backward needs its output unwritten.)"""
+    with torch.no_grad():
+        p = torch.softmax(_scores(q, k), dim=-1)
+        pt = p.transpose(-1, -2)
+        p.masked_fill_(torch.arange(p.shape[-1]) > 8, 0.0)
+        return pt.transpose(-1, -2) @ v
+
+
 def probs_scaled_by_score_rowmax(q, k, v):
     """A per-row factor of the probabilities computed from the scores: moving
     it onto the output would keep the scores alive."""
@@ -189,6 +200,7 @@ DECLINED = [
     (topk_threshold_mask, []),
     (score_sorted_rank, []),
     (probs_inplace_zeroed, []),
+    (probs_viewed_then_written, ["probabilities reach the product"]),
     (probs_scaled_by_score_rowmax, ["scores"]),
     (local_global_blocks_concatenated, ["concatenated"]),
     (deepvit_reattention, ["einsum", "cannot be expressed"]),

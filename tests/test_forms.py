@@ -30,9 +30,10 @@ def _t(*shape, dtype=F32, grad=True, scale=1.0):
     return x.requires_grad_(grad)
 
 
-def _qkv(dtype, b=B, h=H, lq=L, lk=L, d=D, hkv=None):
+def _qkv(dtype, b=B, h=H, lq=L, lk=L, d=D, hkv=None, grad=True):
     hkv = h if hkv is None else hkv
-    return [_t(b, h, lq, d, dtype=dtype), _t(b, hkv, lk, d, dtype=dtype), _t(b, hkv, lk, d, dtype=dtype)]
+    return [_t(b, h, lq, d, dtype=dtype, grad=grad), _t(b, hkv, lk, d, dtype=dtype, grad=grad),
+            _t(b, hkv, lk, d, dtype=dtype, grad=grad)]
 
 
 def _keep_mask(b=B, lk=L):
@@ -501,6 +502,7 @@ RESEARCH_CASES = [
         _qkv(dt) + [_rows_without_keys().long(), _bias_rows_of_own_min(dt)])),
     Case("conformer_relpos_zeroed_where", lambda dt: (
         forms.conformer_relpos_zeroed_where, _qkv(dt) + [_rows_without_keys(), _t(B, H, L, L, dtype=dt)])),
+    Case("sewd_heads_view_zeroed", lambda dt: (forms.sewd_heads_view_zeroed, _qkv(dt) + [_rows_without_keys()])),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -636,13 +638,37 @@ def test_in_place_writes_to_the_scores_leave_with_them(case_id):
                                      "nan_to_num_probabilities", "espnet_zeroed_probabilities",
                                      "deberta_xsoftmax", "where_zeroed_probabilities",
                                      "inkling_float_cast_sinks", "zeroed_probabilities_inf_with_bias",
-                                     "conformer_relpos_zeroed_probabilities", "conformer_relpos_zeroed_where"])
+                                     "conformer_relpos_zeroed_probabilities", "conformer_relpos_zeroed_where",
+                                     "sewd_heads_view_zeroed"])
 def test_sinks_on_the_kernels_forward_backward(case_id):
     """Attention sinks through the generated kernels (Triton's interpreter on
     CPU), float32 forward and backward: the sink's gradient comes through the
     op's lse (delta - dlse), and rows that keep no key give 0 and no nan."""
     with _implementation(True):
         check_case(RESEARCH_BY_ID[case_id])
+
+
+WRITTEN_PROBABILITIES = [
+    Case("sewd_heads_view_zeroed_in_place", lambda dt: (forms.sewd_heads_view_zeroed_in_place,
+                                                        _qkv(dt, grad=False) + [_rows_without_keys().long()])),
+    Case("sewd_xsoftmax_in_place", lambda dt: (forms.sewd_xsoftmax_in_place,
+                                               _qkv(dt, grad=False) + [_rows_without_keys()])),
+    Case("probabilities_scaled_in_place_twice", lambda dt: (
+        forms.probabilities_scaled_in_place_twice,
+        _qkv(dt, grad=False) + [_rows_without_keys(), _t(1, H, 1, 1, dtype=dt, grad=False)])),
+]
+
+
+@pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", WRITTEN_PROBABILITIES, ids=[c.id for c in WRITTEN_PROBABILITIES])
+def test_probabilities_written_in_place(case, dtype, on_kernels):
+    """In-place writes to the softmax's output (SEW-D's XSoftmax, whose
+    forward runs as written when nothing needs a gradient) become out-of-place
+    ops that the site takes in.  Forward only: eager's softmax backward
+    refuses an output written in place."""
+    with _implementation(on_kernels):
+        check_case(case, dtype=dtype, backward=False)
 
 
 def test_mvitv2_relative_positions_on_the_kernels_forward_backward():

@@ -178,12 +178,14 @@ class ScoreInterpreter(SideValues):
         flat = S.h if is_one(op_sizes[0]) else S.b * _sym(op_sizes[1]) + S.h
         self.flat = flat
         self.score_frame = Frame(lead, op_sizes, flat)
+        self.softmax_frame = self.score_frame     # set by run()
 
     def run(self) -> Interpretation:
         self._readers = [self.softmax_node]
         v = self.value(self.softmax_in)
         if not v.chain:
             raise Decline("softmax input does not depend on the scores")
+        self.softmax_frame = v.frame
         if v.frame is not None and v.frame.split is not None:
             raise Decline("the softmax runs over part of a split key axis")
         e = as_num(v.expr)
@@ -228,7 +230,8 @@ class ScoreInterpreter(SideValues):
         operands, extra = self.operands(op)
         readers, self._readers = self._readers, [node]
         key = self.resolve(stand_in)
-        self.memo[key] = Val(symbol, C.shape_of(stand_in), True, self.score_frame)
+        # the softmax input's frame: the scores' own, or a 4-D view splitting their heads
+        self.memo[key] = Val(symbol, C.shape_of(stand_in), True, self.softmax_frame)
         try:
             return self.elementwise(node, op.name, operands, extra)
         finally:
