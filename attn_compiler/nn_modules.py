@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import layout
-from . import ops as _ops  # noqa: F401  registers torch.ops.attn_compiler
+from . import ops as _ops
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -36,7 +36,7 @@ def mha_forward(query, key, value, num_heads: int, in_proj_weight, in_proj_bias,
     k = _heads(F.linear(key, wk, bk), num_heads)         # (B, H, Lk, D)
     v = _heads(F.linear(value, wv, bv), num_heads)       # (B, H, Lk, D)
     caps = [layout.captured_view(m, tuple(ax), num_heads) for m, ax in zip(masks, mask_axes)]
-    out = torch.ops.attn_compiler.attention(q, k, v, caps, spec, seed)[0]   # (B, H, Lq, D)
+    out = _ops.fused_attention(q, k, v, caps, spec, seed)[0]   # (B, H, Lq, D)
     L, B = query.shape[0], query.shape[1]
     out = out.permute(2, 0, 1, 3).reshape(L * B, E)
     return F.linear(out, out_proj_weight, out_proj_bias).view(L, B, -1)

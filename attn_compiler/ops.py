@@ -7,6 +7,13 @@
                              Tensor? seed, Tensor? dlse=None) -> (Tensor dq, Tensor dk,
                                                Tensor dv, Tensor[] dcaptured)
 
+A rewritten graph calls :func:`fused_attention` instead: the same arguments,
+differentiated by an ``autograd.Function`` whose forward calls
+``attn_compiler::attention_forward`` (the same schema and kernels, registered
+without an autograd kernel), so that a compiled graph's calls skip the custom
+op's Python autograd and aliasing wrappers at run time ([Note: the op's run-time
+dispatch]).
+
 ``spec`` is ``AttentionSpec.dumps()``.  Shapes: q (B, Hq, Lq, D); k (B or 1,
 Hkv, Lk, D); v (B or 1, Hkv, Lk, Dv); captured[i] 4-D, broadcastable to
 (B, Hq, Lq, Lk); seed an int64 scalar tensor when the spec has dropout, else
@@ -25,6 +32,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from attn_compiler import dispatch, reference
 from attn_compiler.passes.analyze.spec import AttentionSpec
@@ -41,8 +49,7 @@ def _spec(text: str) -> AttentionSpec:
 @torch.library.custom_op(f"{_NS}::attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, captured: List[torch.Tensor],
                spec: str, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    out, lse = dispatch.forward(q, k, v, captured, _spec(spec), seed)
-    return out.contiguous(), lse.contiguous()     # the layout the fake promises
+    return _forward_impl(q, k, v, captured, spec, seed)
 
 
 @_attention.register_fake
@@ -56,17 +63,47 @@ def _attention_fake(q, k, v, captured, spec, seed):
 
 # ---- backward ----------------------------------------------------------------
 
-@torch.library.custom_op(f"{_NS}::attention_backward", mutates_args=())
-def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        captured: List[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-                        spec: str, seed: Optional[torch.Tensor], dlse: Optional[torch.Tensor] = None
-                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+# [Note: the op's run-time dispatch]  A ``torch.library.custom_op`` runs two
+# Python wrappers around its kernel on every call: the autograd one (which,
+# without gradients, re-dispatches below autograd) and the backend one (which
+# checks that no output aliases an input).  Called from a compiled graph that
+# is ~17 µs per call on the H200's host (bench/RESULTS.md run 29: a no-op op
+# with our schema 37 µs, the same through ``Library.define`` 20 µs), paid by
+# the forward and the backward of every fused site.  So the ops a compiled
+# graph runs are defined on a ``Library`` with one CompositeExplicitAutograd
+# kernel each and no autograd kernel: ``attention_forward`` (the schema of
+# ``attention``) and ``attention_backward`` (never differentiated: a second
+# derivative is refused).  The graph differentiates ``attention_forward``
+# through ``_Fused`` (an ``autograd.Function``: AOTAutograd traces its forward
+# and backward into the forward and backward graphs), so the run-time calls go
+# straight to the kernels.  ``attention`` stays the public op, with its
+# registered autograd (opcheck, eager callers).
+
+_lib = torch.library.Library(_NS, "FRAGMENT")
+_lib.define("attention_forward(Tensor q, Tensor k, Tensor v, Tensor[] captured, str spec, Tensor? seed)"
+            " -> (Tensor, Tensor)")
+_lib.define("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor[] captured, Tensor out,"
+            " Tensor lse, str spec, Tensor? seed, Tensor? dlse=None)"
+            " -> (Tensor, Tensor, Tensor, Tensor[])")
+
+
+def _forward_impl(q, k, v, captured, spec, seed):
+    out, lse = dispatch.forward(q, k, v, captured, _spec(spec), seed)
+    return out.contiguous(), lse.contiguous()     # the layout the fake promises
+
+
+def _attention_backward(dout, q, k, v, captured, out, lse, spec, seed, dlse=None):
     dq, dk, dv, dcap = dispatch.backward(dout, q, k, v, captured, out, lse, _spec(spec), seed, dlse)
     # the layout the fake promises (inductor checks it): a no-op for the kernels' outputs
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), [g.contiguous() for g in dcap]
 
 
-@_attention_backward.register_fake
+_lib.impl("attention_forward", _forward_impl, "CompositeExplicitAutograd")
+_lib.impl("attention_backward", _attention_backward, "CompositeExplicitAutograd")
+torch.library.register_fake(f"{_NS}::attention_forward", lib=_lib)(lambda *a: _attention_fake(*a))
+
+
+@torch.library.register_fake(f"{_NS}::attention_backward", lib=_lib)
 def _attention_backward_fake(dout, q, k, v, captured, out, lse, spec, seed, dlse=None):
     s = _spec(spec)
     dcap = [q.new_empty(t.shape, dtype=t.dtype) for t, c in zip(captured, s.captured) if c.requires_grad]
@@ -106,24 +143,35 @@ def _backward(ctx, dout, dlse):
 _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerAttention(torch.autograd.Function):
-    """The op's autograd for eager calls of :func:`attention`: the same
-    backward as the registered one (``_grads``), without the generic custom-op
-    autograd wrapper, whose host cost (~110 µs per call on the H200's host,
-    bench/RESULTS.md run 29) made small eager calls host-bound.  Compiled
-    graphs call the op itself (AOTAutograd differentiates it through the
-    registered autograd)."""
+class _Fused(torch.autograd.Function):
+    """``attention_forward`` differentiated through the op's backward
+    (``_grads``, as the registered autograd of ``attention``), without the
+    custom-op wrappers ([Note: the op's run-time dispatch]).  Eager calls of
+    :func:`attention` take it too: the generic custom-op autograd wrapper cost
+    ~110 µs per call on the H200's host (bench/RESULTS.md run 29)."""
 
     @staticmethod
     def forward(ctx, q, k, v, spec, seed, *captured):
-        out, lse = torch.ops.attn_compiler.attention(q, k, v, list(captured), spec, seed)
+        out, lse = torch.ops.attn_compiler.attention_forward.default(q, k, v, list(captured), spec, seed)
         _setup_context(ctx, (q, k, v, captured, spec, seed), (out, lse))
         return out, lse
 
     @staticmethod
+    @once_differentiable     # attention_backward has no autograd kernel: a second derivative is refused
     def backward(ctx, dout, dlse):
         dq, dk, dv, grads = _grads(ctx, dout, dlse)
         return (dq, dk, dv, None, None, *grads)
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, captured: List[torch.Tensor],
+                    spec: str, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What a rewritten graph calls for a fused site: the arguments of
+    ``attn_compiler::attention``.  AOTAutograd traces it into
+    ``attention_forward`` in the forward graph and ``attention_backward`` in
+    the backward graph; without gradients it is ``attention_forward`` alone."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *captured)):
+        return _Fused.apply(q, k, v, spec, seed, *captured)
+    return torch.ops.attn_compiler.attention_forward.default(q, k, v, list(captured), spec, seed)
 
 
 # ---- python entry point --------------------------------------------------------
@@ -145,5 +193,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, captured: Seque
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and any(t.requires_grad for t in (q, k, v, *captured))):
-        return _EagerAttention.apply(q, k, v, text, seed, *captured)
+        return _Fused.apply(q, k, v, text, seed, *captured)
     return torch.ops.attn_compiler.attention(q, k, v, list(captured), text, seed)

@@ -413,7 +413,7 @@ def _op_step(gm, sources, final, op_node, checker, training: bool) -> Callable[[
     with torch.no_grad():
         _Runner(gm, _subgraph(sources, final), sources, checker, False, override={op_node: record})()
     q, k, v, caps, spec, seed = seen["args"]
-    fwd = torch.ops.attn_compiler.attention.default
+    fwd = torch.ops.attn_compiler.attention_forward.default
     bwd = torch.ops.attn_compiler.attention_backward.default
     with torch.no_grad():
         out, lse = fwd(q, k, v, caps, spec, seed)

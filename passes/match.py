@@ -87,6 +87,10 @@ class Declined:
 def find_sites(gm: fx.GraphModule) -> List[Any]:
     out = []
     for node in list(gm.graph.nodes):
+        if _custom_function_softmax(gm, node):
+            out.append(Declined(node, "the softmax runs inside a custom autograd.Function (XSoftmax-style), "
+                                      "whose backward is the user's own: left as written"))
+            continue
         parts = C.softmax_parts(node)
         if parts is None:
             continue
@@ -98,6 +102,20 @@ def find_sites(gm: fx.GraphModule) -> List[Any]:
         if m is not None:
             out.append(m)
     return out
+
+
+def _custom_function_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A custom ``autograd.Function`` (dynamo's ``autograd_function_apply``)
+    whose forward computes a softmax and whose output feeds a contraction:
+    attention whose probabilities come from the user's own function (SEW-D's
+    and DeBERTa's XSoftmax under autograd), reported rather than passed unseen."""
+    if node.op != "call_function" or getattr(node.target, "__name__", "") != "autograd_function_apply":
+        return False
+    body = node.args[0] if node.args else None
+    body = getattr(gm, body.target, None) if isinstance(body, fx.Node) and body.op == "get_attr" else None
+    if not isinstance(body, fx.GraphModule) or not any(C.softmax_parts(n) for n in body.graph.nodes):
+        return False
+    return _reaches_product(node) is not None
 
 
 def find_qk(x: fx.Node) -> Optional[C.Contraction]:

@@ -95,62 +95,119 @@ def drop_unread(gm: fx.GraphModule) -> int:
 
 _OUT_OF_PLACE_OPERATORS = {"iadd": operator.add, "isub": operator.sub, "imul": operator.mul,
                             "itruediv": operator.truediv}
+_OUT_OF_PLACE_METHODS = ("masked_fill", "mul", "div", "add", "sub")
 
 
-def functionalize_probability_writes(gm: fx.GraphModule) -> int:
-    """Rewrite in-place writes to a softmax's output as out-of-place ops.
+# [Note: in-place writes made out of place]  An in-place write to a tensor the
+# graph itself made (a softmax's output, an einsum's result or a view of it)
+# reads, to the matcher, as one more use of that tensor: XSoftmax as Hugging
+# Face's SEW-D writes it (``p = softmax(s); p.masked_fill_(rmask, 0); p @ v``)
+# or Funnel's ``positional_attn *= cls_mask`` on a slice of an einsum's result.
+# ``functionalize_writes`` rewrites such a write ``x.op_(y)`` as ``x2 = x.op(y)``
+# and makes every later use of ``x`` read ``x2``, which holds what ``x`` held
+# then.  That is the same program when nothing else can see the write: the
+# tensor's storage was allocated inside the graph (not an input, a buffer or a
+# parameter), no other view of that storage is read after the write, and the
+# out-of-place op keeps ``x``'s dtype (``x += y`` keeps x's dtype where ``x + y``
+# promotes).  Writes are taken one at a time, in graph order, so a chain of
+# writes becomes a chain of ops.  The rewrite holds whether or not a site is
+# then fused (AOTAutograd functionalizes the graph in the same way).
 
-    ``p = softmax(s); p.masked_fill_(rmask, 0); p @ v`` (XSoftmax as Hugging
-    Face's SEW-D writes it) reads as P used twice.  The write becomes
-    ``p2 = p.masked_fill(rmask, 0)``, and every use of ``p`` after it reads
-    ``p2``, which holds what ``p`` held then.  A chain of writes is handled
-    one write at a time.  The softmax allocates ``p``, so only views can
-    alias it: a view made before the write would see the write, so then
-    nothing is rewritten.  The rewrite holds whether or not the site is
-    fused.  Returns how many writes were rewritten."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+def functionalize_writes(gm: fx.GraphModule) -> int:
+    """Rewrite in-place writes as out-of-place ops where nothing else can see
+    them ([Note: in-place writes made out of place]); returns how many."""
     count = 0
-    for sm in list(gm.graph.nodes):
-        op = C.canonical(sm)
-        if op is None or op.name != "softmax":
+    for m in list(gm.graph.nodes):
+        x = m.args[0] if m.op in ("call_method", "call_function") and m.args else None
+        if not isinstance(x, fx.Node) or m not in mutating_users(x):
             continue
-        x = sm
-        while True:
-            writes = sorted(mutating_users(x), key=order.__getitem__)
-            if not writes:
-                break
-            m = writes[0]
-            out_of_place = _out_of_place(m)
-            if out_of_place is None or x in m.args[1:] or x in m.kwargs.values() or any(
-                    order[u] < order[m] and C.canonical(u) is not None and C.canonical(u).name in _VIEW_OPS
-                    for u in x.users):
-                break
-            later = [u for u in x.users if u is not m and order[u] > order[m]]
-            m.target = out_of_place
-            m.meta.pop("_ac_canon", None)
-            for u in later:
-                u.replace_input_with(x, m)
-                u.meta.pop("_ac_canon", None)
-            count += 1
-            x = m
+        target = _out_of_place(m, x)
+        if target is None:
+            continue
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        aliases = _aliases(x)
+        if aliases is None:
+            continue
+        at = order[m]
+        # views made before the write and read after it would see it (views made
+        # after it from x follow x to the new node)
+        if any(u is not m and order[u] > at for a in aliases if a is not x and order[a] < at for u in a.users):
+            continue
+        later = [u for u in x.users if u is not m and order[u] > at]
+        m.target = target
+        m.meta.pop("_ac_canon", None)
+        for u in later:
+            u.replace_input_with(x, m)
+            u.meta.pop("_ac_canon", None)
+        count += 1
     return count
 
 
-def _out_of_place(m: fx.Node):
-    """The out-of-place target of the in-place call ``m`` (a method such as
-    ``masked_fill_``, or ``*=``), or None."""
-    if m.op == "call_method" and m.target.endswith("_") and not m.target.startswith("_"):
-        name = m.target[:-1]
-        return name if name in ("masked_fill", "mul", "div", "add", "sub", "where", "clamp", "nan_to_num") else None
-    if m.op == "call_function":
-        return _OUT_OF_PLACE_OPERATORS.get(getattr(m.target, "__name__", ""))
-    return None
+# ops whose result is always a new tensor (never one of their inputs)
+_ALLOCATES = frozenset({"matmul", "bmm", "mm", "einsum", "baddbmm", "softmax", "log_softmax", "add", "sub", "rsub",
+                        "mul", "div", "masked_fill", "where", "exp", "tanh", "neg", "pow", "clone"})
+
+
+def _aliases(x: fx.Node):
+    """The nodes sharing ``x``'s storage: its root (a tensor an op of the graph
+    allocated: ``_ALLOCATES``) and every view, cast, dropout or in-place
+    result of it (each may return its input itself); None when the root is
+    anything else (an input, a buffer, an op that may return an input)."""
+    def passes_storage(n, parent):
+        op = C.canonical(n)
+        return n in mutating_users(parent) or (op is not None and (
+            op.name in _VIEW_OPS or op.name in _CASTS and op.name != "clone" or op.name == "dropout"))
+
+    root = x
+    while root.args and isinstance(root.args[0], fx.Node) and passes_storage(root, root.args[0]):
+        root = root.args[0]
+    op = C.canonical(root)
+    if root.op not in ("call_function", "call_method") or op is None or op.name not in _ALLOCATES:
+        return None
+    out, stack = {root}, [root]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u not in out and u.args and u.args[0] is n and passes_storage(u, n):
+                out.add(u)
+                stack.append(u)
+    return out
+
+
+def _out_of_place(m: fx.Node, x: fx.Node):
+    """The out-of-place target of the in-place call ``m`` on ``x`` (a method
+    such as ``masked_fill_``, or ``*=``) when it keeps ``x``'s dtype, or None."""
+    if m.op == "call_method" and m.target.endswith("_") and m.target[:-1] in _OUT_OF_PLACE_METHODS:
+        target, name = m.target[:-1], m.target[:-1]
+    elif m.op == "call_function" and getattr(m.target, "__name__", "") in _OUT_OF_PLACE_OPERATORS:
+        target = _OUT_OF_PLACE_OPERATORS[m.target.__name__]
+        name = {"iadd": "add", "isub": "sub", "imul": "mul", "itruediv": "div"}[m.target.__name__]
+    else:
+        return None
+    if len(m.args) < 2 or any(a is x for a in list(m.args[1:]) + list(m.kwargs.values())):
+        return None
+    xv = C.example_value(x)
+    if not isinstance(xv, torch.Tensor):
+        return None
+    if name == "masked_fill":
+        return target
+    other = m.args[1]
+    ov = C.example_value(other) if isinstance(other, fx.Node) else other
+    if not isinstance(ov, (torch.Tensor, int, float, bool)) or isinstance(ov, torch.Tensor) and ov.shape != () \
+            and torch.broadcast_shapes(ov.shape, xv.shape) != xv.shape:
+        return None
+    try:
+        promoted = torch.result_type(xv, ov)
+    except Exception:  # noqa: BLE001 - a value torch cannot promote: leave the write
+        return None
+    return target if promoted == xv.dtype else None
 
 
 def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: bool = False) -> List[Site]:
     """``body``: ``gm`` is the subgraph of a higher-order op (``_subgraphs``)."""
     dropped = drop_unread(gm)
-    written = functionalize_probability_writes(gm)
+    written = functionalize_writes(gm)         # [Note: in-place writes made out of place]
     distributed = distribute(gm)          # [Note: maps combined before P·V]
     if dropped or written or distributed:
         gm.recompile()
@@ -303,8 +360,9 @@ def _remove_dead(gm: fx.GraphModule, roots: List[fx.Node], internal: Optional[se
         if getattr(n, "_erased", False) or n.users or n.op not in ("call_function", "call_method"):
             continue
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-        if name.endswith("_") and not name.startswith("_") or "rand" in name:
-            continue
+        if name.endswith("_") and not name.startswith("_") or "rand" in name \
+                or n.args and isinstance(n.args[0], fx.Node) and n in mutating_users(n.args[0]):
+            continue        # in-place (``x *= y`` too: operator.imul) or random
         inputs = n.all_input_nodes
         gm.graph.erase_node(n)
         stack.extend(inputs)

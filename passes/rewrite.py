@@ -18,7 +18,7 @@ from attn_compiler import layout
 from . import canonicalize as C
 from .analyze.values import Decline, _size_eq
 from .operands import mutating_users, view_writers
-from attn_compiler import ops as _ops  # noqa: F401  registers torch.ops.attn_compiler
+from attn_compiler import ops as _ops
 
 
 def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -> fx.Node:
@@ -46,7 +46,7 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
                     else call(layout.captured_view, get(c.node), c.axes, heads)
                     for c in analysis.captures]
             seed = call(layout.dropout_seed) if analysis.spec.dropout_p > 0 else None
-            res = call(torch.ops.attn_compiler.attention.default, q, k, v, caps,
+            res = call(_ops.fused_attention, q, k, v, caps,
                        analysis.spec.dumps(), seed)
         rewired = []
         for u in lse_users:              # logsumexp(scores, -1) -> the op's lse
@@ -156,7 +156,7 @@ def _lead_is_one(o) -> bool:
 def op_node(final: fx.Node) -> fx.Node:
     """The attention op call among the nodes a rewrite created."""
     return next(n for n in final.meta["attn_compiler_nodes"]
-                if n.target is torch.ops.attn_compiler.attention.default)
+                if n.target is _ops.fused_attention)
 
 
 def undo(gm: fx.GraphModule, anchor: fx.Node, final: fx.Node, replaced: Dict[fx.Node, fx.Node]) -> None:

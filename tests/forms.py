@@ -1261,6 +1261,53 @@ def _sewd_heads_view(q, k, v, keep, in_place):
     return torch.bmm(p.view(-1, p.size(-2), p.size(-1)), v).view(b, h, n, d)
 
 
+def funnel_relative_shift_scaled_in_place(q, k, v, r, cls_mask):
+    """Funnel Transformer's relative attention: a positional term from an
+    einsum against a (2L, H, D) table, shifted by reshape-slice-reshape-slice
+    (``_relative_shift_gather``), then ``positional_attn *= cls_mask`` in place
+    on that view, added to the content scores; (B, L, H, D) operands."""
+    b, n, h, d = q.shape
+    content = torch.einsum("bind,bjnd->bnij", q, k)
+    pos = torch.einsum("binh,tnh->bnit", q, r)                  # (B, H, L, 2L)
+    max_rel = pos.shape[-1]
+    pos = torch.reshape(pos, [b, h, max_rel, n])[:, :, n:, :]
+    pos = torch.reshape(pos, [b, h, n, max_rel - n])[..., :k.shape[1]]
+    pos *= cls_mask
+    s = (content + pos) * d ** -0.5
+    p = torch.softmax(s.float(), dim=-1, dtype=q.dtype)
+    return torch.einsum("bnij,bjnd->bind", p, v)
+
+
+def input_term_scaled_in_place(q, k, v, pos, keep):
+    """A float term that is a view of an input, scaled in place before the
+    scores read it (``p = pos.view(...)[..., :Lk]; p *= keep``): the write is the
+    user's (it changes ``pos``), and the op reads ``pos`` after it."""
+    p = pos.view(q.shape[0], q.shape[1], q.shape[2], k.shape[2])[..., :k.shape[2]]
+    p *= keep
+    return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + p, dim=-1) @ v
+
+
+def scores_viewed_then_masked_in_place(q, k, v):
+    """A view of the scores taken before an in-place mask on them, read after
+    it: the view sees the mask (``t = s.view(s.shape); s.masked_fill_(m,
+    -inf); softmax(t)``)."""
+    s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    t = s.view(s.shape)
+    s.masked_fill_(torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).triu(1),
+                   float("-inf"))
+    return torch.softmax(t.float(), -1).type_as(q) @ v
+
+
+def probabilities_copy_rows_zeroed_in_place(q, k, v):
+    """A copy of the probabilities with every third query row zeroed in place
+    (``p = softmax(s).clone(); p.mul_(rows)``): a per-row factor once the
+    write is out of place."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    p = torch.softmax(s, dim=-1).clone()
+    p.mul_((torch.arange(p.shape[-2], device=p.device) % 3 != 0).to(p.dtype)[:, None])
+    return p @ v
+
+
 def probabilities_scaled_in_place_twice(q, k, v, keep, head_w):
     """Two in-place writes to the probabilities: ``p *= head_w`` (a per-head
     factor, as a head mask) and ``p.masked_fill_(~keep, 0)``."""

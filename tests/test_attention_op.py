@@ -236,11 +236,50 @@ def test_opcheck(kind):
     q, k, v, caps, spec, seed = _opcheck_args(kind)
     with reference.block_sizes(8, 16):
         torch.library.opcheck(torch.ops.attn_compiler.attention.default, (q, k, v, caps, spec, seed))
+        # the run-time op of compiled graphs: no autograd kernel, so no input needing a gradient
+        torch.library.opcheck(torch.ops.attn_compiler.attention_forward.default,
+                              (q.detach(), k.detach(), v.detach(), [c.detach() for c in caps], spec, seed))
         out, lse = torch.ops.attn_compiler.attention(q, k, v, caps, spec, seed)
         dout = torch.randn_like(out)
         args = (dout, q.detach(), k.detach(), v.detach(), [c.detach() for c in caps],
                 out.detach(), lse.detach(), spec, seed)
         torch.library.opcheck(torch.ops.attn_compiler.attention_backward.default, args)
+
+
+def test_compiled_graphs_call_the_run_time_ops():
+    """[Note: the op's run-time dispatch]: a fused site's forward graph (after
+    AOTAutograd) calls ``attention_forward`` and its backward graph
+    ``attention_backward``, never the custom op with its wrappers; gradients
+    match the public op's."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    import attn_compiler
+
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, _inputs):
+            graphs[name] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+            return gm
+        return compiler
+
+    inner = aot_autograd(fw_compiler=keep("fwd"), bw_compiler=keep("bwd"))
+
+    def f(q, k, v):
+        s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return torch.softmax(s, dim=-1) @ v
+
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    q, k, v = (torch.randn(2, 3, 12, 16, requires_grad=True) for _ in range(3))
+    out = torch.compile(f, backend=attn_compiler.backend(inner=inner))(q, k, v)
+    out.sum().backward()
+    assert attn_compiler.report().fused, attn_compiler.report()
+    assert "attn_compiler.attention_forward.default" in graphs["fwd"], graphs["fwd"]
+    assert "attn_compiler.attention_backward.default" in graphs["bwd"], graphs["bwd"]
+    assert not any(t == "attn_compiler.attention.default" for g in graphs.values() for t in g)
+    ref = f(*(t.detach().requires_grad_() for t in (q, k, v)))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_compile_dynamic_lengths():
@@ -324,7 +363,7 @@ def test_eager_entry_point_differentiates_like_the_registered_op():
         out.backward(dout)
         results.append([out.detach(), lse.detach(), q.grad, k.grad, v.grad, b.grad])
     assert type(ops.attention(*leaves[:3], [leaves[3].requires_grad_()], spec, seed)[0].grad_fn).__name__ \
-        .startswith("_EagerAttention")
+        .startswith("_Fused")
     for a, b in zip(*results):
         assert a is not None and torch.equal(a, b)
 

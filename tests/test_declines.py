@@ -84,13 +84,6 @@ def score_sorted_rank(q, k, v):
     return torch.softmax(s - 0.1 * rank, dim=-1) @ v
 
 
-def probs_inplace_zeroed(q, k, v):
-    """The probabilities are changed in place after the softmax (rows zeroed)."""
-    p = torch.softmax(_scores(q, k), dim=-1).clone()
-    p.mul_((torch.arange(p.shape[-2]) % 3 != 0).to(p.dtype)[:, None])
-    return p @ v
-
-
 def probs_viewed_then_written(q, k, v):
     """A view of the probabilities taken before an in-place write to them
     sees the write: the write is not rewritten out of place.  (Without
@@ -100,6 +93,31 @@ def probs_viewed_then_written(q, k, v):
         pt = p.transpose(-1, -2)
         p.masked_fill_(torch.arange(p.shape[-1]) > 8, 0.0)
         return pt.transpose(-1, -2) @ v
+
+
+class _XSoftmax(torch.autograd.Function):
+    """DeBERTa's / SEW-D's XSoftmax: a masked softmax with its own backward."""
+
+    @staticmethod
+    def forward(ctx, x, mask, dim):
+        ctx.dim = dim
+        rmask = ~(mask.to(torch.bool))
+        out = torch.softmax(x.masked_fill(rmask, torch.finfo(x.dtype).min), dim)
+        out.masked_fill_(rmask, 0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return torch._softmax_backward_data(grad, out, ctx.dim, out.dtype), None, None
+
+
+def probs_from_custom_autograd_function(q, k, v):
+    """The probabilities come from a custom autograd.Function (XSoftmax under
+    autograd: dynamo records it as one higher-order op)."""
+    keep = (torch.arange(k.shape[-2]) < 9)[None, None, None, :].long()
+    return _XSoftmax.apply(_scores(q, k), keep, -1) @ v
 
 
 def probs_scaled_by_score_rowmax(q, k, v):
@@ -199,8 +217,8 @@ DECLINED = [
     (ProbsStored, ["probabilit"]),
     (topk_threshold_mask, []),
     (score_sorted_rank, []),
-    (probs_inplace_zeroed, []),
     (probs_viewed_then_written, ["probabilities reach the product"]),
+    (probs_from_custom_autograd_function, ["custom autograd.function", "backward"]),
     (probs_scaled_by_score_rowmax, ["scores"]),
     (local_global_blocks_concatenated, ["concatenated"]),
     (deepvit_reattention, ["einsum", "cannot be expressed"]),

@@ -503,6 +503,12 @@ RESEARCH_CASES = [
     Case("conformer_relpos_zeroed_where", lambda dt: (
         forms.conformer_relpos_zeroed_where, _qkv(dt) + [_rows_without_keys(), _t(B, H, L, L, dtype=dt)])),
     Case("sewd_heads_view_zeroed", lambda dt: (forms.sewd_heads_view_zeroed, _qkv(dt) + [_rows_without_keys()])),
+    Case("scores_viewed_then_masked_in_place", _fn(forms.scores_viewed_then_masked_in_place)),
+    Case("probabilities_copy_rows_zeroed_in_place", _fn(forms.probabilities_copy_rows_zeroed_in_place)),
+    Case("funnel_relative_shift_scaled_in_place", lambda dt: (
+        forms.funnel_relative_shift_scaled_in_place,
+        [_t(B, L, H, D, dtype=dt), _t(B, L, H, D, dtype=dt), _t(B, L, H, D, dtype=dt), _t(2 * L, H, D, dtype=dt),
+         torch.ones(L, L, dtype=dt).index_fill_(0, torch.tensor([0]), 0).index_fill_(1, torch.tensor([0]), 0)])),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -669,6 +675,28 @@ def test_probabilities_written_in_place(case, dtype, on_kernels):
     refuses an output written in place."""
     with _implementation(on_kernels):
         check_case(case, dtype=dtype, backward=False)
+
+
+@pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
+def test_input_term_written_in_place_stays_written(on_kernels):
+    """``p = pos.view(...); p *= keep`` on an input: the write is kept in the
+    compiled graph (``operator.imul`` is an in-place op, not dead code once the
+    site is fused), so the input changes as in eager and the op reads it after
+    the write."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    pos = torch.randn(B * H * L * L)
+    keep = (torch.rand(L, L) > 0.3).float()
+    pos_ours, pos_eager = pos.clone(), pos.clone()
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    with _implementation(on_kernels):
+        ours = torch.compile(forms.input_term_scaled_in_place, backend=attn_compiler.backend(inner="aot_eager"))(
+            q, k, v, pos_ours, keep)
+    eager = forms.input_term_scaled_in_place(q, k, v, pos_eager, keep)
+    assert_fused(attn_compiler.report(), 1)
+    torch.testing.assert_close(pos_ours, pos_eager)
+    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_mvitv2_relative_positions_on_the_kernels_forward_backward():

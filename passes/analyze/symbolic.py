@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from .. import canonicalize as C
-from ..operands import mutating_users
+from ..operands import _VIEW_OPS, mutating_users
 from . import spec as S
 
 from .side import SideValues
@@ -209,7 +209,14 @@ class ScoreInterpreter(SideValues):
         node = self.resolve(node)
         if node in self.memo:
             return self.memo[node]
-        self._readers.append(node)
+        # a view reads no data: its storage is read by whoever reads the view, so
+        # writes to the base between the view and that reader count (``t = s.view(..);
+        # s.masked_fill_(m, -inf); softmax(t)``), and the view's value depends on
+        # its reader: not kept
+        op = C.canonical(node)
+        view = op is not None and op.name in _VIEW_OPS and node is not self.score_node and bool(self._readers)
+        if not view:
+            self._readers.append(node)
         try:
             if node is self.score_node:
                 v = Val(self.coef * R, C.shape_of(node), True, self.score_frame)
@@ -218,8 +225,10 @@ class ScoreInterpreter(SideValues):
             else:
                 v = self.side_value(node)
         finally:
-            self._readers.pop()
-        self.memo[node] = v
+            if not view:
+                self._readers.pop()
+        if not view:
+            self.memo[node] = v
         return v
 
     def elementwise_over(self, node: fx.Node, stand_in: fx.Node, symbol) -> Val:
