@@ -100,7 +100,7 @@ def _attention_backward(dout, q, k, v, captured, out, lse, spec, seed, dlse=None
 
 _lib.impl("attention_forward", _forward_impl, "CompositeExplicitAutograd")
 _lib.impl("attention_backward", _attention_backward, "CompositeExplicitAutograd")
-torch.library.register_fake(f"{_NS}::attention_forward", lib=_lib)(lambda *a: _attention_fake(*a))
+torch.library.register_fake(f"{_NS}::attention_forward", _attention_fake, lib=_lib)
 
 
 @torch.library.register_fake(f"{_NS}::attention_backward", lib=_lib)

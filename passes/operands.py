@@ -297,6 +297,27 @@ def view_writers(node: fx.Node, depth: int = 4) -> list:
     return out
 
 
+def shares_storage(n: fx.Node, parent: fx.Node, casts: bool = False) -> bool:
+    """Whether ``n`` (an op on ``parent``) may return ``parent``'s storage: a
+    view, an in-place write, and with ``casts`` also a cast or a dropout
+    (each returns its input itself when it has nothing to do)."""
+    from .analyze.values import _CASTS
+    if n in mutating_users(parent):
+        return True
+    op = C.canonical(n)
+    return op is not None and (op.name in _VIEW_OPS
+                               or casts and (op.name in _CASTS and op.name != "clone" or op.name == "dropout"))
+
+
+def storage_root(node: fx.Node, casts: bool = False) -> fx.Node:
+    """The node whose storage ``node`` shares, walking back through
+    ``shares_storage`` ops."""
+    root = node
+    while root.args and isinstance(root.args[0], fx.Node) and shares_storage(root, root.args[0], casts):
+        root = root.args[0]
+    return root
+
+
 def storage_writers(node: fx.Node):
     """The in-place ops that write ``node``'s storage: on the tensor an
     in-place op returns, its base's writers."""

@@ -28,7 +28,7 @@ from .analyze.values import _CASTS, Decline
 from .distribute import distribute, restore
 from .match import Declined, find_sites
 from . import canonicalize as C
-from .operands import _VIEW_OPS, mutating_users, op_lead
+from .operands import _VIEW_OPS, mutating_users, op_lead, shares_storage, storage_root
 from .choose import ORIGINAL, SDPA, choose, decision_features
 from .rewrite import op_node, rewrite, undo
 
@@ -93,9 +93,10 @@ def drop_unread(gm: fx.GraphModule) -> int:
     return erased
 
 
-_OUT_OF_PLACE_OPERATORS = {"iadd": operator.add, "isub": operator.sub, "imul": operator.mul,
-                            "itruediv": operator.truediv}
-_OUT_OF_PLACE_METHODS = ("masked_fill", "mul", "div", "add", "sub")
+# out-of-place ops for in-place writes, by canonical name (``masked_fill_`` and
+# ``x *= y`` are "masked_fill" and "mul" to the canonicalizer)
+_OUT_OF_PLACE = {"masked_fill": "masked_fill", "mul": operator.mul, "div": operator.truediv,
+                 "add": operator.add, "sub": operator.sub}
 
 
 # [Note: in-place writes made out of place]  An in-place write to a tensor the
@@ -117,16 +118,14 @@ _OUT_OF_PLACE_METHODS = ("masked_fill", "mul", "div", "add", "sub")
 def functionalize_writes(gm: fx.GraphModule) -> int:
     """Rewrite in-place writes as out-of-place ops where nothing else can see
     them ([Note: in-place writes made out of place]); returns how many."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}     # the rewrite adds no node
     count = 0
     for m in list(gm.graph.nodes):
         x = m.args[0] if m.op in ("call_method", "call_function") and m.args else None
         if not isinstance(x, fx.Node) or m not in mutating_users(x):
             continue
         target = _out_of_place(m, x)
-        if target is None:
-            continue
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        aliases = _aliases(x)
+        aliases = _aliases(x) if target is not None else None
         if aliases is None:
             continue
         at = order[m]
@@ -154,14 +153,7 @@ def _aliases(x: fx.Node):
     allocated: ``_ALLOCATES``) and every view, cast, dropout or in-place
     result of it (each may return its input itself); None when the root is
     anything else (an input, a buffer, an op that may return an input)."""
-    def passes_storage(n, parent):
-        op = C.canonical(n)
-        return n in mutating_users(parent) or (op is not None and (
-            op.name in _VIEW_OPS or op.name in _CASTS and op.name != "clone" or op.name == "dropout"))
-
-    root = x
-    while root.args and isinstance(root.args[0], fx.Node) and passes_storage(root, root.args[0]):
-        root = root.args[0]
+    root = storage_root(x, casts=True)
     op = C.canonical(root)
     if root.op not in ("call_function", "call_method") or op is None or op.name not in _ALLOCATES:
         return None
@@ -169,28 +161,28 @@ def _aliases(x: fx.Node):
     while stack:
         n = stack.pop()
         for u in n.users:
-            if u not in out and u.args and u.args[0] is n and passes_storage(u, n):
+            if u not in out and u.args and u.args[0] is n and shares_storage(u, n, casts=True):
                 out.add(u)
                 stack.append(u)
     return out
 
 
 def _out_of_place(m: fx.Node, x: fx.Node):
-    """The out-of-place target of the in-place call ``m`` on ``x`` (a method
+    """The out-of-place target of the in-place write ``m`` on ``x`` (a method
     such as ``masked_fill_``, or ``*=``) when it keeps ``x``'s dtype, or None."""
-    if m.op == "call_method" and m.target.endswith("_") and m.target[:-1] in _OUT_OF_PLACE_METHODS:
-        target, name = m.target[:-1], m.target[:-1]
-    elif m.op == "call_function" and getattr(m.target, "__name__", "") in _OUT_OF_PLACE_OPERATORS:
-        target = _OUT_OF_PLACE_OPERATORS[m.target.__name__]
-        name = {"iadd": "add", "isub": "sub", "imul": "mul", "itruediv": "div"}[m.target.__name__]
-    else:
+    op = C.canonical(m)
+    if op is None or op.name not in _OUT_OF_PLACE or m.op not in ("call_method", "call_function"):
+        return None
+    target = _OUT_OF_PLACE[op.name] if m.op == "call_function" else m.target[:-1]
+    if m.op == "call_method" and m.target != op.name + "_" or m.op == "call_function" and \
+            getattr(m.target, "__module__", "") not in ("_operator", "operator"):
         return None
     if len(m.args) < 2 or any(a is x for a in list(m.args[1:]) + list(m.kwargs.values())):
         return None
     xv = C.example_value(x)
     if not isinstance(xv, torch.Tensor):
         return None
-    if name == "masked_fill":
+    if op.name == "masked_fill":
         return target
     other = m.args[1]
     ov = C.example_value(other) if isinstance(other, fx.Node) else other

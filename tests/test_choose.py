@@ -38,8 +38,6 @@ class Softcap(torch.nn.Module):
 @pytest.fixture
 def timed(monkeypatch, tmp_path):
     monkeypatch.setenv("ATTN_COMPILER_CACHE_DIR", str(tmp_path))
-    from attn_compiler import autotune
-    monkeypatch.setattr(autotune, "_default_cache", None, raising=False)
     monkeypatch.setattr(choose, "TIME_ON_CPU", True)
     # the op's calls cost no more than its replays (each step still runs once)
     monkeypatch.setattr(choose, "LAUNCH_COST", lambda step, replay_ms: (step(), replay_ms)[1])

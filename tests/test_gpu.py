@@ -17,10 +17,8 @@ def test_gpt_on_cuda_is_fused_causal_and_matches(dtype, monkeypatch, tmp_path):
     right there.  At this size (2x4x48x16) the never-slower choice may keep
     the original or take SDPA by a few µs either way, so it is told to take
     our op (its timing replaced, in a cache of its own)."""
-    from attn_compiler import autotune
     from attn_compiler.passes import choose
     monkeypatch.setenv("ATTN_COMPILER_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(autotune, "_default_cache", None, raising=False)
     monkeypatch.setattr(choose, "BENCH", lambda fn: 1.0 if fn.name == "attn_compiler" else 2.0)
     monkeypatch.setattr(choose, "LAUNCH_COST", lambda step, replay_ms: (step(), replay_ms)[1])
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .. import canonicalize as C
-from ..operands import _VIEW_OPS, mutating_users, storage_writers, view_written
+from ..operands import mutating_users, storage_root, storage_writers, view_written
 from .values import (AX, round_constants, Decline, Leaf, Val, _CASTS, _has_leaf, _size_eq, _subs, as_bool,
                      as_num, is_bool, is_one)
 
@@ -76,13 +76,7 @@ class SideValues:
         src = node.args[0] if node.args else None
         if not isinstance(src, fx.Node) or node not in mutating_users(src):
             return False
-        root = src
-        while root.args and isinstance(root.args[0], fx.Node):
-            op = C.canonical(root)
-            if root in mutating_users(root.args[0]) or (op is not None and op.name in _VIEW_OPS):
-                root = root.args[0]
-            else:
-                break
+        root = storage_root(src)
         try:
             self.value(root)
         except Decline:         # the root cannot be read here: the caller reads this node instead
