@@ -93,13 +93,21 @@ def from_op_layout(o: torch.Tensor, op_labels: str, out_labels: str,
     return o.permute([op_labels.index(lab) for lab in out_labels]).contiguous()
 
 
-def scale_rows(y: torch.Tensor, factor, div: bool, shapes, axes) -> torch.Tensor:
+def scale_rows(y: torch.Tensor, factor, div: bool, shapes, axes, kind: str = "scale") -> torch.Tensor:
     """``y``, a site's output, times (``div``: over) a factor the user applied
     to the probabilities that is one value per row: (P ⊙ m)·V = m ⊙ (P·V)
     when m is broadcast along the key axis (a head mask).  ``factor`` is
     aligned with P where it was applied; ``shapes`` (where applied, P at P·V)
     when views between changed P's leading axes; ``axes[i]``: the axis of
-    P's row index that output axis i reads, None for the value axis."""
+    P's row index that output axis i reads, None for the value axis.
+
+    [Note: rows of P set to 0]  ``kind`` "zero" / "keep": the factor is a
+    boolean per row and P's rows where it is True / False were set to 0
+    (``masked_fill`` / ``where``), so those rows of P·V are 0: a ``where`` on
+    the output, not a product (a nan row of P zeroed is 0, not nan·0).  The
+    backward of such a row is 0 too, since the op's backward reads it with
+    dO = 0, unless the row is nan (no key kept under a -inf mask): the
+    analysis declines that case unless such rows read P = 0 anyway."""
     if isinstance(factor, torch.Tensor):
         rank = len(shapes[0]) if shapes is not None else sum(a is not None for a in axes) + 1
         f = factor.reshape((1,) * (rank - factor.dim()) + tuple(factor.shape))
@@ -110,6 +118,9 @@ def scale_rows(y: torch.Tensor, factor, div: bool, shapes, axes) -> torch.Tensor
             if a is None:
                 f = f.unsqueeze(i)
         factor = f
+    if kind != "scale":
+        zero = torch.zeros((), dtype=y.dtype, device=y.device)
+        return torch.where(factor, zero, y) if kind == "zero" else torch.where(factor, y, zero)
     return (y / factor if div else y * factor).to(y.dtype)
 
 

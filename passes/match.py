@@ -72,10 +72,13 @@ class RowScale:
     between the two change the leading axes, else None; ``axes``: for each
     axis of the site's output, the axis of P's row index it reads (None: the
     value axis)."""
-    factor: Any               # fx.Node or a number
+    factor: Any               # fx.Node or a number; "zero"/"keep": a boolean tensor
     div: bool
     shapes: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]
     axes: Tuple[Optional[int], ...]
+    # "scale" (times, or over, the factor); "zero": rows where the factor is
+    # True set to 0; "keep": rows where it is False set to 0
+    kind: str = "scale"
 
 
 @dataclasses.dataclass
@@ -101,7 +104,56 @@ def find_sites(gm: fx.GraphModule) -> List[Any]:
             continue
         if m is not None:
             out.append(m)
+        elif _unfollowed_attention(node, parts[0]):
+            out.append(Declined(node, "attention the matcher cannot follow: the scores come from a product of "
+                                      "two activations and the probabilities reach another product, through "
+                                      "ops between that it does not read (chunked or diagonal layouts, "
+                                      "slice assignments, gathers): left as written"))
     return out
+
+
+def _unfollowed_attention(sm: fx.Node, x: fx.Node, depth: int = 16, limit: int = 256) -> bool:
+    """A softmax the matcher found no site in (Longformer's sliding chunks:
+    scores written into a diagonal layout by slice assignment) that still
+    reads as attention: its input is computed, within ``depth`` ops (the
+    in-place writes into a tensor included), from a contraction of two
+    activations (not a layer's weight: a router's ``x @ W`` is no attention),
+    and its output reaches a contraction.  Reported as declined rather than
+    passed unseen; nothing is rewritten."""
+    if _reaches_product(sm, depth) is None:
+        return False
+    seen, frontier = {x}, [x]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            c = C.contraction(n)
+            if c is not None and not _is_weight(c.operand(0)[0]) and not _is_weight(c.operand(1)[0]):
+                return True
+            for m in [*n.all_input_nodes, *mutating_users(n)]:
+                if m not in seen and m is not sm:
+                    seen.add(m)
+                    nxt.append(m)
+        if len(seen) > limit:
+            return False
+        frontier = nxt
+    return False
+
+
+_WEIGHT_VIEWS = {"t", "transpose", "permute", "view", "reshape", "to", "type", "type_as", "contiguous",
+                 "expand", "unsqueeze", "float", "half", "bfloat16"}
+
+
+def _is_weight(node: fx.Node) -> bool:
+    """Whether ``node`` is a module's parameter or buffer, through views."""
+    for _ in range(8):
+        if node.op == "get_attr" or node.op == "placeholder" and "_parameters_" in node.name:
+            return True
+        op = C.canonical(node)
+        inp = op.kw.get("input") if op is not None and op.name in _WEIGHT_VIEWS else None
+        if not isinstance(inp, fx.Node):
+            return False
+        node = inp
+    return False
 
 
 def _custom_function_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -443,6 +495,10 @@ def _follow_probabilities(sm: fx.Node, start: Optional[fx.Node] = None):
                 post.append(users[0])      # a head mask: P · m = m ⊙ (P·V) when m is one per row
                 cur = users[0]
                 continue
+            if op is not None and not swapped and _row_zeroing(op, cur) is not None:
+                post.append(users[0])      # whole rows of P set to 0 (Flamingo): those rows of P·V are 0
+                cur = users[0]
+                continue
             if op is not None and not swapped and _zeroes_where(op, cur):
                 post.append(users[0])      # P.masked_fill(mask, 0): checked against the scores' mask
                 cur = users[0]
@@ -481,8 +537,11 @@ def _row_factor(op: C.COp, p: fx.Node):
         return b if math.isfinite(b) and (b != 0 or op.name == "mul") else None
     ev = C.example_value(b) if isinstance(b, fx.Node) else None
     ps, outs = C.shape_of(p), C.shape_of(node)
-    if not isinstance(ev, torch.Tensor) or not ev.is_floating_point() or ps is None or outs is None \
-            or len(ev.shape) > len(ps) or len(outs) != len(ps):
+    # a boolean or integer factor (a query-padding mask, ``p * keep[..., None]``)
+    # only multiplies: P / False is inf, which a row of P·V does not reproduce
+    if not isinstance(ev, torch.Tensor) or not (ev.is_floating_point() or op.name == "mul" and not ev.is_complex()) \
+            or ps is None or outs is None or len(ev.shape) > len(ps) or len(outs) != len(ps) \
+            or C.example_value(node).dtype != C.example_value(p).dtype:
         return None
     from .analyze.values import _size_eq, is_one
     if not all(_size_eq(x, y) for x, y in zip(outs, ps)):
@@ -490,6 +549,34 @@ def _row_factor(op: C.COp, p: fx.Node):
     if len(ev.shape) and not is_one(ev.shape[-1]):
         return None
     return b
+
+
+def _row_zeroing(op: C.COp, p: fx.Node):
+    """``p.masked_fill(m, 0)``, ``where(m, 0, p)`` or ``where(m, p, 0)`` with
+    a boolean ``m`` that is one value per row of P (its key axis broadcast:
+    Flamingo's ``attn.masked_fill(text_without_media, 0.)``), out of place and
+    with P's shape: ``(m, zero_where_true)``, else None.  The rows it zeroes
+    are zero rows of P·V ([Note: rows of P set to 0])."""
+    node = op.node
+    if str(node.target).endswith("_") or C.shape_of(node) != C.shape_of(p):
+        return None
+    if op.name == "masked_fill":
+        cond, zero, kept, when_true = op.kw.get("mask"), op.kw.get("value"), op.kw.get("input"), True
+    elif op.name == "where":
+        cond, a, b = op.kw.get("condition"), op.kw.get("input"), op.kw.get("other")
+        (zero, kept), when_true = ((a, b), True) if b is p else ((b, a), False)
+    else:
+        return None
+    if kept is not p or cond is p or not isinstance(cond, fx.Node) or isinstance(zero, bool) \
+            or not isinstance(zero, (int, float)) or zero != 0:
+        return None
+    ev, ps = C.example_value(cond), C.shape_of(p)
+    from .analyze.values import is_one
+    if not isinstance(ev, torch.Tensor) or ev.dtype != torch.bool or ps is None or ev.dim() > len(ps) \
+            or ev.dim() == 0 or not is_one(ev.shape[-1]) \
+            or C.example_value(node).dtype != C.example_value(p).dtype:
+        return None
+    return cond, when_true
 
 
 def _zeroes_where(op: C.COp, p: fx.Node) -> bool:
@@ -545,7 +632,7 @@ def _leads_to_pv(u: fx.Node, p: fx.Node, depth: int = 6) -> bool:
         op = C.canonical(u)
         follows = op is not None and (op.name in _POST_OPS and op.kw.get("input") is p
                                       or op.name in ("mul", "div") and _row_factor(op, p) is not None
-                                      or _zeroes_where(op, p))
+                                      or _row_zeroing(op, p) is not None or _zeroes_where(op, p))
         if not follows or len(u.users) != 1:
             return False
         nxt = next(iter(u.users))
@@ -631,7 +718,9 @@ def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swap
     zero_rows = any(C.canonical(n).name == "nan_to_num" for n in post)
     if zero_rows and (len(batch) != 2 or heads is not None):
         raise Decline("nan_to_num of the probabilities on scores that are not [B, H, Lq, Lk]")
-    zero_masks = [n for n in post if C.canonical(n).name in ("masked_fill", "where")]
+    prevs = [start or sm, *post[:-1]]
+    rows_zeroed = {n for n, prev in zip(post, prevs) if _row_zeroing(C.canonical(n), prev) is not None}
+    zero_masks = [n for n in post if C.canonical(n).name in ("masked_fill", "where") and n not in rows_zeroed]
     if zero_masks and ((len(batch) != 2 and heads is None) or C.shape_of(zero_masks[0]) != C.shape_of(x)
                        or len(C.shape_of(x)) != 4):
         raise Decline("probabilities zeroed by a mask, on scores that are not [B, H, Lq, Lk]")
@@ -647,6 +736,11 @@ def _row_scales(sm, post, pn, plabels: str, out_labels: str, site: set) -> List[
     for n in post:
         op = C.canonical(n)
         factor = _row_factor(op, prev) if op is not None and op.name in ("mul", "div") else None
+        kind = "scale"
+        if factor is None and op is not None:
+            zeroing = _row_zeroing(op, prev)
+            if zeroing is not None:
+                factor, kind = zeroing[0], "zero" if zeroing[1] else "keep"
         prev = n
         if factor is None:
             continue
@@ -660,7 +754,7 @@ def _row_scales(sm, post, pn, plabels: str, out_labels: str, site: set) -> List[
             shapes = (at, to)
         rows = plabels[:-1]
         out.append(RowScale(factor, op.name == "div", shapes,
-                            tuple(rows.index(lab) if lab in rows else None for lab in out_labels)))
+                            tuple(rows.index(lab) if lab in rows else None for lab in out_labels), kind))
     return out
 
 

@@ -65,7 +65,7 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
             final = call(layout.from_op_layout, out, m.op_out_labels, m.out_labels, group)
             for rs in m.row_scales:
                 factor = get(rs.factor) if isinstance(rs.factor, fx.Node) else rs.factor
-                final = call(layout.scale_rows, final, factor, rs.div, rs.shapes, rs.axes)
+                final = call(layout.scale_rows, final, factor, rs.div, rs.shapes, rs.axes, rs.kind)
             if mutating_users(anchor) or view_writers(anchor):
                 # the user writes the attention output in place (``o += x``): the op
                 # saved its output for the backward, so the user gets a copy

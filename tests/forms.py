@@ -1548,3 +1548,62 @@ class BoTNetRelPos(nn.Module):
         rel_h = _rel_logits_1d(grid.transpose(1, 2), self.height_rel, permute_mask=(0, 3, 1, 4, 2))
         attn = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + (rel_h + rel_w).reshape(b, hw, hw)
         return attn.softmax(dim=-1) @ v
+
+
+# ---- whole rows of the probabilities set to 0 ([Note: rows of P set to 0]) ------------
+
+class FlamingoMaskedCrossAttention(nn.Module):
+    """Flamingo's gated cross-attention core (flamingo-pytorch / OpenFlamingo),
+    einops written out: text tokens attend only to the media (image) tokens of
+    the image that precedes them, through a time mask built from a cumsum of
+    the media locations (masked with -finfo.max); the row max subtracted
+    (detached); then the rows of text that no image precedes are zeroed with
+    ``attn.masked_fill(text_without_media, 0.)``: one boolean per query row.
+    ``x`` (B, Lq, H*D) text, ``media`` (B, T, M, H*D) image tokens,
+    ``media_locations`` (B, Lq) bool."""
+
+    def __init__(self, heads=4, dim_head=16):
+        super().__init__()
+        self.heads, self.scale = heads, dim_head ** -0.5
+        inner = heads * dim_head
+        self.to_q = nn.Linear(inner, inner, bias=False)
+        self.to_kv = nn.Linear(inner, 2 * inner, bias=False)
+
+    def forward(self, x, media, media_locations):
+        b, t, m = media.shape[:3]
+        h = self.heads
+        q = self.to_q(x)
+        k, v = self.to_kv(media.reshape(b, t * m, -1)).chunk(2, dim=-1)
+        q, k, v = (z.reshape(b, z.shape[1], h, -1).transpose(1, 2) for z in (q, k, v))
+        q = q * self.scale
+        sim = torch.einsum("...id,...jd->...ij", q, k)
+        text_time = media_locations.cumsum(dim=-1)
+        media_time = torch.arange(t, device=x.device) + 1
+        text_to_media = torch.eq(text_time[:, None, :, None], media_time.repeat_interleave(m)[None, None, None, :])
+        sim = sim.masked_fill(~text_to_media, -torch.finfo(sim.dtype).max)
+        sim = sim - sim.amax(dim=-1, keepdim=True).detach()
+        attn = sim.softmax(dim=-1)
+        text_without_media = (text_time == 0)[:, None, :, None]
+        attn = attn.masked_fill(text_without_media, 0.0)
+        out = torch.einsum("...ij,...jd->...id", attn, v)
+        return out.transpose(1, 2).reshape(b, -1, h * v.shape[-1])
+
+
+def query_padding_rows_multiplied(q, k, v, keep):
+    """Padded keys masked with -inf, then the padded query rows zeroed by a
+    product with the boolean padding mask (``p * keep[:, None, :, None]``, set
+    and graph-transformer code): the mask is one value per row, so it scales
+    rows of P·V (a bool factor: nan rows stay nan, as in eager)."""
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    p = s.softmax(-1) * keep[:, None, :, None]
+    return p @ v
+
+
+def rows_kept_by_where(q, k, v, keep_rows):
+    """``torch.where(keep_rows, P, 0)`` with one boolean per query row, under
+    a causal mask filled with finfo.min: the dropped rows of P·V are 0."""
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    causal = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
+    s = s.masked_fill(~causal, torch.finfo(s.dtype).min)
+    return torch.where(keep_rows, s.softmax(-1), 0.0) @ v

@@ -160,6 +160,34 @@ def probs_zeroed_by_another_mask(q, k, v):
     return torch.softmax(s, -1).masked_fill(pad, 0.0) @ v
 
 
+def rows_zeroed_beside_an_inf_mask(q, k, v):
+    """Query rows zeroed (one boolean per row) where a -inf mask may leave a
+    row without a key: eager's gradient of such a row is 0 (the zeroing
+    stops the softmax's nan), the op's would be nan, so the site is left."""
+    s = _scores(q, k)
+    keep = torch.ones(s.shape[-1], dtype=torch.bool)
+    keep[:2] = False
+    s = s.masked_fill(~keep, float("-inf"))
+    rows = torch.arange(s.shape[-2])[:, None] % 3 == 0
+    return torch.softmax(s, -1).masked_fill(rows, 0.0) @ v
+
+
+def scores_written_into_a_band(q, k, v):
+    """Longformer-style sliding chunks in small: each query's scores against
+    its neighbours written into a (B, H, L, 3) band by slice assignment, a
+    softmax over the band, the band's products summed back (no score matrix
+    the matcher can read): reported as declined, not passed unseen."""
+    s = _scores(q, k)
+    band = s.new_zeros(*s.shape[:-1], 3)
+    band[..., 1] = s.diagonal(dim1=-2, dim2=-1)
+    band[..., 1:, 0] = s.diagonal(offset=-1, dim1=-2, dim2=-1)
+    band[..., :-1, 2] = s.diagonal(offset=1, dim1=-2, dim2=-1)
+    p = band.softmax(-1)
+    vp = F.pad(v, (0, 0, 1, 1))
+    near = torch.stack([vp[..., :-2, :], vp[..., 1:-1, :], vp[..., 2:, :]], dim=-2)
+    return torch.einsum("bhlk,bhlkd->bhld", p, near)
+
+
 def probs_filled_with_a_tensor_half(q, k, v):
     """The masked probabilities set to a 0-d tensor 0.5, not 0: not a
     softmax of the kept scores."""
@@ -223,6 +251,8 @@ DECLINED = [
     (local_global_blocks_concatenated, ["concatenated"]),
     (deepvit_reattention, ["einsum", "cannot be expressed"]),
     (probs_zeroed_by_another_mask, ["zeroed", "other than the scores' own"]),
+    (rows_zeroed_beside_an_inf_mask, ["rows of the probabilities", "-inf"]),
+    (scores_written_into_a_band, ["cannot follow", "slice assignments"]),
     (probs_filled_with_a_tensor_half, ["not only zeroed"]),
     (two_sink_columns, ["concatenated"]),
 ]

@@ -396,6 +396,15 @@ def _rows_without_keys(n=L):
     return keep
 
 
+def _media_locations(n=L):
+    """(B, n) bool: where an image sits in the text.  Batch 0's first 4 tokens
+    come before any image (their rows of P are zeroed), batch 1 starts with one."""
+    loc = torch.zeros(B, n, dtype=torch.bool)
+    loc[0, [4, 9]] = True
+    loc[1, [0, 6, 11]] = True
+    return loc
+
+
 def _bias_rows_of_min(dtype, n=L):
     """(1, H, n, n) float bias: noise, with query row 5 finfo.min over every key."""
     bias = 0.5 * torch.randn(1, H, n, n)
@@ -505,6 +514,12 @@ RESEARCH_CASES = [
     Case("sewd_heads_view_zeroed", lambda dt: (forms.sewd_heads_view_zeroed, _qkv(dt) + [_rows_without_keys()])),
     Case("scores_viewed_then_masked_in_place", _fn(forms.scores_viewed_then_masked_in_place)),
     Case("probabilities_copy_rows_zeroed_in_place", _fn(forms.probabilities_copy_rows_zeroed_in_place)),
+    Case("flamingo_masked_cross_attention", _mod(forms.FlamingoMaskedCrossAttention, lambda dt: [
+        _t(B, L, H * D, dtype=dt), _t(B, 3, 4, H * D, dtype=dt), _media_locations()])),
+    Case("query_padding_rows_multiplied", lambda dt: (forms.query_padding_rows_multiplied,
+                                                      _qkv(dt) + [_keep_mask()])),
+    Case("rows_kept_by_where", lambda dt: (forms.rows_kept_by_where, _qkv(dt) + [
+        _keep_mask()[:, None, :, None]])),
     Case("funnel_relative_shift_scaled_in_place", lambda dt: (
         forms.funnel_relative_shift_scaled_in_place,
         [_t(B, L, H, D, dtype=dt), _t(B, L, H, D, dtype=dt), _t(B, L, H, D, dtype=dt), _t(2 * L, H, D, dtype=dt),
@@ -552,6 +567,9 @@ def test_research_form_fp32_forward_backward(case):
     ("conformer_relpos_zeroed_where", "fp16"),
     ("diff_transformer_scores", "bf16"),
     ("inkling_float_cast_sinks", "bf16"),
+    ("flamingo_masked_cross_attention", "bf16"),
+    ("query_padding_rows_multiplied", "fp16"),
+    ("rows_kept_by_where", "bf16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_research_form_low_precision_forward(case_id, dtype, on_kernels):
@@ -645,7 +663,8 @@ def test_in_place_writes_to_the_scores_leave_with_them(case_id):
                                      "deberta_xsoftmax", "where_zeroed_probabilities",
                                      "inkling_float_cast_sinks", "zeroed_probabilities_inf_with_bias",
                                      "conformer_relpos_zeroed_probabilities", "conformer_relpos_zeroed_where",
-                                     "sewd_heads_view_zeroed"])
+                                     "sewd_heads_view_zeroed", "flamingo_masked_cross_attention",
+                                     "query_padding_rows_multiplied", "rows_kept_by_where"])
 def test_sinks_on_the_kernels_forward_backward(case_id):
     """Attention sinks through the generated kernels (Triton's interpreter on
     CPU), float32 forward and backward: the sink's gradient comes through the

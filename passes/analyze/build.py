@@ -96,6 +96,12 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analys
     zero_masked = False
     if m.zero_masks:
         mod, zero_masked = _masked_to_neg_inf(mod, specs)
+    if any(rs.kind != "scale" for rs in m.row_scales) and not m.zero_empty_rows and (
+            mod.has(sympy.S.NegativeInfinity) or any(getattr(torch, c.dtype).is_floating_point for c in specs)):
+        # [Note: rows of P set to 0] in layout: a row a -inf mask leaves without a
+        # key is nan in P; zeroed, eager's gradients there are 0, the op's nan
+        raise Decline("rows of the probabilities are set to 0 beside a mask that may leave a row "
+                      "without a key (-inf)")
     reason = can_evaluate(mod)
     if reason:
         raise Decline(reason)
