@@ -125,9 +125,10 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
         out += [dataclasses.replace(c, per_sm=k) for c in out[:2] for k in (1, 2)]
     if family == "fwd" and kernels.is_hopper(q):
         # some tiles with K/V through tensor descriptors (TMA); a call they do not
-        # suit raises and the tuner drops them.  128x64 w4 s2 tma was the fastest
-        # forward without a mask (4x16x4096x128: 503 TFLOP/s vs 491 ptr, 1x16x16384:
-        # 523 vs 489), 128x64 w8 s3 tma never won (bench/RESULTS.md run 35)
+        # suit raises and the tuner drops them.  With V asked for beside K
+        # ([Note: V beside K] in the template) 128x128 w8 s3 tma is the fastest
+        # forward at D=128 (4x16x4096x128: 538 TFLOP/s vs 513 for the pointer
+        # tiles, causal 447 vs 443; 1x16x16384: 562 vs 520, bench/RESULTS.md run 81)
         out += [dataclasses.replace(c, variant="tma") for c in out
                 if (c.block_m, c.block_n, c.num_warps, c.num_stages) in _TMA_FWD]
     if family == "bwd":
@@ -148,6 +149,12 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
             tma = short[:2] + [KernelConfig(64, 128, 8, 2)]
             out += [dataclasses.replace(c, variant="tma") for c in tma
                     if autotune.first_failing_rule(family, c, problem) is None]
+        elif kernels.is_hopper(q) and not causal:
+            # Q, dO, K, V tiles through descriptors: 64x64 w4 s2 tma +dQ 128x64 w8 s3
+            # was the fastest backward without a mask at D=128 (4x16x4096: 419 TFLOP/s
+            # vs 410 for the best pointer tiles, 1x16x16384: 443 vs 427); under a
+            # causal mask and at D=64 the pointer tiles won (bench/RESULTS.md run 82)
+            out += [dataclasses.replace(c, variant="tma") for c in out[len(short):len(short) + 1]]
     return out or [kernels.default_config(family, q)]
 
 

@@ -186,26 +186,27 @@ def default_config(family: str, q: torch.Tensor) -> autotune.KernelConfig:
 _allocator_set = False
 
 
-def _tma_ready(spec: AttentionSpec, captured: Sequence[torch.Tensor], *kv: torch.Tensor) -> None:
+def _tma_ready(spec: AttentionSpec, captured: Sequence[torch.Tensor], tiles: dict, rows: bool = False) -> None:
     """Check that the tensors a "tma" config reads through tensor descriptors
-    suit them: ``kv`` (K and V: the forward's), the captured planes
-    (``codegen.tma_planes``: a learned bias) and, in the forward (``kv``
-    given), the captured rows (``codegen.tma_rows``: a padding mask), else
-    ValueError (the tuner drops the candidate); give Triton the scratch
-    allocator device-side descriptors need (once, on first use)."""
+    suit them: ``tiles`` ({name: tensor}: the forward's K and V, the
+    backward's Q, K, V and dO), the captured planes (``codegen.tma_planes``:
+    a learned bias) and, with ``rows`` (the forward), the captured rows
+    (``codegen.tma_rows``: a padding mask), else ValueError (the tuner drops
+    the candidate); give Triton the scratch allocator device-side
+    descriptors need (once, on first use)."""
     global _allocator_set
-    for name, t in zip(("k", "v"), kv):
+    for name, t in tiles.items():
         d = t.shape[-1]
         if t.stride(-1) != 1 or _pow2(d) != d:
             raise ValueError(f"tma variant: {name} needs a unit head-dim stride and a power-of-two head dim")
         _check_rows_aligned(name, t, t.stride()[:-1])
-    for i in codegen.tma_planes(spec) + (codegen.tma_rows(spec) if kv else []):
+    for i in codegen.tma_planes(spec) + (codegen.tma_rows(spec) if rows else []):
         t = captured[i]
         if t.stride(3) != 1:
             raise ValueError(f"tma variant: captured tensor {i} needs a unit stride along the keys")
         # only the axes the kernel indexes: broadcast (size-1) axes contribute no offset
         _check_rows_aligned(f"captured tensor {i}", t, [st for n, st in zip(t.shape[:3], t.stride()[:3]) if n > 1])
-    if not _allocator_set and any(t.is_cuda for t in kv + tuple(captured)):
+    if not _allocator_set and any(t.is_cuda for t in (*tiles.values(), *captured)):
         import triton
 
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
@@ -447,7 +448,7 @@ def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     bmap = (block_map(mod, spec, captured, B, Hq, Lq, k.shape[2], p.bm, p.bn, device=q.device) if p.mode3
             else (lse, 0, 0, 0))
     if p.tma:
-        _tma_ready(spec, captured, k, v)
+        _tma_ready(spec, captured, {"k": k, "v": v}, rows=True)
     _grid(mod.attention_fwd, p.grid)(
         q, k, v, out, lse, *bmap, *captured_args(captured), *p.args, dropout_x0(seed, spec), *p.tail, **p.kw)
     return out, lse
@@ -519,9 +520,7 @@ def _bwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _BwdPlan:
     bm2, bn2 = min(m2, _pow2(Lq)), min(n2, _pow2(Lk))
     even_q = Lk % bn2 == 0 and pow2_d
     band = (plan.lo, plan.hi)
-    tma = t.variant == "tma"          # captured planes through tensor descriptors
-    if tma and not codegen.tma_planes(spec):
-        raise ValueError("tma variant: the backward reads no captured plane (the ptr variant is the same)")
+    tma = t.variant == "tma"          # Q, dO, K, V tiles and captured planes through tensor descriptors
     launch["TMA"] = tma
     dq_s, dk_s, dv_s = (_contiguous_strides(t.shape) for t in (q, k, v))
     variant, one_grid, one_tail, one_after, one_kw = "two", (), (), (), {}
@@ -581,6 +580,11 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     lse2 = torch.empty_like(delta)
     rinv = torch.empty_like(delta)
     cap = captured_args(captured)
+    if p.tma and (dout.stride(-1) != 1 or dout.data_ptr() % 16
+                  or any(st * dout.element_size() % 16 for st in dout.stride()[:-1])):
+        # dO's layout is not in the call's signature (q, k, v's are): a config
+        # tuned on another dO reads a copy rather than fail (sum()'s expanded ones)
+        dout = dout.contiguous()
     dos = dout.stride()
     # with dlse (d lse / d score = P: dz = P ∘ (dP - delta + dlse)) a row that
     # keeps no key (lse = -inf) has P = 0 where its lse is read (attention
@@ -599,7 +603,7 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     bmap2 = (block_map(mod, spec, captured, B, Hq, Lq, Lk, bm2, bn2, device=dev) if p.mode3
              else (lse2, 0, 0, 0))
     if p.tma:
-        _tma_ready(spec, captured)
+        _tma_ready(spec, captured, {"q": q, "k": k, "v": v, "dO": dout})
     if p.variant != "two":
         kernel = mod.attention_bwd_fused if p.variant == "fused" else mod.attention_bwd_paired
         _grid(kernel, p.one_grid)(

@@ -127,8 +127,12 @@ def _unfollowed_attention(sm: fx.Node, x: fx.Node, depth: int = 16, limit: int =
         nxt = []
         for n in frontier:
             c = C.contraction(n)
-            if c is not None and not _is_weight(c.operand(0)[0]) and not _is_weight(c.operand(1)[0]):
-                return True
+            if c is not None:
+                if not _is_weight(c.operand(0)[0]) and not _is_weight(c.operand(1)[0]):
+                    return True
+                continue        # a product with a weight: this path is a layer, not scores
+            if any(_is_weight(a) for a in n.all_input_nodes):
+                continue        # a layer (linear, norm): what lies behind it is another block
             for m in [*n.all_input_nodes, *mutating_users(n)]:
                 if m not in seen and m is not sm:
                     seen.add(m)

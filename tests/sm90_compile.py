@@ -121,7 +121,7 @@ def _cases():
     # name, spec, captured tensors (given B, H, L), the families' extra variants
     cases = [
         ("plain", spec(score), lambda B, H, L: [], ()),
-        ("causal", spec(masked(causal)), lambda B, H, L: [], ("paired", "fused")),
+        ("causal", spec(masked(causal)), lambda B, H, L: [], ("paired", "fused", "tma")),
         ("window", spec(masked(causal & (q_idx - kv_idx < 100))), lambda B, H, L: [], ()),
         ("softcap", spec(masked(causal, 50.0 * sympy.tanh(score / 50.0))), lambda B, H, L: [], ()),
         ("alibi", spec(masked(causal, score + t0 * (kv_idx - q_idx)), captured=[slopes]),
@@ -129,7 +129,7 @@ def _cases():
         ("bias", spec(score + t0, captured=[plane]),
          lambda B, H, L: [torch.randn(1, H, L, L, dtype=torch.bfloat16)], ("tma", "fused")),
         ("padding", spec(masked(sympy.Ne(t0, 0)), captured=[keep]),
-         lambda B, H, L: [torch.ones(B, 1, 1, L, dtype=torch.bool)], ("fused", "paired")),
+         lambda B, H, L: [torch.ones(B, 1, 1, L, dtype=torch.bool)], ("fused", "paired", "tma")),
         ("hf_causal_padding", spec(masked(causal, score + t0, f32_min), captured=[additive]),
          lambda B, H, L: [torch.zeros(B, 1, 1, L, dtype=torch.bfloat16)], ("paired",)),
         ("dropout", spec(masked(causal), dropout_p=0.1), lambda B, H, L: [], ()),

@@ -308,9 +308,10 @@ def test_fused_launch_equals_two_launches(case, variant):
 
 
 def test_tma_variant_reads_the_bias_through_descriptors():
-    """The backward's "tma" variant (bias tiles through tensor descriptors, in
-    dK/dV transposed) gives the pointer path's gradients; a spec without a
-    captured plane refuses it (nothing would differ)."""
+    """The backward's "tma" variant (Q, dO, K, V and bias tiles through tensor
+    descriptors, the bias in dK/dV transposed) gives the pointer path's
+    gradients, with and without a captured plane, from (B, L, H, D) views
+    too; a head dim that is not a power of two refuses it."""
     q, k, v = qkv(B=2, Hq=2, Lq=37, Lk=40, seed=36)
     bias = randn(1, 2, 37, 40, seed=7)
     spec = make_spec(causal_mod(score + T0), captured=[captured_spec(".HQK", grad=True)])
@@ -321,8 +322,26 @@ def test_tma_variant_reads_the_bias_through_descriptors():
     for a, b in zip(ptr[:3], tma[:3], strict=True):          # the same values, loaded another way
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(ptr[3][0], tma[3][0], rtol=1e-5, atol=1e-6)   # float32 atomics: any order
+    for layout in ("bhld", "blhd"):
+        q2, k2, v2 = qkv(B=2, Hq=4, Hkv=2, Lq=37, Lk=40, seed=37, layout=layout)
+        plain = make_spec(causal_mod(), group=2)
+        out2, lse2 = kernels.forward(q2, k2, v2, [], plain, None, config=TILE_16x32)
+        dout2 = randn(out2.shape, seed=14)
+        ptr = kernels.backward(dout2, q2, k2, v2, [], out2, lse2, plain, None, config=TILE_16x32)
+        tma = kernels.backward(dout2, q2, k2, v2, [], out2, lse2, plain, None,
+                               config=KernelConfig(16, 32, 4, 1, "tma"))
+        for a, b in zip(ptr[:3], tma[:3], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # dO as sum()'s expanded ones (stride 0): the tma config reads a copy
+    ones = torch.ones(1, 1, 1, 1, dtype=dout2.dtype, device=dout2.device).expand(out2.shape)
+    ptr = kernels.backward(ones, q2, k2, v2, [], out2, lse2, plain, None, config=TILE_16x32)
+    tma = kernels.backward(ones, q2, k2, v2, [], out2, lse2, plain, None, config=KernelConfig(16, 32, 4, 1, "tma"))
+    for a, b in zip(ptr[:3], tma[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    q24, k24, v24 = qkv(B=2, Hq=2, Lq=37, Lk=40, Dh=24, seed=38)
+    out24, lse24 = kernels.forward(q24, k24, v24, [], make_spec(causal_mod()), None, config=TILE_16x32)
     with pytest.raises(ValueError, match="tma variant"):
-        kernels.backward(dout, q, k, v, [], out, lse, make_spec(causal_mod()), None,
+        kernels.backward(out24, q24, k24, v24, [], out24, lse24, make_spec(causal_mod()), None,
                          config=KernelConfig(16, 32, 4, 1, "tma"))
     with pytest.raises(ValueError, match="do not mirror"):     # Lq = 8: the dQ tile cannot mirror 16x32
         q8 = q[:, :, :8]
