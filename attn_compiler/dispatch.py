@@ -149,7 +149,7 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
             tma = short[:2] + [KernelConfig(64, 128, 8, 2)]
             out += [dataclasses.replace(c, variant="tma") for c in tma
                     if autotune.first_failing_rule(family, c, problem) is None]
-        elif kernels.is_hopper(q) and not causal:
+        elif kernels.is_hopper(q) and not causal and codegen.no_planes(spec):
             # Q, dO, K, V tiles through descriptors: 64x64 w4 s2 tma +dQ 128x64 w8 s3
             # was the fastest backward without a mask at D=128 (4x16x4096: 419 TFLOP/s
             # vs 410 for the best pointer tiles, 1x16x16384: 443 vs 427); under a

@@ -520,7 +520,10 @@ def _bwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _BwdPlan:
     bm2, bn2 = min(m2, _pow2(Lq)), min(n2, _pow2(Lk))
     even_q = Lk % bn2 == 0 and pow2_d
     band = (plan.lo, plan.hi)
-    tma = t.variant == "tma"          # Q, dO, K, V tiles and captured planes through tensor descriptors
+    tma = t.variant == "tma"          # Q, dO, K, V tiles or captured planes through tensor descriptors
+    if tma and not codegen.tma_planes(spec) and not codegen.no_planes(spec):
+        raise ValueError("tma variant: the backward reads no tile through a descriptor here "
+                         "(a captured query-by-key term that is not a float plane)")
     launch["TMA"] = tma
     dq_s, dk_s, dv_s = (_contiguous_strides(t.shape) for t in (q, k, v))
     variant, one_grid, one_tail, one_after, one_kw = "two", (), (), (), {}
@@ -580,7 +583,8 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     lse2 = torch.empty_like(delta)
     rinv = torch.empty_like(delta)
     cap = captured_args(captured)
-    if p.tma and (dout.stride(-1) != 1 or dout.data_ptr() % 16
+    tiles = p.tma and codegen.no_planes(spec)     # Q, dO, K, V through descriptors
+    if tiles and (dout.stride(-1) != 1 or dout.data_ptr() % 16
                   or any(st * dout.element_size() % 16 for st in dout.stride()[:-1])):
         # dO's layout is not in the call's signature (q, k, v's are): a config
         # tuned on another dO reads a copy rather than fail (sum()'s expanded ones)
@@ -603,7 +607,7 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     bmap2 = (block_map(mod, spec, captured, B, Hq, Lq, Lk, bm2, bn2, device=dev) if p.mode3
              else (lse2, 0, 0, 0))
     if p.tma:
-        _tma_ready(spec, captured, {"q": q, "k": k, "v": v, "dO": dout})
+        _tma_ready(spec, captured, {"q": q, "k": k, "v": v, "dO": dout} if tiles else {})
     if p.variant != "two":
         kernel = mod.attention_bwd_fused if p.variant == "fused" else mod.attention_bwd_paired
         _grid(kernel, p.one_grid)(

@@ -83,6 +83,16 @@ def tma_planes(spec: AttentionSpec) -> List[int]:
             if c.dims[2] and c.dims[3] and c.is_float and not c.kv_map]
 
 
+def no_planes(spec: AttentionSpec) -> bool:
+    """Whether no captured tensor has both a query and a key axis (a learned
+    bias, a 2-D mask, SAM's split-key terms): then each step loads only K and
+    V, the forward asks for V beside K and the backward's "tma" variant reads
+    Q, dO, K and V through descriptors ([Note: V beside K]).  With such a
+    term the kernels keep the loads they had before (a bias plane lost 20 %
+    with the early V, bench/RESULTS.md run 84)."""
+    return not any(c.dims[2] and c.dims[3] for c in spec.captured)
+
+
 def tma_rows(spec: AttentionSpec) -> List[int]:
     """Indices of the captured float tensors with a key axis and no query axis
     (Hugging Face's additive padding mask): the forward's "tma" variant reads
@@ -467,6 +477,7 @@ def _hooks_for(family: str, h: _Hooks) -> Dict[str, object]:
         "DROPOUT_THRESHOLD": h.threshold() if h.has_dropout() else 0,
         "FINITE_FILL": bool(h.finite_fill),
         "RAW_FULL": bool(h.raw_full),
+        "NO_PLANES": no_planes(spec),
         "FILL_LSE": repr(float(reference._HUGE_LSE)),
         "KEEP": h.keep_lines(),
         "ZERO_MASKED_P": h.zero_masked_lines("p"),
