@@ -14,7 +14,8 @@ Notation::
     w, s    num_warps, num_stages (software-pipelining depth of the K/V loads)
     ptr     K/V loaded through pointer arithmetic (every GPU)
     tma     tiles loaded through tensor descriptors (Hopper's TMA unit): K/V,
-            learned-bias planes and key-padding rows in fwd, the bias planes in bwd
+            learned-bias planes and key-padding rows in fwd; in bwd the bias
+            planes, or without a query-by-key term Q, dO, K and V
     fused   dK/dV and dQ programs in one launch (bwd; ptr: two launches)
     paired  one launch, program j doing dK/dV of KV block j and dQ of query block j
             (bwd; equal work per program under a causal mask)
@@ -286,7 +287,7 @@ def pruned_configs(family: str, *, head_dim: int, dtype: torch.dtype, lq: int, l
 def config_space(family: str, *, head_dim: int, dtype: torch.dtype, lq: int, lk: int,
                  causal: bool, hopper: bool) -> list[KernelConfig]:
     """The configs worth timing for one problem: the family's cross product
-    (``tma`` only on Hopper, fwd only) less what the family's rules drop."""
+    (``tma`` only on Hopper) less what the family's rules drop."""
     _check_family(family)
     problem = Problem(head_dim, dtype, lq, lk, causal, hopper)
     return [c for c in _full_space(family, hopper) if first_failing_rule(family, c, problem) is None]
