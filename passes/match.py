@@ -417,6 +417,14 @@ def _shape_only(user: fx.Node, n: fx.Node) -> bool:
     return all(not isinstance(C.example_value(a), torch.Tensor) for a in others)
 
 
+def _like_zero_fill(user: fx.Node, n: fx.Node) -> bool:
+    """``torch.zeros_like(n)`` / ``torch.full_like(n, 0)``: zeros of ``n``'s
+    shape, dtype and device, read from nothing else."""
+    op = C.canonical(user)
+    return op is not None and op.name in ("zeros_like", "full_like") and _shape_only(user, n) \
+        and C.fill_value(op) == 0 and not isinstance(C.fill_value(op), bool)
+
+
 def _dtype_only(user: fx.Node, n: fx.Node) -> bool:
     """``y.type_as(n)`` of another tensor ``y``: reads only ``n``'s dtype (the
     Differential Transformer's causal mask ``...type_as(scores)``)."""
@@ -478,7 +486,9 @@ def _follow_probabilities(sm: fx.Node, start: Optional[fx.Node] = None):
     """
     cur, post, p, swapped = start or sm, [], 0.0, False
     while True:
-        users = list(cur.users)
+        # a tensor made from P's shape alone (``torch.zeros_like(p)`` as a where's
+        # zero) reads no probability: rewritten as a constant with the site
+        users = [u for u in cur.users if not _like_zero_fill(u, cur)]
         if len(users) == 1:
             found = _pv_of(users[0], cur, swapped)
             if found is not None:
@@ -571,6 +581,8 @@ def _row_zeroing(op: C.COp, p: fx.Node):
         (zero, kept), when_true = ((a, b), True) if b is p else ((b, a), False)
     else:
         return None
+    if isinstance(zero, fx.Node) and _like_zero_fill(zero, p):
+        zero = 0
     if kept is not p or cond is p or not isinstance(cond, fx.Node) or isinstance(zero, bool) \
             or not isinstance(zero, (int, float)) or zero != 0:
         return None
@@ -724,6 +736,12 @@ def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swap
         raise Decline("nan_to_num of the probabilities on scores that are not [B, H, Lq, Lk]")
     prevs = [start or sm, *post[:-1]]
     rows_zeroed = {n for n, prev in zip(post, prevs) if _row_zeroing(C.canonical(n), prev) is not None}
+    for n in (start or sm, *post):     # zeros_like(P) beside P: a constant once P is gone
+        for u in n.users:
+            if _like_zero_fill(u, n):
+                if not all(isinstance(d, int) for d in C.example_value(u).shape):
+                    raise Decline(f"'{u.name}' is made from the probabilities' dynamic shape")
+                dtype_users.append(u)
     zero_masks = [n for n in post if C.canonical(n).name in ("masked_fill", "where") and n not in rows_zeroed]
     if zero_masks and ((len(batch) != 2 and heads is None) or C.shape_of(zero_masks[0]) != C.shape_of(x)
                        or len(C.shape_of(x)) != 4):

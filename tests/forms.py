@@ -1607,3 +1607,10 @@ def rows_kept_by_where(q, k, v, keep_rows):
     causal = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
     s = s.masked_fill(~causal, torch.finfo(s.dtype).min)
     return torch.where(keep_rows, s.softmax(-1), 0.0) @ v
+
+
+def rows_zeroed_where_zeros_like(q, k, v, keep_rows):
+    """``torch.where(keep_rows, attn, torch.zeros_like(attn))``: P read a second
+    time only for its shape; the zeros become a constant and P is never made."""
+    attn = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)
+    return torch.where(keep_rows, attn, torch.zeros_like(attn)) @ v

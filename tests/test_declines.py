@@ -188,6 +188,15 @@ def scores_written_into_a_band(q, k, v):
     return torch.einsum("bhlk,bhlkd->bhld", p, near)
 
 
+def probs_where_zeros_like_other_mask(q, k, v):
+    """``where(m, P, zeros_like(P))`` with a 2-D m that is not the scores'
+    mask: the zeros read only P's shape, but the zeroing is not the op's."""
+    s = _scores(q, k)
+    m = (torch.arange(s.shape[-2])[:, None] + 2 * torch.arange(s.shape[-1])[None, :]) % 3 != 0
+    p = torch.softmax(s, -1)
+    return torch.where(m, p, torch.zeros_like(p)) @ v
+
+
 def probs_filled_with_a_tensor_half(q, k, v):
     """The masked probabilities set to a 0-d tensor 0.5, not 0: not a
     softmax of the kept scores."""
@@ -253,6 +262,7 @@ DECLINED = [
     (probs_zeroed_by_another_mask, ["zeroed", "other than the scores' own"]),
     (rows_zeroed_beside_an_inf_mask, ["rows of the probabilities", "-inf"]),
     (scores_written_into_a_band, ["cannot follow", "slice assignments"]),
+    (probs_where_zeros_like_other_mask, ["'where'", "cannot be expressed"]),
     (probs_filled_with_a_tensor_half, ["not only zeroed"]),
     (two_sink_columns, ["concatenated"]),
 ]

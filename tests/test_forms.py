@@ -520,6 +520,8 @@ RESEARCH_CASES = [
                                                       _qkv(dt) + [_keep_mask()])),
     Case("rows_kept_by_where", lambda dt: (forms.rows_kept_by_where, _qkv(dt) + [
         _keep_mask()[:, None, :, None]])),
+    Case("rows_zeroed_where_zeros_like", lambda dt: (forms.rows_zeroed_where_zeros_like, _qkv(dt) + [
+        _keep_mask()[:, None, :, None]])),
     Case("funnel_relative_shift_scaled_in_place", lambda dt: (
         forms.funnel_relative_shift_scaled_in_place,
         [_t(B, L, H, D, dtype=dt), _t(B, L, H, D, dtype=dt), _t(B, L, H, D, dtype=dt), _t(2 * L, H, D, dtype=dt),
@@ -570,6 +572,7 @@ def test_research_form_fp32_forward_backward(case):
     ("flamingo_masked_cross_attention", "bf16"),
     ("query_padding_rows_multiplied", "fp16"),
     ("rows_kept_by_where", "bf16"),
+    ("rows_zeroed_where_zeros_like", "fp16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_research_form_low_precision_forward(case_id, dtype, on_kernels):
@@ -664,7 +667,8 @@ def test_in_place_writes_to_the_scores_leave_with_them(case_id):
                                      "inkling_float_cast_sinks", "zeroed_probabilities_inf_with_bias",
                                      "conformer_relpos_zeroed_probabilities", "conformer_relpos_zeroed_where",
                                      "sewd_heads_view_zeroed", "flamingo_masked_cross_attention",
-                                     "query_padding_rows_multiplied", "rows_kept_by_where"])
+                                     "query_padding_rows_multiplied", "rows_kept_by_where",
+                                     "rows_zeroed_where_zeros_like"])
 def test_sinks_on_the_kernels_forward_backward(case_id):
     """Attention sinks through the generated kernels (Triton's interpreter on
     CPU), float32 forward and backward: the sink's gradient comes through the
@@ -854,3 +858,15 @@ def test_differential_variants_match_eager(fn, fused):
     golden = fn(*[_to64(t) for t in (q, k, v)])
     golden_check(out, fn(q, k, v), golden, name="out")
     assert len(attn_compiler.report().fused) == fused
+
+
+def test_zeros_like_of_the_probabilities_leaves_with_them():
+    """``where(rows, P, zeros_like(P))``: the zeros are made from P's shape,
+    so after fusing neither the softmax nor P itself is left in the graph."""
+    graphs, inner = _graph_capture()
+    fn, args = RESEARCH_BY_ID["rows_zeroed_where_zeros_like"].build(F32)
+    torch.compile(fn, backend=attn_compiler.backend(inner=inner))(*args)
+    assert_fused(attn_compiler.report(), 1)
+    left = [n for gm in graphs for n in gm.graph.nodes
+            if "softmax" in str(n.target) or "zeros_like" in str(n.target)]
+    assert not left, [n.format_node() for n in left]
