@@ -199,13 +199,15 @@ def _tma_ready(spec: AttentionSpec, captured: Sequence[torch.Tensor], tiles: dic
         d = t.shape[-1]
         if t.stride(-1) != 1 or _pow2(d) != d:
             raise ValueError(f"tma variant: {name} needs a unit head-dim stride and a power-of-two head dim")
-        _check_rows_aligned(name, t, t.stride()[:-1])
+        if not _rows_aligned(t, t.stride()[:-1]):
+            raise ValueError(f"tma variant: {name} rows must be 16-byte aligned")
     for i in codegen.tma_planes(spec) + (codegen.tma_rows(spec) if rows else []):
         t = captured[i]
         if t.stride(3) != 1:
             raise ValueError(f"tma variant: captured tensor {i} needs a unit stride along the keys")
         # only the axes the kernel indexes: broadcast (size-1) axes contribute no offset
-        _check_rows_aligned(f"captured tensor {i}", t, [st for n, st in zip(t.shape[:3], t.stride()[:3]) if n > 1])
+        if not _rows_aligned(t, [st for n, st in zip(t.shape[:3], t.stride()[:3]) if n > 1]):
+            raise ValueError(f"tma variant: captured tensor {i} rows must be 16-byte aligned")
     if not _allocator_set and any(t.is_cuda for t in (*tiles.values(), *captured)):
         import triton
 
@@ -213,10 +215,10 @@ def _tma_ready(spec: AttentionSpec, captured: Sequence[torch.Tensor], tiles: dic
         _allocator_set = True
 
 
-def _check_rows_aligned(name: str, t: torch.Tensor, strides) -> None:
+def _rows_aligned(t: torch.Tensor, strides) -> bool:
+    """Whether ``t`` starts, and each of its rows along ``strides`` starts, on 16 bytes."""
     size = t.element_size()
-    if any((st * size) % 16 for st in strides) or t.data_ptr() % 16:
-        raise ValueError(f"tma variant: {name} rows must be 16-byte aligned")
+    return not (any((st * size) % 16 for st in strides) or t.data_ptr() % 16)
 
 
 # The kernels offset a (batch, head) base pointer in int64 and index inside it
@@ -473,6 +475,7 @@ class _BwdPlan:
     mode3: bool
     tiles: tuple             # (bm, bn) of dK/dV (or the one launch), (bm2, bn2) of dQ
     tma: bool
+    tma_tiles: bool          # tma reads Q, dO, K, V through descriptors (no query-by-key term)
     grad_strides: tuple      # per gradient buffer, 0 on broadcast axes
     after_seed: tuple        # the dropout seed's followers: its scale and the band
     one_grid: tuple
@@ -546,7 +549,8 @@ def _bwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _BwdPlan:
         pre_grid=(triton_cdiv(Lq, pre_m), B * Hq),
         qkv_strides=(*_strides(q), *_strides(k, True), *_strides(v, True)),
         pre_tail=(Hq, G, Lq, Lk, scale, scale2), pre_kw=dict(BLOCK_M=pre_m, BLOCK_N=32, **consts),
-        variant=variant, mode3=plan.mode == 3, tiles=((bm, bn), (bm2, bn2)), tma=tma, grad_strides=grad_strides,
+        variant=variant, mode3=plan.mode == 3, tiles=((bm, bn), (bm2, bn2)), tma=tma,
+        tma_tiles=tma and codegen.no_planes(spec), grad_strides=grad_strides,
         after_seed=(drop_scale, *band), one_grid=one_grid, one_tail=one_tail, one_after=one_after, one_kw=one_kw,
         dkdv_grid=(triton_cdiv(Lk, bn), Bk * Hkv), dkdv_tail=(*dk_s, *dv_s, B, Hkv, G, Lq, Lk, scale, scale2),
         dkdv_kw=dict(launch, MODE=mode_kv, KV_BATCH_BROADCAST=broadcast),
@@ -583,9 +587,7 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     lse2 = torch.empty_like(delta)
     rinv = torch.empty_like(delta)
     cap = captured_args(captured)
-    tiles = p.tma and codegen.no_planes(spec)     # Q, dO, K, V through descriptors
-    if tiles and (dout.stride(-1) != 1 or dout.data_ptr() % 16
-                  or any(st * dout.element_size() % 16 for st in dout.stride()[:-1])):
+    if p.tma_tiles and (dout.stride(-1) != 1 or not _rows_aligned(dout, dout.stride()[:-1])):
         # dO's layout is not in the call's signature (q, k, v's are): a config
         # tuned on another dO reads a copy rather than fail (sum()'s expanded ones)
         dout = dout.contiguous()
@@ -607,7 +609,7 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     bmap2 = (block_map(mod, spec, captured, B, Hq, Lq, Lk, bm2, bn2, device=dev) if p.mode3
              else (lse2, 0, 0, 0))
     if p.tma:
-        _tma_ready(spec, captured, {"q": q, "k": k, "v": v, "dO": dout} if tiles else {})
+        _tma_ready(spec, captured, {"q": q, "k": k, "v": v, "dO": dout} if p.tma_tiles else {})
     if p.variant != "two":
         kernel = mod.attention_bwd_fused if p.variant == "fused" else mod.attention_bwd_paired
         _grid(kernel, p.one_grid)(

@@ -25,7 +25,7 @@ import torch.fx as fx
 from . import canonicalize as C
 from .analyze.values import _CASTS, Decline
 from .operands import (Operand, _check_grouped, _check_layouts, _operand, mutated_between,
-                       mutating_users, peel)
+                       mutating_users, peel, storage_root)
 
 # ops allowed between the softmax and the P·V contraction
 _POST_OPS = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous",
@@ -143,21 +143,10 @@ def _unfollowed_attention(sm: fx.Node, x: fx.Node, depth: int = 16, limit: int =
     return False
 
 
-_WEIGHT_VIEWS = {"t", "transpose", "permute", "view", "reshape", "to", "type", "type_as", "contiguous",
-                 "expand", "unsqueeze", "float", "half", "bfloat16"}
-
-
 def _is_weight(node: fx.Node) -> bool:
-    """Whether ``node`` is a module's parameter or buffer, through views."""
-    for _ in range(8):
-        if node.op == "get_attr" or node.op == "placeholder" and "_parameters_" in node.name:
-            return True
-        op = C.canonical(node)
-        inp = op.kw.get("input") if op is not None and op.name in _WEIGHT_VIEWS else None
-        if not isinstance(inp, fx.Node):
-            return False
-        node = inp
-    return False
+    """Whether ``node`` is a module's parameter or buffer, through views and casts."""
+    root = storage_root(node, casts=True)
+    return root.op == "get_attr" or root.op == "placeholder" and "_parameters_" in root.name
 
 
 def _custom_function_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -565,14 +554,15 @@ def _row_factor(op: C.COp, p: fx.Node):
     return b
 
 
-def _row_zeroing(op: C.COp, p: fx.Node):
-    """``p.masked_fill(m, 0)``, ``where(m, 0, p)`` or ``where(m, p, 0)`` with
-    a boolean ``m`` that is one value per row of P (its key axis broadcast:
-    Flamingo's ``attn.masked_fill(text_without_media, 0.)``), out of place and
-    with P's shape: ``(m, zero_where_true)``, else None.  The rows it zeroes
-    are zero rows of P·V ([Note: rows of P set to 0])."""
+def _zero_fill(op: C.COp, p: fx.Node):
+    """``p.masked_fill(m, 0)``, ``where(m, 0, p)`` or ``where(m, p, 0)``: P
+    set to 0 under a boolean tensor ``m``, out of place, with P's shape and
+    dtype.  The 0 is a number, a 0-d
+    tensor (CPM-Ant's ``torch.scalar_tensor(0)``: the analysis proves it 0)
+    or ``zeros_like(p)``; ``(m, zero_where_true, zero)``, else None."""
     node = op.node
-    if str(node.target).endswith("_") or C.shape_of(node) != C.shape_of(p):
+    if str(node.target).endswith("_") or C.shape_of(node) != C.shape_of(p) \
+            or C.example_value(node).dtype != C.example_value(p).dtype:
         return None
     if op.name == "masked_fill":
         cond, zero, kept, when_true = op.kw.get("mask"), op.kw.get("value"), op.kw.get("input"), True
@@ -581,42 +571,42 @@ def _row_zeroing(op: C.COp, p: fx.Node):
         (zero, kept), when_true = ((a, b), True) if b is p else ((b, a), False)
     else:
         return None
-    if isinstance(zero, fx.Node) and _like_zero_fill(zero, p):
-        zero = 0
-    if kept is not p or cond is p or not isinstance(cond, fx.Node) or isinstance(zero, bool) \
-            or not isinstance(zero, (int, float)) or zero != 0:
+    if isinstance(zero, fx.Node):
+        zv = C.example_value(zero)
+        zero_ok = zero is not p and (_like_zero_fill(zero, p) or isinstance(zv, torch.Tensor) and zv.dim() == 0)
+    else:
+        zero_ok = isinstance(zero, (int, float)) and not isinstance(zero, bool) and zero == 0
+    ev = C.example_value(cond) if isinstance(cond, fx.Node) else None
+    if kept is not p or cond is p or not zero_ok or not isinstance(ev, torch.Tensor) or ev.dtype != torch.bool:
         return None
-    ev, ps = C.example_value(cond), C.shape_of(p)
+    return cond, when_true, zero
+
+
+def _row_zeroing(op: C.COp, p: fx.Node):
+    """A zero fill (``_zero_fill``) whose mask is one value per row of P (its
+    key axis broadcast: Flamingo's ``attn.masked_fill(text_without_media,
+    0.)``) and whose 0 is a number or ``zeros_like(p)``: ``(m,
+    zero_where_true)``, else None.  The rows it zeroes are zero rows of P·V
+    ([Note: rows of P set to 0])."""
+    fill = _zero_fill(op, p)
+    if fill is None:
+        return None
+    cond, when_true, zero = fill
+    if isinstance(zero, fx.Node) and not _like_zero_fill(zero, p):
+        return None          # a 0-d tensor: left to the analysis of the scores' own mask
     from .analyze.values import is_one
-    if not isinstance(ev, torch.Tensor) or ev.dtype != torch.bool or ps is None or ev.dim() > len(ps) \
-            or ev.dim() == 0 or not is_one(ev.shape[-1]) \
-            or C.example_value(node).dtype != C.example_value(p).dtype:
+    ev, ps = C.example_value(cond), C.shape_of(p)
+    if ps is None or ev.dim() > len(ps) or ev.dim() == 0 or not is_one(ev.shape[-1]):
         return None
     return cond, when_true
 
 
 def _zeroes_where(op: C.COp, p: fx.Node) -> bool:
-    """``p.masked_fill(m, 0)``, ``where(m, 0, p)`` or ``where(m, p, 0)``:
-    probabilities set to 0 under a boolean tensor, out of place and with P's
-    shape; the analysis proves the zeros fall where the scores were masked
-    ([Note: probabilities zeroed by the mask])."""
-    node = op.node
-    if str(node.target).endswith("_") or C.shape_of(node) != C.shape_of(p):
-        return False
-    if op.name == "masked_fill":
-        cond, zero, kept = op.kw.get("mask"), op.kw.get("value"), op.kw.get("input")
-    elif op.name == "where":
-        cond, a, b = op.kw.get("condition"), op.kw.get("input"), op.kw.get("other")
-        zero, kept = (a, b) if b is p else (b, a)
-    else:
-        return False
-    ev = C.example_value(cond) if isinstance(cond, fx.Node) else None
-    if isinstance(zero, fx.Node):       # torch.scalar_tensor(0) (CPM-Ant): the analysis proves it 0
-        zv = C.example_value(zero)
-        zero_ok = isinstance(zv, torch.Tensor) and zv.dim() == 0 and zero is not p
-    else:
-        zero_ok = isinstance(zero, (int, float)) and not isinstance(zero, bool) and zero == 0
-    return kept is p and cond is not p and isinstance(ev, torch.Tensor) and ev.dtype == torch.bool and zero_ok
+    """A zero fill (``_zero_fill``) with a number or a 0-d tensor as the 0;
+    the analysis proves the zeros fall where the scores were masked ([Note:
+    probabilities zeroed by the mask])."""
+    fill = _zero_fill(op, p)
+    return fill is not None and not (isinstance(fill[2], fx.Node) and _like_zero_fill(fill[2], p))
 
 
 def _reaches_product(sm: fx.Node, depth: int = 8, limit: int = 64) -> Optional[fx.Node]:
