@@ -286,7 +286,7 @@ class MaskPlan:
     has_lo: bool = False
     has_hi: bool = False
     empty_rows: bool = False     # a band that leaves some query row no key at all
-    fill_rows: bool = False      # block map of a finite-fill mask: see attention_block_map
+    fill_rows: bool = False      # block map of a finite-fill mask: see attention_block_runs
 
 
 def mask_plan(spec: AttentionSpec, lq: int, lk: int) -> MaskPlan:
@@ -335,28 +335,41 @@ def _map_axes_of(text: str) -> Tuple[bool, bool, bool]:
     return tuple(sym in syms or any(c.dims[d] for c in caps) for d, sym in enumerate((S.b, S.h, S.q_idx)))
 
 
+RUNS_CHUNK = 1024     # map entries one program reads at once while it writes the runs
+
+
 def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: int, bm: int, bn: int,
               cols: bool = False, device: Optional[torch.device] = None):
     """(Map, sm_b, sm_h, sm_m): the int32 tile map of a tensor mask for (bm, bn)
-    tiles, built by the generated ``attention_block_map`` kernel: each entry a
-    tile's kind and the end of its run along the row, or with ``cols`` down the
-    column (the dK/dV walk; ``attention_block_map_cols``).  On ``device`` (the
-    queries'; by default the captured tensors'): a mask of index arithmetic
-    alone (a block-diagonal document mask) captures no tensor."""
+    tiles: the generated ``attention_block_kinds`` (one program per tile) writes
+    each tile's kind and ``attention_block_runs`` the end of its run along the
+    row, or with ``cols`` ``attention_block_map_cols`` down the column (the
+    dK/dV walk).  On ``device`` (the queries'; by default the captured
+    tensors'): a mask of index arithmetic alone (a block-diagonal document
+    mask) captures no tensor."""
     ub, uh, uq = _map_axes(spec)
     nb, nh, nm = (B if ub else 1), (Hq if uh else 1), (triton_cdiv(Lq, bm) if uq else 1)
+    n_blk = triton_cdiv(Lk, bn)
     dev = device if device is not None else captured[0].device
-    m = torch.empty((nb, nh, nm, triton_cdiv(Lk, bn)), dtype=torch.int32, device=dev)
+    m = torch.empty((nb, nh, nm, n_blk), dtype=torch.int32, device=dev)
     sb, sh, sm = (m.stride(0) if ub else 0), (m.stride(1) if uh else 0), (m.stride(2) if uq else 0)
     # a mask that does not vary along the queries (key padding) has one map row
     # for every query block, and its rows are all alike: 16 of them make the
     # row of tiles, not bm (a quarter of the work at bm = 64)
-    _grid(mod.attention_block_map, (nm, nb * nh))(m, sb, sh, sm, nb, nh, *captured_args(captured), Lq, Lk,
-                                                  BLOCK_M=bm if uq else min(bm, 16), BLOCK_N=bn,
-                                                  FILL_ROWS=mask_plan(spec, Lq, Lk).fill_rows)
+    rows = bm if uq else min(bm, 16)
+    fill_rows = mask_plan(spec, Lq, Lk).fill_rows
+    kept = (torch.zeros((nb * nh, nm * rows), dtype=torch.int32, device=dev) if fill_rows
+            else torch.empty((1,), dtype=torch.int32, device=dev))
+    # one warp per tile: its sums stay within the warp (4 warps took 2-3x as long, run 88)
+    _grid(mod.attention_block_kinds, (n_blk, nm, nb * nh))(m, sb, sh, sm, kept, nm * rows, nb, nh,
+                                                           *captured_args(captured), Lq, Lk, BLOCK_M=rows,
+                                                           BLOCK_N=bn, FILL_ROWS=fill_rows, num_warps=1)
+    _grid(mod.attention_block_runs, (nm, nb * nh))(m, sb, sh, sm, kept, nm * rows, nh, Lq, n_blk, BLOCK_M=rows,
+                                                    CHUNK=min(_pow2(n_blk), RUNS_CHUNK), FILL_ROWS=fill_rows)
     if cols:
         c = torch.empty_like(m)
-        _grid(mod.attention_block_map_cols, (m.shape[3], nb * nh))(c, m, sb, sh, sm, nh, nm)
+        _grid(mod.attention_block_map_cols, (n_blk, nb * nh))(c, m, sb, sh, sm, nh, nm,
+                                                              CHUNK=min(_pow2(nm), RUNS_CHUNK))
         m = c
     return m, sb, sh, sm
 

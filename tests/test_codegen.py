@@ -293,7 +293,7 @@ def test_load_writes_into_the_cache_dir(fresh_cache):
     mod = codegen.load("fwd", spec)
     path = _module_path(fresh_cache, "fwd", spec)
     assert path.read_text() == codegen.generate("fwd", spec).source
-    assert hasattr(mod, "attention_fwd") and hasattr(mod, "attention_block_map")
+    assert hasattr(mod, "attention_fwd") and hasattr(mod, "attention_block_kinds")
     assert codegen.load("fwd", spec) is mod                   # in memory after the first load
     assert not list(fresh_cache.glob("*.tmp"))                # the atomic write left nothing behind
 
