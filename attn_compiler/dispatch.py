@@ -105,6 +105,10 @@ def _use_triton(q, k, v, spec: AttentionSpec, captured=()) -> bool:
 # ---- config candidates -------------------------------------------------------------
 
 _TMA_FWD = {(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 2)}
+# with a learned-bias plane (a third (M, N) tile per stage): 128x64 w8 s3 tma was
+# its fastest forward (0.82-0.85 ms causal at 4x16x4096x128, runs 19-28); without
+# it among the candidates the tuner's best was 1.03 ms (runs 84-85)
+_TMA_FWD_PLANE = {(128, 64, 8, 3)}
 
 
 def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
@@ -129,8 +133,9 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
         # ([Note: V beside K] in the template) 128x128 w8 s3 tma is the fastest
         # forward at D=128 (4x16x4096x128: 538 TFLOP/s vs 513 for the pointer
         # tiles, causal 447 vs 443; 1x16x16384: 562 vs 520, bench/RESULTS.md run 81)
+        tiles = _TMA_FWD | (_TMA_FWD_PLANE if codegen.tma_planes(spec) else set())
         out += [dataclasses.replace(c, variant="tma") for c in out
-                if (c.block_m, c.block_n, c.num_warps, c.num_stages) in _TMA_FWD]
+                if (c.block_m, c.block_n, c.num_warps, c.num_stages) in tiles]
     if family == "bwd":
         short = list(out)
         # the second tile's dK/dV with the first's dQ launch (64x64 w4 s2 +dQ

@@ -183,9 +183,9 @@ def test_forward_candidates_leave_room_for_a_bias_plane():
 
 def test_hopper_forward_candidates_with_tensor_descriptors(monkeypatch):
     """On Hopper the forward also tries three tiles through tensor descriptors:
-    64x64 w4 s3 (a bias plane's winner), 128x128 w8 s3 and 128x64 w4 s2 (the
-    fastest forward without a mask, bench/RESULTS.md run 35); with a bias plane
-    only those that fit."""
+    64x64 w4 s3, 128x128 w8 s3 and 128x64 w4 s2 (the fastest forward without a
+    mask, bench/RESULTS.md run 35); with a bias plane only those that fit, and
+    128x64 w8 s3 (the bias plane's fastest, runs 19-28; missed in runs 84-85)."""
     from attn_compiler.autotune import KernelConfig
     monkeypatch.setattr(kernels, "is_hopper", lambda t: True)
     q = torch.empty(2, 4, 4096, 128, dtype=torch.bfloat16)
@@ -196,6 +196,7 @@ def test_hopper_forward_candidates_with_tensor_descriptors(monkeypatch):
     biased = dispatch._configs("fwd", q, q, q, make_spec(score + T0, dtype=torch.bfloat16,
                                                           captured=[captured_spec(".HQK", "bfloat16")]))
     assert KernelConfig(64, 64, 4, 3, "tma") in biased and KernelConfig(128, 128, 8, 3, "tma") not in biased
+    assert KernelConfig(128, 64, 8, 3, "tma") in biased and KernelConfig(128, 64, 8, 3, "tma") not in tma
 
 
 def test_offsets_past_int32_inside_a_head_are_declined():
