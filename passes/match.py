@@ -688,9 +688,18 @@ def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swap
     if swapped:     # the labels of P itself: (.., query, key)
         plabels = plabels[:-2] + plabels[-1] + plabels[-2]
     vn, vlabels = pv.operand(1 - p_index)
-    p_lead = C.shape_of(pn)[:-2]
-    if not (_same_lead(p_lead, C.shape_of(qk.node)[:-2])
-            or (heads is not None and _same_lead(p_lead, heads))):
+    p_lead, p_tail = C.shape_of(pn)[:-2], tuple(C.shape_of(pn)[-2:])
+    if not _same_lead(p_tail[::-1] if swapped else p_tail, C.shape_of(qk.node)[-2:]):
+        raise Decline("P·V reads the probabilities reshaped across their query and key axes")
+    if heads is None and len(batch) == 2 and _flattened_lead(p_lead, C.shape_of(qk.node)[:-2]):
+        # [B, H, Lq, Lk] scores, P reshaped to [B*H, Lq, Lk] for a bmm with a
+        # [B*H, Lk, Dv] value: only views lie between the softmax and P·V
+        # (_POST_OPS), so P's flat batch is b * H + h, and the value's is read
+        # so too (split with ``heads``, a static head count as _heads_view's;
+        # the output flattened back)
+        heads = tuple(C.shape_of(qk.node)[:-2])
+    elif not (_same_lead(p_lead, C.shape_of(qk.node)[:-2])
+              or (heads is not None and _same_lead(p_lead, heads))):
         raise Decline("P·V is batched differently from Q·Kᵀ")
     dv = [lab for lab in vlabels if lab not in plabels]
     if len(dv) != 1:
@@ -910,3 +919,10 @@ def _heads_view(chain: set, score_shape) -> Optional[Tuple]:
 def _same_lead(a, b) -> bool:
     from .analyze.values import _same_sizes
     return _same_sizes(tuple(a), tuple(b))
+
+
+def _flattened_lead(a, b) -> bool:
+    """``a`` is the one axis of ``b``'s two leading axes flattened ([B*H] of
+    [B, H]), the second of them (the heads) of a static size."""
+    from .analyze.values import _size_eq, _sym
+    return len(a) == 1 and len(b) == 2 and isinstance(b[1], int) and _size_eq(a[0], _sym(b[0]) * b[1])

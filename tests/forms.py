@@ -71,6 +71,23 @@ def fairseq_bmm_reshaped(q, k, v):
     return torch.bmm(p, v3).view(B, H, Lq, -1)
 
 
+def matmul_scores_bmm_output(q, k, v):
+    """4-D scores by torch.matmul, P·V by bmm: P and V reshaped to (B*H, L, ·)
+    for the product and the output viewed back (B, H, Lq, D)."""
+    B, H, Lq, D = q.shape
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(D)
+    p = F.softmax(s, dim=-1)
+    o = torch.bmm(p.reshape(B * H, Lq, -1), v.reshape(B * H, k.shape[2], v.shape[-1]))
+    return o.view(B, H, Lq, -1)
+
+
+def matmul_scores_bmm_output_gqa(q, k, v):
+    """As ``matmul_scores_bmm_output`` with GQA (k, v repeat_interleave'd to
+    the query heads first); with B = 1 the flat batch of P·V is the heads."""
+    g = q.shape[1] // k.shape[1]
+    return matmul_scores_bmm_output(q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1))
+
+
 def einsum_bhqd(q, k, v):
     """einsum 'bhqd,bhkd->bhqk' then 'bhqk,bhkd->bhqd'."""
     s = torch.einsum("bhqd,bhkd->bhqk", q, k) * (q.shape[-1] ** -0.5)

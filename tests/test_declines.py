@@ -362,6 +362,28 @@ def test_probs_transposed_before_pv_not_fused():
     assert not [r for r in rows if r.status == "fused"], [(r.status, r.reason) for r in rows]
 
 
+def test_probs_reshaped_across_query_and_key_axes_declined():
+    """(B, H, Lq, Lk) probabilities reshaped to (B*H, Lk, Lq) for a bmm (legal,
+    and not attention): declined with a reason, not left to the rewrite's
+    shape check; the same bmm of P reshaped to (B*H, Lq, Lk) is fused."""
+    def scrambled(q, k, v):
+        p = torch.softmax(_scores(q, k), dim=-1)                       # (B, H, Lq, Lk)
+        return torch.bmm(p.reshape(B * H, k.shape[2], q.shape[2]), v.reshape(B * H, q.shape[2], D))
+
+    def flattened(q, k, v):
+        p = torch.softmax(_scores(q, k), dim=-1)
+        return torch.bmm(p.reshape(B * H, q.shape[2], k.shape[2]), v.reshape(B * H, k.shape[2], D))
+
+    torch.manual_seed(0)
+    q = torch.randn(B, H, L, D, requires_grad=True)
+    k = torch.randn(B, H, L + 3, D, requires_grad=True)
+    rows = _same_as_eager(scrambled, [q, k, torch.randn(B, H, L, D, requires_grad=True)])
+    assert [r.status for r in rows] == ["declined"], [(r.status, r.reason) for r in rows]
+    assert "reshaped across their query and key axes" in rows[0].reason
+    rows = _same_as_eager(flattened, [q, k, torch.randn(B, H, L + 3, D, requires_grad=True)])
+    assert [r.status for r in rows] == ["fused"], [(r.status, r.reason) for r in rows]
+
+
 def test_only_the_good_site_of_two_is_fused():
     """A declined site does not stop a later good site in the same graph."""
     def two(q, k, v):

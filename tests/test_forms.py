@@ -103,6 +103,8 @@ CASES = [
     Case("fairseq_bmm_3d", lambda dt: (forms.fairseq_bmm_3d,
                                        [_t(B * H, 9, D, dtype=dt), _t(B * H, L, D, dtype=dt), _t(B * H, L, D, dtype=dt)])),
     Case("fairseq_bmm_reshaped", _fn(forms.fairseq_bmm_reshaped)),
+    Case("matmul_scores_bmm_output", _fn(forms.matmul_scores_bmm_output, lq=11)),
+    Case("matmul_scores_bmm_output_gqa", _fn(forms.matmul_scores_bmm_output_gqa, hkv=2, b=1)),
     Case("einsum_bhqd", _fn(forms.einsum_bhqd)),
     Case("einsum_bhqd_D80", _fn(forms.einsum_bhqd, d=80, lq=7)),
     Case("einsum_ellipsis", _fn(forms.einsum_ellipsis, lq=11)),
@@ -266,6 +268,7 @@ def test_form_fp32_forward_backward(case):
 
 @pytest.mark.parametrize("case_id,dtype", [
     ("gpt2_matmul_div_sqrt", "bf16"),
+    ("matmul_scores_bmm_output", "bf16"),
     ("llama_softmax_fp32_cast", "fp16"),
     ("hf5_causal_where_finfo", "bf16"),
     ("hf_repeat_kv_gqa", "fp16"),
