@@ -55,9 +55,13 @@ def backend(inner: str = "inductor", **options: Any) -> Callable:
             log.warning("attention pass skipped for graph %d after an internal error: %r", gid, e,
                         exc_info=log.isEnabledFor(logging.DEBUG))
             sites, guards = [], []
+        compiled = inner_fn(gm, example_inputs)
+        # recorded once the inner compiler has taken the graph: dynamo may
+        # abandon a compile there and trace the frame again (a python float
+        # made a tensor under dynamic=True, then specialized: nn.Embedding's
+        # norm_type), and the new attempt's graph brings its own rows
         for site in sites:
             record(site)
-        compiled = inner_fn(gm, example_inputs)
         return _FoldGuard(compiled, guards, original, inner_fn, gid) if guards else compiled
 
     return attn_compiler

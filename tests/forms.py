@@ -530,6 +530,55 @@ class T5UnscaledBias(nn.Module):
         return torch.matmul(p, v)
 
 
+def t5_relative_position_bucket(relative_position, bidirectional=True, num_buckets=32, max_distance=128):
+    """T5's ``_relative_position_bucket`` (Hugging Face), as written there:
+    exact buckets for near positions, logarithmic ones up to ``max_distance``."""
+    relative_buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        relative_buckets += (relative_position > 0).to(torch.long) * num_buckets
+        relative_position = torch.abs(relative_position)
+    else:
+        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    relative_position_if_large = max_exact + (
+        torch.log(relative_position.float() / max_exact)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).to(torch.long)
+    relative_position_if_large = torch.min(
+        relative_position_if_large, torch.full_like(relative_position_if_large, num_buckets - 1))
+    relative_buckets += torch.where(is_small, relative_position, relative_position_if_large)
+    return relative_buckets
+
+
+class T5BucketedBias(nn.Module):
+    """T5 (Hugging Face) as it makes its position bias: relative positions
+    (the queries at the end of the keys, as with a cache) bucketed, looked up
+    in a learned ``nn.Embedding(num_buckets, H)``, permuted to (1, H, Lq, Lk)
+    and added to the unscaled scores; the table's gradient flows through the
+    lookup.  Any length (dynamic=True).  The softmax is not upcast by hand:
+    ``.float()`` would round the float64 golden's softmax to float32."""
+
+    def __init__(self, H=4, num_buckets=16, max_distance=32, bidirectional=True):
+        super().__init__()
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.relative_attention_bias = nn.Embedding(num_buckets, H)
+        with torch.no_grad():
+            self.relative_attention_bias.weight.mul_(0.5)
+
+    def forward(self, q, k, v):
+        Lq, Lk = q.shape[-2], k.shape[-2]
+        context_position = torch.arange(Lq, dtype=torch.long, device=q.device)[:, None] + (Lk - Lq)
+        memory_position = torch.arange(Lk, dtype=torch.long, device=q.device)[None, :]
+        buckets = t5_relative_position_bucket(memory_position - context_position, self.bidirectional,
+                                              self.num_buckets, self.max_distance)
+        position_bias = self.relative_attention_bias(buckets).permute([2, 0, 1]).unsqueeze(0)
+        scores = torch.matmul(q, k.transpose(3, 2)) + position_bias
+        return torch.matmul(F.softmax(scores, dim=-1), v)
+
+
 class SwinRelativeBiasTable(nn.Module):
     """Swin: relative position bias gathered from a learned table
     ((2W-1)^2, H) with a registered index buffer, permuted to (H, N, N)."""

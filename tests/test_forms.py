@@ -167,6 +167,7 @@ CASES = [
     # score modifications
     Case("mpt_alibi_in_graph", _fn(forms.mpt_alibi_in_graph)),
     Case("t5_unscaled_bias", _mod(forms.T5UnscaledBias, lambda dt: _qkv(dt, lq=11), Lq=11)),
+    Case("t5_bucketed_bias_embedding", _mod(forms.T5BucketedBias, lambda dt: _qkv(dt, lq=11))),
     Case("swin_relative_bias_table", _mod(forms.SwinRelativeBiasTable, lambda dt: _qkv(dt, lq=12, lk=12))),
     Case("swinv2_cosine_logit_scale", _mod(forms.SwinV2CosineLogitScale, _qkv)),
     Case("gemma2_tanh_softcap", _fn(forms.gemma2_tanh_softcap)),
@@ -354,6 +355,28 @@ def test_dynamic_true_two_lengths(form):
     hkv = 2 if form is forms.gqa_repeat_interleave else None
     compiled = torch.compile(form, backend=attn_compiler.backend(inner="aot_eager"), dynamic=True)
     _check_lengths(compiled, form, [13, 9], hkv=hkv)
+
+
+def test_dynamic_true_restarted_compile_reports_once():
+    """Under dynamic=True dynamo traces nn.Embedding's float ``norm_type`` as a
+    symbolic float; AOT autograd, inside our backend's inner compiler, then
+    specializes it, and dynamo abandons that compile and traces the frame
+    again.  The abandoned graph never runs: its site must not stay in the
+    report beside the new graph's (it did: two rows for one site)."""
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    torch._dynamo.reset()
+    dynamo_counters.clear()
+    torch.manual_seed(0)
+    m = forms.T5BucketedBias()
+    m64 = copy.deepcopy(m).double()
+    compiled = torch.compile(m, backend=attn_compiler.backend(inner="aot_eager"), dynamic=True)
+    for n in (13, 9):
+        q, k, v = _qkv(F32, lq=n, lk=n)
+        golden_check(compiled(q, k, v), m(q, k, v), m64(*[_to64(t) for t in (q, k, v)]), name=f"L={n} out")
+    rows = list(attn_compiler.report())
+    assert dynamo_counters["stats"]["unique_graphs"] == 1
+    assert len(rows) == 1 and rows[0].fused, "; ".join(f"graph {r.graph_id} {r.status} {r.reason}" for r in rows)
 
 
 def test_automatic_dynamic_three_lengths():
