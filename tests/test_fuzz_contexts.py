@@ -58,7 +58,7 @@ from torch._dynamo.utils import counters as dynamo_counters
 
 import attn_compiler
 from forms import t5_relative_position_bucket                      # tests/ is on sys.path under pytest
-from test_fuzz_forms import _check, _flat, _keep, _to64, _wrt
+from test_fuzz_forms import _check, _flat, _keep, _to64, _wrt, balanced_columns
 
 F32, BF16 = torch.float32, torch.bfloat16
 SEED = 20240612
@@ -143,11 +143,7 @@ class Form:
 
 def _draw_forms(n: int = N_CASES, seed: int = SEED) -> List[Form]:
     rng = random.Random(seed)
-    columns = {}
-    for axis, values in AXES.items():
-        col = (values * (n // len(values) + 1))[:n]
-        rng.shuffle(col)
-        columns[axis] = col
+    columns = balanced_columns(AXES, n, rng)
     # a third of each context's cases are decode steps; each padding spelling
     # takes its mask dtypes in turn
     decode_of = {}

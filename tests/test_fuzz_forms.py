@@ -117,13 +117,20 @@ class Form:
 _AFTER_SCALES = ("mul_after", "div_sqrt", "tensor_sqrt")
 
 
-def _draw_forms(n: int = N_CASES, seed: int = SEED) -> List[Form]:
-    rng = random.Random(seed)
+def balanced_columns(axes: dict, n: int, rng: random.Random) -> dict:
+    """For each axis, n values that take every value about equally often,
+    shuffled (case i draws ``columns[axis][i]``)."""
     columns = {}
-    for axis, values in AXES.items():
-        col = (values * (n // len(values) + 1))[:n]
+    for axis, values in axes.items():
+        col = (list(values) * (n // len(values) + 1))[:n]
         rng.shuffle(col)
         columns[axis] = col
+    return columns
+
+
+def _draw_forms(n: int = N_CASES, seed: int = SEED) -> List[Form]:
+    rng = random.Random(seed)
+    columns = balanced_columns(AXES, n, rng)
     forms = []
     for i in range(n):
         c = {axis: columns[axis][i] for axis in AXES}
