@@ -358,8 +358,8 @@ def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: 
     # row of tiles, not bm (a quarter of the work at bm = 64)
     rows = bm if uq else min(bm, 16)
     fill_rows = mask_plan(spec, Lq, Lk).fill_rows
-    kept = (torch.zeros((nb * nh, nm * rows), dtype=torch.int32, device=dev) if fill_rows
-            else torch.empty((1,), dtype=torch.int32, device=dev))
+    # each row's count of kept keys (a finite fill); else never read: the map stands in
+    kept = torch.zeros((nb * nh, nm * rows), dtype=torch.int32, device=dev) if fill_rows else m
     # one warp per tile: its sums stay within the warp (4 warps took 2-3x as long, run 88)
     _grid(mod.attention_block_kinds, (n_blk, nm, nb * nh))(m, sb, sh, sm, kept, nm * rows, nb, nh,
                                                            *captured_args(captured), Lq, Lk, BLOCK_M=rows,

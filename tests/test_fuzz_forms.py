@@ -26,7 +26,6 @@ inputs.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 import attn_compiler
 from attn_compiler.testing import golden_check
+from test_forms import _implementation, _to64                       # tests/ is on sys.path under pytest
 
 F32, BF16 = torch.float32, torch.bfloat16
 SEED = 20240611
@@ -425,12 +425,6 @@ def build(f: Form, dtype) -> Tuple[nn.Module, list]:
 
 # ---- checking -------------------------------------------------------------------------------
 
-def _to64(a):
-    if isinstance(a, torch.Tensor) and a.dtype.is_floating_point:
-        return a.detach().double().requires_grad_(a.requires_grad)
-    return a
-
-
 def _flat(out):
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
@@ -445,9 +439,12 @@ def _grads(outs, wrt, cots):
     return torch.autograd.grad(outs, wrt, cots, allow_unused=True)
 
 
-def _implementation(on_kernels: bool):
-    from attn_compiler import dispatch
-    return dispatch.implementation("triton") if on_kernels else contextlib.nullcontext()
+def check_row(r):
+    """A report row: fused, or declined with a reason that is not an internal error."""
+    assert r.status in ("fused", "declined"), r.status
+    if r.status == "declined":
+        assert r.reason and r.reason.strip(), "declined with an empty reason"
+        assert not r.reason.startswith("internal error"), f"declined after a crash: {r.reason}"
 
 
 def check_sites(f: Form, rows):
@@ -455,10 +452,7 @@ def check_sites(f: Form, rows):
     assert len(rows) == 1, f"expected one site, report has {len(rows)}: " + \
         "; ".join(f"{r.status} {r.reason!r}" for r in rows)
     for r in rows:
-        assert r.status in ("fused", "declined"), r.status
-        if r.status == "declined":
-            assert r.reason and r.reason.strip(), "declined with an empty reason"
-            assert not r.reason.startswith("internal error"), f"declined after a crash: {r.reason}"
+        check_row(r)
     if f.odd is None:
         assert rows[0].status == "fused", f"plain attention declined: {rows[0].reason}"
 
