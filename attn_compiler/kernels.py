@@ -15,6 +15,7 @@ The kernels' source comes from ``templates/`` through ``templates.codegen``.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -410,7 +411,8 @@ def _contiguous_strides(shape) -> tuple:
 
 def _call_key(family: str, spec: AttentionSpec, config, q, k, v, captured) -> tuple:
     return (family, spec.dumps(), config, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
-            q.dtype, k.dtype, v.dtype, q.device, tuple((t.shape, t.stride(), t.dtype) for t in captured))
+            q.dtype, k.dtype, v.dtype, q.device, tuple((t.shape, t.stride(), t.dtype) for t in captured),
+            _exact_rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -515,7 +517,6 @@ def _bwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _BwdPlan:
     scale = spec.scale_value(D)
     scale2 = scale * codegen.LOG2E
     consts = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), DOT_PREC=_dot_precision(q.dtype))
-    pre_m = 64
     grad_strides = tuple(tuple(0 if n == 1 else st
                                for n, st in zip(captured[i].shape, _contiguous_strides(captured[i].shape)))
                          for i in grad_ids)
@@ -555,13 +556,30 @@ def _bwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _BwdPlan:
         one_tail = (*dq_s, *dk_s, *dv_s, B, Hq, Hkv, G, Lq, Lk, scale, scale2)
         one_after = (drop_scale, *band, nkv, nq)
         one_kw = dict(MODE_KV=mode_kv, KV_BATCH_BROADCAST=broadcast, EVEN_Q=even_q, **launch)
+    pre_m, pre_n, pre_launch = 64, 32, {}
+    if _exact(spec):
+        # [Note: exact rows] the preprocess's walk takes dO·Vᵀ on the dQ
+        # kernel's rows and warps, so the dP it shifts by is dQ's to the bit.
+        # Compiled for a GPU each element's sum runs in the same order
+        # whatever BLOCK_N, and a wider walk costs less: 64 (128 at head dims
+        # <= 64) key columns (float32 at 2x16x4096x128: the backward +30 %
+        # over the one-pass form, +81 % on the dQ tile of 32; bench/RESULTS.md
+        # run 91).  Triton's interpreter multiplies with numpy, whose rounding
+        # follows the shapes: there the walk keeps the dQ tile.
+        pre_m, pre_n = bm2, bn2
+        pre_launch = dict(num_warps=warps2, num_stages=stages2)
+        if q.is_cuda:
+            pre_n = max(bn2, min(128 if D <= 64 else 64, _pow2(Lk)))
+            pre_launch["num_stages"] = 2 if D <= 64 else 1
     dq_kw = dict(launch, BLOCK_M=bm2, BLOCK_N=bn2, EVEN_N=even_q, num_warps=warps2, num_stages=stages2,
                  BATCH_FASTEST=_dq_batch_fastest(spec, captured, B))
     return _BwdPlan(
         grad_ids=grad_ids, empty=q.numel() == 0 or k.numel() == 0,
         pre_grid=(triton_cdiv(Lq, pre_m), B * Hq),
         qkv_strides=(*_strides(q), *_strides(k, True), *_strides(v, True)),
-        pre_tail=(Hq, G, Lq, Lk, scale, scale2), pre_kw=dict(BLOCK_M=pre_m, BLOCK_N=32, **consts),
+        pre_tail=(Hq, G, Lq, Lk, scale, scale2),
+        pre_kw=dict(BLOCK_M=pre_m, BLOCK_N=pre_n, MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi,
+                    DROPOUT=spec.dropout_p > 0, **consts, **pre_launch),
         variant=variant, mode3=plan.mode == 3, tiles=((bm, bn), (bm2, bn2)), tma=tma,
         tma_tiles=tma and codegen.no_planes(spec), grad_strides=grad_strides,
         after_seed=(drop_scale, *band), one_grid=one_grid, one_tail=one_tail, one_after=one_after, one_kw=one_kw,
@@ -569,6 +587,26 @@ def _bwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _BwdPlan:
         dkdv_kw=dict(launch, MODE=mode_kv, KV_BATCH_BROADCAST=broadcast),
         dq_grid=(triton_cdiv(Lq, bm2), B * Hq), dq_tail=(*dq_s, Hq, G, Lq, Lk, scale, scale2),
         dq_kw=dq_kw)
+
+
+# The backward's EXACT_ROWS when not the spec's own (reference.exact_rows): tests
+# run float32 specs through the one-pass preprocess the 16-bit specs use.
+_exact_rows: Optional[bool] = None
+
+
+def _exact(spec: AttentionSpec) -> bool:
+    return reference.exact_rows(spec) if _exact_rows is None else _exact_rows
+
+
+@contextlib.contextmanager
+def exact_rows(flag: Optional[bool]):
+    """Force the backward's [Note: exact rows] on or off inside the context (None: the spec's)."""
+    global _exact_rows
+    old, _exact_rows = _exact_rows, flag
+    try:
+        yield
+    finally:
+        _exact_rows = old
 
 
 def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: AttentionSpec,
@@ -592,13 +630,15 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     if p.empty:
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, [g.to(captured[i].dtype) for i, g in zip(p.grad_ids, dcap)]
-    mod = codegen.load("bwd", spec)
+    exact = _exact(spec)
+    mod = codegen.load("bwd", spec, exact)
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
     x0 = dropout_x0(seed, spec)
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=dev)
     lse2 = torch.empty_like(delta)
     rinv = torch.empty_like(delta)
+    shift = torch.empty_like(delta) if exact else rinv      # read only by exact rows
     cap = captured_args(captured)
     if p.tma_tiles and (dout.stride(-1) != 1 or not _rows_aligned(dout, dout.stride()[:-1])):
         # dO's layout is not in the call's signature (q, k, v's are): a config
@@ -611,8 +651,8 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     # does both (HAS_DLSE)
     dl = (dlse, *dlse.stride()) if dlse is not None else (delta, 0, 0, 0)
     _grid(mod.attention_bwd_preprocess, p.pre_grid)(
-        q, k, v, out, dout, lse, delta, lse2, rinv, *dl, *cap, *p.qkv_strides, *out.stride(), *dos, *p.pre_tail,
-        HAS_DLSE=dlse is not None, **p.pre_kw)
+        q, k, v, out, dout, lse, delta, lse2, rinv, shift, *dl, *cap, *p.qkv_strides, *out.stride(), *dos, *p.pre_tail,
+        x0, *p.after_seed, HAS_DLSE=dlse is not None, **p.pre_kw)
     grad_args = []
     for g, st in zip(dcap, p.grad_strides):
         grad_args += [g, *st]
@@ -626,14 +666,14 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     if p.variant != "two":
         kernel = mod.attention_bwd_fused if p.variant == "fused" else mod.attention_bwd_paired
         _grid(kernel, p.one_grid)(
-            q, k, v, dout, lse2, rinv, delta, dq, dk, dv, *bmap, *bmap2, *cap, *grad_args, *p.qkv_strides, *dos,
+            q, k, v, dout, lse2, rinv, shift, delta, dq, dk, dv, *bmap, *bmap2, *cap, *grad_args, *p.qkv_strides, *dos,
             *p.one_tail, x0, *p.one_after, **p.one_kw)
         return dq, dk, dv, [g.to(captured[i].dtype) for i, g in zip(p.grad_ids, dcap)]
     _grid(mod.attention_bwd_dkdv, p.dkdv_grid)(
-        q, k, v, dout, lse2, rinv, delta, dk, dv, *bmap, *cap, *p.qkv_strides, *dos, *p.dkdv_tail, x0,
+        q, k, v, dout, lse2, rinv, shift, delta, dk, dv, *bmap, *cap, *p.qkv_strides, *dos, *p.dkdv_tail, x0,
         *p.after_seed, **p.dkdv_kw)
     _grid(mod.attention_bwd_dq, p.dq_grid)(
-        q, k, v, dout, lse2, rinv, delta, dq, *bmap2, *cap, *grad_args, *p.qkv_strides, *dos, *p.dq_tail, x0,
+        q, k, v, dout, lse2, rinv, shift, delta, dq, *bmap2, *cap, *grad_args, *p.qkv_strides, *dos, *p.dq_tail, x0,
         *p.after_seed, **p.dq_kw)
     return dq, dk, dv, [g.to(captured[i].dtype) for i, g in zip(p.grad_ids, dcap)]
 

@@ -26,9 +26,14 @@ subtract 0 instead of m there so exp() gives 0 rather than nan, and the row
 ends as 0/0 = nan — exactly what eager ``softmax`` returns.  A row filled with
 a finite fill (finfo.min) is uniform, as in eager, with no special case.
 
-Backward, with P = exp(z - lse) recomputed blockwise and delta = rowsum(dO ∘ O)::
+Backward, per query block: for float32/float64 specs (``exact_rows``) a
+first walk over the KV blocks takes the row statistics (m, l), the shift c
+= dP at the row's top key and delta = rowsum(P ∘ (dP - c)) of the very P and
+dP the second walk recomputes, P = exp(z - m) / l, and dz takes dP - c
+([Note: delta of the recomputed P]); for 16-bit specs P = exp(z - lse), c = 0
+and delta = rowsum(dO ∘ O), FlashAttention's one pass.  Then::
 
-    dP = (dO Vᵀ) ∘ keep / (1-p)        dz = P ∘ (dP - delta)
+    dP = (dO Vᵀ) ∘ keep / (1-p)        dz = P ∘ ((dP - c) - delta)
     ds = dz ∘ ∂mod/∂score              dQ = scale · ds K,  dK = scale · dsᵀ Q
     dV = (P ∘ keep / (1-p))ᵀ dO        dT_i = Σ_broadcast dz ∘ ∂mod/∂t_i
 
@@ -332,14 +337,17 @@ def attention_backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse
     ``dlse``: the gradient of the forward's lse (d lse / d score = P), or None."""
     pb = _setup(q, k, v, captured, spec, seed)
     cd = pb.cd
-    delta = (dout.to(cd) * out.to(cd)).sum(-1)                    # (B, Hq, Lq)
-    if dlse is not None:
-        delta = delta - dlse.to(cd)
-        # a row that keeps no key (lse = -inf) has P = 0 where its lse is read
-        # (attention sinks: eager's softmax gives it all to the sink), not 0/0
-        empty = torch.isneginf(lse)
-        lse = lse.masked_fill(empty, math.inf)
-        delta = delta.masked_fill(empty, 0.0)
+    # d lse / d score = P: delta - dlse enters dz.  A row that keeps no key
+    # (lse = -inf) has P = 0 there (attention sinks: eager's softmax gives it
+    # all to the sink) and delta 0, not 0/0.  Without dlse such a row's P is
+    # nan, as in eager's backward.
+    if dlse is None:
+        dlse = torch.zeros(lse.shape, dtype=cd, device=q.device)
+        empty = torch.zeros(lse.shape, dtype=torch.bool, device=q.device)
+    else:
+        dlse, empty = dlse.to(cd), torch.isneginf(lse)
+    # [Note: delta of the recomputed P]: exact rows take delta in _backward_rows
+    one_pass = None if exact_rows(spec) else (dout.to(cd) * out.to(cd)).sum(-1)     # (B, Hq, Lq)
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
     dk = torch.zeros(k.shape, dtype=cd, device=q.device)
     dv = torch.zeros(v.shape, dtype=cd, device=q.device)
@@ -348,7 +356,8 @@ def attention_backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse
     skip = _skippable(pb)
     for m0 in range(0, pb.Lq, pb.bm):
         m1 = min(m0 + pb.bm, pb.Lq)
-        rows = (dout[:, :, m0:m1], lse[:, :, m0:m1].to(cd), delta[:, :, m0:m1])
+        rows = (dout[:, :, m0:m1], lse[:, :, m0:m1].to(cd), empty[:, :, m0:m1], dlse[:, :, m0:m1],
+                None if one_pass is None else one_pass[:, :, m0:m1])
         dq[:, :, m0:m1] = _backward_rows(pb, m0, m1, rows, dk, dv, dcap, skip)
     dcaptured = [dcap[i].to(captured[i].dtype) for i in grad_ids]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dcaptured
@@ -357,21 +366,27 @@ def attention_backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse
 def _backward_rows(pb: _Problem, m0, m1, rows, dk, dv, dcap, skip):
     """dQ of one query block; adds this block's share into dk, dv, dcap."""
     M, cd, spec = m1 - m0, pb.cd, pb.spec
-    dout_b, lse_b, delta_b = rows
+    dout_b, lse_b, empty_b, dlse_b, delta_b = rows
     qg = _grouped(pb.q[:, :, m0:m1], pb, M, cd)                   # (B, Hkv, G*M, D)
     dog = _grouped(dout_b, pb, M, cd)                             # (B, Hkv, G*M, Dv)
     dqg = torch.zeros(qg.shape, dtype=cd, device=qg.device)
-    # [Note: huge fills] lse = m + log l cannot hold log l when |m| is large
-    # (a row of fills only: finfo.min, -1e9, -1e4); such rows get (m, l)
-    # recomputed exactly.
-    huge = (lse_b.abs() > _HUGE_LSE) & torch.isfinite(lse_b)
-    stats = _row_stats(pb, qg, m0, m1, skip) if bool(huge.any()) else None
+    shift = None
+    if delta_b is None:                   # [Note: delta of the recomputed P]
+        m, l, shift, delta_b = _row_stats_delta(pb, qg, dog, m0, m1, skip)
+        stats = (m, l)
+    else:
+        # [Note: huge fills] lse = m + log l cannot hold log l when |m| is
+        # large (a row of fills only: finfo.min, -1e9, -1e4); such rows get
+        # (m, l) recomputed exactly.
+        huge = (lse_b.abs() > _HUGE_LSE) & torch.isfinite(lse_b)
+        stats = _row_stats_delta(pb, qg, None, m0, m1, skip)[:2] if bool(huge.any()) else None
+    delta_b = (delta_b - dlse_b).masked_fill_(empty_b, 0.0)
     for n0 in range(0, pb.Lk, pb.bn):
         n1 = min(n0 + pb.bn, pb.Lk)
         if skip(m0, m1, n0, n1):
             continue
         z, env = _block_scores(pb, qg, m0, m1, n0, n1)           # (B, Hq, M, N)
-        p = _probs_(z, lse_b, stats)          # fully -inf rows: nan, as eager's backward
+        p = _probs_(z, lse_b, stats, empty_b)   # fully -inf rows: nan, as eager's backward
         p_zero = p == 0
         kb, vb = pb.k[:, :, n0:n1].to(cd), pb.v[:, :, n0:n1].to(cd)
         dp = _ungrouped(dog @ vb.transpose(-1, -2), pb, M)        # dO Vᵀ: (B, Hq, M, N)
@@ -380,6 +395,8 @@ def _backward_rows(pb: _Problem, m0, m1, rows, dk, dv, dcap, skip):
         pd = pd if keep is None else pd * keep
         if keep is not None:
             dp.mul_(keep)
+        if shift is not None:             # dP - c, then - delta: no cancellation at the top key
+            dp.sub_(shift[..., None])
         dz = dp.sub_(delta_b[..., None]).mul_(p).masked_fill_(p_zero, 0.0)
         dv[:, :, n0:n1] += _reduce_batch(_grouped(pd, pb, M, cd).transpose(-1, -2) @ dog, dv.shape[0])
         for i, acc in dcap.items():
@@ -407,32 +424,88 @@ def _backward_rows(pb: _Problem, m0, m1, rows, dk, dv, dcap, skip):
 _HUGE_LSE = 256.0
 
 
-def _row_stats(pb: _Problem, qg, m0, m1, skip):
-    """Row max m (0 for all -inf rows) and sum l = rowsum exp(z - m) of a query block."""
+# [Note: delta of the recomputed P]  dz = P ∘ (dP - delta) with delta =
+# rowsum(P ∘ dP).  On a row that puts almost all its weight on one key r
+# (P_r ≈ 1 - 1e-3, common in trained models) dP_r - delta is a difference
+# ~1/(1 - P_r) times smaller than its terms, and the rounding of its terms
+# becomes that key's error: FlashAttention's delta = rowsum(dO ∘ O), beside
+# P = exp(z - lse), left dK/dQ of such rows 2.4x further from the float64
+# golden than eager's softmax backward at the median, in float32.  Since
+# rowsum P = 1, dP - delta = (dP - c) - rowsum(P ∘ (dP - c)) for any c; with
+# c = dP_r, taken at the row's top key from the very dP the second walk
+# recomputes, r's term is exactly 0 - delta and delta is a sum of small
+# terms: no cancellation.  So for ``exact_rows`` specs a first walk (online,
+# as the forward: 2 matmuls per block) takes (m, l), c and delta =
+# rowsum(P ∘ (dP - c)), and the second recomputes P = exp(z - m) / l and
+# dz = P ∘ ((dP - c) - delta); such rows' dK/dQ land ~100x closer to the
+# golden than eager's (tests/test_attention_bwd.py, the one-hot rows test).
+# The generated backward does the same ([Note: exact rows]).  A 16-bit
+# spec's own rounding (eager rounds its O, P and dP to 16 bits) is far
+# larger: there the one-pass form stays, as in the kernels.
+
+def exact_rows(spec: AttentionSpec) -> bool:
+    """Whether the backward takes its row statistics and delta from a walk
+    over the keys ([Note: delta of the recomputed P]): specs whose eager
+    scores are float32 or float64."""
+    return spec.score_dtype in ("float32", "float64")
+
+
+def _row_stats_delta(pb: _Problem, qg, dog, m0, m1, skip):
+    """(m, l, c, delta) of a query block: the row max m (0 for all -inf rows),
+    the sum l = rowsum exp(z - m), the shift c = dP at the row's top key (0
+    for a row without one) and delta = rowsum(P ∘ (dP - c)) over the P the
+    walk of _backward_rows recomputes (zeroed where a zero_masked spec drops)
+    and dP = (dO Vᵀ) ∘ keep / (1-p); c and delta are None without ``dog`` (dO
+    grouped)."""
     M, cd = m1 - m0, pb.cd
     m = torch.full((pb.B, pb.Hq, M), -math.inf, dtype=cd, device=qg.device)
     l = torch.zeros_like(m)
+    c = torch.zeros_like(m)
+    acc = torch.zeros_like(m)
     for n0 in range(0, pb.Lk, pb.bn):
         n1 = min(n0 + pb.bn, pb.Lk)
         if skip(m0, m1, n0, n1):
             continue
-        z = _block_scores(pb, qg, m0, m1, n0, n1)[0]
-        m_new = torch.maximum(m, z.amax(-1))
+        z, env = _block_scores(pb, qg, m0, m1, n0, n1)
+        tile_max = z.amax(-1)
+        is_top = (z == tile_max[..., None]) if dog is not None else None     # before z turns into e
+        m_new = torch.maximum(m, tile_max)
         m_sub = torch.where(m_new == -math.inf, 0.0, m_new)
-        l = l * torch.exp(m - m_sub) + torch.exp(z - m_sub[..., None]).sum(-1)
+        alpha = torch.exp(m - m_sub)
+        e = z.sub_(m_sub[..., None]).exp_()
+        kept = l * alpha                  # the sum so far, rescaled
+        l = kept + e.sum(-1)              # denominator: before any zeroing
+        if dog is not None:
+            vb = pb.v[:, :, n0:n1].to(cd)
+            dp = _ungrouped(dog @ vb.transpose(-1, -2), pb, M)    # as _backward_rows computes it
+            keep = _keep_scaled(pb, env)
+            if keep is not None:
+                dp.mul_(keep)
+            # a new row max moves the shift to this block's top key (the largest
+            # dP among tied keys, as the kernels); the sum so far (weights
+            # ``kept``) moves with it
+            at_top = torch.where(is_top, dp, -math.inf).amax(-1)
+            c_new = torch.where(tile_max > m, at_top, c)
+            acc = acc * alpha - (c_new - c) * kept
+            _zero_masked_(e, pb, env)
+            # 0 where P is 0: a masked key's dP may be inf/nan (0 * inf)
+            acc = acc + torch.where(e == 0, 0.0, e * (dp - c_new[..., None])).sum(-1)
+            c = c_new
         m = m_new
-    return torch.where(m == -math.inf, 0.0, m), l
+    m = torch.where(m == -math.inf, 0.0, m)
+    return (m, l, None, None) if dog is None else (m, l, c, acc / l)
 
 
-def _probs_(z, lse_b, stats):
-    """P = exp(z - lse), or exp(z - m) / l from exact row stats; in place on z."""
+def _probs_(z, lse_b, stats, empty):
+    """P = exp(z - lse), or exp(z - m) / l from the row statistics ``stats``;
+    in place on z.  A row that keeps no key whose lse the backward reads
+    (``empty``: P = 0, see attention_backward) stays 0, not 0/0."""
     if stats is None:
-        return z.sub_(lse_b[..., None]).exp_()
-    m, l = stats
-    p = z.sub_(m[..., None]).exp_().div_(l[..., None])
-    # a row without a key whose lse the backward reads (+inf: P = 0, see
-    # attention_backward) stays 0 beside a row of huge fills, not 0/0
-    return p.masked_fill_((lse_b == math.inf)[..., None], 0.0)
+        p = z.sub_(lse_b[..., None]).exp_()
+    else:
+        m, l = stats
+        p = z.sub_(m[..., None]).exp_().div_(l[..., None])
+    return p.masked_fill_(empty[..., None], 0.0)
 
 
 def _masked_mul(dz, p_zero, expr, env, inplace=False):

