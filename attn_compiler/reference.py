@@ -446,8 +446,11 @@ _HUGE_LSE = 256.0
 def exact_rows(spec: AttentionSpec) -> bool:
     """Whether the backward takes its row statistics and delta from a walk
     over the keys ([Note: delta of the recomputed P]): specs whose eager
-    scores are float32 or float64."""
-    return spec.score_dtype in ("float32", "float64")
+    scores and P·V are float32 or float64.  Where eager multiplies P by V in
+    16 bits (q and k upcast beside a bfloat16 v, GPT-NeoX's scores) its dP is
+    16-bit too, and the one-pass form is as close."""
+    wide = ("float32", "float64")
+    return spec.score_dtype in wide and spec.prob_dtype in wide
 
 
 def _row_stats_delta(pb: _Problem, qg, dog, m0, m1, skip):
