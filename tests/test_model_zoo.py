@@ -183,6 +183,17 @@ ENCODERS = {
     "deberta_v2": _build("DebertaV2Config", "DebertaV2ForMaskedLM", relative_attention=True,
                          pos_att_type=["c2p", "p2c"], max_relative_positions=16,
                          position_buckets=8, **ENC),
+    # MPNet: a bucketed relative position bias (T5's buckets, bidirectional) on the scores.
+    "mpnet": _build("MPNetConfig", "MPNetForMaskedLM", **{**ENC, "pad_token_id": 1}),
+    # ESM: rotary embeddings of its own, applied to q and k before the product.
+    "esm": _build("EsmConfig", "EsmForMaskedLM", position_embedding_type="rotary",
+                  mask_token_id=2, **{**ENC, "pad_token_id": 1}),
+    # RoFormer: sinusoidal rotary positions.
+    "roformer": _build("RoFormerConfig", "RoFormerForMaskedLM", **ENC),
+    # XLNet: relative attention written in (L, B, H, D) einsums, a content and a
+    # position term summed before the softmax.
+    "xlnet": _build("XLNetConfig", "XLNetLMHeadModel", vocab_size=VOCAB, d_model=32,
+                    n_layer=LAYERS, n_head=4, d_inner=64, dropout=0.0, attn_implementation="eager"),
 }
 
 VISION = {
@@ -195,6 +206,18 @@ VISION = {
                    embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, mlp_ratio=2.0,
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
                    attn_implementation="eager"),
+    # Swin V2: cosine attention (q and k normalised, a learned logit scale
+    # clamped and exponentiated) plus a continuous position bias from a small
+    # MLP (16 * sigmoid), windowed, the second stage shifted.
+    "swinv2": _build("Swinv2Config", "Swinv2Model", image_size=16, patch_size=2, num_channels=3,
+                     embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, mlp_ratio=2.0,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
+                     attn_implementation="eager"),
+    # DINOv2: a plain ViT encoder with layer scale.
+    "dinov2": _build("Dinov2Config", "Dinov2Model", hidden_size=32, num_hidden_layers=LAYERS,
+                     num_attention_heads=4, mlp_ratio=2, image_size=16, patch_size=4,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
+                     attn_implementation="eager"),
 }
 
 
