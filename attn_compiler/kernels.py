@@ -562,9 +562,9 @@ def _bwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _BwdPlan:
         # kernel's rows and warps, so the dP it shifts by is dQ's to the bit.
         # Compiled for a GPU each element's sum runs in the same order
         # whatever BLOCK_N, and a wider walk costs less: 64 (128 at head dims
-        # <= 64) key columns (float32 at 2x16x4096x128: the backward +30 %
+        # <= 64) key columns (float32 at 2x16x4096x128: the backward +29 %
         # over the one-pass form, +81 % on the dQ tile of 32; bench/RESULTS.md
-        # run 91).  Triton's interpreter multiplies with numpy, whose rounding
+        # runs 91-93).  Triton's interpreter multiplies with numpy, whose rounding
         # follows the shapes: there the walk keeps the dQ tile.
         pre_m, pre_n = bm2, bn2
         pre_launch = dict(num_warps=warps2, num_stages=stages2)
