@@ -366,8 +366,11 @@ def shape_bucket(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int,
     V ``(B, Hkv, Lk, Dv)``)."""
     if Hkv < 1 or Hq % Hkv:
         raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
+    name = str(dtype).removeprefix("torch.")
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        name += "-tf32"       # the kernels' products follow PyTorch's float32 matmul precision
     return ShapeBucket(next_pow2(B * Hq), Hq // Hkv, max(16, next_pow2(Lq)), max(16, next_pow2(Lk)),
-                       int(D), int(Dv), str(dtype).removeprefix("torch."))
+                       int(D), int(Dv), name)
 
 
 def gpu_name(device: int | None = None) -> str:

@@ -376,10 +376,17 @@ def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: 
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs: three tf32 products per product (near-float32 accuracy on
-    # the tensor cores; plain tf32 would cost ~3e-4 relative error, "ieee" runs
-    # on the FMA units and compiles slowly at 128-wide tiles)
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    """How a tile's products run (16-bit inputs: natively).  Float32 inputs
+    follow PyTorch's ``torch.get_float32_matmul_precision()``, as eager's
+    matmuls do: "highest" (the default) as three tf32 products per product
+    (near-float32 accuracy on the tensor cores; "ieee" runs on the FMA units
+    and compiles slowly at 128-wide tiles), "high" or "medium" (TF32 allowed:
+    ``torch.backends.cuda.matmul.allow_tf32 = True``,
+    ``set_float32_matmul_precision("high")``) as one tf32 product, about 3x
+    the speed at ~3e-4 relative error, eager's own there."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 # ---- forward ---------------------------------------------------------------------
@@ -412,7 +419,7 @@ def _contiguous_strides(shape) -> tuple:
 def _call_key(family: str, spec: AttentionSpec, config, q, k, v, captured) -> tuple:
     return (family, spec.dumps(), config, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
             q.dtype, k.dtype, v.dtype, q.device, tuple((t.shape, t.stride(), t.dtype) for t in captured),
-            _exact_rows)
+            _exact_rows, torch.get_float32_matmul_precision() if q.dtype == torch.float32 else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -557,7 +564,7 @@ def _bwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _BwdPlan:
         one_after = (drop_scale, *band, nkv, nq)
         one_kw = dict(MODE_KV=mode_kv, KV_BATCH_BROADCAST=broadcast, EVEN_Q=even_q, **launch)
     pre_m, pre_n, pre_launch = 64, 32, {}
-    if _exact(spec):
+    if _exact(spec, q):
         # [Note: exact rows] the preprocess's walk takes dO·Vᵀ on the dQ
         # kernel's rows and warps, so the dP it shifts by is dQ's to the bit.
         # Compiled for a GPU each element's sum runs in the same order
@@ -594,8 +601,13 @@ def _bwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _BwdPlan:
 _exact_rows: Optional[bool] = None
 
 
-def _exact(spec: AttentionSpec) -> bool:
-    return reference.exact_rows(spec) if _exact_rows is None else _exact_rows
+def _exact(spec: AttentionSpec, q: torch.Tensor) -> bool:
+    """[Note: exact rows] for this call: the spec's, unless its float32 tiles
+    multiply in one tf32 product (TF32 allowed: ~3e-4 per product, far above
+    what the exact rows save)."""
+    if _exact_rows is not None:
+        return _exact_rows
+    return reference.exact_rows(spec) and not (q.dtype == torch.float32 and _dot_precision(q.dtype) == "tf32")
 
 
 @contextlib.contextmanager
@@ -630,7 +642,7 @@ def backward(dout, q, k, v, captured: Sequence[torch.Tensor], out, lse, spec: At
     if p.empty:
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, [g.to(captured[i].dtype) for i, g in zip(p.grad_ids, dcap)]
-    exact = _exact(spec)
+    exact = _exact(spec, q)
     mod = codegen.load("bwd", spec, exact)
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]

@@ -15,12 +15,13 @@ import sympy
 import torch
 
 from attn_compiler import kernels, reference
+from attn_compiler.testing import disagreement
 from attn_compiler.templates import codegen
 from attn_compiler.autotune import KernelConfig
 from attn_compiler.passes.analyze.spec import captured_call
 from kernel_checks import (
-    DEVICE, F32_MIN, T0, alibi_slopes, captured_spec, causal_mod, check_backward, check_forward, kv_idx, make_spec,
-    masked, offset_causal_mod, padding_keep, padding_mod, q_idx, qkv, randn, score, softcap_causal_mod,
+    DEVICE, F32_MIN, T0, alibi_slopes, captured_spec, causal_mod, check_backward, check_forward, golden_spec, kv_idx,
+    make_spec, masked, offset_causal_mod, padding_keep, padding_mod, q_idx, qkv, randn, score, softcap_causal_mod,
     window_mod)
 
 pytestmark = pytest.mark.filterwarnings(
@@ -586,3 +587,40 @@ def test_one_hot_rows_closer_than_eager(path):
         with kernels.exact_rows(False):
             one_pass = [float((a / b).median()) for a, b in zip(ours(), eager)]
         assert min(one_pass) >= 1.6, f"the one-pass delta was expected ~2x eager: {one_pass}"
+
+
+# ---- float32 with TF32 allowed ------------------------------------------------------------
+
+def test_float32_follows_pytorch_matmul_precision():
+    """With TF32 allowed (``set_float32_matmul_precision("high")``, as
+    ``allow_tf32 = True``) float32 tiles multiply in one tf32 product, as
+    eager's matmuls then do at sizes where cuBLAS takes the tensor cores; the
+    launch plans, the exact rows and the never-slower agreement follow, and
+    out / dQ / dK / dV stay within TF32's precision of the float64 golden
+    (on the GPU 1.8e-3 for dQ here; the interpreter multiplies in float32
+    either way)."""
+    q, k, v = qkv(Lq=37, Lk=45, seed=61)
+    spec = make_spec(causal_mod())
+    key = kernels._call_key("bwd", spec, TILE_16x32, q, k, v, [])
+    assert kernels._dot_precision(torch.float32) == "tf32x3" and kernels._exact(spec, q)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert kernels._dot_precision(torch.float32) == "tf32"
+        assert kernels._dot_precision(torch.bfloat16) == "tf32"
+        assert kernels._call_key("bwd", spec, TILE_16x32, q, k, v, []) != key
+        assert not kernels._exact(spec, q)
+        out, lse = kernels.forward(q, k, v, [], spec, config=TILE_16x32)
+        dout = randn(out.shape, seed=11).to(DEVICE)
+        ours = [out, *kernels.backward(dout, q, k, v, [], out, lse, spec, None, config=TILE_16x32)[:3]]
+        gspec = golden_spec(spec)
+        gold_out, gold_lse = reference.attention_forward(*(t.double() for t in (q, k, v)), [], gspec, None)
+        gold = [gold_out, *reference.attention_backward(dout.double(), *(t.double() for t in (q, k, v)), [],
+                                                        gold_out, gold_lse, gspec, None)[:3]]
+        for name, a, g in zip(("out", "dq", "dk", "dv"), ours, gold):
+            err = float((a.double() - g).norm() / g.norm())
+            assert err <= 5e-3, f"{name}: {err:.2e} from the golden"
+        assert disagreement(ours[0] * (1 + 1e-3), ours[0]) is None        # TF32's agreement, float16's
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert disagreement(out * (1 + 1e-3), out) is not None                  # float32's

@@ -238,6 +238,23 @@ def test_shape_bucket():
         shape_bucket(1, 6, 4, 8, 8, 64, 64, bf16)
 
 
+def test_shape_bucket_float32_precision():
+    """Float32 kernels multiply as PyTorch's float32 matmul precision says
+    (kernels._dot_precision): TF32 allowed is another tuning (and another
+    never-slower decision), 16-bit buckets do not change."""
+    old = torch.get_float32_matmul_precision()
+    strict = shape_bucket(1, 8, 1, 100, 4000, 128, 64, torch.float32)
+    half = shape_bucket(1, 8, 1, 100, 4000, 128, 64, torch.bfloat16)
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert str(shape_bucket(1, 8, 1, 100, 4000, 128, 64, torch.float32)) == \
+            "bh8 g8 lq128 lk4096 d128 dv64 float32-tf32"
+        assert shape_bucket(1, 8, 1, 100, 4000, 128, 64, torch.bfloat16) == half
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert shape_bucket(1, 8, 1, 100, 4000, 128, 64, torch.float32) == strict
+
+
 def test_key_round_trip():
     bucket = shape_bucket(1, 8, 8, 64, 64, 64, 64, torch.bfloat16)
     key = make_key("fwd", "abc123", bucket, gpu="NVIDIA H200|x", triton="3.6.0")

@@ -158,3 +158,31 @@ def test_a_rewritten_tril_buffer_is_followed(mode):
     want = model(*args)
     golden = model(*[a.double() for a in args])
     golden_check(out, want, golden, name="out after the buffer changed")
+
+
+def test_float32_with_tf32_allowed_is_fused_and_chosen():
+    """A float32 training site with TF32 allowed (``allow_tf32 = True``): the
+    kernels multiply in tf32 as eager's matmuls do, agree with the site's own
+    code at TF32's precision (float16's agreement, not float32's 1e-4), and
+    the kernels or SDPA win the never-slower
+    timing (at 2x16x4096x128 causal ours took 7.9 ms forward + backward,
+    eager 16.0, SDPA 13.1: bench/RESULTS.md run 95)."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        attn_compiler.reset()
+        model = Causal()
+        compiled = torch.compile(model, backend=attn_compiler.backend(inner="inductor"))
+        args = _inputs(B=1, H=8, L=4096, D=64, dtype=torch.float32)
+        out = compiled(*args)
+        out.sum().backward()
+        rep = attn_compiler.report()
+        assert rep.fused, str(rep)
+        site = rep.fused[0]
+        assert site.features.get("choice") in ("attn_compiler", "sdpa"), str(site.features)
+        golden = model(*[a.detach().double() for a in args])
+        assert float((out.detach().double() - golden).norm() / golden.norm()) <= 5e-3
+    finally:
+        torch.set_float32_matmul_precision(old)
