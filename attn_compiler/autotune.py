@@ -360,6 +360,15 @@ class ShapeBucket(NamedTuple):
                 f"d{self.d} dv{self.dv} {self.dtype}")
 
 
+def tf32_allowed() -> bool:
+    """Whether PyTorch lets float32 matmuls run in TF32
+    (``torch.get_float32_matmul_precision()`` below "highest", as
+    ``allow_tf32 = True`` sets it): the kernels' float32 tiles then multiply in
+    one tf32 product (``kernels._dot_precision``), and their tuning, launch
+    plans and agreement (``testing.disagreement``) follow."""
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def shape_bucket(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int,
                  dtype: torch.dtype) -> ShapeBucket:
     """The bucket of one attention call (Q ``(B, Hq, Lq, D)``, K ``(B, Hkv, Lk, D)``,
@@ -367,7 +376,7 @@ def shape_bucket(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int,
     if Hkv < 1 or Hq % Hkv:
         raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
     name = str(dtype).removeprefix("torch.")
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    if dtype == torch.float32 and tf32_allowed():
         name += "-tf32"       # the kernels' products follow PyTorch's float32 matmul precision
     return ShapeBucket(next_pow2(B * Hq), Hq // Hkv, max(16, next_pow2(Lq)), max(16, next_pow2(Lk)),
                        int(D), int(Dv), name)

@@ -377,8 +377,8 @@ def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """How a tile's products run (16-bit inputs: natively).  Float32 inputs
-    follow PyTorch's ``torch.get_float32_matmul_precision()``, as eager's
-    matmuls do: "highest" (the default) as three tf32 products per product
+    follow PyTorch's float32 matmul precision (``autotune.tf32_allowed``), as
+    eager's matmuls do: "highest" (the default) as three tf32 products per product
     (near-float32 accuracy on the tensor cores; "ieee" runs on the FMA units
     and compiles slowly at 128-wide tiles), "high" or "medium" (TF32 allowed:
     ``torch.backends.cuda.matmul.allow_tf32 = True``,
@@ -386,7 +386,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     the speed at ~3e-4 relative error, eager's own there."""
     if dtype != torch.float32:
         return "tf32"
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32" if autotune.tf32_allowed() else "tf32x3"
 
 
 # ---- forward ---------------------------------------------------------------------
@@ -419,7 +419,7 @@ def _contiguous_strides(shape) -> tuple:
 def _call_key(family: str, spec: AttentionSpec, config, q, k, v, captured) -> tuple:
     return (family, spec.dumps(), config, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
             q.dtype, k.dtype, v.dtype, q.device, tuple((t.shape, t.stride(), t.dtype) for t in captured),
-            _exact_rows, torch.get_float32_matmul_precision() if q.dtype == torch.float32 else None)
+            _exact_rows, q.dtype == torch.float32 and autotune.tf32_allowed())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from attn_compiler.autotune import tf32_allowed
+
 # tiny: absolute slack for when eager is (almost) exact, e.g. eager == golden in float64.
 _TINY = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
@@ -125,12 +127,11 @@ AGREEMENT_DEFAULT = 1e-4
 def disagreement(a: torch.Tensor, b: torch.Tensor) -> Optional[str]:
     """None when ``a`` agrees with ``b`` (same nan/inf positions, relative
     error within ``AGREEMENT``), else how far apart they are.  Float32 with
-    TF32 matmuls allowed (``torch.get_float32_matmul_precision()`` below
-    "highest": eager's matmuls and the kernels' products keep 10 mantissa
-    bits, as float16's) agrees as float16 does."""
+    TF32 matmuls allowed (``tf32_allowed``: eager's matmuls and the kernels'
+    products keep 10 mantissa bits, as float16's) agrees as float16 does."""
     err = rel_err(a, b)
     dtype = b.dtype
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    if dtype == torch.float32 and tf32_allowed():
         dtype = torch.float16
     tol = AGREEMENT.get(dtype, AGREEMENT_DEFAULT)
     return None if err <= tol else f"relative difference {err:.2e} (allowed {tol:.0e})"

@@ -589,6 +589,27 @@ def test_one_hot_rows_closer_than_eager(path):
         assert min(one_pass) >= 1.6, f"the one-pass delta was expected ~2x eager: {one_pass}"
 
 
+
+@pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
+def test_rows_of_one_key_give_exactly_zero_dq_dk(on_kernels):
+    """Every row keeps one key (P = 1 there): eager's dS = P (dP - rowsum(P dP))
+    is exactly 0, and so are our dQ and dK: dP less the top key's dP is
+    exactly 0 and delta is a sum of zeros ([Note: exact rows])."""
+    q, k, v = qkv(Lq=37, Lk=45, seed=71)
+    keep = torch.zeros(2, 1, 1, 45, dtype=torch.bool, device=DEVICE)
+    keep[0, ..., 5] = keep[1, ..., 40] = True
+    spec = make_spec(padding_mod(), captured=[captured_spec("B..K", "bool")])
+    dout = randn(q.shape, seed=11).to(DEVICE)
+    if on_kernels:
+        out, lse = kernels.forward(q, k, v, [keep], spec, config=TILE_16x32)
+        dq, dk, dv, _ = kernels.backward(dout, q, k, v, [keep], out, lse, spec, None, config=TILE_16x32)
+    else:
+        out, lse = reference.attention_forward(q, k, v, [keep], spec, None)
+        dq, dk, dv, _ = reference.attention_backward(dout, q, k, v, [keep], out, lse, spec, None)
+    assert torch.equal(dq, torch.zeros_like(dq)) and torch.equal(dk, torch.zeros_like(dk))
+    torch.testing.assert_close(dv[0, :, 5], dout[0].sum(1))           # each row's dO lands on its key
+    assert dv[0, :, :5].abs().sum() == 0
+
 # ---- float32 with TF32 allowed ------------------------------------------------------------
 
 def test_float32_follows_pytorch_matmul_precision():

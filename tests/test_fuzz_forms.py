@@ -394,7 +394,8 @@ def _t(*shape, dtype=F32, grad=True):
 def _keep(B, Lk):
     """(B, Lk) bool, True = real key; every row keeps at least one key (a row
     of one key has dK exactly 0 in eager; the op's float32 backward gives 0
-    there too: dP less the top key's dP is exactly 0, [Note: exact rows])."""
+    there too: dP less the top key's dP is exactly 0, [Note: exact rows];
+    test_attention_bwd.py's rows-of-one-key test)."""
     keep = torch.rand(B, Lk) < 0.7
     for b in range(B):
         keep[b, torch.randperm(Lk)[:1]] = True
