@@ -513,6 +513,7 @@ def _generate(family: str, spec_text: str, exact: Optional[bool] = None) -> Gene
     h = _Hooks(spec, family)
     hooks = _hooks_for(family, h)
     hooks["EXACT_ROWS"] = reference.exact_rows(spec) if exact is None else bool(exact)
+    hooks["DQ_GRADS"] = any(c.requires_grad for c in spec.captured)
     parts = [COMMON_TEMPLATE] + (["attention_fwd.py.tmpl"] if family == "bwd" else []) + [TEMPLATES[family]]
     src = "\n\n".join(fill(template_text(name), hooks) for name in parts)
     digest = hashlib.sha256(src.encode()).hexdigest()[:20]

@@ -63,20 +63,30 @@ COMPILED: list = []
 # and spill bytes (what a GPU run reports as n_regs / n_spills), for studying
 # register pressure without a GPU
 REGS = "--regs" in sys.argv
+# ``--serialized``: record the kernels whose wgmma ptxas serializes for the
+# code's shape (its performance note C7515: one wait after every wgmma; see
+# [Note: FULL walk first] in templates/attention_bwd.py.tmpl).  Its other
+# reason, too few registers for the pipeline, is a tile's size (head dim 256
+# at 4 warps), which the tuner weighs by timing; it is not recorded.
+SERIAL = "--serialized" in sys.argv
+SERIALIZED: list = []
 
 
-def _ptxas_usage(kernel) -> str:
-    import re
+def _ptxas_log(kernel) -> str:
     import subprocess
     import tempfile
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
     try:
-        log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
-                             capture_output=True, text=True).stderr
+        return subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                              capture_output=True, text=True).stderr
     finally:
         os.unlink(f.name)
+
+
+def _ptxas_usage(log: str) -> str:
+    import re
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return (f" regs={regs.group(1) if regs else '?'}"
@@ -91,7 +101,10 @@ def _probe(X, n):
 def _compile_only(self, grid):
     def launch(*args, **kwargs):
         kernel = self.warmup(*args, grid=grid, **kwargs)
-        name = self.fn.__name__ + (_ptxas_usage(kernel) if REGS else "")
+        log = _ptxas_log(kernel) if REGS or SERIAL else ""
+        if "C7515" in log:
+            SERIALIZED.append(self.fn.__name__)
+        name = self.fn.__name__ + (_ptxas_usage(log) if REGS else "")
         COMPILED.append((name, kernel.metadata.shared, kernel.metadata.num_warps))
     return launch
 
@@ -239,10 +252,13 @@ def main() -> int:
                 jobs.append(("decode", None, lambda: kernels.decode(q[:, :, :1], k, v, dcaps, spec)))
             for family, config, job in jobs:
                 COMPILED.clear()
+                SERIALIZED.clear()
                 rec = dict(case=name, shape=f"{B}x{H}x{L}x{Dh}", family=family, config=str(config))
                 try:
                     job()
                     rec["kernels"] = [f"{n} smem={s}" for n, s, _ in COMPILED]
+                    if SERIALIZED:
+                        rec["serialized"] = list(SERIALIZED)
                     big = [n for n, s, _ in COMPILED if s > HOPPER_SMEM]
                     if big and config in defaults:
                         # what runs untuned (CUDA-graph capture, tuning off) must fit

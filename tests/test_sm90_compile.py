@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_generated_kernels_compile_for_sm90():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "sm90_compile.py")], env=env,
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sm90_compile.py"), "--serialized"], env=env,
                           capture_output=True, text=True, timeout=3000)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if records and "unavailable" in records[-1]:
@@ -32,6 +32,15 @@ def test_generated_kernels_compile_for_sm90():
     failed = [r for r in records[:-1] if "error" in r]
     assert not failed, "\n\n".join(
         f"{r['case']} {r['shape']} {r['family']} {r['config']}: {r['error']}" for r in failed)
+    # ptxas serializes a kernel's wgmma (C7515) when it cannot keep them in
+    # flight ([Note: FULL walk first]); the one known case left is a learned
+    # bias's transposed (query, key) tile in dK/dV read through pointers (its
+    # "tma" variant compiles without it, and the tuner times both)
+    serialized = [r for r in records[:-1] if r.get("serialized")
+                  and not (r["case"] == "bias" and "tma" not in r["config"]
+                           and set(r["serialized"]) <= {"attention_bwd_dkdv", "attention_bwd_fused"})]
+    assert not serialized, "wgmma serialized by ptxas:\n" + "\n".join(
+        f"{r['case']} {r['shape']} {r['family']} {r['config']}: {r['serialized']}" for r in serialized)
 
 
 def test_precompile_leaves_nothing_to_compile():
