@@ -491,6 +491,7 @@ def _hooks_for(family: str, h: _Hooks) -> Dict[str, object]:
             "DSCORE_FULL_ROW": h.dscore_lines("FULL", "row"),
             "DSCORE_PARTIAL_COL": h.dscore_lines("PARTIAL", "col", grads=False),
             "DSCORE_FULL_COL": h.dscore_lines("FULL", "col", grads=False),
+            "DQ_GRADS": bool(h.grad_ids),        # [Note: dQ beside a stored dS]
         })
     return common
 
@@ -513,7 +514,6 @@ def _generate(family: str, spec_text: str, exact: Optional[bool] = None) -> Gene
     h = _Hooks(spec, family)
     hooks = _hooks_for(family, h)
     hooks["EXACT_ROWS"] = reference.exact_rows(spec) if exact is None else bool(exact)
-    hooks["DQ_GRADS"] = any(c.requires_grad for c in spec.captured)
     parts = [COMMON_TEMPLATE] + (["attention_fwd.py.tmpl"] if family == "bwd" else []) + [TEMPLATES[family]]
     src = "\n\n".join(fill(template_text(name), hooks) for name in parts)
     digest = hashlib.sha256(src.encode()).hexdigest()[:20]

@@ -589,7 +589,6 @@ def test_one_hot_rows_closer_than_eager(path):
         assert min(one_pass) >= 1.6, f"the one-pass delta was expected ~2x eager: {one_pass}"
 
 
-
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_rows_of_one_key_give_exactly_zero_dq_dk(on_kernels):
     """Every row keeps one key (P = 1 there): eager's dS = P (dP - rowsum(P dP))
@@ -609,6 +608,7 @@ def test_rows_of_one_key_give_exactly_zero_dq_dk(on_kernels):
     assert torch.equal(dq, torch.zeros_like(dq)) and torch.equal(dk, torch.zeros_like(dk))
     torch.testing.assert_close(dv[0, :, 5], dout[0].sum(1))           # each row's dO lands on its key
     assert dv[0, :, :5].abs().sum() == 0
+
 
 # ---- float32 with TF32 allowed ------------------------------------------------------------
 

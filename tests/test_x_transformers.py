@@ -10,7 +10,7 @@ those options, run forward in train mode and backward; every site must fuse
 and the logits and parameter gradients are golden-relative to eager
 (``check_model``).  The options whose probabilities are mixed across heads
 or top-k selected (talking heads, sparse top-k) must be declined, with the
-reason, and still give eager's numbers.
+reason, and still give eager's numbers (the site's own code runs).
 
 x-transformers is not a CI dependency; these tests run where it is installed.
 """
@@ -22,7 +22,6 @@ import torch
 x_transformers = pytest.importorskip("x_transformers")
 
 import attn_compiler  # noqa: E402
-from attn_compiler.testing import golden_check  # noqa: E402
 from test_real_models import _compile, _step, check_model  # noqa: E402
 
 B, L, VOCAB = 2, 12, 50
@@ -85,4 +84,4 @@ def test_x_transformers_mixed_or_selected_scores_are_declined(case, attn, why):
     rows = list(attn_compiler.report())
     assert not [s for s in rows if s.status == "fused"], rows
     assert any(why in s.reason for s in rows if s.status == "declined"), [s.reason for s in rows]
-    golden_check(ours, eager, eager.double())
+    torch.testing.assert_close(ours, eager)
