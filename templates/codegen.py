@@ -375,7 +375,7 @@ class _Hooks:
             # factor: dz is already exactly 0 where P == 0
             lines.append(f"ds = dz * ({self.pr(d)})")
         else:
-            lines.append(f"dmod = {self.pr(d)}")
+            lines.append(f"dmod = {self._tile(d)}")
             lines.append("ds = tl.where((p == 0) | (dmod == 0), 0.0, dz * dmod)")
         qax, kax = (0, 1) if orient == "row" else (1, 0)
         for i in gids:
@@ -389,12 +389,24 @@ class _Hooks:
                 g = f"dz * ({self.pr(di)})"
             else:
                 g = "tl.where((p == 0) | (dt == 0), 0.0, dz * dt)"
-                lines.append(f"dt = {self.pr(di)}")
+                lines.append(f"dt = {self._tile(di)}")
             lines.append(f"g{i} = {g}")
             if di == 1 and kind == "PARTIAL":
                 lines.append(f"g{i} = tl.where(p == 0, 0.0, g{i})")
             lines += self._grad_store(i, c.dims, qax, kax, c.kv_map)
         return lines
+
+    def _tile(self, expr) -> str:
+        """``expr`` printed as a tile: one that reads no score, index or
+        captured tensor with a query or key axis (a per-head scale's
+        derivative) is a scalar, broadcast over dz so that ``(p == 0) | (x == 0)``
+        is a tile in Triton's interpreter too (which refuses the scalar)."""
+        text = self.pr(expr)
+        expr = sympy.sympify(expr)
+        calls = {c: sympy.Dummy() for c in expr.atoms(sympy.core.function.AppliedUndef)}
+        reads = expr.xreplace(calls).free_symbols & {score, q_idx, kv_idx}
+        rows = [i for i in self.used_captured(expr) if any(self.spec.captured[i].dims[2:])]
+        return text if reads or rows else f"({text}) + tl.zeros_like(dz)"
 
     def _grad_store(self, i: int, dims, qax: int, kax: int, kv_map=()) -> List[str]:
         """Atomic adds of captured gradient ``g{i}`` into its broadcast shape; a

@@ -142,6 +142,17 @@ def test_per_head_temperature_gradient():
     check_backward(q, k, v, [temp], spec, config=TILE_16x32)
 
 
+def test_per_head_scale_beside_an_additive_causal_mask():
+    """score * t0 + (0 or -inf), t0 [1, H, 1, 1] (open_clip's learned logit
+    scale beside a float causal mask): a PARTIAL tile's derivative is the
+    scalar t0, broadcast to a tile for its (p == 0) | (dmod == 0) guard."""
+    q, k, v = qkv(B=2, Hq=4, Lq=37, seed=12)
+    scale = 0.5 + randn(1, 4, 1, 1, seed=5).abs()
+    mod = score * T0 + sympy.Piecewise((0, kv_idx <= q_idx), (-sympy.oo, True))
+    spec = make_spec(mod, captured=[captured_spec(".H..", grad=True)])
+    check_backward(q, k, v, [scale], spec, config=TILE_16x32)
+
+
 def test_only_captured_with_requires_grad_get_gradients():
     q, k, v = qkv(Lq=21, seed=11)
     bias, keep = randn(1, 2, 21, 21, seed=4), padding_keep(2, 21)
