@@ -1680,3 +1680,60 @@ def rows_zeroed_where_zeros_like(q, k, v, keep_rows):
     time only for its shape; the zeros become a constant and P is never made."""
     attn = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)
     return torch.where(keep_rows, attn, torch.zeros_like(attn)) @ v
+
+
+def mistral_reference_log_mask(q, k, v, window: int = 4):
+    """Mistral's reference model: the sliding-window causal mask as the log of
+    a 0/1 matrix (log 0 = -inf), added to the scores; softmax in float32."""
+    L = q.shape[-2]
+    mask = torch.tril(torch.full((L, L), 1.0, device=q.device), diagonal=0)
+    mask = torch.triu(mask, diagonal=-window)
+    mask = torch.log(mask)
+    s = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
+    s = s + mask[None, None]
+    return torch.matmul(F.softmax(s.float(), dim=-1).type_as(q), v)
+
+
+def grok_grouped_einsum_batch_mask(q, k, v, keep):
+    """Grok-1 style: q (B, T, Hkv, G, D) against k, v (B, T, Hkv, D) by a
+    grouped einsum into 5-D scores, 30·tanh(s / 30), a per-batch boolean mask
+    (B, 1, 1, T, T) by where, einsum back."""
+    s = torch.einsum("...thHd,...Thd->...hHtT", q, k) * q.shape[-1] ** -0.5
+    s = 30.0 * torch.tanh(s / 30.0)
+    s = torch.where(keep, s, -1e30)
+    return torch.einsum("...hHtT,...Thd->...thHd", s.softmax(-1), v)
+
+
+def openfold_5d_batch_mask(q, k, v, keep):
+    """OpenFold-style row attention: (B, S, H, T, D) operands (S: MSA rows),
+    q scaled first, a per-batch boolean mask (B, 1, 1, T, T)."""
+    q = q / math.sqrt(q.shape[-1])
+    s = torch.matmul(q, k.transpose(-1, -2))
+    s = s.masked_fill(~keep, -1e9)
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def meta_llama_repeat_kv_seq_major(q, k, v):
+    """Meta's reference Llama: q, k, v (B, L, H, D); K/V heads repeated on
+    that layout (``x[:, :, :, None, :].expand(...).reshape(...)``), then
+    transposed to (B, H, L, D); scores / sqrt(D), softmax in float32."""
+    n_rep = q.shape[2] // k.shape[2]
+
+    def repeat_kv(x):
+        b, s, hkv, d = x.shape
+        return x[:, :, :, None, :].expand(b, s, hkv, n_rep, d).reshape(b, s, hkv * n_rep, d)
+    xq, keys, values = q.transpose(1, 2), repeat_kv(k).transpose(1, 2), repeat_kv(v).transpose(1, 2)
+    scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(q.shape[-1])
+    scores = F.softmax(scores.float(), dim=-1).type_as(xq)
+    return torch.matmul(scores, values).transpose(1, 2)
+
+
+def mistral_repeat_interleave_seq_major(q, k, v):
+    """Mistral's reference: K/V (B, L, Hkv, D) widened by repeat_interleave on
+    dim 2, then transposed."""
+    n_rep = q.shape[2] // k.shape[2]
+    k = torch.repeat_interleave(k, repeats=n_rep, dim=2)
+    v = torch.repeat_interleave(v, repeats=n_rep, dim=2)
+    xq, keys, values = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    scores = torch.matmul(xq, keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.matmul(F.softmax(scores.float(), dim=-1).type_as(xq), values).transpose(1, 2)

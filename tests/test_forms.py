@@ -136,6 +136,15 @@ CASES = [
     Case("opt_bmm_max_clamp", lambda dt: (forms.opt_bmm_max_clamp,
                                           _qkv(dt, lk=L + 2) + [_full_additive(dt)])),
     Case("mistral_sliding_window", _fn(forms.mistral_sliding_window)),
+    Case("mistral_reference_log_mask", _fn(forms.mistral_reference_log_mask)),
+    Case("grok_grouped_einsum_batch_mask", lambda dt: (
+        forms.grok_grouped_einsum_batch_mask,
+        [_t(B, L, 2, 2, D, dtype=dt), _t(B, L, 2, D, dtype=dt), _t(B, L, 2, D, dtype=dt),
+         torch.tril(torch.ones(L, L, dtype=torch.bool)).expand(B, 1, 1, L, L) & _keep_mask()[:, None, None, None]]),
+        kv_heads=2),
+    Case("openfold_5d_batch_mask", lambda dt: (
+        forms.openfold_5d_batch_mask,
+        [_t(B, 3, 2, L, D, dtype=dt) for _ in range(3)] + [_keep_mask()[:, None, None, None, :]])),
     Case("log_softmax_exp", _fn(forms.log_softmax_exp)),
     Case("sagan_value_times_probs_t", _fn(forms.sagan_value_times_probs_t)),
     Case("where_full_like_scores", lambda dt: (forms.where_full_like_scores, _qkv(dt) + [_keep_mask()])),
@@ -178,6 +187,12 @@ CASES = [
     Case("hf_repeat_kv_gqa", _fn(forms.hf_repeat_kv_gqa, hkv=2), kv_heads=2),
     Case("hf_repeat_kv_mqa", _fn(forms.hf_repeat_kv_gqa, hkv=1), kv_heads=1),
     Case("gqa_grouped_einsum", _fn(forms.gqa_grouped_einsum, hkv=2), kv_heads=2),
+    Case("meta_llama_repeat_kv_seq_major", lambda dt: (
+        forms.meta_llama_repeat_kv_seq_major,
+        [_t(B, L, H, D, dtype=dt), _t(B, L, 2, D, dtype=dt), _t(B, L, 2, D, dtype=dt)]), kv_heads=2),
+    Case("mistral_repeat_interleave_seq_major", lambda dt: (
+        forms.mistral_repeat_interleave_seq_major,
+        [_t(B, 11, H, D, dtype=dt), _t(B, L, 1, D, dtype=dt), _t(B, L, 1, D, dtype=dt)]), kv_heads=1),
     Case("mqa_broadcast", _fn(forms.mqa_broadcast, hkv=1), kv_heads=1),
     # cross-attention, decode, two sites
     Case("t5_cross_attention_padding", lambda dt: (forms.t5_cross_attention_padding,

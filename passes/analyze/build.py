@@ -303,6 +303,8 @@ def _name_scale(c, head_dim):
 def _within_heads(a, heads):
     """``a`` with ``floor(h / c)`` dropped where ``c >= H`` (0 <= h < H): what a
     window index ``(b * H + h) // H mod n`` reads as once split into (b, h)."""
+    if isinstance(heads, sympy.Integer):     # grouped 5-D scores: a product of two sizes
+        heads = int(heads)
     if not isinstance(heads, int):
         return a
 

@@ -38,8 +38,21 @@ from .side import SideValues
 from .values import (AX, round_constants, R, Decline, Frame, Interpretation, Leaf, Val, _CASTS, _REL, _has_leaf, _is_scalar, _same_sizes, _sym, as_bool, as_num, compare,
                      from_shape_env, is_one)
 
+def _real_log(x):
+    """torch.log over the reals: log 0 = -inf (Mistral's reference builds its
+    causal mask as log(tril(ones))), log of a negative constant nan; a
+    Piecewise (a 0/1 mask) maps branch by branch (sympy's log(0) is zoo)."""
+    if isinstance(x, sympy.Piecewise):
+        return sympy.Piecewise(*[(_real_log(e), c) for e, c in x.args])
+    if x.is_number and x.is_zero:
+        return -sympy.oo
+    if x.is_number and x.is_extended_negative:
+        return sympy.nan
+    return sympy.log(x)
+
+
 _UNARY = {
-    "tanh": sympy.tanh, "exp": sympy.exp, "log": sympy.log, "abs": sympy.Abs,
+    "tanh": sympy.tanh, "exp": sympy.exp, "log": _real_log, "abs": sympy.Abs,
     "sqrt": sympy.sqrt, "rsqrt": lambda x: 1 / sympy.sqrt(x),
     "sigmoid": lambda x: 1 / (1 + sympy.exp(-x)), "relu": lambda x: sympy.Max(x, 0),
     "neg": lambda x: -x, "sin": sympy.sin, "cos": sympy.cos, "erf": sympy.erf,
