@@ -52,6 +52,22 @@ def find_module_sites(gm: fx.GraphModule) -> List[Any]:
     return out
 
 
+def _unused(node: fx.Node) -> bool:
+    """Whether ``node``'s value reaches nothing: every user is a computation
+    whose own value reaches nothing (WavLM broadcasts the weights it then
+    drops; dynamo keeps the dead ops).  An in-place op or the graph's output
+    is a use."""
+    for u in node.users:
+        if u.op not in ("call_function", "call_method"):
+            return False
+        name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            return False
+        if not _unused(u):
+            return False
+    return True
+
+
 def _module_site(node: fx.Node) -> Optional[ModuleSite]:
     a = _SIG.bind(*node.args, **node.kwargs)
     a.apply_defaults()
@@ -59,7 +75,7 @@ def _module_site(node: fx.Node) -> Optional[ModuleSite]:
     if not a["need_weights"]:
         return None  # PyTorch runs SDPA itself
     for u in node.users:
-        if not (u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0):
+        if not (u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0) and not _unused(u):
             raise Decline("the attention weights are used")
     for name in ("bias_k", "bias_v", "static_k", "static_v"):
         if a[name] is not None:
@@ -129,7 +145,16 @@ def rewrite_module_site(gm: fx.GraphModule, site: ModuleSite) -> fx.Node:
             g.erase_node(n)
         raise
     for u in list(site.node.users):
-        u.replace_all_uses_with(new)
-        g.erase_node(u)
+        if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0:
+            u.replace_all_uses_with(new)
+            g.erase_node(u)
+        else:           # the weights' unused ops (``_unused``): gone with the weights
+            _erase_unused(g, u)
     g.erase_node(site.node)
     return new
+
+
+def _erase_unused(g: fx.Graph, node: fx.Node) -> None:
+    for u in list(node.users):
+        _erase_unused(g, u)
+    g.erase_node(node)

@@ -188,6 +188,23 @@ def test_mha_weights_dropped_fused(case):
     check(case)
 
 
+class DeadWeights(SelfAttn):
+    """WavLM (transformers): the weights are broadcast to every head and then
+    dropped; dynamo keeps the dead ops in the graph."""
+
+    def forward(self, x, attn_mask=None, key_padding_mask=None):
+        out, w = self.mha(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
+        w = w[:, None].broadcast_to(w.shape[:1] + (NH,) + w.shape[1:])
+        return out
+
+
+def test_mha_weights_only_feeding_dead_ops_fused():
+    def build():
+        m = DeadWeights(nn.MultiheadAttention(E, NH, batch_first=True))
+        return m, [_t(B, L, E), None, _pad()]
+    check(Case("dead_weights", build))
+
+
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
 def test_mha_eval_no_grad(batch_first):
     """Inference: eval mode under no_grad (eager may take its fast path)."""
