@@ -90,17 +90,20 @@ def _scalar(x):
     return None
 
 
-def gqa_narrow(node: fx.Node) -> Optional[Tuple[fx.Node, int]]:
+def gqa_narrow(node: fx.Node, hdim: int = 1) -> Optional[Tuple[fx.Node, int]]:
     """If ``node`` [B, H, L, D] repeats each of Hkv heads ``G`` times
     (``repeat_interleave(G, dim=1)``, or ``x[:, :, None].expand(B, Hkv, G, L, D)
-    .reshape(B, H, L, D)`` as in HF ``repeat_kv``), the narrow tensor and G."""
+    .reshape(B, H, L, D)`` as in HF ``repeat_kv``), the narrow tensor and G.
+    ``hdim``: the head axis of ``node`` when it is not 1 (Meta's reference
+    Llama repeats heads on [B, L, Hkv, D], ``x[:, :, :, None].expand(...)``,
+    before its transpose; Mistral's ``repeat_interleave(G, dim=2)``)."""
     op = C.canonical(node)
     shape = C.shape_of(node)
     if op is None or shape is None or len(shape) != 4:
         return None
     if op.name == "repeat_interleave":
         g, dim, x = op.kw.get("repeats"), op.kw.get("dim"), op.kw["input"]
-        if isinstance(g, int) and dim in (1, -3) and len(C.shape_of(x)) == 4:
+        if isinstance(g, int) and dim in (hdim, hdim - 4) and len(C.shape_of(x)) == 4:
             return x, g
         return None
     if op.name in ("reshape", "view", "flatten"):
@@ -108,34 +111,35 @@ def gqa_narrow(node: fx.Node) -> Optional[Tuple[fx.Node, int]]:
         es = C.shape_of(op.kw["input"])
         if e is None or e.name != "expand" or len(es) != 5:
             return None
-        if op.name == "flatten" and (op.kw.get("start_dim"), op.kw.get("end_dim")) not in ((1, 2),):
+        if op.name == "flatten" and (op.kw.get("start_dim"), op.kw.get("end_dim")) not in ((hdim, hdim + 1),):
             return None
         u = C.canonical(e.kw["input"])
         us = C.shape_of(e.kw["input"])
-        if u is None or len(us) != 5 or not (isinstance(us[2], int) and us[2] == 1):
+        if u is None or len(us) != 5 or not (isinstance(us[hdim + 1], int) and us[hdim + 1] == 1):
             return None
-        if u.name == "unsqueeze" and C.norm_dim(u.kw["dim"], 5) == 2:
+        if u.name == "unsqueeze" and C.norm_dim(u.kw["dim"], 5) == hdim + 1:
             x = u.kw["input"]
-        elif u.name == "getitem" and _is_none_at_2(u.kw["index"]):
+        elif u.name == "getitem" and _is_none_at(u.kw["index"], hdim + 1):
             x = u.kw["input"]
         else:
             return None
-        g = es[2]
+        g = es[hdim + 1]
         return (x, g) if isinstance(g, int) else None
     if op.name == "expand":
         x = op.kw["input"]
         xs = C.shape_of(x)
-        if len(xs) == 4 and isinstance(xs[1], int) and xs[1] == 1 and isinstance(shape[1], int):
-            return x, shape[1]
+        if len(xs) == 4 and isinstance(xs[hdim], int) and xs[hdim] == 1 and isinstance(shape[hdim], int):
+            return x, shape[hdim]
     return None
 
 
-def _is_none_at_2(idx) -> bool:
+def _is_none_at(idx, pos: int) -> bool:
+    """Whether the index tuple ``idx`` is full slices with one None at ``pos``."""
     if not isinstance(idx, tuple):
         return False
-    full = all(isinstance(i, slice) and i == slice(None) for i in idx[:2])
-    return full and len(idx) >= 3 and idx[2] is None and all(
-        (isinstance(i, slice) and i == slice(None)) or i is Ellipsis for i in idx[3:])
+    full = all(isinstance(i, slice) and i == slice(None) for i in idx[:pos])
+    return full and len(idx) >= pos + 1 and idx[pos] is None and all(
+        (isinstance(i, slice) and i == slice(None)) or i is Ellipsis for i in idx[pos + 1:])
 
 
 # [Note: written operands]  The op is called where P·V was, and reads the
@@ -166,8 +170,9 @@ def _operand(node: fx.Node, labels: str, target: str, allow_factor=True) -> Oper
     if not allow_factor and not (isinstance(factor, int) and factor == 1):
         base, blabels, factor = node, labels, 1
     op = Operand(base, blabels, target, factor)
-    if len(target) == 4 and blabels == target:
-        narrow = gqa_narrow(base)
+    if len(target) == 4 and sorted(blabels) == sorted(target):
+        # the head axis where the base holds it (permuted after the repeat)
+        narrow = gqa_narrow(base, blabels.index(target[1]))
         if narrow is not None and not written(base) and not written(narrow[0], after=base):
             op.node, op.group = narrow
     return op
