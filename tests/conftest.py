@@ -48,11 +48,39 @@ def _interpreter_bfloat16_as_on_a_gpu():
 
     builder.create_dot = create_dot
     builder.cast_impl = cast_impl
+
+
+def _interpreter_float32_dot_deterministic():
+    """Triton's interpreter multiplies float32 tiles with numpy's BLAS, whose
+    rounding may depend on more than the operands (seen on an AMD EPYC: the
+    same (M, D) x (D, N) product rounded differently in the backward's
+    preprocess and in its dQ kernel).  The [Note: exact rows] of the
+    generated backward rests on the two giving dP to the bit, as a GPU does
+    for one tile and warp layout.  Here a float32 product is taken in float64
+    and rounded once: the same bits for the same operands, and at least as
+    close to the exact product as the GPU's."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if builder is None or not hasattr(builder, "create_dot"):
+        return
+    handle = interpreter.TensorHandle
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc, _orig=builder.create_dot):
+        if not (a.dtype.scalar == b.dtype.scalar == d.dtype.scalar == tl.float32):
+            return _orig(self, a, b, d, input_precision, max_num_imprecise_acc)
+        exact = np.matmul(a.data.astype(np.float64), b.data.astype(np.float64)) + d.data
+        return handle(exact.astype(np.float32), d.dtype.scalar)
+
+    builder.create_dot = create_dot
     builder.create_fp_trunc = lambda self, src, dst_type: self.cast_impl(src, dst_type)
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_bfloat16_as_on_a_gpu()
+    _interpreter_float32_dot_deterministic()
 
 
 # The kernel tests run on the GPU where there is one (kernel_checks.DEVICE):
