@@ -55,13 +55,16 @@ def find_module_sites(gm: fx.GraphModule) -> List[Any]:
 def _unused(node: fx.Node) -> bool:
     """Whether ``node``'s value reaches nothing: every user is a computation
     whose own value reaches nothing (WavLM broadcasts the weights it then
-    drops; dynamo keeps the dead ops).  An in-place op or the graph's output
-    is a use."""
+    drops; dynamo keeps the dead ops).  An in-place op, an assignment into
+    another tensor (``x[i] = w``), any op with a side effect and the graph's
+    output are uses."""
     for u in node.users:
         if u.op not in ("call_function", "call_method"):
             return False
         name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
-        if name.endswith("_") and not name.endswith("__"):
+        if (name.endswith("_") and not name.endswith("__")) or u.target is operator.setitem or name == "setitem":
+            return False
+        if u.is_impure():
             return False
         if not _unused(u):
             return False

@@ -205,6 +205,24 @@ def test_mha_weights_only_feeding_dead_ops_fused():
     check(Case("dead_weights", build))
 
 
+class WeightsAssigned(SelfAttn):
+    """The weights reach the output only through an assignment into another
+    tensor (``store[0] = w``): a use, though the assignment has no users."""
+
+    def forward(self, x, attn_mask=None, key_padding_mask=None):
+        out, w = self.mha(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
+        store = torch.zeros((2,) + tuple(w.shape), dtype=w.dtype)
+        store[0] = w
+        return out, store
+
+
+def test_mha_weights_assigned_elsewhere_declined():
+    torch.manual_seed(0)
+    m = WeightsAssigned(nn.MultiheadAttention(E, NH, batch_first=True))
+    rows = _exactly_eager(m, [_t(B, L, E), None, _pad()])
+    assert [r.status for r in rows] == ["declined"], [(r.status, r.reason) for r in rows]
+
+
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
 def test_mha_eval_no_grad(batch_first):
     """Inference: eval mode under no_grad (eager may take its fast path)."""
