@@ -52,34 +52,15 @@ def find_module_sites(gm: fx.GraphModule) -> List[Any]:
     return out
 
 
-def _unused(node: fx.Node) -> bool:
-    """Whether ``node``'s value reaches nothing: every user is a computation
-    whose own value reaches nothing (WavLM broadcasts the weights it then
-    drops; dynamo keeps the dead ops).  An in-place op, an assignment into
-    another tensor (``x[i] = w``), any op with a side effect and the graph's
-    output are uses."""
-    for u in node.users:
-        if u.op not in ("call_function", "call_method"):
-            return False
-        name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
-        if (name.endswith("_") and not name.endswith("__")) or u.target is operator.setitem or name == "setitem":
-            return False
-        if u.is_impure():
-            return False
-        if not _unused(u):
-            return False
-    return True
-
-
 def _module_site(node: fx.Node) -> Optional[ModuleSite]:
     a = _SIG.bind(*node.args, **node.kwargs)
     a.apply_defaults()
     a = dict(a.arguments)
     if not a["need_weights"]:
         return None  # PyTorch runs SDPA itself
-    for u in node.users:
-        if not (u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0) and not _unused(u):
-            raise Decline("the attention weights are used")
+    # the pass's ``drop_unread`` has erased what only fed ops nothing reads
+    if not all(_output(u) for u in node.users):
+        raise Decline("the attention weights are used")
     for name in ("bias_k", "bias_v", "static_k", "static_v"):
         if a[name] is not None:
             raise Decline(f"nn.MultiheadAttention with {name}")
@@ -148,16 +129,12 @@ def rewrite_module_site(gm: fx.GraphModule, site: ModuleSite) -> fx.Node:
             g.erase_node(n)
         raise
     for u in list(site.node.users):
-        if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0:
-            u.replace_all_uses_with(new)
-            g.erase_node(u)
-        else:           # the weights' unused ops (``_unused``): gone with the weights
-            _erase_unused(g, u)
+        u.replace_all_uses_with(new)
+        g.erase_node(u)
     g.erase_node(site.node)
     return new
 
 
-def _erase_unused(g: fx.Graph, node: fx.Node) -> None:
-    for u in list(node.users):
-        _erase_unused(g, u)
-    g.erase_node(node)
+def _output(u: fx.Node) -> bool:
+    """``u`` takes the attention output (item 0) of the call's tuple."""
+    return u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0

@@ -72,22 +72,26 @@ def folded_inputs(gm: fx.GraphModule) -> List[tuple]:
     return list(gm.meta.get(FOLDED, ()))
 
 
-# copies, casts and views: a result of one that nothing reads is dead code
-_UNREAD_OK = frozenset(_CASTS | _VIEW_OPS)
+# copies, casts, views and reads of a size: a result of one that nothing
+# reads is dead code
+_UNREAD_OK = frozenset(_CASTS | _VIEW_OPS | {"broadcast_to", "size", "sym_size", "dim", "numel"})
 
 
 def drop_unread(gm: fx.GraphModule) -> int:
-    """Erase copies, casts and views whose result nothing reads (dynamo keeps
-    them: x-transformers' ``qk_similarities = sim.clone()``, kept for
-    intermediates it then drops).  Such a node would read as a second use of
-    the scores and decline the site; the inner compiler drops them anyway.
-    Returns how many were erased."""
+    """Erase copies, casts, views and size reads whose result nothing reads
+    (dynamo keeps them: x-transformers' ``qk_similarities = sim.clone()``,
+    kept for intermediates it then drops; WavLM's broadcast of the
+    ``nn.MultiheadAttention`` weights it then drops).  Such a node would read
+    as a second use of the scores (or of the weights) and decline the site;
+    the inner compiler drops them anyway.  Walking the graph backwards erases
+    a dead chain whole.  An in-place op or an assignment is never erased: it
+    is none of these ops.  Returns how many were erased."""
     erased = 0
     for n in reversed(list(gm.graph.nodes)):
         if n.users or n.op not in ("call_function", "call_method"):
             continue
         op = C.canonical(n)
-        if op is not None and op.name in _UNREAD_OK:
+        if op is not None and op.name in _UNREAD_OK and not n.is_impure():
             gm.graph.erase_node(n)
             erased += 1
     return erased
