@@ -168,9 +168,8 @@ def check_inputs(q, k, v, captured, spec: AttentionSpec) -> None:
         raise ValueError(f"spec says GQA group {spec.gqa_group} but q/k give {Hq // Hkv}")
     if len(captured) != len(spec.captured):
         raise ValueError(f"spec has {len(spec.captured)} captured tensors, got {len(captured)}")
-    full = (B, Hq, Lq, Lk)
     for i, (t, c) in enumerate(zip(captured, spec.captured)):
-        want = tuple(n if d else 1 for n, d in zip(full[:3] + (c.kv_size(Lk),), c.dims))
+        want = tuple(n if d else 1 for n, d in zip((B, c.h_size(Hq), Lq, c.kv_size(Lk)), c.dims))
         if t.dim() != 4 or any(s != w and s != 1 for s, w in zip(t.shape, want)) or \
                 any(s != 1 and not d for s, d in zip(t.shape, c.dims)):
             names = [n for n, d in zip(DIM_NAMES, c.dims) if d]
@@ -202,8 +201,12 @@ def _ungrouped(x, pb: _Problem, M: int) -> torch.Tensor:
     return x.reshape(x.shape[0], pb.Hq, M, x.shape[-1])
 
 
-def _slice_captured(t, m0, m1, n0, n1, c: CapturedTensor):
+def _slice_captured(t, m0, m1, n0, n1, c: CapturedTensor, hq: int = 0):
+    """The block (m0:m1, n0:n1) of captured ``t``; with ``hq``, its heads read
+    at each of the hq query heads (``CapturedTensor.h_map``)."""
     t = t if t.shape[2] == 1 else t[:, :, m0:m1]
+    if hq and c.h_map and t.shape[1] != 1:     # read at h // W or h % W
+        t = t.index_select(1, c.h_index(torch.arange(hq, device=t.device)))
     if not c.dims[3]:
         return t
     if c.kv_map:    # a term of a split key axis: read at kv // W or kv % W
@@ -222,7 +225,7 @@ def _block_env(pb: _Problem, s, m0, m1, n0, n1) -> dict:
         "Lq": pb.Lq, "Lk": pb.Lk, "D": pb.D,
     }
     for i, t in enumerate(pb.captured):
-        env[f"t{i}"] = _slice_captured(t, m0, m1, n0, n1, pb.spec.captured[i])
+        env[f"t{i}"] = _slice_captured(t, m0, m1, n0, n1, pb.spec.captured[i], pb.Hq)
     return env
 
 
@@ -404,6 +407,9 @@ def _backward_rows(pb: _Problem, m0, m1, rows, dk, dv, dcap, skip):
             dims = [d for d in range(4) if acc.shape[d] == 1 and g.shape[d] != 1]
             g = g.sum(dims, keepdim=True) if dims else g
             c = spec.captured[i]
+            if c.h_map and acc.shape[1] != 1:   # each head's share to its entry at h // W or h % W
+                g = g.new_zeros(g.shape[:1] + acc.shape[1:2] + g.shape[2:]).index_add_(
+                    1, c.h_index(torch.arange(g.shape[1], device=g.device)), g)
             if c.kv_map and acc.shape[3] != 1:  # each key's share to its entry at kv // W or kv % W
                 rows = acc if acc.shape[2] == 1 else acc[:, :, m0:m1]
                 rows.index_add_(3, c.kv_index(torch.arange(n0, n1, device=acc.device)), g)

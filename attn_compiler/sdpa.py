@@ -43,7 +43,7 @@ def sdpa_form(spec: AttentionSpec) -> Optional[SdpaForm]:
 def _form(text: str) -> Optional[SdpaForm]:
     spec = AttentionSpec.loads(text)
     if spec.dropout_p > 0 or spec.zero_masked or spec.softmax_dtype != "float32" or spec.out_dtype != spec.prob_dtype \
-            or any(c.kv_map for c in spec.captured):     # SDPA would need it expanded to Lk
+            or any(c.kv_map or c.h_map for c in spec.captured):     # SDPA would need it expanded
         return None
     kept = _kept_value(spec.score_mod)
     additive = None

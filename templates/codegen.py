@@ -188,7 +188,7 @@ class _Hooks:
         lines = ["if TMA:"]
         planes = set(self.planes)
         for i in self.tma_ids:
-            base = f"T{i} + off_b.to(tl.int64) * t{i}_sb + off_h.to(tl.int64) * t{i}_sh"
+            base = f"T{i} + off_b.to(tl.int64) * t{i}_sb + {self.head(i)}.to(tl.int64) * t{i}_sh"
             if i in planes:
                 lines.append(f"    T{i}x = tl.make_tensor_descriptor({base}, shape=[Lq, Lk], "
                              f"strides=[t{i}_sq, 1], block_shape=[BLOCK_M, BLOCK_N])")
@@ -224,7 +224,7 @@ class _Hooks:
         for i in ids:
             c = self.spec.captured[i]
             # 64-bit offsets: a (B, H, L, L) bias passes 2**31 elements at L = 8k, B*H = 32
-            terms = [f"off_b.to(tl.int64) * t{i}_sb", f"off_h.to(tl.int64) * t{i}_sh"]
+            terms = [f"off_b.to(tl.int64) * t{i}_sb", f"{self.head(i)}.to(tl.int64) * t{i}_sh"]
             bounds = []
             plane = orient == "col" and c.dims[2] and c.dims[3]
             vec = (self.scalar_heads and c.dims[2] != c.dims[3]
@@ -265,6 +265,16 @@ class _Hooks:
             else:
                 lines.append(f"t{i} = {load}{conv}")
         return lines
+
+    def head(self, i: int) -> str:
+        """The head index captured tensor ``i`` is read at: ``off_h``, or
+        ``off_h // W`` / ``off_h % W`` for a term of split heads
+        ([Note: split head axes])."""
+        c = self.spec.captured[i]
+        if not c.h_map:
+            return "off_h"
+        kind, w = c.h_map
+        return f"(off_h // {w})" if kind == "div" else f"(off_h % {w})"
 
     @staticmethod
     def _aligned_kv_load(i: int, c, terms: List[str], bounds: List[str], vec: bool) -> str:
@@ -393,7 +403,7 @@ class _Hooks:
             lines.append(f"g{i} = {g}")
             if di == 1 and kind == "PARTIAL":
                 lines.append(f"g{i} = tl.where(p == 0, 0.0, g{i})")
-            lines += self._grad_store(i, c.dims, qax, kax, c.kv_map)
+            lines += self._grad_store(i, c.dims, qax, kax, c.kv_map, self.head(i))
         return lines
 
     def _tile(self, expr) -> str:
@@ -408,11 +418,12 @@ class _Hooks:
         rows = [i for i in self.used_captured(expr) if any(self.spec.captured[i].dims[2:])]
         return text if reads or rows else f"({text}) + tl.zeros_like(dz)"
 
-    def _grad_store(self, i: int, dims, qax: int, kax: int, kv_map=()) -> List[str]:
+    def _grad_store(self, i: int, dims, qax: int, kax: int, kv_map=(), head: str = "off_h") -> List[str]:
         """Atomic adds of captured gradient ``g{i}`` into its broadcast shape; a
         term of a split key axis adds each key's share at kv // W or kv % W
-        (several keys of a tile meet at one entry: the atomics sum them)."""
-        base = f"DT{i} + off_b.to(tl.int64) * dt{i}_sb + off_h.to(tl.int64) * dt{i}_sh"
+        (several keys of a tile meet at one entry: the atomics sum them), a
+        term of split heads each head's share at ``head`` (h // W or h % W)."""
+        base = f"DT{i} + off_b.to(tl.int64) * dt{i}_sb + {head}.to(tl.int64) * dt{i}_sh"
         qv, kv = "offs_m", "offs_n"
         g = f"g{i}"
 

@@ -1713,6 +1713,35 @@ def openfold_5d_batch_mask(q, k, v, keep):
     return torch.matmul(torch.softmax(s, dim=-1), v)
 
 
+def openfold_msa_row_pair_bias(q, k, v, msa_mask, pair_bias):
+    """OpenFold's MSA row attention with pair bias: (B, S, H, T, D) operands
+    (S: MSA rows), q scaled first; the row mask as a bias
+    ``inf * (mask - 1)`` of shape (B, S, 1, 1, T) and the pair
+    representation's bias (B, 1, H, T, T), with its gradient, added in
+    place.  Flattened, the heads are (S, H): the mask is read at h // H,
+    the pair bias at h % H."""
+    q = q / math.sqrt(q.shape[-1])
+    a = torch.matmul(q, k.transpose(-1, -2))
+    mask_bias = (1e9 * (msa_mask - 1))[..., :, None, None, :]
+    for bias in (mask_bias, pair_bias):
+        a += bias
+    a = torch.softmax(a, dim=-1)
+    return torch.matmul(a, v)
+
+
+def longt5_local_blocks(q, k, v, position_bias, local_keep):
+    """LongT5's local attention as its code writes it: (B, NB, M, H, D) query
+    blocks against (B, NB, 3M, H, D) key blocks by einsum, unscaled; a
+    relative position bias (1, 1, H, M, 3M) with its gradient plus the
+    blocks' key mask (B, NB, 1, M, 3M) as 0 / -1e10, added in place;
+    softmax in float32."""
+    s = torch.einsum("...qhd,...khd->...hqk", q, k)
+    bias = position_bias + torch.where(local_keep, 0.0, -1e10)
+    s += bias
+    p = F.softmax(s.float(), dim=-1).type_as(s)
+    return torch.einsum("...hqk,...khd->...qhd", p, v)
+
+
 def meta_llama_repeat_kv_seq_major(q, k, v):
     """Meta's reference Llama: q, k, v (B, L, H, D); K/V heads repeated on
     that layout (``x[:, :, :, None, :].expand(...).reshape(...)``), then

@@ -44,6 +44,18 @@ def _keep_mask(b=B, lk=L):
     return keep
 
 
+def _local_keep(b=B, nb=3, m=4):
+    """(B, NB, 1, M, 3M) bool: LongT5's local blocks, each query keeps the
+    keys within 3 positions of it that exist (the first and last blocks'
+    neighbours are padding); batch 1 has 9 real tokens."""
+    pos = torch.arange(nb)[:, None, None] * m + torch.arange(m)[:, None]          # (NB, M, 1)
+    key = torch.arange(nb)[:, None, None] * m - m + torch.arange(3 * m)           # (NB, 1, 3M)
+    length = torch.tensor([nb * m, 9])[:, None, None, None]
+    keep = ((key - pos).abs() <= 3) & (key >= 0) & (key < length)                  # (B, NB, M, 3M)
+    keep |= pos == key                                                             # padded queries keep themselves
+    return keep[:, :, None]
+
+
 def _additive(keep, dtype):
     return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
 
@@ -145,6 +157,14 @@ CASES = [
     Case("openfold_5d_batch_mask", lambda dt: (
         forms.openfold_5d_batch_mask,
         [_t(B, 3, 2, L, D, dtype=dt) for _ in range(3)] + [_keep_mask()[:, None, None, None, :]])),
+    Case("openfold_msa_row_pair_bias", lambda dt: (
+        forms.openfold_msa_row_pair_bias,
+        [_t(B, 3, 2, L, D, dtype=dt) for _ in range(3)] + [_keep_mask()[:, None, :].expand(B, 3, L).to(dt).clone(),
+                                                           _t(B, 1, 2, L, L, dtype=dt)])),
+    Case("longt5_local_blocks", lambda dt: (
+        forms.longt5_local_blocks,
+        [_t(B, 3, 4, 2, D, dtype=dt), _t(B, 3, 12, 2, D, dtype=dt), _t(B, 3, 12, 2, D, dtype=dt),
+         _t(1, 1, 2, 4, 12, dtype=dt), _local_keep()])),
     Case("log_softmax_exp", _fn(forms.log_softmax_exp)),
     Case("sagan_value_times_probs_t", _fn(forms.sagan_value_times_probs_t)),
     Case("where_full_like_scores", lambda dt: (forms.where_full_like_scores, _qkv(dt) + [_keep_mask()])),
@@ -284,6 +304,8 @@ def test_form_fp32_forward_backward(case):
 
 @pytest.mark.parametrize("case_id,dtype", [
     ("gpt2_matmul_div_sqrt", "bf16"),
+    ("openfold_msa_row_pair_bias", "bf16"),
+    ("longt5_local_blocks", "fp16"),
     ("matmul_scores_bmm_output", "bf16"),
     ("llama_softmax_fp32_cast", "fp16"),
     ("hf5_causal_where_finfo", "bf16"),
@@ -771,6 +793,22 @@ def test_mvitv2_relative_positions_on_the_kernels_forward_backward():
         check_case(RESEARCH_BY_ID["mvitv2_relpos_slice_assigned"])
     spec = AttentionSpec.loads(attn_compiler.report().fused[0].features["spec"])
     assert sorted(c.kv_map for c in spec.captured) == [("div", 3), ("mod", 3)], spec.captured
+
+
+@pytest.mark.parametrize("case_id,maps", [
+    ("openfold_msa_row_pair_bias", [("div", 2), ("mod", 2)]),
+    ("longt5_local_blocks", [("div", 2), ("mod", 2)]),
+])
+def test_split_heads_on_the_kernels_forward_backward(case_id, maps):
+    """5-D scores (B, X, Y, Lq, Lk) run as X * Y heads; a mask or bias read
+    along one of X, Y ([Note: split head axes]) is read at h // Y or h % Y by
+    the generated kernels (the interpreter on CPU), with the bias's gradient
+    summed over the heads that share an entry, float32."""
+    with _implementation(True):
+        check_case(BY_ID[case_id])
+    spec = AttentionSpec.loads(attn_compiler.report().fused[0].features["spec"])
+    assert sorted(c.h_map for c in spec.captured if c.h_map) == maps, spec.captured
+    assert [c.requires_grad for c in spec.captured if c.h_map == ("mod", 2)] == [True], spec.captured
 
 
 def test_botnet_relative_positions_on_the_kernels_forward_backward():

@@ -574,6 +574,17 @@ def test_layoutlm_extended_mask(on_kernels, counted):
 
 
 # name: (model, check_model's keyword arguments, fused sites)
+def longt5(attention_type, encoder_only=False):
+    def build():
+        cfg = transformers.LongT5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=LAYERS, num_decoder_layers=LAYERS,
+            num_heads=4, local_radius=3, global_block_size=4, encoder_attention_type=attention_type,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, attn_implementation="eager")
+        return (transformers.LongT5EncoderModel if encoder_only else transformers.LongT5ForConditionalGeneration)(cfg)
+    return build
+
+
 KERNEL_CASES = {
     "gpt2_padding": (gpt2, lambda: {"inputs": {"input_ids": _ids(9), "attention_mask": _padding_mask(9)}}, LAYERS),
     # inductor checks the strides the op's fake promised (the kernels returned
@@ -594,6 +605,11 @@ KERNEL_CASES = {
     "vitdet_relpos_training": (vitdet, lambda: {"inputs": _pixels(), "output_fn": _hidden}, LAYERS),
     "bert_autocast_padding": (bert, lambda: {"inputs": {"input_ids": _ids(12), "attention_mask": _padding_mask(12)},
                                              "autocast": torch.bfloat16}, LAYERS),
+    # [Note: split head axes]: the local blocks' bias and mask read at h % H and h // H.
+    # The encoder alone: the whole model's bfloat16 gradients miss the bound on
+    # the reference path too for some inputs (eager's own rounding, amplified)
+    "longt5_local_encoder_padding": (longt5("local", encoder_only=True), lambda: {
+        "inputs": {"input_ids": _ids(13), "attention_mask": _padding_mask(13)}, "output_fn": _hidden}, LAYERS),
 }
 
 
@@ -629,3 +645,15 @@ def test_float16_left_padding_rows_of_fills(on_kernels, counted):
     check(llama, kwargs.pop("inputs"), LAYERS, dtype=torch.float16, **kwargs)
     if on_kernels:
         assert counted["forward"] >= LAYERS and counted["backward"] >= LAYERS, counted
+
+
+@pytest.mark.parametrize("attention_type", ["local", "transient-global"])
+def test_longt5_blocked_encoder_attention(attention_type):
+    """LongT5's encoder attends within blocks: 5-D scores (B, blocks, heads,
+    block, 3 * block) whose position bias is read per head and whose mask is
+    read per block, i.e. at h % H and h // H of the flattened heads
+    ([Note: split head axes]); the transient-global variant adds a bias per
+    (block, head).  Encoder, decoder self- and cross-attention all fuse."""
+    Ls, Lt = 13, 7
+    check_model(longt5(attention_type), {"input_ids": _ids(Ls), "attention_mask": _padding_mask(Ls),
+                                          "decoder_input_ids": _ids(Lt, seed=3)}, 3 * LAYERS)

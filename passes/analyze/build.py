@@ -302,7 +302,9 @@ def _name_scale(c, head_dim):
 
 def _within_heads(a, heads):
     """``a`` with ``floor(h / c)`` dropped where ``c >= H`` (0 <= h < H): what a
-    window index ``(b * H + h) // H mod n`` reads as once split into (b, h)."""
+    window index ``(b * H + h) // H mod n`` reads as once split into (b, h);
+    and ``floor(h / W) mod n`` read as ``floor(h / W)`` where ``n * W >= H``
+    (the outer half of heads split in two: ``floor(h / W) < n``)."""
     if isinstance(heads, sympy.Integer):     # grouped 5-D scores: a product of two sizes
         heads = int(heads)
     if not isinstance(heads, int):
@@ -311,7 +313,36 @@ def _within_heads(a, heads):
     def floor(x):
         num, den = sympy.fraction(sympy.together(x))
         return sympy.Integer(0) if num == S.h and den.is_Integer and den >= heads else sympy.floor(x)
-    return a.replace(sympy.floor, floor) if a.has(sympy.floor) else a
+
+    def mod(x, n):
+        if x == S.h and n.is_Integer and int(n) >= heads:
+            return x
+        if isinstance(x, sympy.floor) and n.is_Integer:
+            num, den = sympy.fraction(sympy.together(x.args[0]))
+            if num == S.h and den.is_Integer and int(den) * int(n) >= heads:
+                return x
+        return sympy.Mod(x, n)
+    if a.has(sympy.floor):
+        a = a.replace(sympy.floor, floor)
+    if a.has(sympy.Mod):
+        a = a.replace(sympy.Mod, mod)
+    return a
+
+
+# [Note: split head axes]
+# Scores with three leading axes (B, X, Y, Lq, Lk) run as B batches of X * Y
+# heads, h = x * Y + y.  A captured tensor of such a site may vary along only
+# one of X and Y: LongT5's local attention (X blocks, Y heads) adds a position
+# bias (1, 1, Y, M, 3M) and a block mask (B, X, 1, M, 3M); OpenFold's MSA row
+# attention (X rows, Y heads) a pair bias (B, 1, Y, T, T) and a row mask
+# (B, X, 1, 1, T).  The tensor is then read at h // Y or h % Y
+# (``CapturedTensor.h_map``): the kernels load at ``off_h // Y`` or
+# ``off_h % Y``, a bias's gradient adds each head's share to its entry (the
+# atomics sum the heads that meet there) and the reference indexes and
+# index-adds the same way; nothing is expanded to X * Y heads.  A tensor
+# varying along both (``floor(h / Y)`` then ``h mod Y`` on adjacent axes) is
+# viewed as one head axis.  ``floor(h / Y) mod X`` is ``floor(h / Y)``, as
+# h < X * Y.
 
 
 def _split_term(a) -> Optional[tuple]:
@@ -325,20 +356,38 @@ def _split_term(a) -> Optional[tuple]:
         kind = "mod"
     else:
         return None
-    if num in (S.q_idx, S.kv_idx) and den.is_Integer and int(den) > 1:
+    if num in (S.q_idx, S.kv_idx, S.h) and den.is_Integer and int(den) > 1:
         return (num, kind, int(den))
     return None
 
 
-def _split_axis(split: tuple, args, i: int, node: fx.Node):
+def _split_axis(split: tuple, args, i: int, node: fx.Node, heads=None):
     """The CaptureView code of axis ``i`` of a tensor read at ``args``: a query
     split into (q // W, q % W) on two adjacent axes is one query axis
     (MERGE_NEXT, then 2), and so is (q % W, q // W) (BoTNet's height term:
     MERGE_NEXT_SWAPPED, then 2); a key read at kv // W or kv % W keeps its
-    axis (3, with ``CapturedTensor.kv_map``)."""
+    axis (3, with ``CapturedTensor.kv_map``); heads read at h // W or h % W
+    keep theirs (1, with ``CapturedTensor.h_map``), or are one head axis
+    when the two halves are adjacent ([Note: split head axes])."""
     sym, kind, w = split
     shape = C.shape_of(node)
     size = shape[i] if i < len(shape) else None
+    if sym == S.h:
+        if isinstance(heads, sympy.Integer):
+            heads = int(heads)
+        if not isinstance(heads, int) or heads % w:
+            raise Decline("a captured tensor is read along part of the heads, whose count is dynamic "
+                          "or not a multiple of the split")
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        prev = args[i - 1] if i > 0 else None
+        if kind == "div" and nxt is not None and _split_term(nxt) == (S.h, "mod", w) \
+                and i + 1 < len(shape) and shape[i + 1] == w:
+            return MERGE_NEXT
+        if kind == "mod" and prev is not None and _split_term(prev) == (S.h, "div", w):
+            return 1
+        if not isinstance(size, int) or size not in (1, heads // w if kind == "div" else w):
+            raise Decline("a captured tensor is read along part of the heads with another size")
+        return 1
     if sym == S.q_idx:
         # the two halves are neighbours once axes read at 0 are dropped
         # (``layout.captured_view`` drops them first): BoTNet's height term is
@@ -381,14 +430,16 @@ def _rename_captures(expr, leaves, flat, op_sizes=(None, None)):
     sub, captures, specs = {}, [], []
     for call in calls:
         lf = by_name[str(call.func)]
-        axes, kv_map = [], ()
+        axes, kv_map, h_map = [], (), ()
         args = [_within_heads(a, op_sizes[1]) for a in call.args]
         for i, a in enumerate(args):
             split = _split_term(a)
             if split is not None:
-                axes.append(_split_axis(split, args, i, lf.node))
+                axes.append(_split_axis(split, args, i, lf.node, op_sizes[1]))
                 if split[0] == S.kv_idx:
                     kv_map = split[1:]
+                elif split[0] == S.h and axes[-1] == 1 and not (i and axes[-2] == MERGE_NEXT):
+                    h_map = split[1:]
                 continue
             if a == 0:
                 axes.append(None)
@@ -416,6 +467,8 @@ def _rename_captures(expr, leaves, flat, op_sizes=(None, None)):
         if kv_map and not ev.dtype.is_floating_point:
             raise Decline("a term read along a split key axis (decomposed relative positions) "
                           "is not a float tensor")
-        specs.append(S.CapturedTensor(dims, _dtype_name(ev.dtype), grad, kv_map))
+        if h_map and kv_map:
+            raise Decline("a captured tensor is read along part of the heads and part of the keys")
+        specs.append(S.CapturedTensor(dims, _dtype_name(ev.dtype), grad, kv_map, h_map))
         sub[call] = S.captured_call(i)
     return expr.xreplace(sub), captures, specs

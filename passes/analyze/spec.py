@@ -109,12 +109,30 @@ class CapturedTensor:
     term of a key axis split into (Lk / W, W) (SAM's decomposed relative
     positions, [Note: split key axes]); its last axis then has Lk / W or W
     entries.
+    ``h_map``: the same for the head axis ([Note: split head axes]): ``()``
+    when it is read at ``h``, ``("div", W)`` or ``("mod", W)`` when at
+    ``h // W`` or ``h % W``; its head axis then has H / W or W entries.
     """
 
     dims: Tuple[bool, bool, bool, bool]
     dtype: str
     requires_grad: bool = False
     kv_map: Tuple = ()
+    h_map: Tuple = ()
+
+    def h_size(self, hq: int) -> int:
+        """The length of the tensor's head axis for ``hq`` query heads."""
+        if not self.h_map:
+            return hq
+        kind, w = self.h_map
+        return hq // w if kind == "div" else w
+
+    def h_index(self, h):
+        """The index of the tensor's head axis read at head ``h`` (an int tensor)."""
+        if not self.h_map:
+            return h
+        kind, w = self.h_map
+        return h // w if kind == "div" else h % w
 
     def kv_size(self, lk: int) -> int:
         """The length of the tensor's key axis for ``lk`` keys."""
@@ -245,7 +263,9 @@ class AttentionSpec:
         d = {
             "score_mod": sympy.srepr(self.score_mod),
             "scale": sympy.srepr(self.scale),
-            "captured": [[list(c.dims), c.dtype, c.requires_grad] + ([list(c.kv_map)] if c.kv_map else [])
+            "captured": [[list(c.dims), c.dtype, c.requires_grad]
+                         + ([list(c.kv_map)] if c.kv_map or c.h_map else [])
+                         + ([list(c.h_map)] if c.h_map else [])
                          for c in self.captured],
             "dropout_p": self.dropout_p,
             "gqa_group": self.gqa_group,
@@ -266,7 +286,8 @@ class AttentionSpec:
         return AttentionSpec(
             score_mod=sympy.sympify(eval(d["score_mod"], ns)),
             scale=sympy.sympify(eval(d["scale"], ns)),
-            captured=tuple(CapturedTensor(tuple(c[0]), c[1], c[2], tuple(c[3]) if len(c) > 3 else ())
+            captured=tuple(CapturedTensor(tuple(c[0]), c[1], c[2], tuple(c[3]) if len(c) > 3 else (),
+                                          tuple(c[4]) if len(c) > 4 else ())
                            for c in d["captured"]),
             dropout_p=d["dropout_p"],
             gqa_group=d["gqa_group"],
