@@ -70,6 +70,10 @@ REGS = "--regs" in sys.argv
 # at 4 warps), which the tuner weighs by timing; it is not recorded.
 SERIAL = "--serialized" in sys.argv
 SERIALIZED: list = []
+# float32 atomic adds issued one element at a time (``atom.global...add.f32``
+# without ``.v2``/``.v4``) in a kernel: a captured gradient's adds along an
+# axis Triton could not prove aligned ([Note: tile starts as multiples])
+SCALAR_ATOMICS: list = []
 
 
 def _ptxas_log(kernel) -> str:
@@ -104,6 +108,9 @@ def _compile_only(self, grid):
         log = _ptxas_log(kernel) if REGS or SERIAL else ""
         if "C7515" in log:
             SERIALIZED.append(self.fn.__name__)
+        import re
+        if re.search(r"atom\.global\.[\w.]*add\.f32", kernel.asm["ptx"]):
+            SCALAR_ATOMICS.append(self.fn.__name__)
         name = self.fn.__name__ + (_ptxas_usage(log) if REGS else "")
         COMPILED.append((name, kernel.metadata.shared, kernel.metadata.num_warps))
     return launch
@@ -141,6 +148,10 @@ def _cases():
          lambda B, H, L: [torch.rand(1, H, 1, 1)], ()),
         ("bias", spec(score + t0, captured=[plane]),
          lambda B, H, L: [torch.randn(1, H, L, L, dtype=torch.bfloat16)], ("tma", "fused")),
+        # the band's walks start at runtime tile indices: the bias's loads and
+        # its gradient's adds must still see aligned tiles
+        ("causal_bias", spec(masked(causal, score + t0), captured=[plane]),
+         lambda B, H, L: [torch.randn(1, H, L, L, dtype=torch.bfloat16)], ("fused",)),
         ("padding", spec(masked(sympy.Ne(t0, 0)), captured=[keep]),
          lambda B, H, L: [torch.ones(B, 1, 1, L, dtype=torch.bool)], ("fused", "paired", "tma")),
         ("hf_causal_padding", spec(masked(causal, score + t0, f32_min), captured=[additive]),
@@ -253,12 +264,15 @@ def main() -> int:
             for family, config, job in jobs:
                 COMPILED.clear()
                 SERIALIZED.clear()
+                SCALAR_ATOMICS.clear()
                 rec = dict(case=name, shape=f"{B}x{H}x{L}x{Dh}", family=family, config=str(config))
                 try:
                     job()
                     rec["kernels"] = [f"{n} smem={s}" for n, s, _ in COMPILED]
                     if SERIALIZED:
                         rec["serialized"] = list(SERIALIZED)
+                    if SCALAR_ATOMICS:
+                        rec["scalar_atomics"] = sorted(set(SCALAR_ATOMICS))
                     big = [n for n, s, _ in COMPILED if s > HOPPER_SMEM]
                     if big and config in defaults:
                         # what runs untuned (CUDA-graph capture, tuning off) must fit

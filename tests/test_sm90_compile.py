@@ -33,14 +33,29 @@ def test_generated_kernels_compile_for_sm90():
     assert not failed, "\n\n".join(
         f"{r['case']} {r['shape']} {r['family']} {r['config']}: {r['error']}" for r in failed)
     # ptxas serializes a kernel's wgmma (C7515) when it cannot keep them in
-    # flight ([Note: FULL walk first]); the one known case left is a learned
-    # bias's transposed (query, key) tile in dK/dV read through pointers (its
-    # "tma" variant compiles without it, and the tuner times both)
+    # flight ([Note: FULL walk first]); the known cases left, each timed by
+    # the tuner beside variants that compile without it:
+    # - a learned bias's transposed (query, key) tile in dK/dV read through
+    #   pointers (its "tma" variant compiles without it);
+    # - Hugging Face's additive padding row read through pointers in the
+    #   forward and dQ since its loads are vectorized ([Note: tile starts as
+    #   multiples]; bench/RESULTS.md run 110: the forward's 128x128 pointer
+    #   tile got faster all the same, 832 -> 729 us, the dQ of 64x128 slower,
+    #   2194 -> 2293; the best tiles, "tma" forward and "fused" backward, are
+    #   not serialized)
+    known = {"bias": {"attention_bwd_dkdv", "attention_bwd_fused"},
+             "hf_causal_padding": {"attention_fwd", "attention_bwd_dq"}}
     serialized = [r for r in records[:-1] if r.get("serialized")
-                  and not (r["case"] == "bias" and "tma" not in r["config"]
-                           and set(r["serialized"]) <= {"attention_bwd_dkdv", "attention_bwd_fused"})]
+                  and not ("tma" not in r["config"] and set(r["serialized"]) <= known.get(r["case"], set()))]
     assert not serialized, "wgmma serialized by ptxas:\n" + "\n".join(
         f"{r['case']} {r['shape']} {r['family']} {r['config']}: {r['serialized']}" for r in serialized)
+    # a learned bias's gradient (a (query, key) plane) is added 2-4 floats per
+    # instruction when its tiles are known aligned ([Note: tile starts as
+    # multiples]): with Lk a multiple of 16 nothing is added one float at a time
+    planes = [r for r in records[:-1] if r["case"] in ("bias", "causal_bias") and r["family"] == "bwd"
+              and r["shape"].endswith("x256x128") and r.get("scalar_atomics")]
+    assert not planes, "a bias plane's gradient added one float at a time:\n" + "\n".join(
+        f"{r['case']} {r['shape']} {r['config']}: {r['scalar_atomics']}" for r in planes)
 
 
 def test_precompile_leaves_nothing_to_compile():
