@@ -84,14 +84,17 @@ def drop_unread(gm: fx.GraphModule) -> int:
     ``nn.MultiheadAttention`` weights it then drops).  Such a node would read
     as a second use of the scores (or of the weights) and decline the site;
     the inner compiler drops them anyway.  Walking the graph backwards erases
-    a dead chain whole.  An in-place op or an assignment is never erased: it
-    is none of these ops.  Returns how many were erased."""
+    a dead chain whole.  An op that writes its input (``y.unsqueeze_(0)``,
+    which the canonical name spells ``unsqueeze``) or has a side effect is
+    never erased, nor an assignment (none of these ops).  Returns how many
+    were erased."""
     erased = 0
     for n in reversed(list(gm.graph.nodes)):
         if n.users or n.op not in ("call_function", "call_method"):
             continue
         op = C.canonical(n)
-        if op is not None and op.name in _UNREAD_OK and not n.is_impure():
+        writes = bool(n.args) and isinstance(n.args[0], fx.Node) and n in mutating_users(n.args[0])
+        if op is not None and op.name in _UNREAD_OK and not writes and not n.is_impure():
             gm.graph.erase_node(n)
             erased += 1
     return erased

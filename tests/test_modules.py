@@ -375,3 +375,23 @@ def test_transformer_encoder_layer_train_same_as_eager():
     for r in rows:
         assert r.status in ("fused", "declined")
         assert not r.reason.startswith("internal error"), r.reason
+
+
+def test_unread_in_place_view_is_kept():
+    """``drop_unread`` erases views nothing reads, but not one written in
+    place (``y.unsqueeze_(0)``: its result is unused, its input changed)."""
+    import torch.fx as fx
+
+    from attn_compiler.passes.pipeline import drop_unread
+
+    def f(x):
+        y = x * 2
+        y.unsqueeze_(0)
+        y.transpose(0, 1)          # unread: erased
+        return y.transpose(0, 1)
+    gm = fx.symbolic_trace(f)
+    x = torch.randn(3, 4)
+    want = gm(x)
+    assert drop_unread(gm) == 1
+    gm.recompile()
+    assert torch.equal(gm(x), want)
