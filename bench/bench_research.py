@@ -11,6 +11,13 @@
   probabilities zeroed again under the mask (key padding).  attn_compiler reads
   the position term as a captured tensor and zeroes P in the kernel (the
   spec's ``zero_masked``).
+- ``transformer_xl``: Transformer-XL's relative attention as the Hugging Face
+  port writes it: (N, B, H, D) inputs, [query, key, batch, head] scores (a
+  content einsum plus a relative-shifted position einsum), scaled in place, a
+  causal mask built in the graph and filled in float32, the softmax over dim 1.
+  attn_compiler relays the scores out with the keys last ([Note: scores in
+  another layout]) and reads the shifted position term as a captured tensor
+  (with its gradient).
 
     PYTHONPATH=. python bench/bench_research.py --out OUT      # GPU
     python bench/bench_research.py --smoke                      # CPU, tiny shapes
@@ -34,8 +41,9 @@ import torch.nn.functional as F
 IMPLS = ("eager", "inductor", "attn_compiler")
 # (form, batch, heads, length, head dim)
 SHAPES = (("differential", 4, 16, 2048, 64), ("differential", 1, 16, 8192, 64),
-          ("conformer", 8, 8, 1024, 64), ("conformer", 4, 8, 2048, 64))
-SMOKE_SHAPES = (("differential", 1, 2, 32, 16), ("conformer", 2, 2, 24, 16))
+          ("conformer", 8, 8, 1024, 64), ("conformer", 4, 8, 2048, 64),
+          ("transformer_xl", 4, 16, 1024, 64), ("transformer_xl", 2, 16, 4096, 64))
+SMOKE_SHAPES = (("differential", 1, 2, 32, 16), ("conformer", 2, 2, 24, 16), ("transformer_xl", 2, 2, 24, 16))
 
 
 class Differential(nn.Module):
@@ -74,6 +82,32 @@ class Conformer(nn.Module):
         return torch.matmul(attn, v)
 
 
+def _rel_shift(x):
+    zero_pad = torch.zeros((x.size(0), 1) + x.size()[2:], device=x.device, dtype=x.dtype)
+    x_padded = torch.cat([zero_pad, x], dim=1).view((x.size(1) + 1, x.size(0)) + x.size()[2:])
+    return x_padded[1:].view_as(x)
+
+
+class TransformerXL(nn.Module):
+    """q, k, v (N, B, H, D); r (N, H, D): the position keys."""
+
+    def __init__(self, h: int, d: int) -> None:
+        super().__init__()
+        self.r_w_bias = nn.Parameter(0.1 * torch.randn(h, d))
+        self.r_r_bias = nn.Parameter(0.1 * torch.randn(h, d))
+        self.scale = d ** -0.5
+
+    def forward(self, q, k, v, r):
+        n = q.size(0)
+        ac = torch.einsum("ibnd,jbnd->ijbn", (q + self.r_w_bias, k))
+        bd = _rel_shift(torch.einsum("ibnd,jnd->ijbn", (q + self.r_r_bias, r)))
+        score = ac + bd
+        score.mul_(self.scale)
+        mask = torch.triu(q.new_ones(n, n), diagonal=1).bool()[:, :, None]
+        score = score.float().masked_fill(mask[:, :, :, None], -float("inf")).type_as(score)
+        return torch.einsum("ijbn,jbnd->ibnd", (F.softmax(score, dim=1), v))
+
+
 def inputs(form: str, b: int, h: int, n: int, d: int, dev, dtype):
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -81,6 +115,8 @@ def inputs(form: str, b: int, h: int, n: int, d: int, dev, dtype):
         return torch.randn(*shape, generator=g).to(dev, dtype)
     if form == "differential":
         return [rnd(b, 2 * h, n, d), rnd(b, 2 * h, n, d), rnd(b, h, n, 2 * d)]
+    if form == "transformer_xl":
+        return [rnd(n, b, h, d), rnd(n, b, h, d), rnd(n, b, h, d), rnd(n, h, d)]
     keep = torch.ones(b, 1, n, dtype=torch.long, device=dev)
     keep[b // 2:, :, (3 * n) // 4:] = 0              # half the batch pads its last quarter
     return [rnd(b, h, n, d), rnd(b, h, n, d), rnd(b, h, n, d), rnd(b, h, n, n), keep]
@@ -97,10 +133,24 @@ def build(name: str, mod: nn.Module):
     raise ValueError(name)
 
 
+def _choices() -> str:
+    """Per fused site (training graph last): the never-slower choice and the
+    candidates' timed ms."""
+    import attn_compiler
+    out = []
+    for r in attn_compiler.report():
+        if "choice" not in r.features:
+            continue
+        times = r.features.get("times_ms") or {}
+        out.append(f"{r.features.get('choice')} (" + ", ".join(f"{k} {v:.3g}" for k, v in times.items()) + ")")
+    return "; ".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, float32 (CPU)")
     ap.add_argument("--only", default=",".join(IMPLS))
+    ap.add_argument("--forms", default=None, help="comma-separated forms (default: all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     dev = common.device()
@@ -108,8 +158,11 @@ def main(argv=None) -> int:
     names = [n for n in args.only.split(",") if n]
     rows, env = [], common.environment()
     for form, b, h, n, d in (SMOKE_SHAPES if args.smoke else SHAPES):
+        if args.forms and form not in args.forms.split(","):
+            continue
         torch.manual_seed(0)
-        mod = (Differential(d) if form == "differential" else Conformer()).to(dev)
+        mod = {"differential": lambda: Differential(d), "conformer": Conformer,
+               "transformer_xl": lambda: TransformerXL(h, d)}[form]().to(dev)
         xs = inputs(form, b, h, n, d, dev, dtype)
         with torch.no_grad():
             ref = mod(*[x.float() if x.is_floating_point() else x for x in xs])
@@ -142,9 +195,11 @@ def main(argv=None) -> int:
                         x.grad = None
                 if name == "attn_compiler":
                     row["sites"] = common.sites_summary()
+                    row["choices"] = _choices()
             rows.append(common.model_row(dict(env, impl=name, form=form, shape=f"{b}x{h}x{n}x{d}"), measure))
     common.finish_rows(rows, args.out, "research",
-                       ["form", "shape", "impl", "fwd_ms", "graph_ms", "fwd_bwd_ms", "peak_mib", "rel_err", "sites"])
+                       ["form", "shape", "impl", "fwd_ms", "graph_ms", "fwd_bwd_ms", "peak_mib", "rel_err", "sites",
+                        "choices"])
     return 0
 
 

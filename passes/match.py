@@ -370,8 +370,14 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
         if pv is None:
             # a column of logits (ConvBERT's span kernel, (N, K, 1)) is no score matrix
             if _contracted_along(node, C.norm_dim(dim, rank)) and C.shape_of(x)[-1] != 1:
-                raise Decline(f"the key axis (softmax dim {dim}) is not the scores' last axis "
-                              "(a [query, key, batch, head] layout)")
+                others = [u for u in node.users if not _contracted_along_node(u, node)]
+                if others:
+                    raise Decline(f"the probabilities are also used by '{others[0].name}' (scores with the "
+                                  f"key axis at softmax dim {dim}, not the last)")
+                # relayout.py took every such site whose ops between are elementwise
+                raise Decline(f"the key axis (softmax dim {dim}) is not the scores' last axis, and the ops "
+                              "between Q·Kᵀ and the softmax are not all elementwise (the scores cannot be "
+                              "relaid out with the keys last)")
             return None
         raise Decline(f"softmax over dim {dim}, not the last (key) dim")
     if pv is None:
@@ -440,6 +446,11 @@ def _contracted_along(p: fx.Node, axis: int) -> bool:
             if node is p and labels.index(c.contracted) == axis:
                 return True
     return False
+
+
+def _contracted_along_node(u: fx.Node, p: fx.Node) -> bool:
+    c = C.contraction(u)
+    return c is not None and any(c.operand(i)[0] is p for i in (0, 1))
 
 
 def _pv_of(user: fx.Node, p: fx.Node, swapped: bool = False) -> Optional[Tuple[C.Contraction, int]]:

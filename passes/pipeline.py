@@ -26,6 +26,7 @@ from .analyze.build import analyze
 from .analyze.verify import SideChecker
 from .analyze.values import _CASTS, Decline
 from .distribute import distribute, restore
+from .relayout import relayout
 from .match import Declined, find_sites
 from . import canonicalize as C
 from .operands import _VIEW_OPS, mutating_users, op_lead, shares_storage, storage_root
@@ -207,8 +208,9 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: 
     """``body``: ``gm`` is the subgraph of a higher-order op (``_subgraphs``)."""
     dropped = drop_unread(gm)
     written = functionalize_writes(gm)         # [Note: in-place writes made out of place]
+    relaid = relayout(gm)                 # [Note: scores in another layout]
     distributed = distribute(gm)          # [Note: maps combined before P·V]
-    if dropped or written or distributed:
+    if dropped or written or relaid or distributed:
         gm.recompile()
     values = real_values(gm, example_inputs)
     checker = SideChecker(gm, example_inputs)
@@ -255,7 +257,7 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: 
         counters[site.status] += 1
         log.info("attention site %s: %s %s", loc, site.status, site.reason)
         sites.append(site)
-    restored = [d for d in distributed if not any(p in fused_products for p in d.products)]
+    restored = [d for d in relaid + distributed if not any(p in fused_products for p in d.products)]
     for d in restored:                    # unfused: the user's nodes, as written
         restore(gm, d)
     gm.meta[FOLDED] = list(folded.values())

@@ -1766,3 +1766,118 @@ def mistral_repeat_interleave_seq_major(q, k, v):
     xq, keys, values = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     scores = torch.matmul(xq, keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
     return torch.matmul(F.softmax(scores.float(), dim=-1).type_as(xq), values).transpose(1, 2)
+
+
+# ---- scores in another layout ([Note: scores in another layout]) ---------------------------
+
+def _transfo_xl_rel_shift(x):
+    """Transformer-XL's relative shift of a [query, key, batch, head] term:
+    a zero column on the left, viewed as (key + 1, query), first row dropped."""
+    zero_pad = torch.zeros((x.size(0), 1) + x.size()[2:], device=x.device, dtype=x.dtype)
+    x_padded = torch.cat([zero_pad, x], dim=1)
+    x_padded = x_padded.view((x.size(1) + 1, x.size(0)) + x.size()[2:])
+    return x_padded[1:].view_as(x)
+
+
+class TransformerXLRelAttention(nn.Module):
+    """Transformer-XL's ``RelPartialLearnableMultiHeadAttn`` core (the Hugging
+    Face port): inputs (L, B, H, D), positional keys (L, H, D); scores
+    [query, key, batch, head] = content + shifted position terms, scaled in
+    place, a causal mask (Lq, Lk, 1) filled in float32 (given, or built as
+    the model builds it), the softmax over dim 1
+    (the keys), dropout, P·V by einsum."""
+
+    def __init__(self, n_head=4, d_head=16, dropatt=0.0):
+        super().__init__()
+        self.r_w_bias = nn.Parameter(0.5 * torch.randn(n_head, d_head))
+        self.r_r_bias = nn.Parameter(0.5 * torch.randn(n_head, d_head))
+        self.scale = d_head ** -0.5
+        self.dropatt = nn.Dropout(dropatt)
+
+    def forward(self, w_head_q, w_head_k, w_head_v, r_head_k, attn_mask=None):
+        if attn_mask is None:       # the decoder's own mask, over the memory too
+            qlen, klen = w_head_q.size(0), w_head_k.size(0)
+            attn_mask = torch.triu(w_head_q.new_ones(qlen, klen), diagonal=1 + klen - qlen).bool()[:, :, None]
+        ac = torch.einsum("ibnd,jbnd->ijbn", (w_head_q + self.r_w_bias, w_head_k))
+        bd = torch.einsum("ibnd,jnd->ijbn", (w_head_q + self.r_r_bias, r_head_k))
+        attn_score = ac + _transfo_xl_rel_shift(bd)
+        attn_score.mul_(self.scale)
+        attn_score = attn_score.float().masked_fill(attn_mask[:, :, :, None], -float("inf")).type_as(attn_score)
+        attn_prob = self.dropatt(F.softmax(attn_score, dim=1))
+        return torch.einsum("ijbn,jbnd->ibnd", (attn_prob, w_head_v))
+
+
+def scores_query_key_batch_head(q, k, v):
+    """[query, key, batch, head] scores of (L, B, H, D) inputs, softmax over dim 1."""
+    s = torch.einsum("ibnd,jbnd->ijbn", q, k) * q.shape[-1] ** -0.5
+    return torch.einsum("ijbn,jbnd->ibnd", F.softmax(s, dim=1), v)
+
+
+def scores_heads_between(q, k, v):
+    """[batch, query, head, key] scores of (B, L, H, D) inputs: the keys last,
+    the heads between them and the queries."""
+    s = torch.einsum("bqhd,bkhd->bqhk", q, k) / math.sqrt(q.shape[-1])
+    return torch.einsum("bqhk,bkhd->bqhd", s.softmax(-1), v)
+
+
+def scores_keys_second_last(q, k, v):
+    """``k @ qᵀ``: (B, H, Lk, Lq) scores, the softmax over dim -2, P
+    transposed back for P·V."""
+    s = k @ q.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return s.softmax(dim=-2).transpose(-1, -2) @ v
+
+
+def scores_keys_second_last_vT(q, k, v, keep):
+    """(B, H, Lk, Lq) scores with a key padding mask (B, 1, Lk, 1), the
+    output as ``(Vᵀ · P)ᵀ``."""
+    s = torch.matmul(k, q.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = s.masked_fill(~keep[:, None, :, None], torch.finfo(s.dtype).min)
+    return (v.transpose(-1, -2) @ torch.softmax(s, -2)).transpose(-1, -2)
+
+
+# ---- masks on the scores' values ------------------------------------------------------------
+
+def score_threshold_mask(q, k, v):
+    """Scores below a threshold dropped (-inf): a mask on the scores' values,
+    no position masked as such."""
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    return torch.softmax(s.masked_fill(s < -0.5, float("-inf")), dim=-1) @ v
+
+
+def score_piecewise_mod(q, k, v):
+    """A score modification with a condition on the score: ELU of the scores."""
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    return torch.softmax(torch.where(s > 0, s, s.exp() - 1), dim=-1) @ v
+
+
+class XLNetRelAttnCore(nn.Module):
+    """XLNet's original relative attention core (ported from the reference
+    code): [query, key, batch, head] scores = content + rel-shifted position
+    term + segment term (an einsum of a one-hot segment matrix (Lq, Lk, B, 2)
+    with q, shaped like the scores), scaled, ``- 1e30 * mask`` (a float mask
+    (Lq, Lk, B, 1)), the softmax over dim 1.  Inputs: q (Lq, B, H, D), k and
+    v (Lk, B, H, D), position keys (Lq + Lk, B, H, D)."""
+
+    def __init__(self, n_head=4, d_head=16):
+        super().__init__()
+        self.r_w_bias, self.r_r_bias, self.r_s_bias = (nn.Parameter(0.5 * torch.randn(n_head, d_head))
+                                                       for _ in range(3))
+        self.seg_embed = nn.Parameter(0.5 * torch.randn(2, n_head, d_head))
+        self.scale = d_head ** -0.5
+
+    @staticmethod
+    def rel_shift(x, klen):
+        x_size = x.shape
+        x = x.reshape(x_size[1], x_size[0], x_size[2], x_size[3])[1:]
+        return x.reshape(x_size[0], x_size[1] - 1, x_size[2], x_size[3])[:, :klen]
+
+    def forward(self, q_head, k_head_h, v_head_h, k_head_r, seg_mat, attn_mask):
+        ac = torch.einsum("ibnd,jbnd->ijbn", q_head + self.r_w_bias, k_head_h)
+        bd = torch.einsum("ibnd,jbnd->ijbn", q_head + self.r_r_bias, k_head_r)
+        bd = self.rel_shift(bd, klen=ac.shape[1])
+        ef = torch.einsum("ibnd,snd->ibns", q_head + self.r_s_bias, self.seg_embed)
+        ef = torch.einsum("ijbs,ibns->ijbn", seg_mat, ef)
+        attn_score = (ac + bd + ef) * self.scale
+        attn_score = attn_score - 1e30 * attn_mask
+        attn_prob = F.softmax(attn_score, dim=1)
+        return torch.einsum("ijbn,jbnd->ibnd", attn_prob, v_head_h)

@@ -34,11 +34,21 @@ def softmax_over_heads(q, k, v):
     return F.softmax(_scores(q, k), dim=1) @ v
 
 
-def transformer_xl_key_axis_not_last(q, k, v):
-    """Transformer-XL's [query, key, batch, head] scores: the softmax over dim
-    1 is over the keys, but the key axis is not the last (inputs read as
-    (L, B, H, D))."""
+def transformer_xl_probabilities_returned(q, k, v):
+    """Transformer-XL's [query, key, batch, head] scores (softmax over dim 1,
+    inputs read as (L, B, H, D)) with the probabilities returned too
+    (``output_attentions``)."""
     s = torch.einsum("ibnd,jbnd->ijbn", q, k) * q.shape[-1] ** -0.5
+    p = F.softmax(s, dim=1)
+    return torch.einsum("ijbn,jbnd->ibnd", p, v), p
+
+
+def transformer_xl_scores_centred(q, k, v):
+    """[query, key, batch, head] scores centred over the queries before the
+    softmax over dim 1: a reduction between Q·Kᵀ and the softmax (no
+    elementwise chain to relay out with the keys last)."""
+    s = torch.einsum("ibnd,jbnd->ijbn", q, k)
+    s = s - s.mean(dim=0, keepdim=True)
     return torch.einsum("ijbn,jbnd->ibnd", F.softmax(s, dim=1), v)
 
 
@@ -243,7 +253,8 @@ def scores_assigned_in_part(q, k, v):
 
 
 DECLINED = [
-    (transformer_xl_key_axis_not_last, ("key axis", "not the scores' last")),
+    (transformer_xl_probabilities_returned, ("probabilities are also used", "softmax dim 1")),
+    (transformer_xl_scores_centred, ("key axis", "not the scores' last", "not all elementwise")),
     (MViTv2WithClsToken, ["assigned in part"]),
     (scores_assigned_in_part, ["assigned in part"]),
     (softmax_over_queries, ["dim"]),

@@ -482,6 +482,24 @@ def _bias_rows_of_own_min(dtype, n=L):
     return bias.to(dtype).requires_grad_()
 
 
+def _xlnet_segments(lq, lk, dtype, b=B):
+    """XLNet's one-hot segment matrix (Lq, Lk, B, 2): 1 in channel 0 where
+    query and key are in the same segment (the first 4 keys and queries, and
+    the rest)."""
+    same = (torch.arange(lq)[:, None] < 4) == (torch.arange(lk)[None, :] < 4)
+    seg = torch.stack([same, ~same], -1)[:, :, None].expand(lq, lk, b, 2)
+    return seg.to(dtype)
+
+
+def _xlnet_mask(lq, lk, dtype, b=B):
+    """XLNet's float attention mask (Lq, Lk, B, 1), 1 = masked: the
+    memory-causal band, and batch 1's last 3 keys padded."""
+    m = torch.ones(lq, lk).triu(1 + lk - lq)[:, :, None, None].repeat(1, 1, b, 1)
+    m[:, lk - 3:, 1] = 1
+    m[:, 0] = 0
+    return m.to(dtype)
+
+
 def _adjacency(n=L):
     """(1, 1, n, n) 0/1 float adjacency with self loops (every row keeps a key)."""
     g = torch.Generator().manual_seed(1)
@@ -589,6 +607,21 @@ RESEARCH_CASES = [
         forms.funnel_relative_shift_scaled_in_place,
         [_t(B, L, H, D, dtype=dt), _t(B, L, H, D, dtype=dt), _t(B, L, H, D, dtype=dt), _t(2 * L, H, D, dtype=dt),
          torch.ones(L, L, dtype=dt).index_fill_(0, torch.tensor([0]), 0).index_fill_(1, torch.tensor([0]), 0)])),
+    # [Note: scores in another layout]
+    Case("transformer_xl_rel_attention", _mod(forms.TransformerXLRelAttention, lambda dt: [
+        _t(7, B, H, D, dtype=dt), _t(L, B, H, D, dtype=dt), _t(L, B, H, D, dtype=dt), _t(L, H, D, dtype=dt),
+        torch.ones(7, L, dtype=torch.bool).triu(1 + L - 7)[:, :, None]])),
+    Case("xlnet_rel_attn_core", _mod(forms.XLNetRelAttnCore, lambda dt: [
+        _t(7, B, H, D, dtype=dt), _t(L, B, H, D, dtype=dt), _t(L, B, H, D, dtype=dt), _t(7 + L, B, H, D, dtype=dt),
+        _xlnet_segments(7, L, dt), _xlnet_mask(7, L, dt)])),
+    Case("scores_query_key_batch_head", lambda dt: (forms.scores_query_key_batch_head, [
+        _t(7, B, H, D, dtype=dt), _t(L, B, H, D, dtype=dt), _t(L, B, H, D, dtype=dt)])),
+    Case("scores_heads_between", lambda dt: (forms.scores_heads_between, [
+        _t(B, 7, H, D, dtype=dt), _t(B, L, H, D, dtype=dt), _t(B, L, H, D, dtype=dt)])),
+    Case("scores_keys_second_last", _fn(forms.scores_keys_second_last, lq=7)),
+    Case("scores_keys_second_last_vT", lambda dt: (forms.scores_keys_second_last_vT, _qkv(dt) + [_keep_mask()])),
+    Case("score_threshold_mask", _fn(forms.score_threshold_mask)),
+    Case("score_piecewise_mod", _fn(forms.score_piecewise_mod, lq=7)),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -636,6 +669,12 @@ def test_research_form_fp32_forward_backward(case):
     ("query_padding_rows_multiplied", "fp16"),
     ("rows_kept_by_where", "bf16"),
     ("rows_zeroed_where_zeros_like", "fp16"),
+    ("transformer_xl_rel_attention", "bf16"),
+    ("xlnet_rel_attn_core", "bf16"),
+    ("scores_heads_between", "fp16"),
+    ("scores_keys_second_last_vT", "fp16"),
+    ("score_threshold_mask", "bf16"),
+    ("score_piecewise_mod", "fp16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_research_form_low_precision_forward(case_id, dtype, on_kernels):

@@ -360,11 +360,21 @@ def _keep_condition(expr) -> sympy.Boolean:
         if not _is_fill(e):
             keep = sympy.Or(keep, here)
         taken = sympy.Or(taken, c)
+    # a condition on the score's value (``s.masked_fill(s < t, -inf)``) masks no
+    # position as such: the position is kept when some score value keeps it,
+    # and the score modification computes its fill
+    for rel in sorted((a for a in keep.atoms(sympy.Rel) if a.has(score)), key=sympy.default_sort_key):
+        keep = sympy.Or(keep.subs(rel, sympy.true), keep.subs(rel, sympy.false))
     return sympy.simplify_logic(keep) if keep.free_symbols else keep
 
 
 def _kept_value(expr):
-    vals = [e for e, _ in _pieces(expr) if not _is_fill(e)]
+    """The value of a position the mask predicate keeps: the one piece that is
+    no fill, or all of ``expr`` while a condition reads the score."""
+    pieces = _pieces(expr)
+    if any(c.has(score) for _, c in pieces):
+        return expr
+    vals = [e for e, _ in pieces if not _is_fill(e)]
     return vals[0] if len(vals) == 1 else expr
 
 

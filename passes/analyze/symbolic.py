@@ -287,7 +287,10 @@ class ScoreInterpreter(SideValues):
     def _note_prefix(self, e):
         """Record ``c`` when a pure ``c * R`` is consumed by anything but a
         scaling: that ``c`` is the attention scale."""
-        c, rest = sympy.sympify(e).as_coeff_Mul() if e.has(R) else (None, None)
+        e = sympy.sympify(e)
+        if not isinstance(e, sympy.Expr):
+            return          # a comparison of the scores (a mask that reads their values)
+        c, rest = e.as_coeff_Mul() if e.has(R) else (None, None)
         if rest == R:
             self.prefix_scales.add(c)
         elif isinstance(e, sympy.Mul) and R in e.args:

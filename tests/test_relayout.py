@@ -1,0 +1,183 @@
+"""Scores in another layout ([Note: scores in another layout], passes/relayout.py):
+Transformer-XL's [query, key, batch, head] scores with the softmax over dim 1,
+``k @ qᵀ`` with the softmax over dim -2, heads between the queries and the
+keys.  Each is fused as one op that reads q, k and v in their own layouts;
+on the generated kernels (Triton's interpreter on CPU, the GPU with
+``pytest -m gpu``) forward and backward golden-relative to eager; a site the
+pass relaid out and then declined runs as the user wrote it.
+
+Also here: masks on the scores' values (``s.masked_fill(s < t, -inf)``), which
+these layouts brought up: no position is masked as such, the score
+modification computes the fill, and a row that keeps no key is what eager
+gives (nan forward; no gradient into q and k).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import attn_compiler
+from attn_compiler import dispatch, layout
+from attn_compiler.passes.analyze.spec import AttentionSpec
+from attn_compiler.testing import golden_check
+from kernel_checks import DEVICE
+from test_forms import RESEARCH_BY_ID, _graph_capture, _grads, _names, _to64, assert_fused
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::RuntimeWarning")   # numpy inside Triton's interpreter
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def _untimed(monkeypatch):
+    """On a GPU, the op itself (no never-slower timing against the original)."""
+    monkeypatch.setenv("ATTN_COMPILER_AUTOTUNE", "0")
+
+
+def _to(a, dtype=None):
+    if not isinstance(a, torch.Tensor):
+        return a
+    b = a.detach().to(DEVICE, dtype if dtype is not None and a.is_floating_point() else None)
+    return b.requires_grad_(a.requires_grad)
+
+
+def _check_on_kernels(case_id, dtype=F32, backward=True):
+    """The case compiled with the op forced onto the generated kernels on
+    DEVICE, against eager there and a float64 golden on the CPU."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    fn, args = RESEARCH_BY_ID[case_id].build(F32)
+    fn64 = copy.deepcopy(fn).double() if isinstance(fn, torch.nn.Module) else fn
+    args64 = [_to64(a) for a in args]
+    if isinstance(fn, torch.nn.Module):
+        fn = fn.to(DEVICE, dtype)
+    args = [_to(a, dtype) for a in args]
+    with dispatch.implementation("triton"):
+        compiled = torch.compile(fn, backend=attn_compiler.backend(inner="aot_eager"))
+        ours = compiled(*args)
+        assert_fused(attn_compiler.report(), 1)
+        eager = fn(*args)
+        golden = fn64(*args64)
+        golden_check(ours.cpu(), eager.cpu(), golden, name=f"{case_id} out")
+        if not backward:
+            return
+        cot = torch.randn(golden.shape, dtype=torch.float64)
+        g_ours = _grads(ours, fn, args, cot.to(DEVICE, dtype))
+        g_eager = _grads(eager, fn, args, cot.to(DEVICE, dtype))
+        g_gold = _grads(golden, fn64, args64, cot)
+        for name, a, b, c in zip(_names(fn, args), g_ours, g_eager, g_gold):
+            golden_check(a.cpu(), b.cpu(), c, name=f"{case_id} {name}")
+
+
+@pytest.mark.parametrize("case_id", ["transformer_xl_rel_attention", "xlnet_rel_attn_core",
+                                     "scores_query_key_batch_head",
+                                     "scores_heads_between", "scores_keys_second_last",
+                                     "scores_keys_second_last_vT", "score_threshold_mask",
+                                     "score_piecewise_mod"])
+def test_on_the_kernels_forward_backward(case_id):
+    _check_on_kernels(case_id)
+
+
+@pytest.mark.parametrize("case_id", ["transformer_xl_rel_attention", "scores_keys_second_last_vT"])
+def test_on_the_kernels_bfloat16(case_id):
+    _check_on_kernels(case_id, BF16, backward=False)
+
+
+def _fused_op(graphs):
+    ops = [n for gm in graphs for n in gm.graph.nodes if "fused_attention" in str(n.target)]
+    assert len(ops) == 1, [n.format_node() for gm in graphs for n in gm.graph.nodes]
+    return ops[0]
+
+
+def test_transformer_xl_reads_q_k_v_in_their_layout():
+    """The op takes the (L, B, H, D) tensors as they are (no copy, no
+    permute: the kernels read them by their strides); its spec is the
+    content and shifted position terms' sum, scaled, under the causal mask
+    with memory (Lq 7, Lk 13: bottom-right aligned), the position term with
+    its gradient."""
+    graphs, inner = _graph_capture()
+    fn, args = RESEARCH_BY_ID["transformer_xl_rel_attention"].build(F32)
+    args = args[:4]                 # the mask built in the graph, as the model does
+    out = torch.compile(fn, backend=attn_compiler.backend(inner=inner))(*args)
+    torch.testing.assert_close(out, fn(*args))
+    (row,) = assert_fused(attn_compiler.report(), 1)
+    op = _fused_op(graphs)
+    q, k, v = (n.args[0] if "to_op_layout" in str(n.target) else n for n in op.args[:3])
+    assert all("to_op_layout" in str(n.target) and n.args[1:3] == ("jbnd", "bnjd") for n in op.args[1:3])
+    assert k.op == "placeholder" and v.op == "placeholder", (k.format_node(), v.format_node())
+    assert "add" in str(q.target) and q.args[0].op == "placeholder", q.format_node()   # q + r_w_bias
+    x = args[1]
+    assert layout.to_op_layout(x, "jbnd", "bnjd").data_ptr() == x.data_ptr()       # a view
+    assert row.features["mask"] == "causal(offset=6)", row.features
+    spec = AttentionSpec.loads(row.features["spec"])
+    assert [c.requires_grad for c in spec.captured] == [True], spec.captured
+
+
+def _scores_cast_to_int(q, k, v):
+    """[query, key, batch, head] scores rounded to integers: relaid out, then
+    declined by the analysis."""
+    s = torch.einsum("ibnd,jbnd->ijbn", q, k).to(torch.int32).float()
+    return torch.einsum("ijbn,jbnd->ibnd", torch.softmax(s, dim=1), v)
+
+
+def test_relaid_site_declined_runs_as_written():
+    """A site the pass relaid out but did not fuse gets the user's nodes
+    back: the [query, key, batch, head] einsums and the softmax over dim 1."""
+    graphs, inner = _graph_capture()
+    args = [torch.randn(7, 2, 3, 8), torch.randn(9, 2, 3, 8), torch.randn(9, 2, 3, 8)]
+    out = torch.compile(_scores_cast_to_int, backend=attn_compiler.backend(inner=inner))(*args)
+    torch.testing.assert_close(out, _scores_cast_to_int(*args))
+    rep = attn_compiler.report()
+    assert not rep.fused and len(rep.declined) == 1 and "cast to torch.int32" in rep.declined[0].reason, \
+        [(r.status, r.reason) for r in rep]
+    eqs = [n.args[0] for gm in graphs for n in gm.graph.nodes if "einsum" in str(n.target)]
+    assert eqs == ["ibnd,jbnd->ijbn", "ijbn,jbnd->ibnd"], eqs
+    dims = [n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+            for gm in graphs for n in gm.graph.nodes if "softmax" in str(n.target)]
+    assert dims == [1], dims
+
+
+def _probabilities_returned(q, k, v):
+    s = torch.einsum("ibnd,jbnd->ijbn", q, k)
+    p = torch.softmax(s, dim=1)
+    return torch.einsum("ijbn,jbnd->ibnd", p, v), p
+
+
+def test_probabilities_returned_in_another_layout_declined():
+    """Relaying out needs P read by P·V alone; returned as well, the site is
+    declined (as in the usual layout) and runs as written."""
+    args = [torch.randn(7, 2, 3, 8), torch.randn(9, 2, 3, 8), torch.randn(9, 2, 3, 8)]
+    out = torch.compile(_probabilities_returned, backend=attn_compiler.backend())(*args)
+    torch.testing.assert_close(out, _probabilities_returned(*args))
+    rep = attn_compiler.report()
+    assert not rep.fused and len(rep.declined) == 1, [(r.status, r.reason) for r in rep]
+
+
+def _threshold_rows_without_keys(q, k, v):
+    s = q @ k.transpose(-1, -2)
+    return torch.softmax(s.masked_fill(s < 2.5, float("-inf")), dim=-1) @ v
+
+
+@pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
+def test_score_threshold_rows_without_keys_as_eager(on_kernels):
+    """A threshold on the scores that leaves some rows no key: nan rows as
+    eager gives them, and the gradients of q and k as eager's (0 from those
+    rows: the fill passes no gradient), v's nan where eager's is."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, device=DEVICE, requires_grad=True) for _ in range(3))
+    ctx = dispatch.implementation("triton") if on_kernels else dispatch.implementation("reference")
+    with ctx:
+        out = torch.compile(_threshold_rows_without_keys, backend=attn_compiler.backend(inner="aot_eager"))(q, k, v)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert_fused(attn_compiler.report(), 1)
+    eager = _threshold_rows_without_keys(q, k, v)
+    g_eager = torch.autograd.grad(eager.sum(), (q, k, v))
+    assert eager.isnan().any() and not eager.isnan().all()
+    torch.testing.assert_close(out, eager, equal_nan=True)
+    for a, b in zip(grads, g_eager):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a, b, equal_nan=True)
