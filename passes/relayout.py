@@ -175,9 +175,20 @@ def _chain(c: C.Contraction, x: fx.Node, sm: fx.Node) -> Optional[set]:
     for n in chain:
         if n is not c.node and not _elementwise(n):
             return None
-        if not _same_shape(C.shape_of(n), xs) or any(u not in chain for u in n.users if n is not x):
+        if not _same_shape(C.shape_of(n), xs) or any(u not in chain and not _reads_dtype(u, n) for u in n.users
+                                                     if n is not x):
             return None
-    return chain if list(x.users) == [sm] else None
+    return chain if all(u is sm or _reads_dtype(u, x) for u in x.users) else None
+
+
+def _reads_dtype(u: fx.Node, n: fx.Node) -> bool:
+    """``y.type_as(n)`` / ``y.to(n)`` of another tensor ``y``: reads only
+    ``n``'s dtype (and device), which the relaid-out copy of ``n`` shares
+    (``F.softmax(s.float(), dim).type_as(s)``: the reader is copied with
+    the site; one outside it leaves the site as written)."""
+    op = C.canonical(u)
+    return op is not None and op.name in _DTYPE_ONLY and op.kw.get("input") is not n \
+        and isinstance(op.kw.get("input"), fx.Node)
 
 
 def _plan(sm: fx.Node):
@@ -285,7 +296,7 @@ def _rewrite(g: fx.Graph, sm: fx.Node, plan) -> Optional[Relaid]:
             probs = {sm: cur}           # the user's P at each step -> P in the new layout
             for u in post:
                 if C.canonical(u).name not in ("transpose", "permute"):
-                    cur = finish(g.node_copy(u, lambda a: probs.get(a, a)), u)
+                    cur = finish(g.node_copy(u, lambda a: probs.get(a, new.get(a, a))), u)
                 probs[u] = cur
             pl, ol = pv.operand(index)[1], pv.operand(1 - index)[1]
             at = {axes[j]: pl[j] for j in range(r)}
@@ -305,6 +316,11 @@ def _rewrite(g: fx.Graph, sm: fx.Node, plan) -> Optional[Relaid]:
         return None
     old = sorted(list(chain) + [sm] + list(post) + [pv.node], key=order.__getitem__)
     saved = [(n, n.op, n.target, n.args, n.kwargs, dict(n.meta)) for n in old]
+    if any(u not in old for n in chain for u in n.users):
+        # a reader of a chain value's dtype outside the site: left as written
+        for n in reversed(created):
+            g.erase_node(n)
+        return None
     pv.node.replace_all_uses_with(out)
     for n in reversed(old):
         g.erase_node(n)

@@ -14,9 +14,11 @@ gives (nan forward; no gradient into q and k).
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import attn_compiler
 from attn_compiler import dispatch, layout
@@ -181,3 +183,84 @@ def test_score_threshold_rows_without_keys_as_eager(on_kernels):
     for a, b in zip(grads, g_eager):
         assert torch.equal(a.isnan(), b.isnan())
         torch.testing.assert_close(a, b, equal_nan=True)
+
+
+# ---- every layout × every modification -----------------------------------------------------
+
+LAYOUTS = ["ijbh", "bhji", "bihj", "jbhi", "hbij"]       # b batch, h head, i query, j key
+MODS = ["none", "causal_tril", "padding_bool", "additive", "bias_param", "softcap", "causal_bias_dropout0"]
+
+
+class _Laid(torch.nn.Module):
+    """Scores written directly in ``layout`` by einsum from (B, L, H, D)
+    inputs; each term built in [b, h, i, j] and permuted to the layout as
+    model code would have written it there; the softmax over the key axis."""
+
+    def __init__(self, layout: str, mod: str, H: int, Lq: int, Lk: int):
+        super().__init__()
+        self.layout, self.mod = layout, mod
+        self.bias = torch.nn.Parameter(0.3 * torch.randn(H, Lq, Lk)) if "bias" in mod else None
+
+    def _to(self, t):               # a 4-D [b, h, i, j] tensor (size-1 axes broadcast) in the layout
+        return t.permute(["bhij".index(c) for c in self.layout])
+
+    def forward(self, q, k, v, keep):
+        lay = self.layout
+        s = torch.einsum(f"bihd,bjhd->{lay}", q, k) / math.sqrt(q.shape[-1])
+        lq, lk = q.shape[1], k.shape[1]
+        if "causal" in self.mod:
+            tril = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+            s = s.masked_fill(~self._to(tril[None, None]), float("-inf"))
+        if self.mod == "padding_bool":
+            s = s.masked_fill(~self._to(keep[:, None, None, :]), torch.finfo(s.dtype).min)
+        if self.mod == "additive":
+            s = s + self._to(torch.where(keep, 0.0, -1e9).to(s.dtype)[:, None, None, :])
+        if self.bias is not None:
+            s = s + self._to(self.bias[None])
+        if self.mod == "softcap":
+            s = 5.0 * torch.tanh(s / 5.0)
+        p = F.softmax(s.float(), dim=lay.index("j")).type_as(s)
+        if "dropout0" in self.mod:
+            p = F.dropout(p, 0.0, self.training)
+        return torch.einsum(f"{lay},bjhd->bihd", p, v)
+
+
+def _laid_inputs(dtype=F32, B=2, H=3, Lq=7, Lk=11, D=8):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(B, n, H, D, dtype=dtype, requires_grad=True) for n in (Lq, Lk, Lk))
+    keep = torch.ones(B, Lk, dtype=torch.bool)
+    keep[1, Lk - 4:] = False
+    return [q, k, v, keep]
+
+
+def _check_laid(layout, mod, on_kernels):
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    args = _laid_inputs()
+    m = _Laid(layout, mod, 3, 7, 11)
+    m64 = copy.deepcopy(m).double()
+    args64 = [_to64(a) for a in args]
+    m, args = m.to(DEVICE), [_to(a) for a in args]
+    with dispatch.implementation("triton" if on_kernels else "reference"):
+        ours = torch.compile(m, backend=attn_compiler.backend(inner="aot_eager"))(*args)
+        assert_fused(attn_compiler.report(), 1)
+        eager, golden = m(*args), m64(*args64)
+        golden_check(ours.cpu(), eager.cpu(), golden, name=f"{layout} {mod} out")
+        cot = torch.randn(golden.shape, dtype=torch.float64)
+        for name, a, b, c in zip(_names(m, args), _grads(ours, m, args, cot.to(DEVICE, F32)),
+                                 _grads(eager, m, args, cot.to(DEVICE, F32)), _grads(golden, m64, args64, cot)):
+            golden_check(a.cpu(), b.cpu(), c, name=f"{layout} {mod} {name}")
+
+
+@pytest.mark.parametrize("mod", MODS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_and_modification_reference(layout, mod):
+    """Each layout with each modification fused and golden-relative to eager
+    (forward, gradients of q, k, v and the learned bias), on the reference."""
+    _check_laid(layout, mod, on_kernels=False)
+
+
+@pytest.mark.parametrize("mod", ["causal_bias_dropout0", "padding_bool"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_and_modification_kernels(layout, mod):
+    _check_laid(layout, mod, on_kernels=True)
