@@ -194,6 +194,9 @@ def _out_of_place(m: fx.Node, x: fx.Node):
         return target
     other = m.args[1]
     ov = C.example_value(other) if isinstance(other, fx.Node) else other
+    # a scale dynamo made a run-time scalar (``self.scale`` under dynamic=True:
+    # ``s.mul_(scale.item())``) promotes as a number of its kind
+    ov = {torch.SymFloat: 1.0, torch.SymInt: 1, torch.SymBool: True}.get(type(ov), ov)
     if not isinstance(ov, (torch.Tensor, int, float, bool)) or isinstance(ov, torch.Tensor) and ov.shape != () \
             and torch.broadcast_shapes(ov.shape, xv.shape) != xv.shape:
         return None

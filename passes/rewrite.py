@@ -24,6 +24,12 @@ from attn_compiler import ops as _ops
 def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -> fx.Node:
     g = gm.graph
     get = lambda n: replaced.get(n, n)  # noqa: E731  operands may be earlier sites' outputs
+    qdev = getattr(C.example_value(m.q.node), "device", None)
+    for c in analysis.captures:
+        dev = getattr(C.example_value(c.node), "device", qdev)
+        if dev != qdev:     # dynamo's wrapped float under dynamic=True is a CPU scalar beside CUDA operands
+            raise Decline(f"a captured tensor on {dev}, the queries on {qdev} (a scale or term passed as a "
+                          "CPU scalar tensor)")
     anchor = m.pv.node
     created = []
     lse_users = list(m.lse_users)

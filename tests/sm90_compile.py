@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -90,7 +91,6 @@ def _ptxas_log(kernel) -> str:
 
 
 def _ptxas_usage(log: str) -> str:
-    import re
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return (f" regs={regs.group(1) if regs else '?'}"
@@ -108,7 +108,6 @@ def _compile_only(self, grid):
         log = _ptxas_log(kernel) if REGS or SERIAL else ""
         if "C7515" in log:
             SERIALIZED.append(self.fn.__name__)
-        import re
         if re.search(r"atom\.global\.[\w.]*add\.f32", kernel.asm["ptx"]):
             SCALAR_ATOMICS.append(self.fn.__name__)
         name = self.fn.__name__ + (_ptxas_usage(log) if REGS else "")

@@ -416,6 +416,42 @@ def test_dynamic_true_restarted_compile_reports_once():
     assert len(rows) == 1 and rows[0].fused, "; ".join(f"graph {r.graph_id} {r.status} {r.reason}" for r in rows)
 
 
+class _FloatAttributeScale(torch.nn.Module):
+    """A float attribute as the scale (timm's ``self.scale``), applied in place
+    (``attn.mul_(self.scale)``) or not."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.scale, self.in_place = D ** -0.5, in_place
+
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-1, -2)
+        s = s.mul_(self.scale) if self.in_place else s * self.scale
+        return torch.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["mul", "mul_"])
+def test_dynamic_true_float_attribute_scale(in_place, on_kernels):
+    """Under dynamic=True dynamo passes a module's float attribute as a 0-d
+    tensor read with ``.item()``: a run-time scalar no size names.  The site
+    reads it as a captured scalar (it was declined: "a runtime size ... the
+    spec cannot name"); an in-place ``mul_`` by it becomes out of place
+    first.  One graph for both lengths, fused, forward and backward
+    golden-relative to eager."""
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    torch._dynamo.reset()
+    dynamo_counters.clear()
+    m = _FloatAttributeScale(in_place)
+    with _implementation(on_kernels):
+        compiled = torch.compile(m, backend=attn_compiler.backend(inner="aot_eager"), dynamic=True)
+        _check_lengths(compiled, m, [13, 9])
+    rows = list(attn_compiler.report())
+    assert dynamo_counters["stats"]["unique_graphs"] == 1
+    assert len(rows) == 1 and rows[0].fused, [(r.status, r.reason) for r in rows]
+
+
 def test_automatic_dynamic_three_lengths():
     torch._dynamo.reset()
     before = counters["fused"]

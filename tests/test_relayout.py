@@ -264,3 +264,29 @@ def test_layout_and_modification_reference(layout, mod):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_and_modification_kernels(layout, mod):
     _check_laid(layout, mod, on_kernels=True)
+
+
+def test_transformer_xl_dynamic_true_two_lengths():
+    """dynamic=True: one graph for two lengths and batches (the scale, a float
+    attribute, then arrives as a run-time scalar); fused, forward and
+    backward golden-relative to eager."""
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    torch._dynamo.reset()
+    dynamo_counters.clear()
+    torch.manual_seed(0)
+    m = RESEARCH_BY_ID["transformer_xl_rel_attention"].build(F32)[0]
+    m64 = copy.deepcopy(m).double()
+    compiled = torch.compile(m, backend=attn_compiler.backend(inner="aot_eager"), dynamic=True)
+    for n, b in ((9, 2), (13, 3)):
+        args = [torch.randn(n, b, 4, 16, requires_grad=True) for _ in range(3)] + [torch.randn(n, 4, 16)]
+        args64 = [_to64(a) for a in args]
+        ours, eager, golden = compiled(*args), m(*args), m64(*args64)
+        golden_check(ours, eager, golden, name=f"L={n} out")
+        cot = torch.randn(golden.shape, dtype=torch.float64)
+        for name, a, bb, c in zip(_names(m, args), _grads(ours, m, args, cot.float()),
+                                  _grads(eager, m, args, cot.float()), _grads(golden, m64, args64, cot)):
+            golden_check(a, bb, c, name=f"L={n} {name}")
+    rows = list(attn_compiler.report())
+    assert dynamo_counters["stats"]["unique_graphs"] == 1
+    assert len(rows) == 1 and rows[0].fused, [(r.status, r.reason) for r in rows]

@@ -385,7 +385,7 @@ def _split_axis(split: tuple, args, i: int, node: fx.Node, heads=None):
             return MERGE_NEXT
         if kind == "mod" and prev is not None and _split_term(prev) == (S.h, "div", w):
             return 1
-        if not isinstance(size, int) or size not in (1, heads // w if kind == "div" else w):
+        if not isinstance(size, int) or size != (heads // w if kind == "div" else w):
             raise Decline("a captured tensor is read along part of the heads with another size")
         return 1
     if sym == S.q_idx:

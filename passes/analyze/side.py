@@ -19,7 +19,7 @@ import torch.fx as fx
 from .. import canonicalize as C
 from ..operands import mutating_users, storage_root, storage_writers, view_written
 from .values import (AX, round_constants, Decline, Leaf, Val, _CASTS, _has_leaf, _size_eq, _subs, as_bool,
-                     as_num, is_bool, is_one)
+                     as_num, from_shape_env, is_bool, is_one)
 
 
 class SideValues:
@@ -30,7 +30,8 @@ class SideValues:
             return self.slice_assignment(node)
         ev = C.example_value(node)
         if not isinstance(ev, torch.Tensor):
-            return Val(self.const(node), ())
+            scalar = self.scalar_tensor(node, ev)
+            return scalar if scalar is not None else Val(self.const(node), ())
         if self.writes_run_time_read(node):
             # the op reads that storage after this write: replaying it would count it twice
             return self.value(node.args[0])
@@ -48,6 +49,24 @@ class SideValues:
         if v is None:
             v = self.constant_tensor(node)
         return v if v is not None else self.leaf(node)
+
+    def scalar_tensor(self, node: fx.Node, ev) -> Optional[Val]:
+        """``t.item()`` of a one-element tensor ``t`` whose value no size names:
+        the value of ``t`` itself (a captured tensor broadcast everywhere).
+        Under ``dynamic=True`` dynamo passes a module's float attribute (HF's
+        ``self.scaling``, timm's ``self.scale``) as a 0-d tensor and reads it
+        with ``.item()``."""
+        op = C.canonical(node)
+        if not isinstance(ev, (torch.SymFloat, torch.SymInt)) or op is None or op.name != "item":
+            return None
+        t = op.kw.get("input")
+        tv = C.example_value(t) if isinstance(t, fx.Node) else None
+        if not isinstance(tv, torch.Tensor) or not all(isinstance(n, int) and n == 1 for n in tv.shape):
+            return None
+        if not (from_shape_env(ev.node.expr).free_symbols - set(self.size_map)):
+            return None                  # a size after all: named as one
+        v = self.value(t)
+        return Val(v.expr, ())
 
     def slice_assignment(self, node: fx.Node) -> Val:
         """``x[index] = value`` (a prefix-LM mask opened with ``mask[:, :p] = 0``):
