@@ -328,8 +328,10 @@ def _scores_from_outside(x: fx.Node) -> bool:
             continue
         seen.add(n)
         s = C.shape_of(n)
+        # a parameter is a learned map (Synthesizer's random attention), not scores
         if n.op == "placeholder" and s is not None and len(s) >= 3 and \
-                _size_eq(s[-1], xs[-1]) and _size_eq(s[-2], xs[-2]):
+                _size_eq(s[-1], xs[-1]) and _size_eq(s[-2], xs[-2]) and \
+                not isinstance(C.example_value(n), torch.nn.Parameter):
             return True
         frontier.extend(a for a in n.all_input_nodes if C.is_tensor(a))
     return False
