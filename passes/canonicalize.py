@@ -342,6 +342,26 @@ def is_tensor(node: Any) -> bool:
     return isinstance(example_value(node), torch.Tensor)
 
 
+def permutation(op: COp, rank: int) -> Optional[list]:
+    """The axis order of a ``transpose``/``permute`` (out axis j reads input
+    axis ``perm[j]``), or None when its dims are not plain ints."""
+    if op.name == "transpose":
+        d0, d1 = op.kw.get("dim0"), op.kw.get("dim1")
+        if not isinstance(d0, int) or not isinstance(d1, int):
+            return None
+        perm = list(range(rank))
+        a, b = norm_dim(d0, rank), norm_dim(d1, rank)
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    if op.name != "permute":
+        return None
+    dims = op.kw.get("sizes")
+    if not isinstance(dims, (list, tuple)) or len(dims) != rank or not all(isinstance(d, int) for d in dims):
+        return None
+    perm = [norm_dim(d, rank) for d in dims]
+    return perm if sorted(perm) == list(range(rank)) else None
+
+
 def norm_dim(dim: int, rank: int) -> int:
     return dim + rank if dim < 0 else dim
 

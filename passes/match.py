@@ -377,9 +377,9 @@ def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
                     raise Decline(f"the probabilities are also used by '{others[0].name}' (scores with the "
                                   f"key axis at softmax dim {dim}, not the last)")
                 # relayout.py took every such site whose ops between are elementwise
-                raise Decline(f"the key axis (softmax dim {dim}) is not the scores' last axis, and the ops "
-                              "between Q·Kᵀ and the softmax are not all elementwise (the scores cannot be "
-                              "relaid out with the keys last)")
+                raise Decline(f"the key axis (softmax dim {dim}) is not the scores' last axis, and the scores "
+                              "cannot be relaid out with the keys last (the ops between Q·Kᵀ and the softmax "
+                              "are not all elementwise, or one of their values is read elsewhere)")
             return None
         raise Decline(f"softmax over dim {dim}, not the last (key) dim")
     if pv is None:
@@ -469,12 +469,7 @@ def _pv_of(user: fx.Node, p: fx.Node, swapped: bool = False) -> Optional[Tuple[C
 
 def _swaps_last_two(op: C.COp, rank: int) -> bool:
     """``x.transpose(-1, -2)`` / ``x.permute(..., -1, -2)`` / ``x.mT``."""
-    if op.name == "transpose":
-        return {C.norm_dim(op.kw["dim0"], rank), C.norm_dim(op.kw["dim1"], rank)} == {rank - 1, rank - 2}
-    if op.name == "permute":
-        perm = [C.norm_dim(d, rank) for d in op.kw["sizes"]]
-        return perm == list(range(rank - 2)) + [rank - 1, rank - 2]
-    return False
+    return C.permutation(op, rank) == list(range(rank - 2)) + [rank - 1, rank - 2]
 
 
 def _follow_probabilities(sm: fx.Node, start: Optional[fx.Node] = None):

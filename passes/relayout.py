@@ -44,6 +44,7 @@ import torch.fx as fx
 from . import canonicalize as C
 from .analyze.values import _CASTS, Decline, _size_eq
 from .distribute import _fake_value
+from .match import _dtype_only, chain_nodes
 
 # ops that act on each element (their tensor arguments broadcast): they commute with a permutation
 _ELEMENTWISE = frozenset({"add", "sub", "rsub", "mul", "div", "pow", "neg", "minimum", "maximum", "tanh",
@@ -96,7 +97,7 @@ def _forward(sm: fx.Node):
         if op is None or op.kw.get("input") is not cur:
             return None
         if op.name in ("transpose", "permute"):
-            perm = _permutation(op, len(axes))
+            perm = C.permutation(op, len(axes))
             if perm is None:
                 return None
             axes = [axes[i] for i in perm]
@@ -105,22 +106,6 @@ def _forward(sm: fx.Node):
         post.append(u)
         cur = u
     return None
-
-
-def _permutation(op: C.COp, rank: int) -> Optional[List[int]]:
-    if op.name == "transpose":
-        d0, d1 = op.kw.get("dim0"), op.kw.get("dim1")
-        if not isinstance(d0, int) or not isinstance(d1, int):
-            return None
-        perm = list(range(rank))
-        a, b = C.norm_dim(d0, rank), C.norm_dim(d1, rank)
-        perm[a], perm[b] = perm[b], perm[a]
-        return perm
-    dims = op.kw.get("dims")
-    if not isinstance(dims, (list, tuple)) or len(dims) != rank or not all(isinstance(d, int) for d in dims):
-        return None
-    perm = [C.norm_dim(d, rank) for d in dims]
-    return perm if sorted(perm) == list(range(rank)) else None
 
 
 def _candidates(x: fx.Node):
@@ -166,7 +151,6 @@ def _query_axis(pv: C.Contraction, index: int, axes: List[int]) -> Optional[int]
 
 
 def _chain(c: C.Contraction, x: fx.Node, sm: fx.Node) -> Optional[set]:
-    from .match import chain_nodes
     try:
         chain = chain_nodes(c.node, x, sm)
     except Decline:
@@ -175,20 +159,10 @@ def _chain(c: C.Contraction, x: fx.Node, sm: fx.Node) -> Optional[set]:
     for n in chain:
         if n is not c.node and not _elementwise(n):
             return None
-        if not _same_shape(C.shape_of(n), xs) or any(u not in chain and not _reads_dtype(u, n) for u in n.users
+        if not _same_shape(C.shape_of(n), xs) or any(u not in chain and not _dtype_only(u, n) for u in n.users
                                                      if n is not x):
             return None
-    return chain if all(u is sm or _reads_dtype(u, x) for u in x.users) else None
-
-
-def _reads_dtype(u: fx.Node, n: fx.Node) -> bool:
-    """``y.type_as(n)`` / ``y.to(n)`` of another tensor ``y``: reads only
-    ``n``'s dtype (and device), which the relaid-out copy of ``n`` shares
-    (``F.softmax(s.float(), dim).type_as(s)``: the reader is copied with
-    the site; one outside it leaves the site as written)."""
-    op = C.canonical(u)
-    return op is not None and op.name in _DTYPE_ONLY and op.kw.get("input") is not n \
-        and isinstance(op.kw.get("input"), fx.Node)
+    return chain if all(u is sm or _dtype_only(u, x) for u in x.users) else None
 
 
 def _plan(sm: fx.Node):

@@ -46,7 +46,7 @@ from attn_compiler import reference
 from attn_compiler.passes.analyze import spec as spec_mod
 from attn_compiler.templates.printer import TritonPrinter, Unsupported  # noqa: F401  (re-exported)
 from attn_compiler.passes.analyze.spec import (
-    AttentionSpec, Lk, Lq, _kept_value, _pieces, _relation_offsets, kv_idx, q_idx, score)
+    AttentionSpec, Lk, Lq, _kept_value, _relation_offsets, kv_idx, q_idx, score)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 FAMILIES = ("fwd", "bwd", "decode")
@@ -143,7 +143,7 @@ class _Hooks:
         self.kept = _kept_value(spec.score_mod)
         # a fill under a condition on the score itself: in any tile, P may be 0
         # (or a row all fills) where the derivative is 0
-        self.fills_by_score = spec.mask_fill is not None and any(c.has(score) for _, c in _pieces(spec.score_mod))
+        self.fills_by_score = spec.mask_fill is not None and spec_mod.conditions_read_score(spec.score_mod)
         self.pure_mask = self.kept == score      # score_mod is masking only
         self.finite_fill = spec.may_hold_fills      # the kernel keeps the finite-fill numerics
         # FULL tiles' z2 is qk * SCALE2 with SCALE2 > 0: the forward takes the

@@ -1827,6 +1827,13 @@ def scores_keys_second_last(q, k, v):
     return s.softmax(dim=-2).transpose(-1, -2) @ v
 
 
+def scores_keys_second_last_permuted(q, k, v):
+    """(B, H, Lk, Lq) scores, the softmax over dim 2, P brought back by
+    ``permute(0, 1, 3, 2)`` (varargs) for P·V."""
+    s = torch.einsum("bhkd,bhqd->bhkq", k, q) * q.shape[-1] ** -0.5
+    return torch.matmul(F.softmax(s, dim=2).permute(0, 1, 3, 2), v)
+
+
 def scores_keys_second_last_vT(q, k, v, keep):
     """(B, H, Lk, Lq) scores with a key padding mask (B, 1, Lk, 1), the
     output as ``(Vᵀ · P)ᵀ``."""

@@ -655,6 +655,7 @@ RESEARCH_CASES = [
     Case("scores_heads_between", lambda dt: (forms.scores_heads_between, [
         _t(B, 7, H, D, dtype=dt), _t(B, L, H, D, dtype=dt), _t(B, L, H, D, dtype=dt)])),
     Case("scores_keys_second_last", _fn(forms.scores_keys_second_last, lq=7)),
+    Case("scores_keys_second_last_permuted", _fn(forms.scores_keys_second_last_permuted, lq=7)),
     Case("scores_keys_second_last_vT", lambda dt: (forms.scores_keys_second_last_vT, _qkv(dt) + [_keep_mask()])),
     Case("score_threshold_mask", _fn(forms.score_threshold_mask)),
     Case("score_piecewise_mod", _fn(forms.score_piecewise_mod, lq=7)),

@@ -78,6 +78,7 @@ def _check_on_kernels(case_id, dtype=F32, backward=True):
 @pytest.mark.parametrize("case_id", ["transformer_xl_rel_attention", "xlnet_rel_attn_core",
                                      "scores_query_key_batch_head",
                                      "scores_heads_between", "scores_keys_second_last",
+                                     "scores_keys_second_last_permuted",
                                      "scores_keys_second_last_vT", "score_threshold_mask",
                                      "score_piecewise_mod"])
 def test_on_the_kernels_forward_backward(case_id):

@@ -212,12 +212,9 @@ class SideValues:
     def side_permute(self, node, op) -> Optional[Val]:
         x = self.value(op.kw["input"])
         r = len(x.shape)
-        if op.name == "transpose":
-            d0, d1 = (C.norm_dim(op.kw["dim0"], r), C.norm_dim(op.kw["dim1"], r))
-            perm = list(range(r))
-            perm[d0], perm[d1] = perm[d1], perm[d0]
-        else:
-            perm = [C.norm_dim(d, r) for d in op.kw["sizes"]]
+        perm = C.permutation(op, r)
+        if perm is None:
+            return None
         # out axis j reads in axis perm[j]
         sub = {AX[r - 1 - perm[j]]: AX[r - 1 - j] for j in range(r)}
         return Val(_subs(x.expr, sub), C.shape_of(node))

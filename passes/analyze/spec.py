@@ -368,13 +368,18 @@ def _keep_condition(expr) -> sympy.Boolean:
     return sympy.simplify_logic(keep) if keep.free_symbols else keep
 
 
+def conditions_read_score(expr) -> bool:
+    """Whether a piece's condition reads the score's value (a mask on the
+    scores' values): no position is masked as such."""
+    return any(c.has(score) for _, c in _pieces(expr))
+
+
 def _kept_value(expr):
     """The value of a position the mask predicate keeps: the one piece that is
     no fill, or all of ``expr`` while a condition reads the score."""
-    pieces = _pieces(expr)
-    if any(c.has(score) for _, c in pieces):
+    if conditions_read_score(expr):
         return expr
-    vals = [e for e, _ in pieces if not _is_fill(e)]
+    vals = [e for e, _ in _pieces(expr) if not _is_fill(e)]
     return vals[0] if len(vals) == 1 else expr
 
 
