@@ -284,7 +284,54 @@ def _fallback(exc: Exception, fallback):
     return fallback()
 
 
+# [Note: CPU scalars beside CUDA operands]  Under ``dynamic=True`` dynamo
+# passes a module's float attribute (HF's ``self.scaling``, timm's
+# ``self.scale``) as a 0-d CPU tensor read with ``.item()``; a site scaled by
+# it captures that tensor, so a CUDA call gets a one-element CPU tensor among
+# its captured ones.  The kernels read captured tensors through pointers: it
+# is replaced by a CUDA tensor of the same value, made once per (value, dtype,
+# shape, device) and kept (the value is read on the host: no sync).  A CUDA
+# graph that replays the op replays that tensor's address, as inductor bakes
+# such a scalar into its own kernels' arguments.  The rewrite admits only
+# one-element CPU tensors that need no gradient (passes/rewrite.py).
+_device_scalars: Dict[tuple, torch.Tensor] = {}
+_MAX_DEVICE_SCALARS = 1024
+
+
+def _on_device(q: torch.Tensor, captured):
+    """``captured`` with one-element tensors on another device than ``q``
+    replaced by device copies ([Note: CPU scalars beside CUDA operands])."""
+    if not any(t.device != q.device for t in captured):
+        return captured
+    out = []
+    for t in captured:
+        if t.device != q.device:
+            if t.numel() != 1 or t.requires_grad:
+                raise ValueError(f"a captured tensor of shape {tuple(t.shape)} on {t.device}, the queries on "
+                                 f"{q.device}: only a one-element scalar without gradient may differ")
+            key = (t.item(), t.dtype, tuple(t.shape), q.device)
+            d = _device_scalars.get(key)
+            if d is None:
+                if len(_device_scalars) >= _MAX_DEVICE_SCALARS:
+                    _device_scalars.clear()
+                d = _device_scalars[key] = torch.full(t.shape, key[0], dtype=t.dtype, device=q.device)
+            t = d
+        out.append(t)
+    return out
+
+
+def _other_gpu(q: torch.Tensor) -> bool:
+    """Whether ``q`` is on a GPU other than the current one (a model split over
+    GPUs, ``device_map="auto"``): Triton launches, CUDA graphs and timing run on
+    the current device, so the call runs under a guard for ``q``'s."""
+    return q.is_cuda and q.get_device() != torch.cuda.current_device()
+
+
 def forward(q, k, v, captured, spec: AttentionSpec, seed) -> Tuple[torch.Tensor, torch.Tensor]:
+    if _other_gpu(q):
+        with torch.cuda.device(q.device):
+            return forward(q, k, v, captured, spec, seed)
+    captured = _on_device(q, captured)
     sig = _signature("fwd", spec, q, k, v, captured)
     if _runs_reference(sig, q, k, v, spec, captured):
         return reference.attention_forward(q, k, v, captured, spec, seed)
@@ -314,6 +361,10 @@ def forward(q, k, v, captured, spec: AttentionSpec, seed) -> Tuple[torch.Tensor,
 
 
 def backward(dout, q, k, v, captured, out, lse, spec: AttentionSpec, seed, dlse=None):
+    if _other_gpu(q):
+        with torch.cuda.device(q.device):
+            return backward(dout, q, k, v, captured, out, lse, spec, seed, dlse)
+    captured = _on_device(q, captured)
     sig = _signature("bwd", spec, q, k, v, captured)
     if _runs_reference(sig, q, k, v, spec, captured):
         return reference.attention_backward(dout, q, k, v, captured, out, lse, spec, seed, dlse)

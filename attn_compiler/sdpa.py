@@ -82,7 +82,9 @@ def sdpa_attention(q, k, v, captured, spec, seed=None):
     if k.shape[0] != q.shape[0]:
         k = k.expand(q.shape[0], -1, -1, -1)
         v = v.expand(q.shape[0], -1, -1, -1)
+    # a bool, not a symbolic one (dynamic=True): the spec's group, else decided here
+    gqa = spec.gqa_group > 1 if spec.gqa_group else bool(q.shape[1] != k.shape[1])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=form.causal,
                                          scale=spec.scale_value(q.shape[-1]),
-                                         enable_gqa=q.shape[1] != k.shape[1])
+                                         enable_gqa=gqa)
     return out.to(getattr(torch, spec.out_dtype)), None

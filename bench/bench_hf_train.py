@@ -16,6 +16,9 @@ those regions too.
     PYTHONPATH=. python bench/bench_hf_train.py --out OUT                 # GPU
     python bench/bench_hf_train.py --smoke                                 # CPU, tiny
 
+``--dynamic`` compiles every path with ``dynamic=True`` (the scale then
+reaches the graph as a 0-d CPU tensor: [Note: CPU scalars beside CUDA operands]).
+
 Prints ms per step and peak MiB of a step beyond the inputs; each path's loss
 is compared with the first path's before it is timed.
 """
@@ -30,7 +33,7 @@ import torch
 PATHS = ("hf_sdpa+inductor", "inductor", "attn_compiler")
 
 
-def build(path: str, cfg, state, checkpoint: bool, dtype, dev):
+def build(path: str, cfg, state, checkpoint: bool, dtype, dev, dynamic=None):
     import transformers
     cfg = transformers.LlamaConfig(**cfg.to_dict())
     cfg._attn_implementation = "sdpa" if path.startswith("hf_sdpa") else "eager"
@@ -42,8 +45,8 @@ def build(path: str, cfg, state, checkpoint: bool, dtype, dev):
     if path == "attn_compiler":
         import attn_compiler
         attn_compiler.reset()
-        return torch.compile(model, backend=attn_compiler.backend())
-    return torch.compile(model)
+        return torch.compile(model, backend=attn_compiler.backend(), dynamic=dynamic)
+    return torch.compile(model, dynamic=dynamic)
 
 
 def main(argv=None) -> int:
@@ -57,6 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--checkpoint", default="no,yes", help="no, yes or both (comma-separated)")
+    ap.add_argument("--dynamic", action="store_true", help="torch.compile(..., dynamic=True) on every path")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import transformers
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
             common.reset_compiled()
 
             def measure(row, path=path, ckpt=ckpt):
-                model = build(path, cfg, state, ckpt, dtype, dev)
+                model = build(path, cfg, state, ckpt, dtype, dev, True if args.dynamic else None)
 
                 def step():
                     loss = model(input_ids=ids, labels=ids).loss
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
                 if path == "attn_compiler":
                     row["sites"] = common.sites_summary()
             row = dict(env, path=path, checkpoint=ckpt, layers=args.layers, hidden=args.hidden,
-                       heads=f"{args.heads}:{args.kv_heads}", batch=args.batch, seq=args.seq)
+                       heads=f"{args.heads}:{args.kv_heads}", batch=args.batch, seq=args.seq,
+                       dynamic=args.dynamic)
             rows.append(common.model_row(row, measure))
     common.finish_rows(rows, args.out, "hf_train", ["checkpoint", "path", "ms", "peak_mib", "loss_vs_first", "sites"])
     return 0

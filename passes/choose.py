@@ -285,6 +285,14 @@ def choose(gm: fx.GraphModule, m, analysis, final: fx.Node, op_node: fx.Node, ch
     ``sources``: the site's q, k, v operand nodes (after earlier rewrites)."""
     sources = list(dict.fromkeys(sources))
     vals = [C.example_value(s) for s in sources]
+    dev = next((v.device for v in vals if isinstance(v, torch.Tensor) and v.device.type == "cuda"), None)
+    if dev is not None and dev.index is not None and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):        # timed (CUDA graphs, streams) on the site's GPU
+            return _choose(gm, m, analysis, final, op_node, checker, sources, vals)
+    return _choose(gm, m, analysis, final, op_node, checker, sources, vals)
+
+
+def _choose(gm, m, analysis, final, op_node, checker, sources, vals) -> Decision:
     training = any(isinstance(v, torch.Tensor) and v.requires_grad for v in vals) and torch.is_grad_enabled()
     cuda = all(isinstance(v, torch.Tensor) and v.device.type == "cuda" for v in vals) or TIME_ON_CPU
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

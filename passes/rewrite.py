@@ -26,10 +26,13 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
     get = lambda n: replaced.get(n, n)  # noqa: E731  operands may be earlier sites' outputs
     qdev = getattr(C.example_value(m.q.node), "device", None)
     for c in analysis.captures:
-        dev = getattr(C.example_value(c.node), "device", qdev)
-        if dev != qdev:     # dynamo's wrapped float under dynamic=True is a CPU scalar beside CUDA operands
-            raise Decline(f"a captured tensor on {dev}, the queries on {qdev} (a scale or term passed as a "
-                          "CPU scalar tensor)")
+        ev = C.example_value(c.node)
+        dev = getattr(ev, "device", qdev)
+        # dynamo's wrapped float under dynamic=True is a CPU scalar beside CUDA
+        # operands: the op reads it ([Note: CPU scalars beside CUDA operands])
+        if dev != qdev and not (dev.type == "cpu" and not ev.requires_grad
+                               and all(isinstance(n, int) and n == 1 for n in ev.shape)):
+            raise Decline(f"a captured tensor of shape {tuple(ev.shape)} on {dev}, the queries on {qdev}")
     anchor = m.pv.node
     created = []
     lse_users = list(m.lse_users)

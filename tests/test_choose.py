@@ -384,3 +384,52 @@ def test_sdpa_attention_matches_the_reference(mod, captured):
     ours, _ = sdpa.sdpa_attention(q, k, v, caps, spec.dumps())
     ref, _ = reference.attention_forward(q, k, v, caps, spec, None)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+class ScaledByAttribute(torch.nn.Module):
+    """A module float attribute as the scale: under dynamic=True a 0-d tensor
+    read with ``.item()`` (a captured scalar), and the head dim symbolic."""
+
+    def __init__(self, head_dim=16):
+        super().__init__()
+        self.scale = head_dim ** -0.5
+
+    def forward(self, q, k, v):
+        s = (q @ k.transpose(-2, -1)) * self.scale
+        L = q.shape[-2]
+        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+
+class GroupedByRepeatKV(ScaledByAttribute):
+    """Hugging Face's ``repeat_kv``: 1 key/value head for the 3 query heads."""
+
+    def forward(self, q, k, v):
+        B, H, L, E = q.shape
+        k, v = (t[:, :1, None].expand(B, 1, H, L, E).reshape(B, H, L, E) for t in (k, v))
+        return super().forward(q, k, v)
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("model", [Causal, ScaledByAttribute, GroupedByRepeatKV])
+@pytest.mark.parametrize("winner", ["attn_compiler", "sdpa", "original"])
+def test_each_choice_under_dynamic_true(winner, model, inner, timed, monkeypatch):
+    """Under dynamic=True the head dim is symbolic where the chosen candidate
+    is traced: the SDPA candidate read its scale at it and crashed the
+    compile ("unhashable type: non-nested SymInt").  Every choice compiles,
+    and gives eager's numbers at two lengths through one graph."""
+    monkeypatch.setattr(choose, "BENCH", lambda fn: 1.0 if fn.name == winner else 2.0)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    m = model()
+    compiled = torch.compile(m, backend=attn_compiler.backend(inner=inner), dynamic=True)
+    for L in (24, 17):
+        torch.manual_seed(L)
+        q, k, v = (torch.randn(2, 3, L, 16, requires_grad=True) for _ in range(3))
+        out, ref = compiled(q, k, v), m(q, k, v)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    rows = list(attn_compiler.report())
+    assert len(rows) == 1 and rows[0].features["choice"] == winner, [(r.status, r.reason) for r in rows]

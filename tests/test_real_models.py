@@ -124,7 +124,8 @@ def _device_of(inputs) -> str:
 
 
 def check_model(build, inputs, n_sites, *, inner="aot_eager", output_fn=_logits,
-                golden_inputs=None, golden_prepare=None, device=None, dtype=None, autocast=None):
+                golden_inputs=None, golden_prepare=None, device=None, dtype=None, autocast=None,
+                compile_kwargs=None):
     """Forward + backward through eager fp32, float64 golden and ours; compare all.
 
     The loss is a fixed random projection of ``output_fn(model output)``.  ``golden_inputs``
@@ -135,6 +136,7 @@ def check_model(build, inputs, n_sites, *, inner="aot_eager", output_fn=_logits,
     in ``dtype``; the golden is the same rounded weights in float64).
     ``autocast``: eager's and ours forwards run under ``torch.autocast`` to that
     dtype (mixed-precision training; the golden runs in float64 without it).
+    ``compile_kwargs`` go to ``torch.compile`` (``dynamic=True``).
     """
     model = _seeded(build)
     if device is not None or dtype is not None:
@@ -152,7 +154,7 @@ def check_model(build, inputs, n_sites, *, inner="aot_eager", output_fn=_logits,
     elif device is not None:
         golden_inputs = {k: v.to(device) for k, v in golden_inputs.items()}
     gold_out, gold_grads = _step(golden_model, golden_inputs, output_fn)
-    compiled = _compile(ours_model, inner)
+    compiled = _compile(ours_model, inner, **(compile_kwargs or {}))
     ours_out, ours_grads = _step(compiled, inputs, output_fn, autocast)
 
     _assert_all_fused(attn_compiler.report(), n_sites, "forward")
@@ -610,6 +612,13 @@ KERNEL_CASES = {
     # the reference path too for some inputs (eager's own rounding, amplified)
     "longt5_local_encoder_padding": (longt5("local", encoder_only=True), lambda: {
         "inputs": {"input_ids": _ids(13), "attention_mask": _padding_mask(13)}, "output_fn": _hidden}, LAYERS),
+    # under dynamic=True the scale (self.scaling) is a 0-d CPU tensor read with
+    # .item(): on CUDA the op reads it through a device copy ([Note: CPU
+    # scalars beside CUDA operands]; it was declined there)
+    "llama_dynamic_true_left_padding": (llama, lambda: dict(_llama_left_padding(),
+                                                            compile_kwargs={"dynamic": True}), LAYERS),
+    "gpt2_dynamic_true_inductor": (gpt2, lambda: {"inputs": {"input_ids": _ids(9)}, "inner": "inductor",
+                                                  "compile_kwargs": {"dynamic": True}}, LAYERS),
 }
 
 

@@ -304,6 +304,12 @@ class AttentionSpec:
         return hashlib.sha256(self.dumps().encode()).hexdigest()[:16]
 
     def scale_value(self, head_dim: int) -> float:
+        if not isinstance(head_dim, int):
+            # a symbolic head dim (dynamic=True, the SDPA candidate traced):
+            # a number as it is; read at the dim, the graph is specialized on it
+            if D not in self.scale.free_symbols:
+                return float(self.scale)
+            head_dim = int(head_dim)
         cache = self.__dict__.setdefault("_scale_values", {})   # per call of the op: keep it cheap
         val = cache.get(head_dim)
         if val is None:
