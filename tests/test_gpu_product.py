@@ -186,3 +186,53 @@ def test_float32_with_tf32_allowed_is_fused_and_chosen():
         assert float((out.detach().double() - golden).norm() / golden.norm()) <= 5e-3
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+class ScaledByAttribute(nn.Module):
+    """Hugging Face's ``self.scaling``: under dynamic=True a 0-d CPU tensor
+    read with ``.item()`` beside CUDA operands."""
+
+    def __init__(self, head_dim=128):
+        super().__init__()
+        self.scaling = head_dim ** -0.5
+
+    def forward(self, q, k, v):
+        s = (q @ k.transpose(-2, -1)) * self.scaling
+        L = q.shape[-2]
+        s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("winner", ["attn_compiler", "sdpa", "original"])
+def test_float_attribute_scale_under_dynamic_true(winner, mode, monkeypatch, tmp_path):
+    """[Note: CPU scalars beside CUDA operands]: the site is fused (it was
+    declined on the GPU), each never-slower choice compiles with inductor
+    (the SDPA one crashed the compile under symbolic sizes), CUDA graphs
+    included; forward and backward golden-relative at two lengths."""
+    from attn_compiler.passes import choose
+    monkeypatch.setenv("ATTN_COMPILER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(choose, "BENCH", lambda fn: 1.0 if fn.name == winner else 2.0)
+    monkeypatch.setattr(choose, "LAUNCH_COST", lambda step, replay_ms: (step(), replay_ms)[1])
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    model = ScaledByAttribute()
+    compiled = torch.compile(model, backend=attn_compiler.backend(inner="inductor", mode=mode), dynamic=True)
+    for L in (384, 640):
+        args = _inputs(L=L)
+        g = torch.randn(2, 8, L, 128, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):                  # CUDA graphs: warm-up, record, replay
+            out = compiled(*args)
+            ours = torch.autograd.grad(out, args, g)
+        eager_out = model(*args)
+        eager = torch.autograd.grad(eager_out, args, g)
+        d = [a.detach().double().requires_grad_() for a in args]
+        gold_out = model(*d)
+        gold = torch.autograd.grad(gold_out, d, g.double())
+        golden_check(out.detach(), eager_out.detach(), gold_out.detach(), name=f"L={L} out")
+        for name, o, e, r in zip("qkv", ours, eager, gold):
+            golden_check(o, e, r, name=f"L={L} d{name}")
+    rows = list(attn_compiler.report())
+    assert rows and all(r.features.get("choice") == winner for r in rows), [(r.status, r.reason) for r in rows]
+    assert all(r.fused == (winner != "original") for r in rows), [(r.status, r.reason) for r in rows]
