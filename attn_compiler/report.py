@@ -235,7 +235,10 @@ def _tune_row(i: int, site: Site) -> List[str]:
     times = f["times_ms"]
     choice = f.get("choice", "")
     best = times.get(choice)
-    cand = "\n".join(f"{k} {v:.3f}" if v is not None else f"{k} failed" for k, v in times.items())
+    errors = f.get("errors") or {}
+    cand = "\n".join(f"{k} {v:.3f}" if v is not None
+                     else f"{k} {'rejected' if 'rejected' in errors.get(k, '') else 'failed'}"
+                     for k, v in times.items())
     flops = site_flops(f)
     tf = flops / (best * 1e-3) / 1e12 if flops and best else None
 

@@ -124,14 +124,15 @@ AGREEMENT = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 AGREEMENT_DEFAULT = 1e-4
 
 
-def disagreement(a: torch.Tensor, b: torch.Tensor) -> Optional[str]:
+def disagreement(a: torch.Tensor, b: torch.Tensor, slack: float = 1.0) -> Optional[str]:
     """None when ``a`` agrees with ``b`` (same nan/inf positions, relative
-    error within ``AGREEMENT``), else how far apart they are.  Float32 with
-    TF32 matmuls allowed (``tf32_allowed``: eager's matmuls and the kernels'
-    products keep 10 mantissa bits, as float16's) agrees as float16 does."""
+    error within ``slack`` times ``AGREEMENT``), else how far apart they are.
+    Float32 with TF32 matmuls allowed (``tf32_allowed``: eager's matmuls and
+    the kernels' products keep 10 mantissa bits, as float16's) agrees as
+    float16 does."""
     err = rel_err(a, b)
     dtype = b.dtype
     if dtype == torch.float32 and tf32_allowed():
         dtype = torch.float16
-    tol = AGREEMENT.get(dtype, AGREEMENT_DEFAULT)
+    tol = AGREEMENT.get(dtype, AGREEMENT_DEFAULT) * slack
     return None if err <= tol else f"relative difference {err:.2e} (allowed {tol:.0e})"

@@ -62,6 +62,26 @@ Where a cut graph writes one of its inputs in place, or inductor fails on
 it, that candidate is timed eagerly and the decision's note says so.  Inside
 a whole model inductor may fuse a site with more of its neighbours; the cut
 graphs do not see that.
+
+[Note: dropout is not compared]  A site with dropout in training draws its
+mask from our counter-based generator, the original from torch's: their
+outputs differ by the masks, at any size, so the comparison kept every such
+site as written on the GPU ("the original's numbers differ"). There the
+candidates are timed without comparing numbers: the analysis showed the site
+computes the user's function up to the random mask, and the kernels' mask
+statistics and gradients are tested against the reference's
+(tests/test_attention_fwd.py, test_attention_bwd.py).
+
+[Note: gradients checked]  Training, each candidate's gradients with respect
+to the site's inputs (from the same random output gradient) are compared
+with ours too, not only its output: a backward that goes wrong where the
+forward is right (a library kernel's bug for some layout or size) would
+otherwise be chosen on its forward alone and give the user wrong gradients.
+Gradients of two correct backward passes differ more than their outputs
+(dQ and dK sum over a whole row of the probabilities' rounding), so they
+agree within ``GRAD_SLACK`` times the outputs' tolerance; a wrong backward
+is off by orders of magnitude more.  An SDPA that disagrees is dropped; an
+original that disagrees keeps the site as written, as for the forward.
 """
 from __future__ import annotations
 
@@ -95,6 +115,8 @@ BENCH: Optional[Callable[[Callable[[], object]], float]] = None
 LAUNCH_COST: Optional[Callable[[Callable[[], object]], float]] = None
 # our op's back-to-back call time counts once it is this much above its replays
 HOST_BOUND = 1.15
+# gradients agree within this many times the outputs' tolerance ([Note: gradients checked])
+GRAD_SLACK = 4.0
 
 _CUDA_GRAPHS: contextvars.ContextVar[bool] = contextvars.ContextVar("attn_compiler_cuda_graphs", default=False)
 # compiles the candidates for their timing: ``(gm, example_inputs) -> callable``, or None (eager)
@@ -200,6 +222,7 @@ class _Runner:
             if training and isinstance(v, torch.Tensor) and v.is_floating_point():
                 v.requires_grad_(True)
         self.grad = None
+        self.keep_grads, self.grads = True, None    # the first run's input gradients, for the check
 
     def __call__(self):
         env = dict(self.leaves)
@@ -219,13 +242,21 @@ class _Runner:
     def _finish(self, out: torch.Tensor) -> torch.Tensor:
         """Training: the backward of ``out`` (gradients dropped); the output, detached."""
         if self.training and out.requires_grad:
-            if self.grad is None:
-                self.grad = torch.randn_like(out)
+            if self.grad is None:       # the same for every candidate: their gradients are compared
+                gen = torch.Generator(device=out.device).manual_seed(0)
+                self.grad = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
             out.backward(self.grad)
+            if self.keep_grads:
+                self.grads = [v.grad for v in self.src_vals if isinstance(v, torch.Tensor) and v.requires_grad]
             for v in self.src_vals:
                 if isinstance(v, torch.Tensor):
                     v.grad = None
         return out.detach()
+
+    def take_grads(self) -> Optional[List[Optional[torch.Tensor]]]:
+        """The input gradients of the checked run (training), once; later runs keep none."""
+        grads, self.grads, self.keep_grads = self.grads, None, False
+        return grads
 
 
 class _CompiledRunner(_Runner):
@@ -322,13 +353,23 @@ def _choose(gm, m, analysis, final, op_node, checker, sources, vals) -> Decision
         candidates[SDPA] = runner(final, SDPA, override={op_node: sdpa.sdpa_attention})
     candidates[ORIGINAL] = runner(m.pv.node, ORIGINAL)
     first: List[torch.Tensor] = []
+    first_grads: List[Optional[torch.Tensor]] = []
     disagree: Dict[str, str] = {}
 
+    random = analysis.spec.dropout_p > 0
+
     def check(name, out):
+        grads = candidates[name].take_grads() or []
         if name == OURS:
             first.append(out)
+            first_grads.extend(grads)
+            return None
+        if random:      # [Note: dropout is not compared]
             return None
         why = disagreement(out, first[0]) if first else None
+        if why is None:             # training: the backward too ([Note: gradients checked])
+            why = next((f"the gradient of input {i}: {w}" for i, (g, g0) in enumerate(zip(grads, first_grads))
+                        if g is not None and g0 is not None and (w := disagreement(g, g0, GRAD_SLACK))), None)
         if why:
             disagree[name] = f"differs from attn_compiler: {why}"
         return disagree.get(name)
@@ -354,6 +395,8 @@ def _choose(gm, m, analysis, final, op_node, checker, sources, vals) -> Decision
         eager = [f"{r.name} timed eagerly: {r.eager_why}" for r in candidates.values()
                  if isinstance(r, _CompiledRunner) and r.eager_why]
         notes.append("; ".join(eager) if eager else "timed as inductor compiles each")
+    if random:
+        notes.append("outputs not compared (dropout: each candidate draws its own mask)")
     note = "; ".join(notes)
     if "calls" in host:
         note = (f"attn_compiler timed by its calls without CUDA graphs: {host['calls']:.3f} ms per call, "
@@ -488,6 +531,8 @@ def decision_features(d: Decision) -> dict:
         out["times_ms"] = {k: v for k, v in d.times_ms.items()}
     if d.note:
         out["choice_note"] = d.note
+    if d.errors:            # why a candidate has no time: it failed, or disagreed with ours
+        out["errors"] = dict(d.errors)
     if d.kernels:
         out["kernels"] = dict(d.kernels)
     return out

@@ -433,3 +433,71 @@ def test_each_choice_under_dynamic_true(winner, model, inner, timed, monkeypatch
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     rows = list(attn_compiler.report())
     assert len(rows) == 1 and rows[0].features["choice"] == winner, [(r.status, r.reason) for r in rows]
+
+
+class _HalvedGradient(torch.autograd.Function):
+    """The identity forward, a backward off by a factor of two."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 0.5
+
+
+def test_a_candidate_with_a_wrong_backward_is_dropped(timed, monkeypatch):
+    """[Note: gradients checked]: an SDPA whose forward is right and whose
+    backward is not (a library bug for some layout) is fastest, yet never
+    chosen: its input gradients disagree with ours, and the report says so.
+    The training numbers match eager."""
+    real = sdpa.sdpa_attention
+
+    def wrong_backward(*args, **kwargs):
+        out, lse = real(*args, **kwargs)
+        return _HalvedGradient.apply(out), lse
+    monkeypatch.setattr(sdpa, "sdpa_attention", wrong_backward)
+    rep = _run(Causal(), "sdpa", monkeypatch)
+    site = rep[0]
+    assert site.features["choice"] == "attn_compiler" and site.fused, str(rep)
+    assert "gradient" in site.features["errors"]["sdpa"], site.features["errors"]
+    assert "sdpa rejected" in str(rep), str(rep)
+
+
+def test_gradients_are_not_compared_without_training(timed, monkeypatch):
+    """Inference: the same SDPA (its forward right) is chosen; no backward runs."""
+    real = sdpa.sdpa_attention
+
+    def wrong_backward(*args, **kwargs):
+        out, lse = real(*args, **kwargs)
+        return _HalvedGradient.apply(out), lse
+    monkeypatch.setattr(sdpa, "sdpa_attention", wrong_backward)
+    rep = _run(Causal(), "sdpa", monkeypatch, grad=False)
+    assert rep[0].features["choice"] == "sdpa", str(rep)
+
+
+class DropoutOnProbabilities(torch.nn.Module):
+    """BERT's attention in training: dropout on the probabilities."""
+
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        return torch.nn.functional.dropout(torch.softmax(s, -1), 0.1, training=True) @ v
+
+
+@pytest.mark.parametrize("winner", ["attn_compiler", "original"])
+def test_dropout_sites_are_timed_not_compared(winner, timed, monkeypatch):
+    """[Note: dropout is not compared]: our mask and torch's differ, so the
+    outputs cannot agree; the comparison kept every dropout site as written
+    on the GPU.  Now the faster of the two stays, and the note says the
+    numbers were not compared."""
+    monkeypatch.setattr(choose, "BENCH", lambda fn: (fn(), 1.0 if fn.name == winner else 2.0)[-1])
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    q, k, v = (torch.randn(2, 3, 24, 16, requires_grad=True) for _ in range(3))
+    out = torch.compile(DropoutOnProbabilities(), backend=attn_compiler.backend(inner="aot_eager"))(q, k, v)
+    out.sum().backward()
+    site = attn_compiler.report()[0]
+    assert site.features["choice"] == winner and site.fused == (winner == "attn_compiler"), site.features
+    assert "not compared" in site.features["choice_note"]
+    assert set(site.features["times_ms"]) == {"attn_compiler", "original"}      # no SDPA: dropout

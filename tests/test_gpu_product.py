@@ -137,10 +137,17 @@ class TrilBufferAttention(nn.Module):
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_a_rewritten_tril_buffer_is_followed(mode):
+def test_a_rewritten_tril_buffer_is_followed(mode, monkeypatch, tmp_path):
     """[Note: folded buffers] with inductor (and CUDA graphs): the buffer read
     as causal is rewritten in place to a sliding window; the next call gives
-    the window's answer."""
+    the window's answer.  The site is told to keep our op (its timing
+    replaced, in a cache of its own): at this size (a forward of 2x8x1024)
+    the never-slower choice may keep the original by a few µs of host time,
+    and then no fused site is left to follow."""
+    from attn_compiler.passes import choose
+    monkeypatch.setenv("ATTN_COMPILER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(choose, "BENCH", lambda fn: 1.0 if fn.name == "attn_compiler" else 2.0)
+    monkeypatch.setattr(choose, "LAUNCH_COST", lambda step, replay_ms: (step(), replay_ms)[1])
     torch.manual_seed(0)
     torch._dynamo.reset()
     attn_compiler.reset()
