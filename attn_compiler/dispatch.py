@@ -289,13 +289,13 @@ def _fallback(exc: Exception, fallback):
 # ``self.scale``) as a 0-d CPU tensor read with ``.item()``; a site scaled by
 # it captures that tensor, so a CUDA call gets a one-element CPU tensor among
 # its captured ones.  The kernels read captured tensors through pointers: it
-# is replaced by a CUDA tensor of the same value, made once per (value, dtype,
-# shape, device) and kept (the value is read on the host: no sync).  A CUDA
-# graph that replays the op replays that tensor's address, as inductor bakes
-# such a scalar into its own kernels' arguments.  The rewrite admits only
-# one-element CPU tensors that need no gradient (passes/rewrite.py).
-_device_scalars: Dict[tuple, torch.Tensor] = {}
-_MAX_DEVICE_SCALARS = 1024
+# is replaced by a CUDA tensor of the same value (read on the host: no sync),
+# made by a fill on every call.  Not kept between calls: a tensor made while
+# CUDA-graph trees warm up or record lives in their private memory pool, whose
+# addresses graphs recorded earlier may write when replayed; a fill per call
+# is an ordinary intermediate there (its value fixed in the recording, as
+# inductor fixes such a scalar in its own kernels' arguments).  The rewrite
+# admits only one-element CPU tensors that need no gradient (passes/rewrite.py).
 
 
 def _on_device(q: torch.Tensor, captured):
@@ -309,13 +309,7 @@ def _on_device(q: torch.Tensor, captured):
             if t.numel() != 1 or t.requires_grad:
                 raise ValueError(f"a captured tensor of shape {tuple(t.shape)} on {t.device}, the queries on "
                                  f"{q.device}: only a one-element scalar without gradient may differ")
-            key = (t.item(), t.dtype, tuple(t.shape), q.device)
-            d = _device_scalars.get(key)
-            if d is None:
-                if len(_device_scalars) >= _MAX_DEVICE_SCALARS:
-                    _device_scalars.clear()
-                d = _device_scalars[key] = torch.full(t.shape, key[0], dtype=t.dtype, device=q.device)
-            t = d
+            t = torch.full(t.shape, t.item(), dtype=t.dtype, device=q.device)
         out.append(t)
     return out
 

@@ -215,3 +215,20 @@ def test_offsets_past_int32_inside_a_head_are_declined():
     blhd = torch.empty(1, 300000, 64, 128, **meta).transpose(1, 2)
     why = kernels.unsupported_reason(blhd, blhd, blhd, make_spec(causal_mod(), dtype=torch.bfloat16))
     assert why is not None and why.startswith("q ")
+
+
+def test_a_cpu_scalar_beside_operands_on_another_device():
+    """[Note: CPU scalars beside CUDA operands]: a one-element CPU captured
+    tensor becomes a tensor on the queries' device (here "meta", which has
+    the device logic and no values; the GPU tests run it on CUDA); anything
+    larger, or one that needs a gradient, is refused with the reason."""
+    q = torch.empty(2, 3, 5, 8, device="meta")
+    scale = torch.tensor(0.125, dtype=torch.float32)
+    same = [torch.empty(1, 1, 1, 1, device="meta")]
+    assert dispatch._on_device(q, same) is same
+    (moved,) = dispatch._on_device(q, [scale.view(1, 1, 1, 1)])
+    assert moved.device.type == "meta" and moved.shape == (1, 1, 1, 1) and moved.dtype == torch.float32
+    with pytest.raises(ValueError, match="only a one-element scalar"):
+        dispatch._on_device(q, [torch.ones(1, 1, 5, 5)])
+    with pytest.raises(ValueError, match="only a one-element scalar"):
+        dispatch._on_device(q, [torch.ones(1, 1, 1, 1, requires_grad=True)])
