@@ -356,7 +356,7 @@ def _choose(gm, m, analysis, final, op_node, checker, sources, vals) -> Decision
     first_grads: List[Optional[torch.Tensor]] = []
     disagree: Dict[str, str] = {}
 
-    random = analysis.spec.dropout_p > 0
+    draws_mask = analysis.spec.dropout_p > 0     # [Note: dropout is not compared]
 
     def check(name, out):
         grads = candidates[name].take_grads() or []
@@ -364,7 +364,7 @@ def _choose(gm, m, analysis, final, op_node, checker, sources, vals) -> Decision
             first.append(out)
             first_grads.extend(grads)
             return None
-        if random:      # [Note: dropout is not compared]
+        if draws_mask:
             return None
         why = disagreement(out, first[0]) if first else None
         if why is None:             # training: the backward too ([Note: gradients checked])
@@ -395,7 +395,7 @@ def _choose(gm, m, analysis, final, op_node, checker, sources, vals) -> Decision
         eager = [f"{r.name} timed eagerly: {r.eager_why}" for r in candidates.values()
                  if isinstance(r, _CompiledRunner) and r.eager_why]
         notes.append("; ".join(eager) if eager else "timed as inductor compiles each")
-    if random:
+    if draws_mask:
         notes.append("outputs not compared (dropout: each candidate draws its own mask)")
     note = "; ".join(notes)
     if "calls" in host:

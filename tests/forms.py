@@ -1888,3 +1888,20 @@ class XLNetRelAttnCore(nn.Module):
         attn_score = attn_score - 1e30 * attn_mask
         attn_prob = F.softmax(attn_score, dim=1)
         return torch.einsum("ijbn,jbnd->ibnd", attn_prob, v_head_h)
+
+
+class CausalScaledByAttribute(nn.Module):
+    """Causal attention scaled by a float attribute (Hugging Face's
+    ``self.scaling``): under dynamic=True dynamo passes it as a 0-d CPU tensor
+    read with ``.item()`` (a captured scalar, beside CUDA operands on the GPU),
+    with the head dim symbolic; softmax in float32, cast back."""
+
+    def __init__(self, head_dim=16):
+        super().__init__()
+        self.scaling = head_dim ** -0.5
+
+    def forward(self, q, k, v):
+        s = (q @ k.transpose(-2, -1)) * self.scaling
+        L = q.shape[-2]
+        s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v

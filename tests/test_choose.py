@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import attn_compiler
+import forms
 from attn_compiler import sdpa
 from attn_compiler.passes import choose
 from attn_compiler.passes.analyze.spec import (
@@ -386,22 +387,7 @@ def test_sdpa_attention_matches_the_reference(mod, captured):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-class ScaledByAttribute(torch.nn.Module):
-    """A module float attribute as the scale: under dynamic=True a 0-d tensor
-    read with ``.item()`` (a captured scalar), and the head dim symbolic."""
-
-    def __init__(self, head_dim=16):
-        super().__init__()
-        self.scale = head_dim ** -0.5
-
-    def forward(self, q, k, v):
-        s = (q @ k.transpose(-2, -1)) * self.scale
-        L = q.shape[-2]
-        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
-        return torch.softmax(s, -1) @ v
-
-
-class GroupedByRepeatKV(ScaledByAttribute):
+class GroupedByRepeatKV(forms.CausalScaledByAttribute):
     """Hugging Face's ``repeat_kv``: 1 key/value head for the 3 query heads."""
 
     def forward(self, q, k, v):
@@ -411,7 +397,7 @@ class GroupedByRepeatKV(ScaledByAttribute):
 
 
 @pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("model", [Causal, ScaledByAttribute, GroupedByRepeatKV])
+@pytest.mark.parametrize("model", [Causal, forms.CausalScaledByAttribute, GroupedByRepeatKV])
 @pytest.mark.parametrize("winner", ["attn_compiler", "sdpa", "original"])
 def test_each_choice_under_dynamic_true(winner, model, inner, timed, monkeypatch):
     """Under dynamic=True the head dim is symbolic where the chosen candidate

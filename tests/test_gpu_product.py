@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import attn_compiler
+import forms
 from attn_compiler import dispatch
 from attn_compiler.testing import golden_check
 
@@ -195,21 +196,6 @@ def test_float32_with_tf32_allowed_is_fused_and_chosen():
         torch.set_float32_matmul_precision(old)
 
 
-class ScaledByAttribute(nn.Module):
-    """Hugging Face's ``self.scaling``: under dynamic=True a 0-d CPU tensor
-    read with ``.item()`` beside CUDA operands."""
-
-    def __init__(self, head_dim=128):
-        super().__init__()
-        self.scaling = head_dim ** -0.5
-
-    def forward(self, q, k, v):
-        s = (q @ k.transpose(-2, -1)) * self.scaling
-        L = q.shape[-2]
-        s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-        return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
-
-
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 @pytest.mark.parametrize("winner", ["attn_compiler", "sdpa", "original"])
 def test_float_attribute_scale_under_dynamic_true(winner, mode, monkeypatch, tmp_path):
@@ -224,7 +210,7 @@ def test_float_attribute_scale_under_dynamic_true(winner, mode, monkeypatch, tmp
     torch.manual_seed(0)
     torch._dynamo.reset()
     attn_compiler.reset()
-    model = ScaledByAttribute()
+    model = forms.CausalScaledByAttribute(head_dim=128)
     compiled = torch.compile(model, backend=attn_compiler.backend(inner="inductor", mode=mode), dynamic=True)
     for L in (384, 640):
         args = _inputs(L=L)
