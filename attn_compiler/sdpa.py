@@ -12,9 +12,21 @@ top-left ``is_causal``), a boolean keep-mask tensor (-inf fill), or one
 additive float tensor; no dropout (SDPA draws its own random numbers), no
 probabilities zeroed after the softmax (``zero_masked``), output
 in the input dtype.  Anything else is not an SDPA site.
+
+[Note: no cuDNN backward]  With torch 2.11 on an H200, cuDNN's SDPA backward
+gives wrong gradients (1.3 relative to float64 at 2x4x18x8 bf16) when it is
+called at one shape with a gradient of the output in one memory layout after
+a call at the same shape with the gradient in another: the second call reuses
+what the first built.  The never-slower check runs a candidate's backward
+with a gradient of its own making, so the check passed and the model's own
+backward then ran with the wrong plan (DeiT: its parameters' gradients 1.2
+from eager's; bench/RESULTS.md run 129).  Where a gradient may be asked for,
+the candidate runs on the flash and memory-efficient backends only; a site
+neither computes keeps our kernel or the original.  Inference may use cuDNN.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -23,6 +35,7 @@ from typing import Optional
 import sympy
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attn_compiler.passes.analyze.spec import AttentionSpec, _kept_value, captured_call, score
 from attn_compiler.templates import codegen
@@ -84,7 +97,12 @@ def sdpa_attention(q, k, v, captured, spec, seed=None):
         v = v.expand(q.shape[0], -1, -1, -1)
     # a bool, not a symbolic one (dynamic=True): the spec's group, else decided here
     gqa = spec.gqa_group > 1 if spec.gqa_group else bool(q.shape[1] != k.shape[1])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=form.causal,
-                                         scale=spec.scale_value(q.shape[-1]),
-                                         enable_gqa=gqa)
+    grads = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, mask))
+    with sdpa_kernel(_TRAINING_BACKENDS) if grads else contextlib.nullcontext():   # [Note: no cuDNN backward]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=form.causal,
+                                             scale=spec.scale_value(q.shape[-1]),
+                                             enable_gqa=gqa)
     return out.to(getattr(torch, spec.out_dtype)), None
+
+
+_TRAINING_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]

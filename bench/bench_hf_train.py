@@ -18,6 +18,8 @@ those regions too.
 
 ``--dynamic`` compiles every path with ``dynamic=True`` (the scale then
 reaches the graph as a 0-d CPU tensor: [Note: CPU scalars beside CUDA operands]).
+``--attention-dropout P`` sets the config's attention dropout (each path
+then draws its own masks, so the losses differ by the noise of the draws).
 
 Prints ms per step and peak MiB of a step beyond the inputs; each path's loss
 is compared with the first path's before it is timed.
@@ -61,6 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--checkpoint", default="no,yes", help="no, yes or both (comma-separated)")
     ap.add_argument("--dynamic", action="store_true", help="torch.compile(..., dynamic=True) on every path")
+    ap.add_argument("--attention-dropout", type=float, default=0.0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import transformers
@@ -71,7 +74,8 @@ def main(argv=None) -> int:
     cfg = transformers.LlamaConfig(vocab_size=32000 if not args.smoke else 100, hidden_size=args.hidden,
                                    intermediate_size=int(args.hidden * 8 / 3) // 64 * 64 or 64,
                                    num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                   num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq)
+                                   num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq,
+                                   attention_dropout=args.attention_dropout)
     torch.manual_seed(0)
     state = transformers.LlamaForCausalLM(cfg).state_dict()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq),
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
                     row["sites"] = common.sites_summary()
             row = dict(env, path=path, checkpoint=ckpt, layers=args.layers, hidden=args.hidden,
                        heads=f"{args.heads}:{args.kv_heads}", batch=args.batch, seq=args.seq,
-                       dynamic=args.dynamic)
+                       dynamic=args.dynamic, attention_dropout=args.attention_dropout)
             rows.append(common.model_row(row, measure))
     common.finish_rows(rows, args.out, "hf_train", ["checkpoint", "path", "ms", "peak_mib", "loss_vs_first", "sites"])
     return 0

@@ -187,10 +187,16 @@ def model_row(row: dict[str, Any], measure: Callable[[dict[str, Any]], None]) ->
 
 
 def sites_summary() -> str:
-    """What the backend did with the sites it saw since its last reset."""
+    """What the backend did with the sites it saw since its last reset, and
+    what the never-slower choice picked for the fused ones."""
+    import collections
+
     import attn_compiler
 
-    return attn_compiler.report().summary()
+    rep = attn_compiler.report()
+    picks = collections.Counter(str(s.features["choice"]) for s in rep.fused if s.features.get("choice"))
+    chosen = ", ".join(f"{k} x{v}" for k, v in sorted(picks.items()))
+    return rep.summary() + (f"; chosen: {chosen}" if chosen else "")
 
 
 def finish_rows(rows: Sequence[dict[str, Any]], out: str | None, name: str, columns: Sequence[str]) -> None:

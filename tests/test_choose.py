@@ -387,6 +387,37 @@ def test_sdpa_attention_matches_the_reference(mod, captured):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_sdpa_attention_keeps_cudnn_out_of_training(monkeypatch, grad):
+    """[Note: no cuDNN backward]: the SDPA candidate runs without cuDNN where
+    a gradient may be asked for (the flags the call sees), and its backward
+    matches float64 eager's."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+                     torch.backends.cuda.mem_efficient_sdp_enabled()))
+        return real(*a, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 20, 16, requires_grad=grad) for _ in range(3))
+    spec = _spec(sympy.Piecewise((-oo, kv_idx > q_idx), (score, True)))
+    out, _ = sdpa.sdpa_attention(q, k, v, [], spec.dumps())
+    cudnn_on = torch.backends.cuda.cudnn_sdp_enabled()
+    assert seen == [(not grad and cudnn_on, True, True)]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn_on        # the flags restored
+    if grad:
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), g)
+        qq, kk, vv = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+        causal = torch.ones(20, 20, dtype=torch.bool).tril()
+        ref = torch.softmax((qq @ kk.transpose(-1, -2) / 4.0).masked_fill(~causal, float("-inf")), -1) @ vv
+        want = torch.autograd.grad(ref, (qq, kk, vv), g.double())
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
 class GroupedByRepeatKV(forms.CausalScaledByAttribute):
     """Hugging Face's ``repeat_kv``: 1 key/value head for the 3 query heads."""
 
