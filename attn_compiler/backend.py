@@ -40,7 +40,12 @@ def backend(inner: str = "inductor", **options: Any) -> Callable:
     else:
         inner_fn = lookup_inner_backend(inner)
 
-    def attn_compiler(gm, example_inputs):
+    def attn_compiler(gm, example_inputs, **compile_args):
+        # torch.compile(m, backend=attn_compiler.backend(), mode=...) passes its mode and options here
+        if set(compile_args) - {"mode", "options"}:
+            raise TypeError(f"unknown arguments of the attn_compiler backend: {sorted(compile_args)}")
+        if compile_args.get("mode") not in (None, "default") or compile_args.get("options"):
+            return _with_compile_args(gm, example_inputs, compile_args.get("mode"), compile_args.get("options"))
         from attn_compiler.passes.choose import candidate_compiler, compile_with_inductor, cuda_graphs
         from attn_compiler.passes.pipeline import attention_pass, folded_inputs
 
@@ -63,6 +68,16 @@ def backend(inner: str = "inductor", **options: Any) -> Callable:
         for site in sites:
             record(site)
         return _FoldGuard(compiled, guards, original, inner_fn, gid) if guards else compiled
+
+    def _with_compile_args(gm, example_inputs, call_mode, call_options):
+        """torch.compile's own ``mode=``/``options=`` beside this backend: the
+        same as giving them to ``backend()``; given both ways, they must agree."""
+        if mode is not None and call_mode not in (None, "default", mode) or patches and call_options \
+                and call_options != patches:
+            raise ValueError(f"torch.compile(mode={call_mode!r}, options={call_options!r}) conflicts with "
+                             f"attn_compiler.backend(mode={mode!r}, options={patches!r})")
+        return backend(inner, mode=call_mode if call_mode not in (None, "default") else mode,
+                       options=call_options or patches)(gm, example_inputs)
 
     return attn_compiler
 

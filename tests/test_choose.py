@@ -225,10 +225,12 @@ def test_which_compiles_run_as_cuda_graphs():
 
 @pytest.mark.parametrize("kw,graphs", [({"mode": "reduce-overhead"}, True), ({"mode": "max-autotune-no-cudagraphs"}, False),
                                        ({"options": {"triton.cudagraphs": True}}, True), ({"mode": "default"}, False)])
-def test_torch_compile_mode_and_options_reach_the_backend(kw, graphs, monkeypatch):
-    """``torch.compile(m, backend="attn_compiler", mode=..., options=...)``:
-    torch.compile hands its mode and options to the backend, which gives them to
-    inductor and tells the chooser whether the graph runs as CUDA graphs."""
+@pytest.mark.parametrize("by", ["name", "callable"])
+def test_torch_compile_mode_and_options_reach_the_backend(kw, graphs, by, monkeypatch):
+    """``torch.compile(m, backend="attn_compiler", mode=..., options=...)``, or
+    ``backend=attn_compiler.backend()`` beside them: torch.compile hands its
+    mode and options to the backend, which gives them to inductor and tells the
+    chooser whether the graph runs as CUDA graphs."""
     from attn_compiler.backend import attn_compiler_backend
 
     seen, real = [], choose.cuda_graphs
@@ -236,9 +238,20 @@ def test_torch_compile_mode_and_options_reach_the_backend(kw, graphs, monkeypatc
     torch._dynamo.reset()
     attn_compiler.reset()
     q, k, v = (torch.randn(2, 3, 24, 16) for _ in range(3))
-    out = torch.compile(Causal(), backend=attn_compiler_backend, **kw)(q, k, v)
+    fn = attn_compiler_backend if by == "name" else attn_compiler.backend()
+    out = torch.compile(Causal(), backend=fn, **kw)(q, k, v)
     torch.testing.assert_close(out, Causal()(q, k, v), rtol=1e-5, atol=1e-5)
     assert seen == [graphs] and len(attn_compiler.report().fused) == 1
+    torch._dynamo.reset()
+
+
+def test_a_mode_given_twice_must_agree():
+    """``backend(mode=a)`` with ``torch.compile(mode=b)``: a clear error, not one silently dropped."""
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(2, 3, 24, 16) for _ in range(3))
+    with pytest.raises(Exception, match="conflicts with attn_compiler.backend"):
+        torch.compile(Causal(), backend=attn_compiler.backend(mode="max-autotune-no-cudagraphs"),
+                      mode="reduce-overhead")(q, k, v)
     torch._dynamo.reset()
 
 
