@@ -72,6 +72,20 @@ computes the user's function up to the random mask, and the kernels' mask
 statistics and gradients are tested against the reference's
 (tests/test_attention_fwd.py, test_attention_bwd.py).
 
+[Note: an original too large to run]  The original materialises the
+Lq x Lk scores, and the site may be one the user compiles precisely because
+the code as written does not fit (a 32k context: 64 GiB of bf16 scores per
+layer call, twice that as float32 softmax).  Timing it anyway takes the GPU's
+memory up to its limit at compile time (136 GiB of 141 in run 131, ending in
+an out-of-memory error that the tuner catches) beside the user's own
+tensors.  So the original is not run when its probabilities alone, one
+B x H x Lq x Lk tensor in the softmax's dtype (two while training: the
+probabilities kept for the backward and their gradient), would take more than
+``ORIGINAL_MEMORY_SHARE`` of the memory free on the device: the report
+names the size; ours or SDPA is chosen, as the original could not run there
+anyway, or only with nothing else on the GPU.  Its numbers are then not
+compared with ours (the analysis proved the site's function).
+
 [Note: gradients checked]  Training, each candidate's gradients with respect
 to the site's inputs (from the same random output gradient) are compared
 with ours too, not only its output: a backward that goes wrong where the
@@ -117,6 +131,9 @@ LAUNCH_COST: Optional[Callable[[Callable[[], object]], float]] = None
 HOST_BOUND = 1.15
 # gradients agree within this many times the outputs' tolerance ([Note: gradients checked])
 GRAD_SLACK = 4.0
+# the original is not run when its probabilities need more than this share of
+# the free device memory ([Note: an original too large to run])
+ORIGINAL_MEMORY_SHARE = 0.5
 
 _CUDA_GRAPHS: contextvars.ContextVar[bool] = contextvars.ContextVar("attn_compiler_cuda_graphs", default=False)
 # compiles the candidates for their timing: ``(gm, example_inputs) -> callable``, or None (eager)
@@ -300,6 +317,48 @@ class _CompiledRunner(_Runner):
         return self._finish(self.fn(*args)[0])
 
 
+class OriginalTooLarge(RuntimeError):
+    """The original is not run ([Note: an original too large to run])."""
+
+
+class _NotRun:
+    """A candidate that is not run: the tuner records why, it is never chosen."""
+
+    def __init__(self, name: str, why: str):
+        self.name, self.why = name, why
+
+    def __call__(self):
+        raise OriginalTooLarge(self.why)
+
+
+def _free_bytes(device: torch.device) -> Optional[int]:
+    """Device memory free for new tensors: the driver's free memory and the
+    caching allocator's reserved-but-unused blocks; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _original_too_large(spec, op_node: fx.Node, training: bool, vals) -> Optional[str]:
+    """Why the original is not run ([Note: an original too large to run]), or None."""
+    dev = next((v.device for v in vals if isinstance(v, torch.Tensor)), None)
+    free = _free_bytes(dev) if dev is not None else None
+    if free is None:
+        return None
+    q, k = (C.example_value(a) for a in op_node.args[:2])
+    B, Hq, Lq = (_hint(x) for x in q.shape[:3])
+    Lk = _hint(k.shape[2])
+    itemsize = max(getattr(torch, spec.softmax_dtype).itemsize, q.dtype.itemsize)
+    need = B * Hq * Lq * Lk * itemsize * (2 if training else 1)
+    if need <= ORIGINAL_MEMORY_SHARE * free:
+        return None
+    gib = 2.0 ** 30
+    return (f"not run: its {B}x{Hq}x{Lq}x{Lk} probabilities need {need / gib:.1f} GiB"
+            f"{' (with their gradient)' if training else ''}, more than {ORIGINAL_MEMORY_SHARE:.0%} "
+            f"of the {free / gib:.1f} GiB free")
+
+
 def _hint(x) -> int:
     """A size as an int; a symbolic (dynamic) size by its value this time, no guard."""
     node = getattr(x, "node", None)
@@ -351,7 +410,8 @@ def _choose(gm, m, analysis, final, op_node, checker, sources, vals) -> Decision
     candidates: Dict[str, Callable[[], object]] = {OURS: ours}
     if sdpa.sdpa_form(analysis.spec) is not None and not reads_lse:
         candidates[SDPA] = runner(final, SDPA, override={op_node: sdpa.sdpa_attention})
-    candidates[ORIGINAL] = runner(m.pv.node, ORIGINAL)
+    too_large = _original_too_large(analysis.spec, op_node, training, vals)
+    candidates[ORIGINAL] = runner(m.pv.node, ORIGINAL) if too_large is None else _NotRun(ORIGINAL, too_large)
     first: List[torch.Tensor] = []
     first_grads: List[Optional[torch.Tensor]] = []
     disagree: Dict[str, str] = {}

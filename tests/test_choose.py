@@ -76,6 +76,28 @@ def test_fastest_candidate_stays_and_numbers_match(winner, timed, monkeypatch):
     assert "autotune" in table and "fwd+bwd" in table and "vs original" in table
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_an_original_too_large_for_the_free_memory_is_not_run(grad, timed, monkeypatch, tmp_path):
+    """[Note: an original too large to run]: with its probabilities (2x3x24x24
+    float32: 13.5 KiB, twice that training) over half the free memory, the
+    original is never run, fastest or not; the report says why."""
+    ran = []
+    real_runner = choose._Runner.__call__
+    monkeypatch.setattr(choose._Runner, "__call__", lambda self: (ran.append(self.name), real_runner(self))[1])
+    need = 2 * 3 * 24 * 24 * 4 * (2 if grad else 1)
+    monkeypatch.setattr(choose, "_free_bytes", lambda dev: 2 * need - 8)
+    rep = _run(Causal(), "original", monkeypatch, grad=grad)
+    site = rep[0]
+    assert site.fused and site.features["choice"] in ("attn_compiler", "sdpa")
+    assert "original" not in ran and "attn_compiler" in ran
+    why = site.features["errors"]["original"]
+    assert "not run" in why and "2x3x24x24 probabilities" in why and ("gradient" in why) == grad
+    monkeypatch.setattr(choose, "_free_bytes", lambda dev: 2 * need)     # exactly half: it runs
+    monkeypatch.setenv("ATTN_COMPILER_CACHE_DIR", str(tmp_path / "fresh"))
+    rep = _run(Causal(), "original", monkeypatch, grad=grad)
+    assert rep[0].features["choice"] == "original"
+
+
 def test_no_sdpa_candidate_when_sdpa_cannot_express_the_site(timed, monkeypatch):
     rep = _run(Softcap(), "attn_compiler", monkeypatch, grad=False)
     assert set(rep[0].features["times_ms"]) == {"attn_compiler", "original"}
