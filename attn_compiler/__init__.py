@@ -31,15 +31,17 @@ __version__ = "0.1.0"
 __all__ = ["backend", "report", "reset", "Report", "Site", "__version__"]
 
 
-def backend(inner: str = "inductor", **options: Any) -> Callable:
+def backend(inner: str = "inductor", example_inputs=None, **options: Any) -> Callable:
     """A torch.compile backend: fuse attention sites, then compile with ``inner``.
 
     ``inner`` is ``"inductor"``, ``"aot_eager"`` or ``"eager"``; ``options`` are
-    passed on to :func:`attn_compiler.backend.backend`.
+    passed on to :func:`attn_compiler.backend.backend`.  Given as the backend
+    itself (``torch.compile(m, backend=attn_compiler.backend)``), it is the
+    default backend.
     """
     from .backend import backend as _backend
 
-    return _backend(inner=inner, **options)
+    return _backend(inner, example_inputs, **options)
 
 
 _PUBLIC_FUNCTIONS = {"backend": backend}

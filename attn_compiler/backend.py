@@ -21,12 +21,21 @@ log = logging.getLogger("attn_compiler")
 _graph_ids = itertools.count()
 
 
-def backend(inner: str = "inductor", **options: Any) -> Callable:
+def backend(inner: str = "inductor", example_inputs=None, **options: Any) -> Callable:
     """A backend ``(gm, example_inputs) -> callable`` that fuses attention and
     compiles everything else with ``inner`` ("inductor", "aot_eager", "eager"
     or any dynamo backend callable).  ``mode`` ("reduce-overhead" for CUDA
     graphs, "max-autotune", ...) and ``options`` (inductor config patches) go
-    to inductor as torch.compile's would."""
+    to inductor as torch.compile's would.
+
+    ``torch.compile(m, backend=attn_compiler.backend)`` (the factory itself,
+    not called) works too: called with a graph, it is the default backend."""
+    import torch.fx as fx
+
+    if isinstance(inner, fx.GraphModule):
+        return attn_compiler_backend(inner, example_inputs, **options)
+    if example_inputs is not None:
+        raise TypeError("attn_compiler.backend(inner, **options): example inputs without a graph")
     mode = options.pop("mode", None)
     patches = options.pop("options", None)
     if options:

@@ -247,7 +247,7 @@ def test_which_compiles_run_as_cuda_graphs():
 
 @pytest.mark.parametrize("kw,graphs", [({"mode": "reduce-overhead"}, True), ({"mode": "max-autotune-no-cudagraphs"}, False),
                                        ({"options": {"triton.cudagraphs": True}}, True), ({"mode": "default"}, False)])
-@pytest.mark.parametrize("by", ["name", "callable"])
+@pytest.mark.parametrize("by", ["name", "callable", "factory"])
 def test_torch_compile_mode_and_options_reach_the_backend(kw, graphs, by, monkeypatch):
     """``torch.compile(m, backend="attn_compiler", mode=..., options=...)``, or
     ``backend=attn_compiler.backend()`` beside them: torch.compile hands its
@@ -260,7 +260,8 @@ def test_torch_compile_mode_and_options_reach_the_backend(kw, graphs, by, monkey
     torch._dynamo.reset()
     attn_compiler.reset()
     q, k, v = (torch.randn(2, 3, 24, 16) for _ in range(3))
-    fn = attn_compiler_backend if by == "name" else attn_compiler.backend()
+    fn = {"name": attn_compiler_backend, "callable": attn_compiler.backend(),
+          "factory": attn_compiler.backend}[by]         # the last: torch.compile(m, backend=attn_compiler.backend)
     out = torch.compile(Causal(), backend=fn, **kw)(q, k, v)
     torch.testing.assert_close(out, Causal()(q, k, v), rtol=1e-5, atol=1e-5)
     assert seen == [graphs] and len(attn_compiler.report().fused) == 1
