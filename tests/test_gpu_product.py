@@ -168,13 +168,19 @@ def test_a_rewritten_tril_buffer_is_followed(mode, monkeypatch, tmp_path):
     golden_check(out, want, golden, name="out after the buffer changed")
 
 
-def test_float32_with_tf32_allowed_is_fused_and_chosen():
+def test_float32_with_tf32_allowed_is_fused_and_chosen(monkeypatch, tmp_path):
     """A float32 training site with TF32 allowed (``allow_tf32 = True``): the
     kernels multiply in tf32 as eager's matmuls do, agree with the site's own
     code at TF32's precision (float16's agreement, not float32's 1e-4), and
     the kernels or SDPA win the never-slower
     timing (at 2x16x4096x128 causal ours took 7.9 ms forward + backward,
-    eager 16.0, SDPA 13.1: bench/RESULTS.md run 95)."""
+    eager 16.0, SDPA 13.1: bench/RESULTS.md run 95).  The kernels are compared
+    by their replays: with the GPU tests run side by side the host is loaded,
+    and our op timed call by call took 1.965 ms against 0.841 ms of kernels
+    (run 133), which says nothing about the kernels."""
+    from attn_compiler.passes import choose
+    monkeypatch.setenv("ATTN_COMPILER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(choose, "LAUNCH_COST", lambda step, replay_ms: replay_ms)
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
