@@ -540,21 +540,34 @@ def _op_step(gm, sources, final, op_node, checker, training: bool) -> Callable[[
 
 def _calls_ms(step: Callable[[], object], replay_ms: float) -> float:
     """ms per call of ``step`` called back to back (best of three rounds of
-    ~25 ms), synchronised at the end: the larger of host and GPU time."""
+    ~25 ms), synchronised at the end: the larger of host and GPU time, the
+    host's counted in this thread's CPU time ([Note: host time as CPU time])."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     n = max(5, min(200, int(25.0 / max(replay_ms, 1e-3))))
-    best = float("inf")
+    wall = cpu = float("inf")
     with torch.no_grad():
         for _ in range(3):
             step()
         for _ in range(3):
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             for _ in range(n):
                 step()
             sync()
-            best = min(best, (time.perf_counter() - t0) / n * 1e3)
-    return best
+            wall = min(wall, (time.perf_counter() - t0) / n * 1e3)
+            cpu = min(cpu, (time.thread_time() - c0) / n * 1e3)
+    return min(wall, max(cpu, replay_ms))
+
+
+# [Note: host time as CPU time]  The wall clock of back-to-back calls counts
+# the time the process waits for a CPU: with other processes busy (tests run
+# side by side, a data loader's workers starting with the first step) it
+# took our op at 1.965 ms per call against 0.841 ms of kernels (run 133), and
+# the site stayed as written, a decision then cached for good.  So the host's
+# share is this thread's CPU time per call (the launch path's Python, the
+# driver's launches, and the final synchronise where it spins); the GPU's is
+# the replay time; the wall clock caps both.  Time spent descheduled is
+# neither, which is what the host costs when nothing else runs.
 
 
 def _kernel_choices(spec, site_key: str) -> Dict[str, str]:

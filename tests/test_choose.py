@@ -233,6 +233,26 @@ def test_the_timed_step_is_the_ops_own_call(timed, monkeypatch):
     assert called[1:] == [{"forward": 1, "backward": 0, "grad": [False]}]
 
 
+def test_host_time_is_cpu_time_not_waiting():
+    """[Note: host time as CPU time]: a step that works the CPU for 0.5 ms
+    costs its 0.5 ms; one that waits 0.5 ms without it (descheduled, as under
+    other processes' load) costs only the kernels' replay time; the wall
+    clock caps both."""
+    import time as _time
+
+    def busy():
+        t = _time.thread_time()
+        while _time.thread_time() - t < 5e-4:
+            pass
+
+    def waiting():
+        _time.sleep(5e-4)
+
+    assert 0.45 <= choose._calls_ms(busy, 0.01) <= 5.0
+    assert 0.01 <= choose._calls_ms(waiting, 0.01) < 0.2     # the sleep call itself: tens of µs
+    assert choose._calls_ms(waiting, 50.0) < 50.0        # capped by the wall clock
+
+
 def test_which_compiles_run_as_cuda_graphs():
     from attn_compiler.backend import _runs_as_cuda_graphs
 
