@@ -21,3 +21,18 @@ def test_bench_model_smoke(tmp_path):
     assert "declined" in ours["sites"] and " 0 declined" in ours["sites"], ours
     assert ours["choices"] == ["attn_compiler"], ours
     assert "| attn_compiler" in proc.stdout
+
+
+def test_bench_hf_train_smoke_with_attention_dropout(tmp_path):
+    """bench/bench_hf_train.py --smoke --attention-dropout: the LLaMA step runs
+    on every path with dropout in its attention, and the backend fuses both
+    sites (a site with dropout is not dropped for drawing its own masks)."""
+    env = dict(os.environ, PYTHONPATH=REPO, ATTN_COMPILER_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_hf_train.py"), "--smoke",
+                           "--attention-dropout", "0.1", "--checkpoint", "no", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "hf_train.jsonl")]
+    assert [r["path"] for r in rows] == ["hf_sdpa+inductor", "inductor", "attn_compiler"]
+    assert all(r["attention_dropout"] == 0.1 and r["ms"] > 0 and r["loss_vs_first"] < 0.05 for r in rows), rows
+    assert rows[2]["sites"].startswith("2 attention sites: 2 fused, 0 declined"), rows[2]
