@@ -34,7 +34,8 @@ each call of our op pays its Python launch path (tens of µs), and a small
 site whose kernels take less than that is bound by it.  So without graphs,
 ``attn_compiler`` is also timed as the compiled graph calls it: the op (and,
 training, its backward op) called back to back with gradients off, µs per
-call from the wall clock, that is the larger of its host and GPU time.  Where
+call: the larger of its host time (the thread's CPU time, [Note: host time
+as CPU time]) and its GPU time.  Where
 that exceeds the replay time by more than ``HOST_BOUND`` it is the candidate's
 time.  The others keep their replay times: the original as inductor compiles
 it and SDPA launch from C++ or inductor's own launchers at a few µs per
