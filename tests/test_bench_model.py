@@ -36,3 +36,16 @@ def test_bench_hf_train_smoke_with_attention_dropout(tmp_path):
     assert [r["path"] for r in rows] == ["hf_sdpa+inductor", "inductor", "attn_compiler"]
     assert all(r["attention_dropout"] == 0.1 and r["ms"] > 0 and r["loss_vs_first"] < 0.05 for r in rows), rows
     assert rows[2]["sites"].startswith("2 attention sites: 2 fused, 0 declined"), rows[2]
+
+
+def test_bench_longctx_smoke(tmp_path):
+    """bench/bench_longctx.py --smoke: the first call and a later one of the
+    causal layer, inference and training, fused and matching SDPA."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_longctx.py"), "--smoke",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "longctx.jsonl")]
+    assert [r["passes"] for r in rows] == ["inference", "training"]
+    assert all("error" not in r and r["choice"] == "attn_compiler" and r["err"] < 1e-5 and r["first_s"] > 0
+               and r["ms"] > 0 for r in rows), rows
