@@ -22,7 +22,13 @@ with a gradient of its own making, so the check passed and the model's own
 backward then ran with the wrong plan (DeiT: its parameters' gradients 1.2
 from eager's; bench/RESULTS.md run 129).  Where a gradient may be asked for,
 the candidate runs on the flash and memory-efficient backends only; a site
-neither computes keeps our kernel or the original.  Inference may use cuDNN.
+neither computes keeps our kernel or the original.  Inference may use cuDNN:
+PyTorch caches cuDNN's graphs by the layouts of q, k, v and the mask, and
+the output's layout follows q's; the backward's cache has the same key, so
+the output gradient's layout is the one left out (ATen's cudnn/MHA.cpp; it
+only re-lays the gradient out when its last stride is not 1).  Giving that
+gradient the output's layout on every call would make cuDNN safe in
+training too; not done (unverified on the GPU).
 """
 from __future__ import annotations
 
