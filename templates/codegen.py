@@ -122,6 +122,15 @@ def _unsupported_reason(text: str) -> Optional[str]:
 
 # ---- hooks ---------------------------------------------------------------------
 
+def mapped_index(x: str, index_map: Tuple) -> str:
+    """Triton text of index ``x`` read through a split axis's map
+    (``CapturedTensor.kv_map`` / ``h_map``): ``x``, ``(x // W)`` or ``(x % W)``."""
+    if not index_map:
+        return x
+    kind, w = index_map
+    return f"({x} // {w})" if kind == "div" else f"({x} % {w})"
+
+
 def _indent(lines: Sequence[str], pad: str) -> str:
     return "\n".join(pad + ln if ln else "" for ln in lines)
 
@@ -240,8 +249,7 @@ class _Hooks:
             aligned = None
             if c.dims[3]:
                 # a term of a split key axis is read at kv // W or kv % W ([Note: split key axes])
-                at = {"div": f"({ki} // {c.kv_map[1]})", "mod": f"({ki} % {c.kv_map[1]})"}.get(
-                    c.kv_map[0], ki) if c.kv_map else ki
+                at = mapped_index(ki, c.kv_map)
                 if c.kv_map and orient == "row":
                     aligned = self._aligned_kv_load(i, c, list(terms), list(bounds), vec)
                 terms.append(f"{at} * t{i}_sk")
@@ -273,11 +281,7 @@ class _Hooks:
         """The head index captured tensor ``i`` is read at: ``off_h``, or
         ``off_h // W`` / ``off_h % W`` for a term of split heads
         ([Note: split head axes])."""
-        c = self.spec.captured[i]
-        if not c.h_map:
-            return "off_h"
-        kind, w = c.h_map
-        return f"(off_h // {w})" if kind == "div" else f"(off_h % {w})"
+        return mapped_index("off_h", self.spec.captured[i].h_map)
 
     @staticmethod
     def _aligned_kv_load(i: int, c, terms: List[str], bounds: List[str], vec: bool) -> str:
@@ -431,7 +435,7 @@ class _Hooks:
         g = f"g{i}"
 
         def at(x):
-            return x if not kv_map else f"({x} // {kv_map[1]})" if kv_map[0] == "div" else f"({x} % {kv_map[1]})"
+            return mapped_index(x, kv_map)
         if dims[2] and dims[3]:
             ptr = f"{base} + q_idx * dt{i}_sq + {at('kv_idx')} * dt{i}_sk"
             return [f"tl.atomic_add({ptr}, {g}, mask=(q_idx < Lq) & (kv_idx < Lk), sem='relaxed')"]

@@ -96,6 +96,23 @@ def _finite_constants(expr):
     return (a for a in sympy.preorder_traversal(expr) if a.is_number and a.is_finite and a.is_extended_real)
 
 
+def _mapped_index(x, index_map: Tuple):
+    """``x`` read through a split axis's map: x, x // W or x % W."""
+    if not index_map:
+        return x
+    kind, w = index_map
+    return x // w if kind == "div" else x % w
+
+
+def _mapped_size(n: int, index_map: Tuple, ceil: bool) -> int:
+    """The length of an axis of ``n`` entries read through a split axis's map:
+    n, n / W (rounded up with ``ceil``) or W."""
+    if not index_map:
+        return n
+    kind, w = index_map
+    return (-(-n // w) if ceil else n // w) if kind == "div" else w
+
+
 @dataclasses.dataclass(frozen=True)
 class CapturedTensor:
     """A tensor the score modification reads.
@@ -122,31 +139,19 @@ class CapturedTensor:
 
     def h_size(self, hq: int) -> int:
         """The length of the tensor's head axis for ``hq`` query heads."""
-        if not self.h_map:
-            return hq
-        kind, w = self.h_map
-        return hq // w if kind == "div" else w
+        return _mapped_size(hq, self.h_map, ceil=False)
 
     def h_index(self, h):
         """The index of the tensor's head axis read at head ``h`` (an int tensor)."""
-        if not self.h_map:
-            return h
-        kind, w = self.h_map
-        return h // w if kind == "div" else h % w
+        return _mapped_index(h, self.h_map)
 
     def kv_size(self, lk: int) -> int:
         """The length of the tensor's key axis for ``lk`` keys."""
-        if not self.kv_map:
-            return lk
-        kind, w = self.kv_map
-        return -(-lk // w) if kind == "div" else w
+        return _mapped_size(lk, self.kv_map, ceil=True)
 
     def kv_index(self, kv):
         """The index of the tensor's key axis read at key ``kv`` (an int tensor)."""
-        if not self.kv_map:
-            return kv
-        kind, w = self.kv_map
-        return kv // w if kind == "div" else kv % w
+        return _mapped_index(kv, self.kv_map)
 
     @property
     def is_float(self) -> bool:
