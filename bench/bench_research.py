@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 import common
@@ -38,37 +39,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# the hand-written forms the tests compile (tests/forms.py)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from forms import DifferentialAttention  # noqa: E402
+
 IMPLS = ("eager", "inductor", "attn_compiler")
 # (form, batch, heads, length, head dim)
 SHAPES = (("differential", 4, 16, 2048, 64), ("differential", 1, 16, 8192, 64),
           ("conformer", 8, 8, 1024, 64), ("conformer", 4, 8, 2048, 64),
           ("transformer_xl", 4, 16, 1024, 64), ("transformer_xl", 2, 16, 4096, 64))
 SMOKE_SHAPES = (("differential", 1, 2, 32, 16), ("conformer", 2, 2, 24, 16), ("transformer_xl", 2, 2, 24, 16))
-
-
-class Differential(nn.Module):
-    """q, k (B, 2H, N, D); v (B, H, N, 2D)."""
-
-    def __init__(self, dim: int, lambda_init: float = 0.8) -> None:
-        super().__init__()
-        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
-            nn.Parameter(0.1 * torch.randn(dim)) for _ in range(4))
-        self.lambda_init = lambda_init
-
-    def forward(self, q, k, v):
-        bsz, h2, n, d = q.shape
-        q = q * d ** -0.5
-        w = torch.matmul(q, k.transpose(-1, -2))
-        mask = torch.triu(torch.zeros([n, n], device=q.device).float().fill_(float("-inf")).type_as(w), 1)
-        w = torch.nan_to_num(w)
-        w += mask
-        w = F.softmax(w, dim=-1, dtype=torch.float32).type_as(w)
-        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1, dim=-1).float()).type_as(q)
-        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2, dim=-1).float()).type_as(q)
-        lambda_full = lambda_1 - lambda_2 + self.lambda_init
-        w = w.view(bsz, h2 // 2, 2, n, n)
-        w = w[:, :, 0] - lambda_full * w[:, :, 1]
-        return torch.matmul(w, v)
 
 
 class Conformer(nn.Module):
@@ -161,7 +141,7 @@ def main(argv=None) -> int:
         if args.forms and form not in args.forms.split(","):
             continue
         torch.manual_seed(0)
-        mod = {"differential": lambda: Differential(d), "conformer": Conformer,
+        mod = {"differential": lambda: DifferentialAttention(d), "conformer": Conformer,
                "transformer_xl": lambda: TransformerXL(h, d)}[form]().to(dev)
         xs = inputs(form, b, h, n, d, dev, dtype)
         with torch.no_grad():

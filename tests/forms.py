@@ -1556,7 +1556,7 @@ class DifferentialAttention(nn.Module):
         bsz, h2, n, d = q.shape
         q = q * d ** -0.5
         w = torch.matmul(q, k.transpose(-1, -2))
-        mask = torch.triu(torch.zeros([n, n]).float().fill_(float("-inf")).type_as(w), 1)
+        mask = torch.triu(torch.zeros([n, n], device=q.device).float().fill_(float("-inf")).type_as(w), 1)
         w = torch.nan_to_num(w)
         w += mask
         w = F.softmax(w, dim=-1, dtype=torch.float32).type_as(w)
