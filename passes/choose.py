@@ -406,12 +406,14 @@ def _choose(gm, m, analysis, final, op_node, checker, sources, vals) -> Decision
     dynamic = any(not isinstance(x, int) for a in op_node.args[:3] for x in C.example_value(a).shape)
     host_cost = not graphs and not dynamic
     reads_lse = m.reads_lse         # SDPA gives no lse: then not a candidate
+    too_large = _original_too_large(analysis.spec, op_node, training, vals)
+    # a decision made without the original is cached apart: a choice of it cached
+    # where it fit must not answer where it does not ("m")
     key = _key(analysis.spec, op_node, training, ("g" if graphs else "d" if dynamic else "c") + ("s" if reads_lse else "")
-               + ("" if compile_fn is None else "i"))
+               + ("" if compile_fn is None else "i") + ("m" if too_large else ""))
     candidates: Dict[str, Callable[[], object]] = {OURS: ours}
     if sdpa.sdpa_form(analysis.spec) is not None and not reads_lse:
         candidates[SDPA] = runner(final, SDPA, override={op_node: sdpa.sdpa_attention})
-    too_large = _original_too_large(analysis.spec, op_node, training, vals)
     candidates[ORIGINAL] = runner(m.pv.node, ORIGINAL) if too_large is None else _NotRun(ORIGINAL, too_large)
     first: List[torch.Tensor] = []
     first_grads: List[Optional[torch.Tensor]] = []
@@ -587,7 +589,8 @@ def _kernel_choices(spec, site_key: str) -> Dict[str, str]:
 def _key(spec, op_node: fx.Node, training: bool, regime: str) -> str:
     """The decision's cache key; ``regime``: "g" CUDA graphs, "d" dynamic lengths,
     "c" neither (host cost counted), then "s" for a site whose lse is read,
-    "i" where the candidates are timed as inductor compiles them."""
+    "i" where the candidates are timed as inductor compiles them, "m" where
+    the original is too large to run ([Note: an original too large to run])."""
     from attn_compiler.dispatch import source_digest
 
     q, k, v = (C.example_value(a) for a in op_node.args[:3])
