@@ -433,14 +433,12 @@ class _Hooks:
         base = f"DT{i} + off_b.to(tl.int64) * dt{i}_sb + {head}.to(tl.int64) * dt{i}_sh"
         qv, kv = "offs_m", "offs_n"
         g = f"g{i}"
-
-        def at(x):
-            return mapped_index(x, kv_map)
+        kv_at = mapped_index("kv_idx", kv_map)
         if dims[2] and dims[3]:
-            ptr = f"{base} + q_idx * dt{i}_sq + {at('kv_idx')} * dt{i}_sk"
+            ptr = f"{base} + q_idx * dt{i}_sq + {kv_at} * dt{i}_sk"
             return [f"tl.atomic_add({ptr}, {g}, mask=(q_idx < Lq) & (kv_idx < Lk), sem='relaxed')"]
         if dims[3] and kv_map:
-            ptr = f"{base} + {at('kv_idx')} * dt{i}_sk"
+            ptr = f"{base} + {kv_at} * dt{i}_sk"
             return [f"tl.atomic_add({ptr}, {g}, mask=(q_idx < Lq) & (kv_idx < Lk), sem='relaxed')"]
         if dims[3]:
             return [f"tl.atomic_add({base} + {kv} * dt{i}_sk, tl.sum({g}, axis={qax}), mask={kv} < Lk, sem='relaxed')"]
