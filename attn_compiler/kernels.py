@@ -295,10 +295,26 @@ def mask_plan(spec: AttentionSpec, lq: int, lk: int) -> MaskPlan:
     return _mask_plan(spec.dumps(), int(lq), int(lk))
 
 
+# [Note: additive tensor masks]  A float tensor added to the scores as it is
+# (``g(score) + t``, AttentionSpec.additive_masks) may be a mask the analysis
+# cannot see: Hugging Face's generation passes its causal, padding and
+# static-cache masks as a precomputed (B, 1, Lq, Lk) input of 0 and finfo.min.
+# Where the keys are many (ADDITIVE_MAP_MIN_KEYS) the block map tests
+# ``t > MASK_FILL_THRESHOLD`` (AttentionSpec.tile_predicate): a tile whose
+# values are all at or below it adds exactly 0 to a row that keeps some key
+# (exp(fill - rowmax) underflows, as in eager), so it is skipped in query
+# blocks whose every row keeps a key (FILL_ROWS: a row of fills only is
+# uniform in eager); every other tile still adds the tensor's values.
+# Fewer keys leave little to skip for the map's two launches.
+ADDITIVE_MAP_MIN_KEYS = 256
+
+
 @functools.lru_cache(maxsize=4096)
 def _mask_plan(text: str, lq: int, lk: int) -> MaskPlan:
     spec = AttentionSpec.loads(text)
     pred = spec.mask_predicate
+    if spec.additive_masks and lk >= ADDITIVE_MAP_MIN_KEYS and codegen.band_of(spec) is None:
+        return MaskPlan(3, fill_rows=True)
     if pred is True or str(pred) == "True":
         return MaskPlan(0)
     band = codegen.band_of(spec)
@@ -330,7 +346,7 @@ def _map_axes_of(text: str) -> Tuple[bool, bool, bool]:
     from attn_compiler.passes.analyze import spec as S
 
     spec = AttentionSpec.loads(text)
-    pred = spec.mask_predicate
+    pred = spec.tile_predicate
     caps = [spec.captured[i] for i in S.captured_reads(pred, len(spec.captured))]
     syms = pred.xreplace({f: sympy.Dummy() for f in pred.atoms(AppliedUndef)}).free_symbols   # reads outside tensors
     return tuple(sym in syms or any(c.dims[d] for c in caps) for d, sym in enumerate((S.b, S.h, S.q_idx)))
@@ -733,6 +749,10 @@ DECODE_MAX_SPLITS = 64   # the combine holds a (splits, Dv) float32 tile per row
 DECODE_PDL = os.environ.get("ATTN_COMPILER_DECODE_PDL", "1") != "0"
 
 
+# mask values one program of the extent kernel tests ([Note: decode's key extent])
+DECODE_EXTENT_TILE = 2048
+
+
 def _pdl(device: torch.device) -> bool:
     return (DECODE_PDL and device.type == "cuda" and _fast_launches
             and torch.cuda.get_device_capability(device) >= (9, 0))
@@ -765,10 +785,12 @@ class _DecodePlan:
     splits: int
     n_rows: int
     split_grid: tuple
+    ext_args: tuple          # (N_EXT, EXT_W): the extent's blocks and row width, or zeros
     split_args: tuple        # after the captured tensors
     split_kw: dict
     reduce_args: tuple       # after out and lse
     reduce_kw: dict
+    extent_kw: Optional[dict] = None     # [Note: decode's key extent]
 
 
 def _decode_plan(q, k, v, captured, spec: AttentionSpec, config, splits: Optional[int]) -> _DecodePlan:
@@ -783,7 +805,7 @@ def _decode_plan(q, k, v, captured, spec: AttentionSpec, config, splits: Optiona
     bm = _pow2(G * Lq)
     out_shape = (B, Hq, Lq, Dv)
     if B * Hq * Lq * Dv == 0:
-        return _DecodePlan(out_shape, getattr(torch, spec.out_dtype), True, 0, 0, (), (), {}, (), {})
+        return _DecodePlan(out_shape, getattr(torch, spec.out_dtype), True, 0, 0, (), (), (), {}, (), {})
     n_blocks = triton_cdiv(Lk, bn)
     s = splits or num_splits(B * Hkv, n_blocks, _sm_count(q.device), max_splits=DECODE_MAX_SPLITS,
                              per_sm=t.per_sm or DECODE_PROGRAMS_PER_SM)
@@ -794,8 +816,24 @@ def _decode_plan(q, k, v, captured, spec: AttentionSpec, config, splits: Optiona
     plan = mask_plan(spec, Lq, Lk)
     scale = spec.scale_value(D)
     pdl = dict(PDL=True) if _pdl(q.device) else {}
+    # an additive mask the same for every head, over many keys (a static
+    # cache's): the splits share out the keys some row keeps ([Note: decode's
+    # key extent]).  A mask made in the graph (a dynamic cache's padding) has
+    # no unfilled slots to leave out: the extent's launch would cost 2 µs a step
+    extent = (plan.mode == 3 and bool(spec.additive_masks) and Lk >= ADDITIVE_MAP_MIN_KEYS
+              and not _map_axes(spec)[1])
+    extent_kw, ext_args = None, (0, 0)
+    if extent:
+        ext_m = _pow2(Lq, least=2)
+        ext_n = min(_pow2(Lk), max(64, DECODE_EXTENT_TILE // ext_m))
+        n_ext = triton_cdiv(Lk, ext_n)
+        extent_kw = dict(shape=(B, n_ext, 2 + ext_m), grid=(n_ext, B),
+                         kw=dict(BLOCK_M=ext_m, BLOCK_N=ext_n, num_warps=4, **pdl))
+        ext_args = (n_ext, 2 + ext_m)
+        # the split kernel waits for the extent's stores as the combine waits for its own
+        pdl = dict(pdl, EXTENT=True, BLOCK_E=_pow2(n_ext, least=2), **({"launch_pdl": True} if pdl else {}))
     return _DecodePlan(
-        out_shape, getattr(torch, spec.out_dtype), False, s, n_rows, (s, B * Hkv),
+        out_shape, getattr(torch, spec.out_dtype), False, s, n_rows, (s, B * Hkv), ext_args,
         (*_strides(q), *_strides(k, True), *_strides(v, True), Hkv, G, Lq, Lk, scale, scale * codegen.LOG2E,
          plan.lo, plan.hi, chunk, n_rows),
         dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=bm, BLOCK_N=bn,
@@ -803,7 +841,8 @@ def _decode_plan(q, k, v, captured, spec: AttentionSpec, config, splits: Optiona
              num_warps=t.num_warps, num_stages=t.num_stages, **pdl),
         (n_rows, s, Hq, Lq, *_contiguous_strides(out_shape)),
         dict(HEAD_DV=Dv, BLOCK_DV=_pow2(Dv), BLOCK_S=_pow2(s, least=2), num_warps=4,
-             **(dict(pdl, launch_pdl=True) if pdl else {})))
+             **({"PDL": True, "launch_pdl": True} if pdl.get("PDL") else {})),
+        extent_kw)
 
 
 def decode(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
@@ -819,7 +858,13 @@ def decode(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     mx = torch.empty((p.splits, p.n_rows), dtype=torch.float32, device=q.device)
     ls = torch.empty_like(mx)
     mod = codegen.load("decode", spec)
-    _grid(mod.attention_decode_split, p.split_grid)(q, k, v, acc, mx, ls, *captured_args(captured), *p.split_args,
-                                                     **p.split_kw)
+    ext = mx                 # not read without EXTENT
+    e = p.extent_kw
+    if e is not None:
+        ext = torch.empty(e["shape"], dtype=torch.int32, device=q.device)
+        _grid(mod.attention_decode_extent, e["grid"])(ext, e["shape"][2], *captured_args(captured), q.shape[2],
+                                                       k.shape[2], **e["kw"])
+    _grid(mod.attention_decode_split, p.split_grid)(q, k, v, acc, mx, ls, ext, *p.ext_args, *captured_args(captured),
+                                                     *p.split_args, **p.split_kw)
     _grid(mod.attention_decode_reduce, (p.n_rows,))(acc, mx, ls, out, lse, *p.reduce_args, **p.reduce_kw)
     return out, lse

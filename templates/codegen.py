@@ -357,10 +357,19 @@ class _Hooks:
         return self.load_lines(sorted(i for i in ids if self._invariant(i, orient)), orient) or ["pass"]
 
     def keep_lines(self) -> List[str]:
-        """``keep``: the mask predicate of a tile (int1), for the block map."""
+        """``keep``: the tile predicate (int1), for the block map: the mask
+        predicate, and each additive mask's values above the fill threshold
+        ([Note: additive tensor masks]; written ``~(t <= c)`` so that a nan
+        keeps its tile, and the row its nan, as in eager)."""
         pred = self.spec.mask_predicate
-        return self.load_lines(self.used_captured(pred)) + [
-            f"keep = (({self.pr(pred)}) + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)) != 0"]
+        adds = self.spec.additive_masks
+        lines = self.load_lines(sorted(set(self.used_captured(pred)) | set(adds)))
+        if pred is sympy.true and adds:
+            lines.append("keep = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)")
+        else:
+            lines.append(f"keep = (({self.pr(pred)}) + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)) != 0")
+        lines += [f"keep = keep & ~(t{i} <= {spec_mod.MASK_FILL_THRESHOLD!r})" for i in adds]
+        return lines
 
     def zero_masked_lines(self, var: str) -> List[str]:
         """``var`` (P before P·V) zeroed where the mask drops a score, for a

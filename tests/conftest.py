@@ -89,7 +89,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 # allocated on the CPU passed every interpreted test and failed every launch).
 ON_DEVICE_MODULES = frozenset({"test_attention_fwd.py", "test_attention_bwd.py", "test_attention_decode.py",
                                "test_attention_split_keys.py", "test_attention_split_heads.py",
-                               "test_relayout.py"})
+                               "test_relayout.py", "test_additive_masks.py"})
 
 
 @pytest.hookimpl(tryfirst=True)      # before -m deselects by marker

@@ -49,3 +49,16 @@ def test_bench_longctx_smoke(tmp_path):
     assert [r["passes"] for r in rows] == ["inference", "training"]
     assert all("error" not in r and r["choice"] == "attn_compiler" and r["err"] < 1e-5 and r["first_s"] > 0
                and r["ms"] > 0 for r in rows), rows
+
+
+def test_bench_static_cache_smoke(tmp_path):
+    """bench/bench_static_cache.py --smoke: a prefill and a decode step against
+    a static cache's additive mask, ours (map / extent on and off) matching SDPA."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_static_cache.py"), "--smoke",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "static_cache.jsonl")]
+    assert [r["step"] for r in rows] == ["prefill", "decode"]
+    assert all("error" not in r and r["err"] < 1e-5 and min(r["ours"], r["ours_all_keys"], r["sdpa"]) > 0
+               for r in rows), rows

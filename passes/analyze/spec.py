@@ -191,6 +191,36 @@ class AttentionSpec:
         return _keep_condition(self.score_mod)
 
     @functools.cached_property
+    def additive_masks(self) -> Tuple[int, ...]:
+        """Captured tensors that may be additive masks whose values only the
+        running kernels see ([Note: additive tensor masks]): float, no
+        gradient, no head axis, read at plain indices, and added to the rest
+        of the score modification as they are (``g(score, ...) + tI``)."""
+        mod = self.score_mod
+        if not isinstance(mod, sympy.Add):
+            return ()
+        out = []
+        for i in captured_reads(mod, len(self.captured)):
+            c = self.captured[i]
+            if not c.is_float or c.requires_grad or c.dims[1] or c.kv_map or c.h_map:
+                continue
+            t = captured_call(i)
+            if t in mod.args and not (mod - t).has(t):
+                out.append(i)
+        return tuple(out)
+
+    @functools.cached_property
+    def tile_predicate(self) -> sympy.Boolean:
+        """What the runtime block map tests per position: the mask predicate,
+        and each additive mask above MASK_FILL_THRESHOLD.  Not a mask of the
+        scores (an additive mask's kept positions still add its value): only
+        whole tiles it drops are skipped, in query blocks whose every row
+        keeps some key ([Note: additive tensor masks])."""
+        extra = [sympy.StrictGreaterThan(captured_call(i), sympy.Float(MASK_FILL_THRESHOLD))
+                 for i in self.additive_masks]
+        return sympy.And(self.mask_predicate, *extra) if extra else self.mask_predicate
+
+    @functools.cached_property
     def mask_fill(self) -> Optional[float]:
         """The value of masked positions (``-inf`` or a huge negative), if any."""
         fills = [_fill_value(e) for e, _ in _pieces(self.score_mod) if _is_fill(e)]
