@@ -313,11 +313,11 @@ ADDITIVE_MAP_MIN_KEYS = 256
 def _mask_plan(text: str, lq: int, lk: int) -> MaskPlan:
     spec = AttentionSpec.loads(text)
     pred = spec.mask_predicate
-    if spec.additive_masks and lk >= ADDITIVE_MAP_MIN_KEYS and codegen.band_of(spec) is None:
+    band = codegen.band_of(spec)
+    if spec.additive_masks and lk >= ADDITIVE_MAP_MIN_KEYS and band is None:
         return MaskPlan(3, fill_rows=True)
     if pred is True or str(pred) == "True":
         return MaskPlan(0)
-    band = codegen.band_of(spec)
     if band is None:
         # a tensor or other predicate: a block map skips dropped tiles; with a
         # finite fill only where every row of the query block keeps some key (a
