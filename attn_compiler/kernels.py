@@ -353,6 +353,8 @@ def _map_axes_of(text: str) -> Tuple[bool, bool, bool]:
 
 
 RUNS_CHUNK = 1024     # map entries one program reads at once while it writes the runs
+MAP_ROWS_PER_STEP = 32    # rows of a tile the map's kinds kernel reads at once (run 141)
+MAP_WARPS = 1
 
 
 def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: int, bm: int, bn: int,
@@ -377,10 +379,13 @@ def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: 
     fill_rows = mask_plan(spec, Lq, Lk).fill_rows
     # each row's count of kept keys (a finite fill); else never read: the map stands in
     kept = torch.zeros((nb * nh, nm * rows), dtype=torch.int32, device=dev) if fill_rows else m
-    # one warp per tile: its sums stay within the warp (4 warps took 2-3x as long, run 88)
+    # one warp per tile: its sums stay within the warp (4 warps took 2-3x as long, run 88),
+    # reading MAP_ROWS_PER_STEP rows at a time (a whole 128-row tile of a float plane
+    # spilled: a static cache's 4096x8192 mask 55-60 -> 25-33 us, run 141)
     _grid(mod.attention_block_kinds, (n_blk, nm, nb * nh))(m, sb, sh, sm, kept, nm * rows, nb, nh,
-                                                           *captured_args(captured), Lq, Lk, BLOCK_M=rows,
-                                                           BLOCK_N=bn, FILL_ROWS=fill_rows, num_warps=1)
+                                                           *captured_args(captured), Lq, Lk, TILE_M=rows,
+                                                           BLOCK_M=min(rows, MAP_ROWS_PER_STEP), BLOCK_N=bn,
+                                                           FILL_ROWS=fill_rows, num_warps=MAP_WARPS)
     _grid(mod.attention_block_runs, (nm, nb * nh))(m, sb, sh, sm, kept, nm * rows, nh, Lq, n_blk, BLOCK_M=rows,
                                                     CHUNK=min(_pow2(n_blk), RUNS_CHUNK), FILL_ROWS=fill_rows)
     if cols:

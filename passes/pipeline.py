@@ -341,9 +341,19 @@ def _module_features(item) -> dict:
                 dtypes={"qkv": item.spec.out_dtype, "softmax": item.spec.softmax_dtype})
 
 
+def _mask_text(spec: S.AttentionSpec) -> str:
+    """The mask column: the predicate's kind, and the tensors added to the
+    scores that may be masks by their values ([Note: additive tensor masks]:
+    ``additive t0``)."""
+    adds = " + ".join(f"t{i}" for i in spec.additive_masks)
+    if not adds:
+        return spec.mask_kind
+    return f"additive {adds}" if spec.mask_kind == "none" else f"{spec.mask_kind} + additive {adds}"
+
+
 def _spec_features(spec: S.AttentionSpec) -> dict:
     """The report columns every site takes from its spec."""
-    return {"scale": _scale_text(spec), "mask": spec.mask_kind, "score_mod": spec.describe_mod(),
+    return {"scale": _scale_text(spec), "mask": _mask_text(spec), "score_mod": spec.describe_mod(),
             "gqa_group": spec.gqa_group, "dropout": spec.dropout_p, "spec": spec.dumps()}
 
 

@@ -158,10 +158,17 @@ class _Hooks:
         # FULL tiles' z2 is qk * SCALE2 with SCALE2 > 0: the forward takes the
         # row max of qk and scales it, z2 - m one fma ([Note: scaled after the max])
         self.raw_full = self.pure_mask and not self.finite_fill and bool(spec.scale.is_positive)
+        # ZERO tiles (the block map's kind 3: every additive mask all 0 there,
+        # [Note: tiles of zeros]) read the kept value without those masks; when
+        # that is the score itself the forward takes the raw path there too
+        self.zeroed = self.kept.xreplace({spec_mod.captured_call(i): 0 for i in spec.additive_masks})
+        self.raw_zero = (bool(spec.additive_masks) and self.zeroed == score and not spec.rounds_scores
+                         and bool(spec.scale.is_positive))
         self.band = band_of(spec)
         # print everything once now so an unsupported node fails early
         self.score_lines("PARTIAL")
         self.score_lines("FULL")
+        self.score_lines("ZERO")
         self.dscore_lines("PARTIAL", "row")
 
     # -- captured tensors ---------------------------------------------------
@@ -299,14 +306,20 @@ class _Hooks:
         mask = f", mask={' & '.join(bounds)}, other=0" if bounds else ""
         return f"tl.load({ptr}{mask})"
 
+    def expr(self, kind: str):
+        """The score modification a tile of ``kind`` computes: PARTIAL the
+        whole of it, FULL its kept value (the mask keeps every position),
+        ZERO the kept value with the additive masks at 0."""
+        return {"PARTIAL": self.spec.score_mod, "FULL": self.kept, "ZERO": self.zeroed}[kind]
+
     # -- forward score -------------------------------------------------------
     def score_lines(self, kind: str) -> List[str]:
         """Lines computing z2 from qk (the captured tensors are loaded by
         ``tile_loads``): z * log2(e), or z itself when finite fills may reach
         the softmax ([Note: finite fills] in the common template)."""
-        expr = self.spec.score_mod if kind == "PARTIAL" else self.kept
+        expr = self.expr(kind)
         qk_scaled = "qk * SCALE" if self.finite_fill else "qk * SCALE2"
-        if self.pure_mask and kind == "FULL":
+        if self.pure_mask and kind != "PARTIAL":
             return [f"z2 = {qk_scaled}"]
         if self.pure_mask:
             keep = self.pr(self.spec.mask_predicate)
@@ -327,7 +340,7 @@ class _Hooks:
         return repr(float(fill)) if self.finite_fill else repr(max(fill * LOG2E, -_FLT_MAX))
 
     def _tile_ids(self, kind: str, bwd: bool) -> set:
-        expr = self.spec.score_mod if kind == "PARTIAL" else self.kept
+        expr = self.expr(kind)
         ids = set(self.used_captured(expr))
         if bwd:
             ids |= set(self.used_captured(sympy.diff(expr, score)))
@@ -369,6 +382,8 @@ class _Hooks:
         else:
             lines.append(f"keep = (({self.pr(pred)}) + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)) != 0")
         lines += [f"keep = keep & ~(t{i} <= {spec_mod.MASK_FILL_THRESHOLD!r})" for i in adds]
+        if adds:        # ZERO tiles ([Note: tiles of zeros])
+            lines.append("zero = keep & " + " & ".join(f"(t{i} == 0.0)" for i in adds))
         return lines
 
     def zero_masked_lines(self, var: str) -> List[str]:
@@ -386,7 +401,7 @@ class _Hooks:
         captured gradients.  A factor is applied as in the reference: exactly 0
         where P == 0 or the derivative is 0 (a selection, like eager's where)."""
         spec = self.spec
-        expr = spec.score_mod if kind == "PARTIAL" else self.kept
+        expr = self.expr(kind)
         d = sympy.diff(expr, score)
         lines = []
         gids = self.grad_ids if grads else []
@@ -396,7 +411,7 @@ class _Hooks:
             lines.append("score = qk * SCALE")
         if d == 1:
             lines.append("ds = dz")
-        elif (kind == "FULL" and not self.fills_by_score) or d.is_number:
+        elif (kind != "PARTIAL" and not self.fills_by_score) or d.is_number:
             # kept everywhere (the derivative is the kept branch's), or a constant
             # factor: dz is already exactly 0 where P == 0
             lines.append(f"ds = dz * ({self.pr(d)})")
@@ -497,10 +512,12 @@ def _hooks_for(family: str, h: _Hooks) -> Dict[str, object]:
         "CAPTURED_ARGS_GRAD": h.captured_params(grads=True),
         "SCORE_PARTIAL": h.score_lines("PARTIAL"),
         "SCORE_FULL": h.score_lines("FULL"),
+        "SCORE_ZERO": h.score_lines("ZERO"),
         "LOADS_PARTIAL": h.tile_loads("PARTIAL", tma=False),
         "LOADS_FULL": h.tile_loads("FULL", tma=False),
         "LOADS_PARTIAL_FWD": h.tile_loads("PARTIAL"),
         "LOADS_FULL_FWD": h.tile_loads("FULL"),
+        "LOADS_ZERO_FWD": h.tile_loads("ZERO"),
         "CAPTURED_DESCRIPTORS": h.descriptor_lines(),
         "LOADS_WALK": h.walk_loads(),
         "LOADS_WALK_BWD": h.walk_loads(bwd=True),
@@ -514,6 +531,8 @@ def _hooks_for(family: str, h: _Hooks) -> Dict[str, object]:
         "DROPOUT_THRESHOLD": h.threshold() if h.has_dropout() else 0,
         "FINITE_FILL": bool(h.finite_fill),
         "RAW_FULL": bool(h.raw_full),
+        "ZERO_TILES": bool(h.spec.additive_masks),
+        "RAW_ZERO": bool(h.raw_zero),
         "NO_PLANES": no_planes(spec),
         "FILL_LSE": repr(float(reference._HUGE_LSE)),
         "KEEP": h.keep_lines(),
@@ -528,6 +547,10 @@ def _hooks_for(family: str, h: _Hooks) -> Dict[str, object]:
             "DSCORE_FULL_ROW": h.dscore_lines("FULL", "row"),
             "DSCORE_PARTIAL_COL": h.dscore_lines("PARTIAL", "col", grads=False),
             "DSCORE_FULL_COL": h.dscore_lines("FULL", "col", grads=False),
+            "DSCORE_ZERO_ROW": h.dscore_lines("ZERO", "row"),
+            "DSCORE_ZERO_COL": h.dscore_lines("ZERO", "col", grads=False),
+            "LOADS_ZERO_BWD": h.tile_loads("ZERO", bwd=True),
+            "LOADS_ZERO_COL": h.tile_loads("ZERO", bwd=True, orient="col"),
             "DQ_GRADS": bool(h.grad_ids),        # [Note: dQ beside a stored dS]
         })
     return common

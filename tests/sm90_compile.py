@@ -132,10 +132,12 @@ def _cases():
 
     causal = kv_idx <= q_idx
     f32_min = float(torch.finfo(torch.float32).min)
+    bf16_min = float(torch.finfo(torch.bfloat16).min)
     plane = CapturedTensor((False, True, True, True), "bfloat16", requires_grad=True)
     slopes = CapturedTensor((False, True, False, False), "float32")
     keep = CapturedTensor((True, False, False, True), "bool")
     additive = CapturedTensor((True, False, False, True), "bfloat16")
+    static = CapturedTensor((True, False, True, True), "bfloat16")
     per_query = CapturedTensor((True, False, True, False), "bfloat16", requires_grad=True)
     # name, spec, captured tensors (given B, H, L), the families' extra variants
     cases = [
@@ -155,6 +157,10 @@ def _cases():
          lambda B, H, L: [torch.ones(B, 1, 1, L, dtype=torch.bool)], ("fused", "paired", "tma")),
         ("hf_causal_padding", spec(masked(causal, score + t0, f32_min), captured=[additive]),
          lambda B, H, L: [torch.zeros(B, 1, 1, L, dtype=torch.bfloat16)], ("paired",)),
+        # a mask received as a value (static cache): the block map's ZERO tiles
+        ("static_cache", spec(score + t0, captured=[static]),
+         lambda B, H, L: [torch.zeros(B, 1, L, L, dtype=torch.bfloat16).masked_fill(
+             torch.ones(L, L, dtype=torch.bool).triu(1), bf16_min)], ("fused", "tma")),
         ("dropout", spec(masked(causal), dropout_p=0.1), lambda B, H, L: [], ()),
         ("gqa_fp16", spec(masked(causal), dtype="float16", group=4), lambda B, H, L: [], ()),
         ("fp32", spec(masked(causal), dtype="float32"), lambda B, H, L: [], ()),

@@ -76,10 +76,23 @@ def test_block_map_drops_the_tiles_a_static_cache_mask_fills():
     assert m.shape == (B, 1, 2, 5)
     # batch 0: rows at positions 100..115 keep keys up to their own, rows at
     # 116..131 the same; the slots from 132 on are unfilled
-    assert m[0, 0].tolist() == [[2, 1, 0, 0, 0], [2, 1, 1, 0, 0]]
+    # 116..131 the same; the slots from 132 on are unfilled.  The first tile
+    # keeps every key with a 0: ZERO (3), walked without the mask
+    assert m[0, 0].tolist() == [[3, 1, 0, 0, 0], [3, 1, 1, 0, 0]]
     # batch 1: rows 0..3 of the first block keep nothing: no tile of it is skipped
     assert m[1, 0, 0].tolist() == [1, 1, 1, 1, 1]
     assert m[1, 0, 1].tolist() == [0, 1, 1, 0, 0]
+    # a kept value that is not 0 (a bias in the mask) keeps the tile FULL (2);
+    # so does a nan (it must reach the row, as in eager)
+    for value in (-0.5, float("nan")):
+        biased = mask.clone()
+        biased[0, 0, 20, 7] = value
+        m = kernels.block_map(mod, spec, [biased], B, 2, Lq, Lk, 16, 64)[0] & 3
+        assert m[0, 0].tolist() == [[3, 1, 0, 0, 0], [2, 1, 1, 0, 0]]
+    # -0.0 adds nothing either
+    negzero = torch.where(mask == 0, torch.full_like(mask, -0.0), mask)
+    m = kernels.block_map(mod, spec, [negzero], B, 2, Lq, Lk, 16, 64)[0] & 3
+    assert m[0, 0].tolist() == [[3, 1, 0, 0, 0], [3, 1, 1, 0, 0]]
 
 
 @pytest.mark.parametrize("fill", [F32_MIN, -1e4, float("-inf")], ids=["finfo_min", "minus_1e4", "neg_inf"])
@@ -248,6 +261,9 @@ def test_static_cache_generation_through_the_kernels(monkeypatch):
         return out
 
     monkeypatch.setattr(kernels, "block_map", spy)
+    # no timing: on a GPU the never-slower choice keeps sites this tiny as written
+    monkeypatch.setenv("ATTN_COMPILER_AUTOTUNE", "0")
+    monkeypatch.setattr(dispatch, "_picked", {})
     attn_compiler.reset()
     torch._dynamo.reset()
     model.forward = torch.compile(model.forward, backend=attn_compiler.backend())
@@ -255,6 +271,7 @@ def test_static_cache_generation_through_the_kernels(monkeypatch):
         ours = model.generate(ids, **kw)
     rows = list(attn_compiler.report())
     assert rows and all(r.status == "fused" for r in rows), [(r.status, r.reason) for r in rows]
+    assert all(r.features["mask"] == "additive t0" for r in rows), [r.features["mask"] for r in rows]
     assert skipped and skipped[0] > 0, skipped          # the prefill's map dropped tiles of fills
     assert torch.equal(ours.sequences, eager.sequences)
     for a, b in zip(ours.logits, eager.logits, strict=True):
