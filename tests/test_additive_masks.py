@@ -15,7 +15,7 @@ import torch
 
 from attn_compiler import kernels
 from attn_compiler.autotune import KernelConfig
-from attn_compiler.passes.analyze.spec import MASK_FILL_THRESHOLD
+from attn_compiler.passes.analyze.spec import MASK_FILL_THRESHOLD, captured_call
 from attn_compiler.templates import codegen
 from kernel_checks import (
     DEVICE, F32_MIN, T0, captured_spec, causal_mod, check_backward, check_forward, make_spec, masked, qkv,
@@ -128,6 +128,29 @@ def test_bfloat16_mask_and_inputs():
     q, k, v = qkv(B=2, Lq=24, Lk=LK, seed=6)
     check_forward(q, k, v, [pad], row, config=TILE_16, name="padding row")
     check_backward(q, k, v, [pad], row, config=TILE_16, name="padding row")
+
+
+def test_zero_tiles_beside_other_terms():
+    """ZERO tiles ([Note: tiles of zeros]) drop only the additive masks: a
+    learned bias beside a padding row keeps its values and gets its gradient
+    there, a soft-cap stays applied; the map has ZERO tiles to walk."""
+    T1 = captured_call(1)
+    spec = make_spec(score + T1 + T0, captured=[captured_spec("B..K"), captured_spec(".HQK", grad=True)])
+    assert spec.additive_masks == (0,)
+    q, k, v = qkv(B=2, Lq=24, Lk=LK, seed=9)
+    pad = torch.zeros(2, 1, 1, LK, device=DEVICE)
+    pad[0, ..., 150:] = F32_MIN
+    pad[1, ..., 30:40] = -2.5              # a bias in the mask: those tiles stay FULL
+    bias = randn(1, 2, 24, LK, seed=10)
+    mod = codegen.load("fwd", spec)
+    kinds = kernels.block_map(mod, spec, [pad, bias], 2, 2, 24, LK, 16, 64)[0] & 3
+    assert (kinds == 3).any() and (kinds[1] == 2).any() and (kinds[0] == 0).any()
+    check_forward(q, k, v, [pad, bias], spec, config=TILE_16, name="bias + padding")
+    check_backward(q, k, v, [pad, bias], spec, config=TILE_16, name="bias + padding")
+    softcap = make_spec(30 * sympy.tanh(score / 30) + T0, captured=[captured_spec("B.QK")])
+    mask = static_cache_mask(2, 24, LK, 100)
+    check_forward(q, k, v, [mask], softcap, config=TILE_16, name="softcap")
+    check_backward(q, k, v, [mask], softcap, config=TILE_16, name="softcap")
 
 
 def test_values_that_are_no_mask_are_added_everywhere():
