@@ -253,12 +253,11 @@ def test_decode_extent_with_rows_that_keep_nothing_is_all_keys(small_extent_tile
 
 # ---- a model: Hugging Face generation with a static cache --------------------------------
 
-def test_static_cache_generation_through_the_kernels(monkeypatch):
-    """LLaMA (eager attention, GQA) generating with ``cache_implementation=
-    "static"``: the model receives its causal + left padding + unfilled-slot
-    mask as a precomputed additive input.  Compiled with the backend, every
-    site on the generated kernels: the prefill's block map skips the tiles of
-    fills, and the tokens and logits are eager's."""
+def _generate(monkeypatch, new_tokens: int, **compile_kw):
+    """Tiny LLaMA (eager attention, GQA) generating greedily with a static
+    cache, eagerly and with its forward compiled by the backend (``compile_kw``
+    to ``attn_compiler.backend``) on the kernels: (eager, ours, report rows,
+    tiles of fills the first block map dropped)."""
     transformers = pytest.importorskip("transformers")
     import attn_compiler
     from attn_compiler import dispatch
@@ -271,8 +270,8 @@ def test_static_cache_generation_through_the_kernels(monkeypatch):
     ids = torch.randint(0, 128, (2, kernels.ADDITIVE_MAP_MIN_KEYS)).to(DEVICE)
     attention_mask = torch.ones_like(ids)
     attention_mask[1, :5] = 0
-    kw = dict(max_new_tokens=3, do_sample=False, attention_mask=attention_mask, cache_implementation="static",
-              output_logits=True, return_dict_in_generate=True)
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, attention_mask=attention_mask,
+              cache_implementation="static", output_logits=True, return_dict_in_generate=True)
     eager = model.generate(ids, **kw)
 
     skipped = []
@@ -289,13 +288,33 @@ def test_static_cache_generation_through_the_kernels(monkeypatch):
     monkeypatch.setattr(dispatch, "_picked", {})
     attn_compiler.reset()
     torch._dynamo.reset()
-    model.forward = torch.compile(model.forward, backend=attn_compiler.backend())
+    model.forward = torch.compile(model.forward, backend=attn_compiler.backend(**compile_kw))
     with dispatch.implementation("triton"):
         ours = model.generate(ids, **kw)
-    rows = list(attn_compiler.report())
+    return eager, ours, list(attn_compiler.report()), skipped
+
+
+def _same_generation(eager, ours, rows, skipped):
     assert rows and all(r.status == "fused" for r in rows), [(r.status, r.reason) for r in rows]
     assert all(r.features["mask"] == "additive t0" for r in rows), [r.features["mask"] for r in rows]
     assert skipped and skipped[0] > 0, skipped          # the prefill's map dropped tiles of fills
     assert torch.equal(ours.sequences, eager.sequences)
     for a, b in zip(ours.logits, eager.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_static_cache_generation_through_the_kernels(monkeypatch):
+    """LLaMA (eager attention, GQA) generating with ``cache_implementation=
+    "static"``: the model receives its causal + left padding + unfilled-slot
+    mask as a precomputed additive input.  Compiled with the backend, every
+    site on the generated kernels: the prefill's block map skips the tiles of
+    fills, and the tokens and logits are eager's."""
+    _same_generation(*_generate(monkeypatch, 3))
+
+
+@pytest.mark.gpu
+def test_static_cache_generation_as_cuda_graphs(monkeypatch):
+    """Hugging Face's recipe for compiled generation, ``mode="reduce-overhead"``:
+    the decode steps replay CUDA graphs holding the key extent's kernel (a
+    dependent launch) and the splits; each step's logits are eager's."""
+    _same_generation(*_generate(monkeypatch, 8, mode="reduce-overhead"))
