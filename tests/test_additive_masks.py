@@ -253,11 +253,11 @@ def test_decode_extent_with_rows_that_keep_nothing_is_all_keys(small_extent_tile
 
 # ---- a model: Hugging Face generation with a static cache --------------------------------
 
-def _generate(monkeypatch, new_tokens: int, **compile_kw):
+def _generate(monkeypatch, new_tokens: int):
     """Tiny LLaMA (eager attention, GQA) generating greedily with a static
-    cache, eagerly and with its forward compiled by the backend (``compile_kw``
-    to ``attn_compiler.backend``) on the kernels: (eager, ours, report rows,
-    tiles of fills the first block map dropped)."""
+    cache, eagerly and with its forward compiled by the backend on the
+    kernels: (eager, ours, report rows, tiles of fills the first block map
+    dropped)."""
     transformers = pytest.importorskip("transformers")
     import attn_compiler
     from attn_compiler import dispatch
@@ -288,7 +288,7 @@ def _generate(monkeypatch, new_tokens: int, **compile_kw):
     monkeypatch.setattr(dispatch, "_picked", {})
     attn_compiler.reset()
     torch._dynamo.reset()
-    model.forward = torch.compile(model.forward, backend=attn_compiler.backend(**compile_kw))
+    model.forward = torch.compile(model.forward, backend=attn_compiler.backend())
     with dispatch.implementation("triton"):
         ours = model.generate(ids, **kw)
     return eager, ours, list(attn_compiler.report()), skipped
@@ -310,11 +310,3 @@ def test_static_cache_generation_through_the_kernels(monkeypatch):
     site on the generated kernels: the prefill's block map skips the tiles of
     fills, and the tokens and logits are eager's."""
     _same_generation(*_generate(monkeypatch, 3))
-
-
-@pytest.mark.gpu
-def test_static_cache_generation_as_cuda_graphs(monkeypatch):
-    """Hugging Face's recipe for compiled generation, ``mode="reduce-overhead"``:
-    the decode steps replay CUDA graphs holding the key extent's kernel (a
-    dependent launch) and the splits; each step's logits are eager's."""
-    _same_generation(*_generate(monkeypatch, 8, mode="reduce-overhead"))
