@@ -304,8 +304,10 @@ def mask_plan(spec: AttentionSpec, lq: int, lk: int) -> MaskPlan:
 # values are all at or below it adds exactly 0 to a row that keeps some key
 # (exp(fill - rowmax) underflows, as in eager), so it is skipped in query
 # blocks whose every row keeps a key (FILL_ROWS: a row of fills only is
-# uniform in eager); every other tile still adds the tensor's values.
-# Fewer keys leave little to skip for the map's two launches.
+# uniform in eager); every other tile still adds the tensor's values.  A
+# mask predicate beside the tensor (a causal band) is part of the same test,
+# so the map also drops the tiles the predicate drops: the band's walk is not
+# used then.  Fewer keys leave little to skip for the map's two launches.
 ADDITIVE_MAP_MIN_KEYS = 256
 
 
@@ -314,7 +316,9 @@ def _mask_plan(text: str, lq: int, lk: int) -> MaskPlan:
     spec = AttentionSpec.loads(text)
     pred = spec.mask_predicate
     band = codegen.band_of(spec)
-    if spec.additive_masks and lk >= ADDITIVE_MAP_MIN_KEYS and band is None:
+    if spec.additive_masks and lk >= ADDITIVE_MAP_MIN_KEYS:
+        # beside a band too: the map drops the tiles outside it as well, and
+        # the band's inner tiles become ZERO where the tensor is 0 there
         return MaskPlan(3, fill_rows=True)
     if pred is True or str(pred) == "True":
         return MaskPlan(0)

@@ -60,9 +60,11 @@ def test_which_tensors_count_as_additive_masks():
     plan = kernels.mask_plan
     assert plan(additive_spec(), 40, LK) == kernels.MaskPlan(3, fill_rows=True)
     assert plan(additive_spec(), 40, kernels.ADDITIVE_MAP_MIN_KEYS - 1).mode == 0
-    # a causal band and an additive tensor: the band walks the blocks, as before
-    causal_plus = make_spec(causal_mod(score + T0), captured=[captured_spec("B.QK")])
-    assert plan(causal_plus, LK, LK).mode == 1
+    # beside a causal band, added inside the mask or after it: the map holds the band too
+    for mod in (causal_mod(score + T0), causal_mod() + T0):
+        causal_plus = make_spec(mod, captured=[captured_spec("B..K")])
+        assert causal_plus.additive_masks == (0,), mod
+        assert plan(causal_plus, LK, LK) == kernels.MaskPlan(3, fill_rows=True)
 
 
 def test_block_map_drops_the_tiles_a_static_cache_mask_fills():
@@ -151,6 +153,33 @@ def test_zero_tiles_beside_other_terms():
     mask = static_cache_mask(2, 24, LK, 100)
     check_forward(q, k, v, [mask], softcap, config=TILE_16, name="softcap")
     check_backward(q, k, v, [mask], softcap, config=TILE_16, name="softcap")
+
+
+@pytest.mark.parametrize("order", ["inside", "after"])
+def test_causal_band_beside_an_additive_padding_mask(order):
+    """A causal mask built in the graph and a padding mask received as values
+    (research code's ``att.masked_fill(causal, -inf) + pad``, or the padding
+    added first): the map drops the tiles above the diagonal and the padded
+    keys, the diagonal's inner tiles are ZERO; rows left without a key (left
+    padding past their own position) are uniform over their band, as eager;
+    forward, backward and decode."""
+    mod = causal_mod(score + T0) if order == "inside" else causal_mod() + T0
+    spec = make_spec(mod, captured=[captured_spec("B..K")], group=2)
+    B, Lq = 2, 96                            # rows 0..95: keys past 95 are above the band
+    q, k, v = qkv(B=B, Hq=4, Hkv=2, Lq=Lq, Lk=LK, seed=12)
+    pad = torch.zeros(B, 1, 1, LK, device=DEVICE)
+    pad[0, ..., 200:] = F32_MIN             # right padding
+    pad[1, ..., :20] = F32_MIN              # left padding: rows 0..19 keep no key of their band
+    mod_fwd = codegen.load("fwd", spec)
+    kinds = kernels.block_map(mod_fwd, spec, [pad], B, 4, Lq, LK, 16, 64)[0] & 3
+    assert kinds.shape[:3] == (B, 1, -(-Lq // 16))
+    assert kinds[0, 0, -1, -1] == 0 and kinds[0, 0, 0, -1] == 0            # padded keys / above the band
+    assert (kinds[0, 0, 4:, 0] == 3).all()                                # inside the band, no padding
+    assert (kinds[1, 0, 0] >= 1).all()            # a query block with rows keeping nothing walks every tile
+    check_forward(q, k, v, [pad], spec, config=TILE_16, name=f"causal + padding {order}")
+    check_backward(q, k, v, [pad], spec, config=TILE_16, name=f"causal + padding {order}")
+    check_forward(q[:, :, -3:], k, v, [pad], spec, config=DECODE_TILE, name=f"decode {order}",
+                  launch=functools.partial(kernels.decode, splits=3))
 
 
 def test_values_that_are_no_mask_are_added_everywhere():

@@ -195,8 +195,9 @@ class AttentionSpec:
         """Captured tensors that may be additive masks whose values only the
         running kernels see ([Note: additive tensor masks]): float, no
         gradient, no head axis, read at plain indices, and added to the rest
-        of the score modification as they are (``g(score, ...) + tI``)."""
-        mod = self.score_mod
+        of the value a kept position takes as they are (``g(score, ...) +
+        tI``; beside a causal mask too, added before or after it)."""
+        mod = _kept_value(self.score_mod)
         if not isinstance(mod, sympy.Add):
             return ()
         out = []
