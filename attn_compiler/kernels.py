@@ -358,7 +358,6 @@ def _map_axes_of(text: str) -> Tuple[bool, bool, bool]:
 
 RUNS_CHUNK = 1024     # map entries one program reads at once while it writes the runs
 MAP_ROWS_PER_STEP = 32    # rows of a tile the map's kinds kernel reads at once (run 141)
-MAP_WARPS = 1
 
 
 def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: int, bm: int, bn: int,
@@ -389,7 +388,7 @@ def block_map(mod, spec: AttentionSpec, captured, B: int, Hq: int, Lq: int, Lk: 
     _grid(mod.attention_block_kinds, (n_blk, nm, nb * nh))(m, sb, sh, sm, kept, nm * rows, nb, nh,
                                                            *captured_args(captured), Lq, Lk, TILE_M=rows,
                                                            BLOCK_M=min(rows, MAP_ROWS_PER_STEP), BLOCK_N=bn,
-                                                           FILL_ROWS=fill_rows, num_warps=MAP_WARPS)
+                                                           FILL_ROWS=fill_rows, num_warps=1)
     _grid(mod.attention_block_runs, (nm, nb * nh))(m, sb, sh, sm, kept, nm * rows, nh, Lq, n_blk, BLOCK_M=rows,
                                                     CHUNK=min(_pow2(n_blk), RUNS_CHUNK), FILL_ROWS=fill_rows)
     if cols:
