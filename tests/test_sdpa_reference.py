@@ -19,7 +19,7 @@ def _mask():
     (dict(is_causal=True, enable_gqa=True), "causal"),
     (dict(attn_mask="bool", enable_gqa=True), "tensor"),
     (dict(is_causal=True, attn_mask="bool"), "causal+tensor"),
-    (dict(attn_mask="float"), "none"),
+    (dict(attn_mask="float"), "additive t0"),      # SDPA: a float attn_mask is added
 ])
 def test_sdpa_math_reference(kw, mask_kind):
     kw = dict(kw)

@@ -43,8 +43,13 @@ def test_generated_kernels_compile_for_sm90():
     #   tile got faster all the same, 832 -> 729 us, the dQ of 64x128 slower,
     #   2194 -> 2293; the best tiles, "tma" forward and "fused" backward, are
     #   not serialized)
+    # - a static cache's mask plane (a mask received as values) read through
+    #   pointers in the backward at a row stride Triton cannot take as a
+    #   multiple of 16 (the uneven length 200; so with the block map's ZERO
+    #   tiles off too); its "tma" variant compiles without it
     known = {"bias": {"attention_bwd_dkdv", "attention_bwd_fused"},
-             "hf_causal_padding": {"attention_fwd", "attention_bwd_dq"}}
+             "hf_causal_padding": {"attention_fwd", "attention_bwd_dq"},
+             "static_cache": {"attention_bwd_dkdv", "attention_bwd_dq", "attention_bwd_fused"}}
     serialized = [r for r in records[:-1] if r.get("serialized")
                   and not ("tma" not in r["config"] and set(r["serialized"]) <= known.get(r["case"], set()))]
     assert not serialized, "wgmma serialized by ptxas:\n" + "\n".join(
