@@ -411,10 +411,16 @@ class _Hooks:
             lines.append("score = qk * SCALE")
         if d == 1:
             lines.append("ds = dz")
-        elif (kind != "PARTIAL" and not self.fills_by_score) or d.is_number:
-            # kept everywhere (the derivative is the kept branch's), or a constant
-            # factor: dz is already exactly 0 where P == 0
+        elif d.is_number:
+            # a constant factor: dz is already exactly 0 where P == 0
             lines.append(f"ds = dz * ({self.pr(d)})")
+        elif kind != "PARTIAL" and not self.fills_by_score:
+            # kept everywhere (the derivative is the kept branch's): dz is
+            # exactly 0 where P == 0, and so is the product where the factor
+            # is finite; past the ends of an uneven tile (P = 0) a captured
+            # tensor is read as 0, where a factor such as 1 / t0 is not
+            lines += ["if EVEN_N:", f"    ds = dz * ({self.pr(d)})",
+                      "else:", f"    ds = tl.where(p == 0, 0.0, dz * ({self.pr(d)}))"]
         else:
             lines.append(f"dmod = {self._tile(d)}")
             lines.append("ds = tl.where((p == 0) | (dmod == 0), 0.0, dz * dmod)")

@@ -1905,3 +1905,72 @@ class CausalScaledByAttribute(nn.Module):
         L = q.shape[-2]
         s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=q.device).tril(), float("-inf"))
         return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+def per_query_temperature_divisor(q, k, v, tau):
+    """Scores divided by a learned per-query, per-head temperature (B, H, Lq)
+    with its gradient: a factor of the score that is 1 / tau, infinite where a
+    tile past the queries' end reads tau as 0."""
+    s = (q @ k.transpose(-1, -2)) / tau[..., None]
+    return s.softmax(-1) @ v
+
+
+def per_key_weight_divisor(q, k, v, w):
+    """Scores divided by a positive per-key weight (B, 1, 1, Lk) with its
+    gradient (1 / w infinite past the keys' end)."""
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 / w
+    return s.softmax(-1) @ v
+
+
+def tome_proportional_attention(q, k, v, size):
+    """timm's Token Merging (ToMe): the log of each key's merged token count
+    (B, Lk, 1) is added to the scores, so a merged token weighs as many."""
+    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    attn = attn + size.log()[:, None, None, :, 0]
+    return attn.softmax(dim=-1) @ v
+
+
+class ForgettingAttention(nn.Module):
+    """Forgetting Transformer (FoX): scores plus the cumulative log forget
+    gates, per query minus per key (each a (B, H, L) vector with its
+    gradient), causal."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.fgate = nn.Linear(dim, 1)
+
+    def forward(self, q, k, v, x):
+        c = torch.cumsum(F.logsigmoid(self.fgate(x)).squeeze(-1), dim=-1)
+        s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        s = s + c[..., :, None] - c[..., None, :]
+        L = q.shape[-2]
+        s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+
+class KerpleLogAttention(nn.Module):
+    """KERPLE's logarithmic relative bias, -r1 * log(1 + r2 * |i - j|) with
+    learned per-head r1, r2 (their gradients through the log), causal by
+    finfo.max."""
+
+    def __init__(self, heads=4):
+        super().__init__()
+        self.r1 = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+        self.r2 = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[-2], device=q.device)
+        bias = -self.r1 * torch.log1p(self.r2 * (i[:, None] - i[None, :]).abs().to(q.dtype))
+        s = torch.einsum("bhid,bhjd->bhij", q, k) * q.shape[-1] ** -0.5 + bias
+        s = s.masked_fill(i[None, :] > i[:, None], -torch.finfo(s.dtype).max)
+        return torch.einsum("bhij,bhjd->bhid", s.softmax(-1), v)
+
+
+def packed_document_mask(q, k, v, doc):
+    """Packed sequences: a query keeps the earlier keys of its own document
+    (``doc`` (B, L) ids), causal within it."""
+    s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    same = doc[:, None, :, None] == doc[:, None, None, :]
+    L = q.shape[-2]
+    s = s.masked_fill(~(same & torch.tril(torch.ones(L, L, dtype=torch.bool, device=q.device))), float("-inf"))
+    return F.softmax(s, dim=-1) @ v

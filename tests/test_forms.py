@@ -659,6 +659,18 @@ RESEARCH_CASES = [
     Case("scores_keys_second_last_vT", lambda dt: (forms.scores_keys_second_last_vT, _qkv(dt) + [_keep_mask()])),
     Case("score_threshold_mask", _fn(forms.score_threshold_mask)),
     Case("score_piecewise_mod", _fn(forms.score_piecewise_mod, lq=7)),
+    # captured factors of the score that are not finite where a tile past the
+    # ends reads them as 0 (1 / tau), and other terms of research code
+    Case("per_query_temperature_divisor", lambda dt: (
+        forms.per_query_temperature_divisor, _qkv(dt) + [(torch.rand(B, H, L) + 2).to(dt).requires_grad_()])),
+    Case("per_key_weight_divisor", lambda dt: (
+        forms.per_key_weight_divisor, _qkv(dt) + [(torch.rand(B, 1, 1, L) + 0.5).to(dt).requires_grad_()])),
+    Case("tome_proportional_attention", lambda dt: (
+        forms.tome_proportional_attention, _qkv(dt) + [torch.randint(1, 4, (B, L, 1)).to(dt)])),
+    Case("forgetting_attention", _mod(forms.ForgettingAttention, lambda dt: _qkv(dt) + [_t(B, H, L, D, dtype=dt)])),
+    Case("kerple_log_attention", _mod(forms.KerpleLogAttention, lambda dt: _qkv(dt))),
+    Case("packed_document_mask", lambda dt: (forms.packed_document_mask, _qkv(dt) + [
+        torch.tensor([[0] * 5 + [1] * (L - 5), [0] * 2 + [1] * 3 + [2] * (L - 5)])])),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -666,6 +678,18 @@ RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 @pytest.mark.parametrize("case", RESEARCH_CASES, ids=[c.id for c in RESEARCH_CASES])
 def test_research_form_fp32_forward_backward(case):
     check_case(case)
+
+
+@pytest.mark.parametrize("case_id", ["per_query_temperature_divisor", "per_key_weight_divisor",
+                                     "tome_proportional_attention", "forgetting_attention",
+                                     "kerple_log_attention", "packed_document_mask"])
+def test_captured_terms_on_the_kernels_forward_backward(case_id):
+    """Captured terms of the score through the generated kernels (Triton's
+    interpreter on CPU), float32 forward and backward, at a length that is not
+    a multiple of the tiles: a tile past the ends reads a captured tensor as 0,
+    and 1 / 0 there must not reach dK, dV or a captured gradient."""
+    with _implementation(True):
+        check_case(RESEARCH_BY_ID[case_id])
 
 
 @pytest.mark.parametrize("case_id,dtype", [
