@@ -559,8 +559,8 @@ def test_one_hot_rows_closer_than_eager(path):
     and r's dK are far closer to the float64 golden than eager's softmax
     backward (delta taken from dP - dP_r: [Note: exact rows]), and all but a
     few heads within the golden-relative bound; FlashAttention's one-pass delta =
-    rowsum(dO ∘ O) is ~2x further than eager (checked on the kernels with
-    the exact rows forced off).  ``kernels_default``: the launch's own tiles,
+    rowsum(dO ∘ O) is further than eager (1.5-2x) and than the exact rows
+    (checked on the kernels with the exact rows forced off).  ``kernels_default``: the launch's own tiles,
     where compiled for a GPU the preprocess walks more key columns than dQ."""
     if path == "kernels_default" and DEVICE.type != "cuda":
         pytest.skip("the preprocess's tile differs from dQ's only compiled for a GPU")
@@ -596,8 +596,14 @@ def test_one_hot_rows_closer_than_eager(path):
     assert max(beyond) <= 0.1, f"heads beyond 2x eager's error + 1e-6 (dQ, top key's dK): {beyond}"
     if path == "kernels":
         with kernels.exact_rows(False):
-            one_pass = [float((a / b).median()) for a, b in zip(ours(), eager)]
-        assert min(one_pass) >= 1.6, f"the one-pass delta was expected ~2x eager: {one_pass}"
+            one_pass = ours()
+        # against eager (whose float32 matmuls sum in the CPU's own order: 1.5x
+        # on one x86 machine, 2x on another) and against the exact rows (both
+        # the interpreter's, so the same on every machine)
+        to_eager = [float((a / b).median()) for a, b in zip(one_pass, eager)]
+        assert min(to_eager) >= 1.25, f"the one-pass delta was expected further than eager: {to_eager}"
+        to_exact = [float((a / b).median()) for a, b in zip(one_pass, errs)]
+        assert min(to_exact) >= 20, f"the one-pass delta was expected far from the exact rows: {to_exact}"
 
 
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
