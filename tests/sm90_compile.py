@@ -231,9 +231,12 @@ def main() -> int:
         return 0
     cases, shapes, more_shapes, fwd_cfgs, bwd_cfgs, KernelConfig = _cases()
     only = {a for a in sys.argv[1:] if not a.startswith("--")}
+    # ``--shard=i/n``: the cases i, i + n, ... (a run split over processes)
+    shard = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--shard=")), "0/1")
+    shard_i, shard_n = (int(x) for x in shard.split("/"))
     failures = 0
-    for name, spec, make_caps, variants in cases:
-        if only and name not in only:
+    for idx, (name, spec, make_caps, variants) in enumerate(cases):
+        if (only and name not in only) or idx % shard_n != shard_i:
             continue
         dtype = getattr(torch, spec.out_dtype)
         for B, H, L, Dh in shapes + more_shapes.get(name, []):
