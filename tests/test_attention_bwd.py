@@ -560,8 +560,9 @@ def test_one_hot_rows_closer_than_eager(path):
     backward (delta taken from dP - dP_r: [Note: exact rows]), and all but a
     few heads within the golden-relative bound; FlashAttention's one-pass delta =
     rowsum(dO ∘ O) is further than eager (1.5-2x) and than the exact rows
-    (checked on the kernels with the exact rows forced off).  ``kernels_default``: the launch's own tiles,
-    where compiled for a GPU the preprocess walks more key columns than dQ."""
+    (checked on the kernels with the exact rows forced off).
+    ``kernels_default``: the launch's own tiles, where compiled for a GPU the
+    preprocess walks more key columns than dQ."""
     if path == "kernels_default" and DEVICE.type != "cuda":
         pytest.skip("the preprocess's tile differs from dQ's only compiled for a GPU")
     n, Lk, D = {"reference": (400, 12, 40), "kernels": (64, 12, 40), "kernels_default": (128, 300, 128)}[path]
