@@ -160,13 +160,17 @@ def zero_empty_rows(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.where(empty, torch.zeros((), dtype=out.dtype, device=out.device), out + read.to(out.dtype))
 
 
-def with_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+def with_sink(out: torch.Tensor, lse: torch.Tensor, sink) -> torch.Tensor:
     """Attention with a sink logit per row (GPT-OSS): the softmax over the keys
     and the sink, without the sink's column, is softmax(s) · e^lse / (e^lse +
-    e^sink), so the output is ``out * sigmoid(lse - sink)``; a row that keeps
+    e^sink), so the output is ``out * sigmoid(lse - sink)`` (``sink`` a
+    tensor or a number: softmax plus one is a sink of 0); a row that keeps
     no key (lse = -inf, out nan) gives 0, as eager's softmax puts all the mass
     on the sink.  Differentiable through lse (the op's lse has a gradient)."""
-    w = torch.sigmoid(lse - sink.squeeze(-1).to(lse.dtype)).unsqueeze(-1)
+    if isinstance(sink, torch.Tensor):
+        w = torch.sigmoid(lse - sink.squeeze(-1).to(lse.dtype)).unsqueeze(-1)
+    else:                      # a constant logit (softmax plus one: 0)
+        w = torch.sigmoid(lse - float(sink)).unsqueeze(-1)
     out = torch.where(w == 0, torch.zeros((), dtype=out.dtype, device=out.device), out)
     return (out * w).to(out.dtype)
 

@@ -18,6 +18,10 @@
   attn_compiler relays the scores out with the keys last ([Note: scores in
   another layout]) and reads the shifted position term as a captured tensor
   (with its gradient).
+- ``softmax_one``: "softmax plus one" written out (the row max clamped at 0,
+  ``exp(-m)`` added to the denominator), causal by a mask built in the graph.
+  attn_compiler runs it as causal attention with a sink logit of 0 (the
+  output times sigmoid(lse)).
 
     PYTHONPATH=. python bench/bench_research.py --out OUT      # GPU
     python bench/bench_research.py --smoke                      # CPU, tiny shapes
@@ -47,8 +51,10 @@ IMPLS = ("eager", "inductor", "attn_compiler")
 # (form, batch, heads, length, head dim)
 SHAPES = (("differential", 4, 16, 2048, 64), ("differential", 1, 16, 8192, 64),
           ("conformer", 8, 8, 1024, 64), ("conformer", 4, 8, 2048, 64),
-          ("transformer_xl", 4, 16, 1024, 64), ("transformer_xl", 2, 16, 4096, 64))
-SMOKE_SHAPES = (("differential", 1, 2, 32, 16), ("conformer", 2, 2, 24, 16), ("transformer_xl", 2, 2, 24, 16))
+          ("transformer_xl", 4, 16, 1024, 64), ("transformer_xl", 2, 16, 4096, 64),
+          ("softmax_one", 4, 16, 2048, 128), ("softmax_one", 1, 16, 8192, 128))
+SMOKE_SHAPES = (("differential", 1, 2, 32, 16), ("conformer", 2, 2, 24, 16), ("transformer_xl", 2, 2, 24, 16),
+                ("softmax_one", 2, 2, 24, 16))
 
 
 class Conformer(nn.Module):
@@ -88,6 +94,18 @@ class TransformerXL(nn.Module):
         return torch.einsum("ijbn,jbnd->ibnd", (F.softmax(score, dim=1), v))
 
 
+class SoftmaxOne(nn.Module):
+    """q, k, v (B, H, N, D): causal softmax plus one, written out."""
+
+    def forward(self, q, k, v):
+        s = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        m = s.amax(dim=-1, keepdim=True).clamp(min=0)
+        e = torch.exp(s - m)
+        return torch.matmul(e / (torch.exp(-m) + e.sum(dim=-1, keepdim=True)), v)
+
+
 def inputs(form: str, b: int, h: int, n: int, d: int, dev, dtype):
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -95,6 +113,8 @@ def inputs(form: str, b: int, h: int, n: int, d: int, dev, dtype):
         return torch.randn(*shape, generator=g).to(dev, dtype)
     if form == "differential":
         return [rnd(b, 2 * h, n, d), rnd(b, 2 * h, n, d), rnd(b, h, n, 2 * d)]
+    if form == "softmax_one":
+        return [rnd(b, h, n, d), rnd(b, h, n, d), rnd(b, h, n, d)]
     if form == "transformer_xl":
         return [rnd(n, b, h, d), rnd(n, b, h, d), rnd(n, b, h, d), rnd(n, h, d)]
     keep = torch.ones(b, 1, n, dtype=torch.long, device=dev)
@@ -122,7 +142,10 @@ def _choices() -> str:
         if "choice" not in r.features:
             continue
         times = r.features.get("times_ms") or {}
-        out.append(f"{r.features.get('choice')} (" + ", ".join(f"{k} {v:.3g}" for k, v in times.items()) + ")")
+        errors = r.features.get("errors") or {}
+        out.append(f"{r.features.get('choice')} (" + ", ".join(
+            f"{k} {v:.3g}" if v is not None else f"{k} failed: {str(errors.get(k, '?'))[:120]}"
+            for k, v in times.items()) + ")")
     return "; ".join(out)
 
 
@@ -142,7 +165,7 @@ def main(argv=None) -> int:
             continue
         torch.manual_seed(0)
         mod = {"differential": lambda: DifferentialAttention(d), "conformer": Conformer,
-               "transformer_xl": lambda: TransformerXL(h, d)}[form]().to(dev)
+               "transformer_xl": lambda: TransformerXL(h, d), "softmax_one": SoftmaxOne}[form]().to(dev)
         xs = inputs(form, b, h, n, d, dev, dtype)
         with torch.no_grad():
             ref = mod(*[x.float() if x.is_floating_point() else x for x in xs])

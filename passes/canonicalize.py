@@ -85,6 +85,7 @@ _SIGNATURES: Dict[str, Tuple[str, ...]] = {
     "ones_like": ("input",), "zeros_like": ("input",), "full_like": ("input", "fill_value"),
     "flatten": ("input", "start_dim", "end_dim"),
     "repeat_interleave": ("input", "repeats", "dim"),
+    "pad": ("input", "pad", "mode", "value"), "constant_pad_nd": ("input", "pad", "value"),
 }
 # ops whose tensor arguments after the first are varargs (sizes)
 _VARARG_SIZE_OPS = {"view", "reshape", "expand", "permute", "ones", "zeros", "full",

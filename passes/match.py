@@ -51,7 +51,9 @@ class SiteMatch:
     dtype_users: List[fx.Node]  # ``x.type_as(scores)``, ``full_like(scores, v)``: dtype or shape only
     heads: Optional[Tuple] = None  # 3-D scores viewed as [B, H, L, L]: (B, H)
     row_scales: List["RowScale"] = dataclasses.field(default_factory=list)
-    sink: Optional[fx.Node] = None   # attention sinks: a (B, H, Lq, 1) logit beside the keys
+    # attention sinks: a (B, H, Lq, 1) logit beside the keys, or a number (a
+    # constant logit: softmax plus one is a sink of 0)
+    sink: Any = None
     lse_users: List[fx.Node] = dataclasses.field(default_factory=list)   # logsumexp(scores, -1): the op's lse
     zero_empty_rows: bool = False    # nan_to_num(P): a row that keeps no key gives 0, not nan
     # ``P.masked_fill(m, 0)`` with the scores' own mask m ([Note: probabilities zeroed by the mask])
@@ -95,10 +97,14 @@ def find_sites(gm: fx.GraphModule) -> List[Any]:
                                       "whose backward is the user's own: left as written"))
             continue
         parts = C.softmax_parts(node)
+        sink = None
         if parts is None:
-            continue
+            parts = _explicit_sink_softmax(node)
+            if parts is None:
+                continue
+            parts, sink = parts[:3], parts[3]
         try:
-            m = match_softmax(node, *parts)
+            m = match_softmax(node, *parts, sink=sink)
         except Decline as e:
             out.append(Declined(node, str(e)))
             continue
@@ -217,19 +223,25 @@ def _sink_parts(sm: fx.Node, x: fx.Node):
     sink in the denominator: out = softmax(s)·V ⊙ sigmoid(lse(s) - sink)
     (layout.with_sink)."""
     cat = _behind_shift_and_casts(x)
-    if cat is None:
-        return None
-    parts = _last_axis_cat(cat)
-    if parts is None or len(parts) != 2 or len(sm.users) != 1:
+    if cat is None or len(sm.users) != 1:
         return None
     shape = C.shape_of(cat)
-    widths = [C.shape_of(t)[-1] if C.shape_of(t) else None for t in parts]
-    if widths[1] == 1:
-        (s, sink), first = parts, False
-    elif widths[0] == 1:
-        (sink, s), first = parts, True
+    padded = _last_axis_pad(cat)
+    if padded is not None:      # F.pad(s, (0, 1)): a column of a constant logit
+        s, sink, first = padded
     else:
-        return None
+        parts = _last_axis_cat(cat)
+        if parts is None or len(parts) != 2:
+            return None
+        widths = [C.shape_of(t)[-1] if C.shape_of(t) else None for t in parts]
+        if widths[1] == 1:
+            (s, sink), first = parts, False
+        elif widths[0] == 1:
+            (sink, s), first = parts, True
+        else:
+            return None
+        fill = _constant_fill(sink)
+        sink = sink if fill is None else fill
     s_shape = C.shape_of(s)
     if not isinstance(s_shape[-1], int):
         return None
@@ -252,6 +264,117 @@ def _sink_parts(sm: fx.Node, x: fx.Node):
     kept = (last.start == 1 and last.stop in (None, n + 1)) if first else \
         (last.start in (None, 0) and last.stop in (-1, n))
     return (s, sink, sl) if kept else None
+
+
+def _constant_fill(n: fx.Node) -> Optional[float]:
+    """The value of a tensor that holds one number everywhere
+    (``zeros_like(s[..., :1])``, ``s.new_zeros(...)``, ``torch.full(...)``,
+    maybe expanded, reshaped or cast), else None: a constant sink logit, read
+    from the scores' shape alone."""
+    for _ in range(6):
+        op = C.canonical(n)
+        if op is None:
+            return None
+        if op.name in C.FILLS:
+            v = C.fill_value(op)
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        if op.name not in _FLOAT_CASTS | {"expand", "expand_as", "view", "reshape", "contiguous", "clone"} \
+                or not isinstance(op.kw.get("input"), fx.Node):
+            return None
+        n = op.kw["input"]
+    return None
+
+
+def _last_axis_pad(n: fx.Node):
+    """``F.pad(s, (0, 1), value=c)`` (or ``(1, 0)``): one column of the
+    constant ``c`` after (before) the last axis, as ``(s, c, first)``."""
+    op = C.canonical(n)
+    if op is None or op.name not in ("pad", "constant_pad_nd"):
+        return None
+    pad, mode = op.kw.get("pad"), op.kw.get("mode", "constant")
+    value = op.kw.get("value")
+    value = 0.0 if value is None else value
+    if mode not in (None, "constant") or not isinstance(pad, (list, tuple)) or len(pad) != 2 \
+            or not isinstance(op.kw.get("input"), fx.Node) or not isinstance(value, (int, float)) \
+            or isinstance(value, bool):
+        return None
+    if tuple(pad) == (0, 1):
+        return op.kw["input"], float(value), False
+    if tuple(pad) == (1, 0):
+        return op.kw["input"], float(value), True
+    return None
+
+
+def _explicit_sink_softmax(node: fx.Node):
+    """Softmax plus one, written out (``e / (exp(-m) + e.sum(-1, keepdim=True))``
+    with ``e = exp(s - m)``, ``m`` any value per row such as a clamped row
+    max; ``e / (1 + e.sum(...))`` with ``e = exp(s)``), or with a logit ``t``
+    in the denominator (``exp(t - m)``, ``exp(t)``): ``(s, dim, None, t)``,
+    the softmax over the keys and one more logit ``t`` (0 for plus one)
+    whose column is not kept.  Whatever ``m`` is, it cancels: ``exp(s - m) /
+    (Σ exp(s - m) + exp(t - m)) = exp(s) / (Σ exp(s) + exp(t))``.  Else None."""
+    op = C.canonical(node)
+    if op is None or op.name != "div":
+        return None
+    num, den = op.kw.get("input"), op.kw.get("other")
+    e, d = C.canonical(num), C.canonical(den)
+    if e is None or d is None or e.name != "exp" or d.name != "add" or d.kw.get("alpha", 1) != 1:
+        return None
+    terms = [d.kw.get("input"), d.kw.get("other")]
+    sums = [i for i, t in enumerate(terms) if isinstance(t, fx.Node) and C.canonical(t) is not None
+            and C.canonical(t).name == "sum" and C.canonical(t).kw.get("input") is num]
+    if len(sums) != 1:
+        return None
+    dim = C._reduced_dim(C.canonical(terms[sums[0]]), ("sum",))
+    extra = terms[1 - sums[0]]
+    y = e.kw.get("input")
+    rank = len(C.shape_of(num) or ())
+    if dim is None or rank < 2 or C.norm_dim(dim, rank) != rank - 1 or not isinstance(y, fx.Node):
+        return None
+    yop = C.canonical(y)
+    shift = None                 # m, when e = exp(s - m) with m one value per row
+    if yop is not None and yop.name == "sub" and yop.kw.get("alpha", 1) == 1 \
+            and isinstance(yop.kw.get("other"), fx.Node):
+        ms = C.shape_of(yop.kw["other"])
+        if ms is not None and len(ms) == rank and ms[-1] == 1 and isinstance(yop.kw.get("input"), fx.Node):
+            shift = yop.kw["other"]
+    if shift is not None:
+        s = yop.kw["input"]
+        ex = C.canonical(extra) if isinstance(extra, fx.Node) else None
+        if ex is None or ex.name != "exp" or not isinstance(ex.kw.get("input"), fx.Node):
+            return None
+        z = C.canonical(ex.kw["input"])
+        if z is None:
+            return None
+        if z.name == "neg" and z.kw.get("input") is shift:
+            return s, dim, None, 0.0                       # exp(-m)
+        if z.name == "sub" and z.kw.get("alpha", 1) == 1 and z.kw.get("other") is shift:
+            t = z.kw.get("input")                          # exp(t - m)
+        elif z.name == "rsub" and z.kw.get("alpha", 1) == 1 and z.kw.get("input") is shift:
+            t = z.kw.get("other")                          # torch.rsub(m, t)
+        else:
+            return None
+    else:
+        s = y
+        if isinstance(extra, (int, float)) and not isinstance(extra, bool):
+            if extra <= 0:
+                return None
+            return s, dim, None, math.log(extra)           # 1 + Σ e: a logit of 0
+        ex = C.canonical(extra) if isinstance(extra, fx.Node) else None
+        if ex is None or ex.name != "exp":
+            return None
+        t = ex.kw.get("input")                             # exp(t) + Σ exp(s)
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return s, dim, None, float(t)
+    if not isinstance(t, fx.Node):
+        return None
+    fill = _constant_fill(t)
+    if fill is not None:
+        return s, dim, None, fill
+    ts = C.shape_of(t)
+    if ts is None or not 0 < len(ts) <= rank or ts[-1] != 1:
+        return None
+    return s, dim, None, t
 
 
 def _concatenated_scores(x: fx.Node) -> bool:
@@ -349,11 +472,15 @@ def _is_score_contraction(c: C.Contraction, xs) -> bool:
     return _size_eq(s[-1], xs[-1])
 
 
-def match_softmax(node: fx.Node, x: fx.Node, dim, dtype) -> Optional[SiteMatch]:
-    sink = _sink_parts(node, x)
+def match_softmax(node: fx.Node, x: fx.Node, dim, dtype, sink=None) -> Optional[SiteMatch]:
+    """The site of the softmax ``node`` over ``x`` along ``dim``, or None;
+    ``sink``: the extra logit of a softmax written out with it in the
+    denominator (_explicit_sink_softmax)."""
     start = node
-    if sink is not None:        # GPT-OSS: x = cat([scores, sink]); P = softmax(x)[..., :-1]
-        x, sink, start = sink
+    if sink is None:
+        sink = _sink_parts(node, x)
+        if sink is not None:        # GPT-OSS: x = cat([scores, sink]); P = softmax(x)[..., :-1]
+            x, sink, start = sink
     candidates = qk_candidates(x)
     qk = next(candidates, None)
     if qk is None:
@@ -734,9 +861,10 @@ def _build(sm, x, qk: C.Contraction, pv: C.Contraction, p_index, dropout_p, swap
     site = {sm, x, qk.node} | chain
     scales = _row_scales(start or sm, post, pn, plabels, pv.out_labels, site)
     if sink is not None:
-        if len(batch) != 2 or heads is not None or swapped or len(C.shape_of(sink)) != 4:
+        if len(batch) != 2 or heads is not None or swapped or \
+                (isinstance(sink, fx.Node) and (len(C.shape_of(sink)) > 4 or C.shape_of(sink)[-1] != 1)):
             raise Decline("attention sinks on scores that are not [B, H, Lq, Lk]")
-        if not _precedes(sink, site) and _reads(sink, site):
+        if isinstance(sink, fx.Node) and not _precedes(sink, site) and _reads(sink, site):
             raise Decline("the attention sinks may be computed from the scores")
     zero_rows = any(C.canonical(n).name == "nan_to_num" for n in post)
     if zero_rows and (len(batch) != 2 or heads is not None):

@@ -67,7 +67,8 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
         with g.inserting_before(anchor):
             out = call(operator.getitem, res, 0)
             if m.sink is not None:          # the sink's share of the denominator, from lse
-                out = call(layout.with_sink, out, call(operator.getitem, res, 1), get(m.sink))
+                out = call(layout.with_sink, out, call(operator.getitem, res, 1),
+                           get(m.sink) if isinstance(m.sink, fx.Node) else m.sink)
             if m.zero_empty_rows:
                 out = call(layout.zero_empty_rows, out, call(operator.getitem, res, 1))
             group = C.shape_of(m.qk.node)[2] if m.batch_rank == 3 else None

@@ -1974,3 +1974,59 @@ def packed_document_mask(q, k, v, doc):
     L = q.shape[-2]
     s = s.masked_fill(~(same & torch.tril(torch.ones(L, L, dtype=torch.bool, device=q.device))), float("-inf"))
     return F.softmax(s, dim=-1) @ v
+
+
+# ---- softmax plus one: a sink logit of 0 (or learned) written out ----------
+
+
+def softmax_one_clamped(q, k, v, keep):
+    """"Softmax plus one" (quiet attention) as research code writes it: the
+    shift is the row max clamped at 0, the denominator gains exp(-m), a sink
+    logit of 0 written out; rows the mask leaves no key give 0."""
+    s = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~keep, float("-inf"))
+    m = s.max(dim=-1, keepdim=True).values.clamp(min=0)
+    e = torch.exp(s - m)
+    return (e / (torch.exp(-m) + e.sum(dim=-1, keepdim=True))) @ v
+
+
+def softmax_one_unshifted(q, k, v):
+    """Softmax plus one without a shift: ``e / (1 + e.sum(-1))``, causal."""
+    s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    L = q.shape[-2]
+    s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    e = s.exp()
+    return torch.matmul(e / (1 + e.sum(-1, keepdim=True)), v)
+
+
+def zero_sink_column(q, k, v):
+    """A sink of logit 0 as a column of zeros concatenated to the scores
+    (``zeros_like(s[..., :1])``), its probability dropped after the softmax."""
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    s = torch.cat([s, torch.zeros_like(s[..., :1])], dim=-1)
+    return s.softmax(-1)[..., :-1] @ v
+
+
+def zero_sink_padded(q, k, v):
+    """A sink of logit 0 as ``F.pad(scores, (1, 0))`` (the column first),
+    causal, softmax in float32; ``p[..., 1:]`` drops it."""
+    s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    L = q.shape[-2]
+    s = s + torch.full((L, L), float("-inf"), device=q.device, dtype=s.dtype).triu(1)
+    p = F.pad(s, (1, 0)).float().softmax(-1)[..., 1:].to(q.dtype)
+    return p @ v
+
+
+class LearnedSinkWrittenOut(nn.Module):
+    """A learned per-head sink logit (H, 1, 1) in a written-out softmax:
+    ``e / (e.sum(-1) + exp(sink - m))`` with ``m`` the detached row max."""
+
+    def __init__(self, heads=4):
+        super().__init__()
+        self.sink = nn.Parameter(torch.linspace(-1.0, 1.5, heads).reshape(heads, 1, 1))
+
+    def forward(self, q, k, v):
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k) * q.shape[-1] ** -0.5
+        m = s.amax(dim=-1, keepdim=True).detach()
+        e = torch.exp(s - m)
+        p = e / (e.sum(dim=-1, keepdim=True) + torch.exp(self.sink - m))
+        return torch.einsum("bhqk,bhkd->bhqd", p, v)

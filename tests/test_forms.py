@@ -671,6 +671,12 @@ RESEARCH_CASES = [
     Case("kerple_log_attention", _mod(forms.KerpleLogAttention, lambda dt: _qkv(dt))),
     Case("packed_document_mask", lambda dt: (forms.packed_document_mask, _qkv(dt) + [
         torch.tensor([[0] * 5 + [1] * (L - 5), [0] * 2 + [1] * 3 + [2] * (L - 5)])])),
+    # softmax plus one (a sink of logit 0) and a learned sink, written out
+    Case("softmax_one_clamped", lambda dt: (forms.softmax_one_clamped, _qkv(dt) + [_rows_without_keys()])),
+    Case("softmax_one_unshifted", _fn(forms.softmax_one_unshifted)),
+    Case("zero_sink_column", _fn(forms.zero_sink_column)),
+    Case("zero_sink_padded", _fn(forms.zero_sink_padded)),
+    Case("learned_sink_written_out", _mod(forms.LearnedSinkWrittenOut, lambda dt: _qkv(dt))),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -682,7 +688,8 @@ def test_research_form_fp32_forward_backward(case):
 
 @pytest.mark.parametrize("case_id", ["per_query_temperature_divisor", "per_key_weight_divisor",
                                      "tome_proportional_attention", "forgetting_attention",
-                                     "kerple_log_attention", "packed_document_mask"])
+                                     "kerple_log_attention", "packed_document_mask",
+                                     "softmax_one_clamped", "learned_sink_written_out"])
 def test_captured_terms_on_the_kernels_forward_backward(case_id):
     """Captured terms of the score through the generated kernels (Triton's
     interpreter on CPU), float32 forward and backward, at a length that is not
@@ -736,6 +743,9 @@ def test_captured_terms_on_the_kernels_forward_backward(case_id):
     ("scores_keys_second_last_vT", "fp16"),
     ("score_threshold_mask", "bf16"),
     ("score_piecewise_mod", "fp16"),
+    ("softmax_one_clamped", "bf16"),
+    ("zero_sink_padded", "fp16"),
+    ("learned_sink_written_out", "bf16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_research_form_low_precision_forward(case_id, dtype, on_kernels):
