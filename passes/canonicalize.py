@@ -84,7 +84,7 @@ _SIGNATURES: Dict[str, Tuple[str, ...]] = {
     "getitem": ("input", "index"), "item": ("input",),
     "ones_like": ("input",), "zeros_like": ("input",), "full_like": ("input", "fill_value"),
     "flatten": ("input", "start_dim", "end_dim"),
-    "repeat_interleave": ("input", "repeats", "dim"),
+    "repeat_interleave": ("input", "repeats", "dim"), "reciprocal": ("input",),
     "pad": ("input", "pad", "mode", "value"), "constant_pad_nd": ("input", "pad", "value"),
 }
 # ops whose tensor arguments after the first are varargs (sizes)
@@ -383,7 +383,10 @@ def softmax_parts(node: fx.Node):
     """If ``node`` is a softmax over some dim, ``(input, dim, dtype)``.
 
     Recognises every spelling of softmax, ``log_softmax(x, dim).exp()``,
-    ``exp(x - logsumexp(x, dim, keepdim=True))`` and the decomposed form ``exp(x - max(x)) / sum(exp(x - max(x)))`` (also without the max).
+    ``exp(x - logsumexp(x, dim, keepdim=True))`` and the decomposed form
+    ``exp(x - max(x)) / sum(exp(x - max(x)))`` (also without the max; the sum
+    kept by ``keepdim``, ``unsqueeze`` or ``[..., None]``; a division or a
+    product with the sum's reciprocal).
     """
     op = canonical(node)
     if op is None:
@@ -394,7 +397,13 @@ def softmax_parts(node: fx.Node):
             return None
         return op.kw["input"], dim, op.kw.get("dtype")
     if op.name == "div":
-        return _decomposed_softmax(op)
+        return _decomposed_softmax(op.kw.get("input"), op.kw.get("other"))
+    if op.name == "mul":                       # e * (1 / Σe), e * Σe.reciprocal()
+        for num, r in ((op.kw.get("input"), op.kw.get("other")), (op.kw.get("other"), op.kw.get("input"))):
+            den = _reciprocal_of(r)
+            if den is not None:
+                return _decomposed_softmax(num, den)
+        return None
     if op.name == "exp":                       # log_softmax(x, dim).exp()
         inner = canonical(op.kw.get("input"))
         if inner is not None and inner.name == "log_softmax" and inner.kw.get("dim") is not None:
@@ -418,17 +427,66 @@ def _reduced_dim(op: COp, name: Sequence[str]):
     return dim if op.kw.get("keepdim") else None
 
 
-def _decomposed_softmax(op: COp):
-    num, den = op.kw.get("input"), op.kw.get("other")
-    e, s = canonical(num), canonical(den)
-    if e is None or s is None or e.name != "exp":
+def _reciprocal_of(r: Any):
+    """``d`` when ``r`` is ``1 / d``, ``d.reciprocal()`` or ``d ** -1``, else None."""
+    op = canonical(r)
+    if op is None:
         return None
-    if s.name != "sum" or s.kw.get("input") is not num:
+    if op.name == "reciprocal":
+        return op.kw.get("input")
+    if op.name == "div" and isinstance(op.kw.get("input"), (int, float)) and op.kw["input"] == 1 \
+            and op.kw.get("rounding_mode") is None:
+        return op.kw.get("other")
+    if op.name == "pow" and isinstance(op.kw.get("exponent"), (int, float)) and op.kw["exponent"] == -1:
+        return op.kw.get("input")
+    return None
+
+
+def _row_sum(den: Any, r: int):
+    """``(summed, dim)`` when ``den`` is a sum over one dim kept as an axis of
+    size 1 (``x.sum(d, keepdim=True)``, ``x.sum(d).unsqueeze(d)``,
+    ``x.sum(-1)[..., None]``), the dim normalised for rank ``r``; else None."""
+    s = canonical(den)
+    if s is None:
+        return None
+    if s.name == "sum":
+        dim = _reduced_dim(s, ("sum",))
+        return None if dim is None else (s.kw.get("input"), norm_dim(dim, r))
+    kept = None
+    if s.name == "unsqueeze" and isinstance(s.kw.get("dim"), int):
+        kept = norm_dim(s.kw["dim"], r)
+    elif s.name == "getitem":
+        index = s.kw.get("index")
+        index = index if isinstance(index, tuple) else (index,)
+        full = slice(None, None, None)
+        if index and index[-1] is None and all(i is Ellipsis or i == full for i in index[:-1]) \
+                and (Ellipsis in index or len(index) == r):
+            kept = r - 1
+    inner = canonical(s.kw.get("input"))
+    if kept is None or inner is None or inner.name != "sum" or inner.kw.get("keepdim"):
+        return None
+    dim = inner.kw.get("dim")
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    if not isinstance(dim, int) or norm_dim(dim, r) != kept:
+        return None
+    return inner.kw.get("input"), kept
+
+
+def _decomposed_softmax(num: Any, den: Any):
+    """``exp(x) / Σ exp(x)`` in its spellings (see softmax_parts); the sum
+    may be of the same exp or of another ``exp`` of the same input."""
+    e = canonical(num)
+    if e is None or e.name != "exp" or not isinstance(e.kw.get("input"), fx.Node):
         return None
     r = _rank(num)
-    dim = _reduced_dim(s, ("sum",))
-    if dim is None:
+    found = _row_sum(den, r)
+    if found is None:
         return None
+    summed, dim = found
+    if summed is not num:
+        other = canonical(summed)
+        if other is None or other.name != "exp" or other.kw.get("input") is not e.kw["input"]:
+            return None
     x = e.kw["input"]
     shifted = row_max_shift(x)
     if shifted is not None and norm_dim(shifted[2], r) == norm_dim(dim, r):

@@ -97,6 +97,18 @@ Gradients of two correct backward passes differ more than their outputs
 agree within ``GRAD_SLACK`` times the outputs' tolerance; a wrong backward
 is off by orders of magnitude more.  An SDPA that disagrees is dropped; an
 original that disagrees keeps the site as written, as for the forward.
+
+[Note: an original its compiler gets wrong]  Where the original is timed as
+inductor compiles it, a disagreement may be the compiled original's fault:
+"softmax plus one" written out (a clamped row max, exp(-m) in the
+denominator) under a -inf causal mask gave non-finite dQ and dK as inductor
+compiled it on the H200 (bf16), finite as eager runs it. Then the site was
+kept as written and the user got the compiler's nan. So when the compiled
+original disagrees with ours, the original subgraph also runs eagerly, once,
+on the same inputs and output gradient: if eager's numbers agree with ours
+(outputs and, training, gradients, by the same tolerances), the compiled
+original is rejected ("as compiled, not eager's numbers") and the choice is
+among the rest; if eager disagrees with ours too, the site stays as written.
 """
 from __future__ import annotations
 
@@ -434,8 +446,26 @@ def _choose(gm, m, analysis, final, op_node, checker, sources, vals) -> Decision
             why = next((f"the gradient of input {i}: {w}" for i, (g, g0) in enumerate(zip(grads, first_grads))
                         if g is not None and g0 is not None and (w := disagreement(g, g0, GRAD_SLACK))), None)
         if why:
+            if name == ORIGINAL and compile_fn is not None and eager_agrees():
+                # [Note: an original its compiler gets wrong] (no "differs": a
+                # cached decision reads that word as the site kept as written)
+                return f"as compiled, not eager's numbers ({why}); the fused kernel gives eager's"
             disagree[name] = f"differs from attn_compiler: {why}"
         return disagree.get(name)
+
+    def eager_agrees() -> bool:
+        """The original subgraph run eagerly agrees with ours ([Note: an
+        original its compiler gets wrong])."""
+        try:
+            referee = _Runner(gm, _subgraph(sources, m.pv.node), sources, checker, training, name="eager")
+            out = referee()
+            grads = referee.take_grads() or []
+        except Exception:  # noqa: BLE001 - no referee: the site stays as written
+            return False
+        if not first or disagreement(out, first[0]):
+            return False
+        return not any(g is not None and g0 is not None and disagreement(g, g0, GRAD_SLACK)
+                       for g, g0 in zip(grads, first_grads))
 
     bench = _interleaved(BENCH or graph_bench, list(candidates.values()))
     host: Dict[str, float] = {}

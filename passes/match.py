@@ -321,15 +321,17 @@ def _explicit_sink_softmax(node: fx.Node):
     if e is None or d is None or e.name != "exp" or d.name != "add" or d.kw.get("alpha", 1) != 1:
         return None
     terms = [d.kw.get("input"), d.kw.get("other")]
-    sums = [i for i, t in enumerate(terms) if isinstance(t, fx.Node) and C.canonical(t) is not None
-            and C.canonical(t).name == "sum" and C.canonical(t).kw.get("input") is num]
-    if len(sums) != 1:
-        return None
-    dim = C._reduced_dim(C.canonical(terms[sums[0]]), ("sum",))
-    extra = terms[1 - sums[0]]
     y = e.kw.get("input")
     rank = len(C.shape_of(num) or ())
-    if dim is None or rank < 2 or C.norm_dim(dim, rank) != rank - 1 or not isinstance(y, fx.Node):
+    sums = [(i, C._row_sum(t, rank)) for i, t in enumerate(terms) if isinstance(t, fx.Node)]
+    sums = [(i, found) for i, found in sums if found is not None and (
+        found[0] is num or (C.canonical(found[0]) is not None and C.canonical(found[0]).name == "exp"
+                            and C.canonical(found[0]).kw.get("input") is y))]
+    if len(sums) != 1 or rank < 2 or not isinstance(y, fx.Node):
+        return None
+    (i, (_, dim)), = sums
+    extra = terms[1 - i]
+    if dim != rank - 1:
         return None
     yop = C.canonical(y)
     shift = None                 # m, when e = exp(s - m) with m one value per row

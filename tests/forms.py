@@ -186,6 +186,45 @@ def manual_softmax_max_values(q, k, v):
     return torch.matmul(e / e.sum(-1, keepdim=True), v)
 
 
+def manual_softmax_two_exps(q, k, v):
+    """Decomposed softmax with the exponential written twice:
+    ``exp(s) / exp(s).sum(-1, keepdim=True)`` (two nodes of the same input)."""
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    return (torch.exp(s) / torch.exp(s).sum(-1, keepdim=True)) @ v
+
+
+def manual_softmax_sum_unsqueezed(q, k, v):
+    """Decomposed softmax whose sum drops the axis and puts it back:
+    ``e / e.sum(dim=-1).unsqueeze(-1)``."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    e = (s - s.amax(-1, keepdim=True)).exp()
+    return (e / e.sum(dim=-1).unsqueeze(-1)) @ v
+
+
+def manual_softmax_sum_indexed(q, k, v):
+    """``e / e.sum(-1)[..., None]`` (no shift)."""
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * q.shape[-1] ** -0.5
+    e = s.exp()
+    return torch.einsum("bhij,bhjd->bhid", e / e.sum(-1)[..., None], v)
+
+
+def manual_softmax_reciprocal(q, k, v):
+    """The sum's reciprocal as a factor: ``e * e.sum(-1, keepdim=True).reciprocal()``,
+    causal."""
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    L = q.shape[-2]
+    s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    e = torch.exp(s - s.max(-1, keepdim=True).values)
+    return (e * e.sum(-1, keepdim=True).reciprocal()) @ v
+
+
+def manual_softmax_one_over(q, k, v):
+    """``(1.0 / e.sum(-1, keepdim=True)) * e``."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    return ((1.0 / e.sum(-1, keepdim=True)) * e) @ v
+
+
 # ---- masks -------------------------------------------------------------------------
 
 class NanoGPTCausalBuffer(nn.Module):

@@ -382,6 +382,30 @@ def test_candidates_that_inductor_cannot_compile_are_timed_eagerly(timed, monkey
     assert "attn_compiler timed eagerly: RuntimeError: no kernel for this" in note
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_an_original_its_compiler_gets_wrong_is_rejected(grad, timed, monkeypatch):
+    """[Note: an original its compiler gets wrong]: the original, compiled,
+    gives nan (as inductor did for softmax plus one's gradients); run eagerly
+    it agrees with our kernel, so the compiled original is rejected rather
+    than the site kept as written, and the user's numbers match eager."""
+    def wrong_when_compiled(gm, inputs):
+        if not any("softmax" in str(n.target) for n in gm.graph.nodes):
+            return choose.compile_with_inductor(gm, inputs)
+        return lambda *args: tuple(t + float("nan") for t in gm(*args))
+    seen, rep = _with_inductor(monkeypatch, wrong_when_compiled, "original", grad)
+    site = rep[0]
+    assert site.fused and site.features["choice"] == "attn_compiler", str(rep)
+    assert "as compiled, not eager's numbers" in site.features["errors"]["original"]
+
+
+def test_an_original_that_disagrees_compiled_and_eager_keeps_the_site(timed, monkeypatch):
+    """The eager referee disagrees with our kernel too: the site stays as written."""
+    monkeypatch.setattr(choose, "disagreement", lambda a, b, slack=1.0: "off")
+    seen, rep = _with_inductor(monkeypatch, choose.compile_with_inductor, "attn_compiler", True)
+    assert not rep[0].fused and rep[0].features["choice"] == "original", str(rep)
+    assert "differ" in rep[0].reason
+
+
 def test_other_inner_compilers_time_the_original_eagerly(timed, monkeypatch):
     monkeypatch.setattr(choose, "compile_with_inductor", lambda *a: pytest.fail("compiled with inductor"))
     rep = _run(Causal(), "original", monkeypatch)

@@ -133,6 +133,11 @@ CASES = [
     Case("manual_softmax_amax", _fn(forms.manual_softmax_amax)),
     Case("manual_softmax_max_index0", _fn(forms.manual_softmax_max_index0)),
     Case("manual_softmax_max_values", _fn(forms.manual_softmax_max_values)),
+    Case("manual_softmax_two_exps", _fn(forms.manual_softmax_two_exps)),
+    Case("manual_softmax_sum_unsqueezed", _fn(forms.manual_softmax_sum_unsqueezed)),
+    Case("manual_softmax_sum_indexed", _fn(forms.manual_softmax_sum_indexed)),
+    Case("manual_softmax_reciprocal", _fn(forms.manual_softmax_reciprocal)),
+    Case("manual_softmax_one_over", _fn(forms.manual_softmax_one_over)),
     # masks
     Case("nanogpt_causal_buffer", _mod(forms.NanoGPTCausalBuffer, lambda dt: [_t(B, L, 64, dtype=dt)])),
     Case("causal_tril_in_graph", _fn(forms.causal_tril_in_graph)),
