@@ -33,6 +33,7 @@ when neither is fused.  Anything else is left as it is.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Dict, List, Optional
 
 import torch
@@ -243,13 +244,106 @@ def _fake_value(n: fx.Node, env):
     return n.target(*args, **kwargs)
 
 
+def _normalized_after(top: fx.Node):
+    """[Note: probabilities normalized after P·V]  ``(e @ v) / e.sum(-1,
+    keepdim=True)`` with ``e = exp(s - m)`` (the normalization deferred past
+    the product, as FlashAttention does it): ``(pv, e, den)`` when ``top``
+    is that quotient (or ``pv * (1 / den)``), else None.  P·V is linear in P,
+    so it is ``(e / e.sum(-1, keepdim=True)) @ v``, a softmax written out that
+    the matcher takes; ``restore`` puts the user's nodes back when that site
+    is not fused."""
+    op = C.canonical(top)
+    if op is None:
+        return None
+    if op.name == "div" and op.kw.get("rounding_mode") is None:
+        pv, den = op.kw.get("input"), op.kw.get("other")
+    elif op.name == "mul":
+        pv, den = op.kw.get("input"), C._reciprocal_of(op.kw.get("other"))
+        if den is None:
+            pv, den = op.kw.get("other"), C._reciprocal_of(op.kw.get("input"))
+    else:
+        return None
+    if not isinstance(pv, fx.Node) or not isinstance(den, fx.Node) or len(pv.users) != 1:
+        return None
+    c = C.contraction(pv)
+    if c is None:
+        return None
+    found = [i for i in (0, 1) if C.canonical(c.operand(i)[0]) is not None
+             and C.canonical(c.operand(i)[0]).name == "exp"]
+    if len(found) != 1:
+        return None
+    e, elabels = c.operand(found[0])
+    eop, es, ps = C.canonical(e), C.shape_of(e), C.shape_of(pv)
+    # e's last axis (the keys) is the one contracted, and the product keeps
+    # e's other axes in e's order with the value axis last: den, one value
+    # per row of e, then divides the product's rows
+    if es is None or ps is None or len(es) < 2 or len(es) != len(ps) or elabels[-1] != c.contracted \
+            or c.out_labels[:-1] != elabels[:-1] or tuple(ps[:-1]) != tuple(es[:-1]):
+        return None
+    found = C._row_sum(den, len(es))
+    if found is None or found[1] != len(es) - 1:
+        return None
+    summed = found[0]
+    sop = C.canonical(summed)
+    if summed is not e and (sop is None or sop.name != "exp" or sop.kw.get("input") is not eop.kw.get("input")):
+        return None
+    if tuple(C.shape_of(den)) != tuple(es[:-1]) + (1,):
+        return None
+    return pv, e, den
+
+
+def _rewrite_normalized(g: fx.Graph, top: fx.Node, pv: fx.Node, e: fx.Node, den: fx.Node) -> Optional[Distributed]:
+    """``top = (e @ v) / den`` as ``(e / den) @ v`` (see _normalized_after)."""
+    want = C.example_value(top)
+    mode = getattr(want, "fake_mode", None)
+    if mode is None:
+        return None
+    created, env = [], {}
+    with g.inserting_before(top):
+        p = g.call_function(operator.truediv, (e, den))
+        created.append(p)
+        new = g.node_copy(pv, lambda a: p if a is e else a)
+        new.meta.pop("_ac_canon", None)         # the copy's canonical form reads p, not e
+        created.append(new)
+    try:
+        for n in created:
+            n.meta["stack_trace"] = top.meta.get("stack_trace")
+            with mode:
+                env[n] = _fake_value(n, env)
+            n.meta["example_value"] = env[n]
+    except Exception:
+        for n in reversed(created):
+            g.erase_node(n)
+        raise
+    got = env[new]
+    if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
+        for n in reversed(created):
+            g.erase_node(n)
+        return None
+    saved = [(n, n.op, n.target, n.args, n.kwargs, dict(n.meta)) for n in (pv, top)]
+    top.replace_all_uses_with(new)
+    g.erase_node(top)
+    g.erase_node(pv)
+    return Distributed([new], new, created, saved)
+
+
 def distribute(gm: fx.GraphModule) -> List[Distributed]:
-    """Rewrite every combined product of ``gm`` (see the note); returns what
-    ``restore`` needs to undo each (the pass restores those whose products
-    it did not fuse)."""
+    """Rewrite every combined product of ``gm`` (see the note), and every
+    product normalized after P·V ([Note: probabilities normalized after
+    P·V]); returns what ``restore`` needs to undo each (the pass restores
+    those whose products it did not fuse)."""
     out = []
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method"):
+            continue
+        normalized = _normalized_after(node)
+        if normalized is not None:
+            try:
+                d = _rewrite_normalized(gm.graph, node, *normalized)
+            except Exception:  # noqa: BLE001 - a form we misread stays as written
+                continue
+            if d is not None:
+                out.append(d)
             continue
         found = _find(node) or _find_two_maps(node)
         if found is None:

@@ -225,6 +225,25 @@ def manual_softmax_one_over(q, k, v):
     return ((1.0 / e.sum(-1, keepdim=True)) * e) @ v
 
 
+def normalized_after_pv(q, k, v):
+    """The normalization deferred past P·V (FlashAttention's order, written
+    out): ``(e @ v) / e.sum(-1, keepdim=True)`` with ``e = exp(s - max)``,
+    causal."""
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    L = q.shape[-2]
+    s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    return (e @ v) / e.sum(-1, keepdim=True)
+
+
+def normalized_after_pv_einsum(q, k, v):
+    """As ``normalized_after_pv`` through einsums, the sum's reciprocal a
+    factor of the product (no shift)."""
+    s = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(q.shape[-1])
+    e = s.exp()
+    return torch.einsum("bhij,bhjd->bhid", e, v) * e.sum(dim=-1).unsqueeze(-1).reciprocal()
+
+
 # ---- masks -------------------------------------------------------------------------
 
 class NanoGPTCausalBuffer(nn.Module):

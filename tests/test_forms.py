@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import operator
 from typing import Callable, Optional
 
 import pytest
@@ -682,6 +683,9 @@ RESEARCH_CASES = [
     Case("zero_sink_column", _fn(forms.zero_sink_column)),
     Case("zero_sink_padded", _fn(forms.zero_sink_padded)),
     Case("learned_sink_written_out", _mod(forms.LearnedSinkWrittenOut, lambda dt: _qkv(dt))),
+    # the normalization deferred past P·V ([Note: probabilities normalized after P·V])
+    Case("normalized_after_pv", _fn(forms.normalized_after_pv)),
+    Case("normalized_after_pv_einsum", _fn(forms.normalized_after_pv_einsum)),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -694,7 +698,8 @@ def test_research_form_fp32_forward_backward(case):
 @pytest.mark.parametrize("case_id", ["per_query_temperature_divisor", "per_key_weight_divisor",
                                      "tome_proportional_attention", "forgetting_attention",
                                      "kerple_log_attention", "packed_document_mask",
-                                     "softmax_one_clamped", "learned_sink_written_out"])
+                                     "softmax_one_clamped", "learned_sink_written_out",
+                                     "normalized_after_pv"])
 def test_captured_terms_on_the_kernels_forward_backward(case_id):
     """Captured terms of the score through the generated kernels (Triton's
     interpreter on CPU), float32 forward and backward, at a length that is not
@@ -751,6 +756,7 @@ def test_captured_terms_on_the_kernels_forward_backward(case_id):
     ("softmax_one_clamped", "bf16"),
     ("zero_sink_padded", "fp16"),
     ("learned_sink_written_out", "bf16"),
+    ("normalized_after_pv", "bf16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_research_form_low_precision_forward(case_id, dtype, on_kernels):
@@ -818,6 +824,37 @@ def _graph_capture():
     torch._dynamo.reset()
     attn_compiler.reset()
     return graphs, inner
+
+
+def _normalized_after_pv_top_k(q, k, v):
+    """The normalization deferred past P·V under a top-k mask (declined)."""
+    s = q @ k.transpose(-1, -2)
+    s = s.masked_fill(s < s.topk(4, dim=-1).values[..., -1:], float("-inf"))
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    return (e @ v) / e.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("declined", [False, True], ids=["fused", "declined"])
+def test_normalized_after_pv_fused_or_as_written(declined):
+    """[Note: probabilities normalized after P·V] A fused site replaces the
+    deferred normalization with the op; a declined one runs the user's nodes
+    as written: the product of the unnormalized e, then the division (the
+    exact eager numbers)."""
+    graphs, inner = _graph_capture()
+    q, k, v = _qkv(F32)
+    fn = _normalized_after_pv_top_k if declined else forms.normalized_after_pv
+    out = torch.compile(fn, backend=attn_compiler.backend(inner=inner))(q, k, v)
+    rep = attn_compiler.report()
+    nodes = [n for gm in graphs for n in gm.graph.nodes]
+    if declined:
+        torch.testing.assert_close(out, fn(q, k, v), rtol=0, atol=0)
+        assert len(rep.declined) == 1 and not rep.fused, str(rep)
+        matmul = [n for n in nodes if "matmul" in str(getattr(n.target, "__name__", n.target))]
+        assert len(matmul) == 2 and all(n.args[0].target is not operator.truediv for n in matmul)
+    else:
+        torch.testing.assert_close(out, fn(q, k, v))
+        assert len(rep.fused) == 1 and not rep.declined, str(rep)
+        assert not any(n.target is operator.truediv for n in nodes)
 
 
 @pytest.mark.parametrize("case_id", ["inplace_masked_fill_", "xlm_expand_as_in_place", "inplace_iadd_bias",
