@@ -294,37 +294,10 @@ def _normalized_after(top: fx.Node):
 
 def _rewrite_normalized(g: fx.Graph, top: fx.Node, pv: fx.Node, e: fx.Node, den: fx.Node) -> Optional[Distributed]:
     """``top = (e @ v) / den`` as ``(e / den) @ v`` (see _normalized_after)."""
-    want = C.example_value(top)
-    mode = getattr(want, "fake_mode", None)
-    if mode is None:
-        return None
-    created, env = [], {}
-    with g.inserting_before(top):
-        p = g.call_function(operator.truediv, (e, den))
-        created.append(p)
-        new = g.node_copy(pv, lambda a: p if a is e else a)
-        new.meta.pop("_ac_canon", None)         # the copy's canonical form reads p, not e
-        created.append(new)
-    try:
-        for n in created:
-            n.meta["stack_trace"] = top.meta.get("stack_trace")
-            with mode:
-                env[n] = _fake_value(n, env)
-            n.meta["example_value"] = env[n]
-    except Exception:
-        for n in reversed(created):
-            g.erase_node(n)
-        raise
-    got = env[new]
-    if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
-        for n in reversed(created):
-            g.erase_node(n)
-        return None
-    saved = [(n, n.op, n.target, n.args, n.kwargs, dict(n.meta)) for n in (pv, top)]
-    top.replace_all_uses_with(new)
-    g.erase_node(top)
-    g.erase_node(pv)
-    return Distributed([new], new, created, saved)
+    def build(make, mapping):
+        mapping[e] = make(operator.truediv, (e, den))
+        return [make(None, None, like=pv)]
+    return _rewrite(g, top, None, [], [pv], build)
 
 
 def distribute(gm: fx.GraphModule) -> List[Distributed]:
@@ -360,8 +333,9 @@ def distribute(gm: fx.GraphModule) -> List[Distributed]:
 def _rewrite(g: fx.Graph, product, comb, scales, replaced, build) -> Optional[Distributed]:
     """Insert the distributed form of ``product`` (``build`` makes its P·V
     nodes and maps the terms it replaces), then the scalings and the
-    combination copied onto them; erase ``replaced``, the scalings, the
-    combination and the product (kept, for ``restore``)."""
+    combination copied onto them (no ``comb``: the last P·V node stands for
+    the product); erase ``replaced``, the scalings, the combination and the
+    product (kept, for ``restore``)."""
     want = C.example_value(product)
     mode = getattr(want, "fake_mode", None)
     if mode is None:
@@ -373,6 +347,7 @@ def _rewrite(g: fx.Graph, product, comb, scales, replaced, build) -> Optional[Di
     def make(target, args, like=None):
         if like is not None:
             n = g.node_copy(like, lambda a: mapping.get(a, a))
+            n.meta.pop("_ac_canon", None)        # the copy's canonical form reads its own arguments
         else:
             n = g.create_node("call_function", target, args)
         n.meta["stack_trace"] = trace
@@ -387,7 +362,7 @@ def _rewrite(g: fx.Graph, product, comb, scales, replaced, build) -> Optional[Di
             products = build(make, mapping)
             for s in scales:
                 mapping[s] = make(None, None, like=s)
-            new_out = make(None, None, like=comb)
+            new_out = make(None, None, like=comb) if comb is not None else products[-1]
     except Exception:
         for n in reversed(created):
             g.erase_node(n)
@@ -398,7 +373,8 @@ def _rewrite(g: fx.Graph, product, comb, scales, replaced, build) -> Optional[Di
             g.erase_node(n)
         return None
     order = {n: i for i, n in enumerate(g.nodes)}
-    old = sorted(list(replaced) + list(scales) + [comb, product], key=order.__getitem__)
+    old = sorted(list(replaced) + list(scales) + ([comb] if comb is not None else []) + [product],
+                 key=order.__getitem__)
     saved = [(n, n.op, n.target, n.args, n.kwargs, dict(n.meta)) for n in old]
     product.replace_all_uses_with(new_out)
     for n in reversed(old):
