@@ -84,7 +84,7 @@ _SIGNATURES: Dict[str, Tuple[str, ...]] = {
     "getitem": ("input", "index"), "item": ("input",),
     "ones_like": ("input",), "zeros_like": ("input",), "full_like": ("input", "fill_value"),
     "flatten": ("input", "start_dim", "end_dim"),
-    "repeat_interleave": ("input", "repeats", "dim"), "reciprocal": ("input",),
+    "repeat_interleave": ("input", "repeats", "dim"), "reciprocal": ("input",), "exp2": ("input",),
     "pad": ("input", "pad", "mode", "value"), "constant_pad_nd": ("input", "pad", "value"),
 }
 # ops whose tensor arguments after the first are varargs (sizes)

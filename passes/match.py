@@ -101,6 +101,10 @@ def find_sites(gm: fx.GraphModule) -> List[Any]:
         if parts is None:
             parts = _explicit_sink_softmax(node)
             if parts is None:
+                y = _exp2_softmax(node)
+                if y is not None and next(qk_candidates(y), None) is not None and _reaches_product(node) is not None:
+                    out.append(Declined(node, "a softmax written with exp2 (base 2): not taken; written with "
+                                              "exp or softmax it would be"))
                 continue
             parts, sink = parts[:3], parts[3]
         try:
@@ -303,6 +307,24 @@ def _last_axis_pad(n: fx.Node):
     if tuple(pad) == (1, 0):
         return op.kw["input"], float(value), True
     return None
+
+
+def _exp2_softmax(node: fx.Node) -> Optional[fx.Node]:
+    """The input ``y`` of ``exp2(y) / Σ exp2(y)`` (a softmax in base 2, the
+    Triton habit of folding log2(e) into the scale), else None."""
+    op = C.canonical(node)
+    if op is None or op.name != "div":
+        return None
+    num = op.kw.get("input")
+    e = C.canonical(num)
+    if e is None or e.name != "exp2" or not isinstance(e.kw.get("input"), fx.Node):
+        return None
+    found = C._row_sum(op.kw.get("other"), len(C.shape_of(num) or ()))
+    if found is None or found[0] is not num:
+        return None
+    y = e.kw["input"]
+    shifted = C.row_max_shift(y)
+    return shifted[0] if shifted is not None else y
 
 
 def _explicit_sink_softmax(node: fx.Node):
