@@ -396,14 +396,9 @@ def softmax_parts(node: fx.Node):
         if dim is None:
             return None
         return op.kw["input"], dim, op.kw.get("dtype")
-    if op.name == "div":
-        return _decomposed_softmax(op.kw.get("input"), op.kw.get("other"))
-    if op.name == "mul":                       # e * (1 / Σe), e * Σe.reciprocal()
-        for num, r in ((op.kw.get("input"), op.kw.get("other")), (op.kw.get("other"), op.kw.get("input"))):
-            den = _reciprocal_of(r)
-            if den is not None:
-                return _decomposed_softmax(num, den)
-        return None
+    if op.name in ("div", "mul"):              # e / Σe, e * (1 / Σe), e * Σe.reciprocal()
+        parts = quotient(node)
+        return None if parts is None else _decomposed_softmax(*parts)
     if op.name == "exp":                       # log_softmax(x, dim).exp()
         inner = canonical(op.kw.get("input"))
         if inner is not None and inner.name == "log_softmax" and inner.kw.get("dim") is not None:
@@ -427,6 +422,24 @@ def _reduced_dim(op: COp, name: Sequence[str]):
     return dim if op.kw.get("keepdim") else None
 
 
+def quotient(node: Any):
+    """``(num, den)`` when ``node`` is ``num / den`` (true division) or a
+    product of ``num`` with ``den``'s reciprocal (``1 / den``,
+    ``den.reciprocal()``, ``den ** -1``), else None."""
+    op = canonical(node)
+    if op is None:
+        return None
+    a, b = op.kw.get("input"), op.kw.get("other")
+    if op.name == "div" and op.kw.get("rounding_mode") is None:
+        return a, b
+    if op.name == "mul":
+        for num, r in ((a, b), (b, a)):
+            den = _reciprocal_of(r)
+            if den is not None:
+                return num, den
+    return None
+
+
 def _reciprocal_of(r: Any):
     """``d`` when ``r`` is ``1 / d``, ``d.reciprocal()`` or ``d ** -1``, else None."""
     op = canonical(r)
@@ -440,6 +453,23 @@ def _reciprocal_of(r: Any):
     if op.name == "pow" and isinstance(op.kw.get("exponent"), (int, float)) and op.kw["exponent"] == -1:
         return op.kw.get("input")
     return None
+
+
+def row_sum_of(den: Any, num: Any) -> Optional[int]:
+    """The dim (normalised) when ``den`` is ``num``'s row sum kept as an axis
+    of size 1 (see _row_sum), the sum taken of ``num`` itself or of another
+    node of the same op on the same input (``exp(s) / exp(s).sum(-1, True)``),
+    else None."""
+    found = _row_sum(den, _rank(num))
+    if found is None:
+        return None
+    summed, dim = found
+    if summed is not num:
+        a, b = canonical(summed), canonical(num)
+        if a is None or b is None or a.name != b.name or a.name not in ("exp", "exp2") \
+                or a.kw.get("input") is not b.kw.get("input"):
+            return None
+    return dim
 
 
 def _row_sum(den: Any, r: int):
@@ -479,14 +509,9 @@ def _decomposed_softmax(num: Any, den: Any):
     if e is None or e.name != "exp" or not isinstance(e.kw.get("input"), fx.Node):
         return None
     r = _rank(num)
-    found = _row_sum(den, r)
-    if found is None:
+    dim = row_sum_of(den, num)
+    if dim is None:
         return None
-    summed, dim = found
-    if summed is not num:
-        other = canonical(summed)
-        if other is None or other.name != "exp" or other.kw.get("input") is not e.kw["input"]:
-            return None
     x = e.kw["input"]
     shifted = row_max_shift(x)
     if shifted is not None and norm_dim(shifted[2], r) == norm_dim(dim, r):

@@ -247,22 +247,15 @@ def _fake_value(n: fx.Node, env):
 def _normalized_after(top: fx.Node):
     """[Note: probabilities normalized after P·V]  ``(e @ v) / e.sum(-1,
     keepdim=True)`` with ``e = exp(s - m)`` (the normalization deferred past
-    the product, as FlashAttention does it): ``(pv, e, den)`` when ``top``
-    is that quotient (or ``pv * (1 / den)``), else None.  P·V is linear in P,
-    so it is ``(e / e.sum(-1, keepdim=True)) @ v``, a softmax written out that
-    the matcher takes; ``restore`` puts the user's nodes back when that site
-    is not fused."""
-    op = C.canonical(top)
-    if op is None:
+    the product, as FlashAttention does it).  P·V is linear in P, so it is
+    ``(e / e.sum(-1, keepdim=True)) @ v``, a softmax written out that the
+    matcher takes; ``restore`` puts the user's nodes back when that site is
+    not fused.  When ``top`` is that quotient (or ``pv * (1 / den)``), the
+    arguments of ``_rewrite`` after ``product``; else None."""
+    parts = C.quotient(top)
+    if parts is None:
         return None
-    if op.name == "div" and op.kw.get("rounding_mode") is None:
-        pv, den = op.kw.get("input"), op.kw.get("other")
-    elif op.name == "mul":
-        pv, den = op.kw.get("input"), C._reciprocal_of(op.kw.get("other"))
-        if den is None:
-            pv, den = op.kw.get("other"), C._reciprocal_of(op.kw.get("input"))
-    else:
-        return None
+    pv, den = parts
     if not isinstance(pv, fx.Node) or not isinstance(den, fx.Node) or len(pv.users) != 1:
         return None
     c = C.contraction(pv)
@@ -273,31 +266,20 @@ def _normalized_after(top: fx.Node):
     if len(found) != 1:
         return None
     e, elabels = c.operand(found[0])
-    eop, es, ps = C.canonical(e), C.shape_of(e), C.shape_of(pv)
+    es, ps = C.shape_of(e), C.shape_of(pv)
     # e's last axis (the keys) is the one contracted, and the product keeps
     # e's other axes in e's order with the value axis last: den, one value
     # per row of e, then divides the product's rows
     if es is None or ps is None or len(es) < 2 or len(es) != len(ps) or elabels[-1] != c.contracted \
             or c.out_labels[:-1] != elabels[:-1] or tuple(ps[:-1]) != tuple(es[:-1]):
         return None
-    found = C._row_sum(den, len(es))
-    if found is None or found[1] != len(es) - 1:
+    if C.row_sum_of(den, e) != len(es) - 1 or tuple(C.shape_of(den)) != tuple(es[:-1]) + (1,):
         return None
-    summed = found[0]
-    sop = C.canonical(summed)
-    if summed is not e and (sop is None or sop.name != "exp" or sop.kw.get("input") is not eop.kw.get("input")):
-        return None
-    if tuple(C.shape_of(den)) != tuple(es[:-1]) + (1,):
-        return None
-    return pv, e, den
 
-
-def _rewrite_normalized(g: fx.Graph, top: fx.Node, pv: fx.Node, e: fx.Node, den: fx.Node) -> Optional[Distributed]:
-    """``top = (e @ v) / den`` as ``(e / den) @ v`` (see _normalized_after)."""
-    def build(make, mapping):
+    def build(make, mapping):            # (e / den) @ v: the product copied onto p
         mapping[e] = make(operator.truediv, (e, den))
         return [make(None, None, like=pv)]
-    return _rewrite(g, top, None, [], [pv], build)
+    return None, [], [pv], build
 
 
 def distribute(gm: fx.GraphModule) -> List[Distributed]:
@@ -309,16 +291,7 @@ def distribute(gm: fx.GraphModule) -> List[Distributed]:
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
-        normalized = _normalized_after(node)
-        if normalized is not None:
-            try:
-                d = _rewrite_normalized(gm.graph, node, *normalized)
-            except Exception:  # noqa: BLE001 - a form we misread stays as written
-                continue
-            if d is not None:
-                out.append(d)
-            continue
-        found = _find(node) or _find_two_maps(node)
+        found = _normalized_after(node) or _find(node) or _find_two_maps(node)
         if found is None:
             continue
         try:

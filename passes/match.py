@@ -312,15 +312,10 @@ def _last_axis_pad(n: fx.Node):
 def _exp2_softmax(node: fx.Node) -> Optional[fx.Node]:
     """The input ``y`` of ``exp2(y) / Σ exp2(y)`` (a softmax in base 2, the
     Triton habit of folding log2(e) into the scale), else None."""
-    op = C.canonical(node)
-    if op is None or op.name != "div":
-        return None
-    num = op.kw.get("input")
-    e = C.canonical(num)
-    if e is None or e.name != "exp2" or not isinstance(e.kw.get("input"), fx.Node):
-        return None
-    found = C._row_sum(op.kw.get("other"), len(C.shape_of(num) or ()))
-    if found is None or found[0] is not num:
+    parts = C.quotient(node)
+    e = C.canonical(parts[0]) if parts is not None else None
+    if e is None or e.name != "exp2" or not isinstance(e.kw.get("input"), fx.Node) \
+            or C.row_sum_of(parts[1], parts[0]) is None:
         return None
     y = e.kw["input"]
     shifted = C.row_max_shift(y)
@@ -335,23 +330,21 @@ def _explicit_sink_softmax(node: fx.Node):
     the softmax over the keys and one more logit ``t`` (0 for plus one)
     whose column is not kept.  Whatever ``m`` is, it cancels: ``exp(s - m) /
     (Σ exp(s - m) + exp(t - m)) = exp(s) / (Σ exp(s) + exp(t))``.  Else None."""
-    op = C.canonical(node)
-    if op is None or op.name != "div":
+    parts = C.quotient(node)
+    if parts is None:
         return None
-    num, den = op.kw.get("input"), op.kw.get("other")
+    num, den = parts
     e, d = C.canonical(num), C.canonical(den)
     if e is None or d is None or e.name != "exp" or d.name != "add" or d.kw.get("alpha", 1) != 1:
         return None
     terms = [d.kw.get("input"), d.kw.get("other")]
     y = e.kw.get("input")
     rank = len(C.shape_of(num) or ())
-    sums = [(i, C._row_sum(t, rank)) for i, t in enumerate(terms) if isinstance(t, fx.Node)]
-    sums = [(i, found) for i, found in sums if found is not None and (
-        found[0] is num or (C.canonical(found[0]) is not None and C.canonical(found[0]).name == "exp"
-                            and C.canonical(found[0]).kw.get("input") is y))]
+    sums = [(i, C.row_sum_of(t, num)) for i, t in enumerate(terms) if isinstance(t, fx.Node)]
+    sums = [(i, dim) for i, dim in sums if dim is not None]
     if len(sums) != 1 or rank < 2 or not isinstance(y, fx.Node):
         return None
-    (i, (_, dim)), = sums
+    (i, dim), = sums
     extra = terms[1 - i]
     if dim != rank - 1:
         return None
