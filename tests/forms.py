@@ -347,6 +347,31 @@ def swin_shifted_window_mask(q, k, v, rel_bias, mask):
     return attn.softmax(dim=-1) @ v
 
 
+def torchvision_swin_mask_in_graph(q, k, v, rel_bias, grid=(6, 6), ws=3, shift=1):
+    """torchvision's shifted_window_attention: the shift mask built in the
+    forward from the image size: an (H, W) grid of region ids filled by slice
+    assignments, viewed as windows (nW, ws*ws), ids compared pairwise into
+    0 / -100, added on a (B, nW, H, N, N) view of the scores.  The grid is read
+    at window-split indices no op axis runs along; the (1, nW, 1, N, N) mask
+    that joins the scores is read along the window-folded heads."""
+    B_, Hh, N, D = q.shape
+    gh, gw = grid
+    nW = (gh // ws) * (gw // ws)
+    attn = (q * D ** -0.5).matmul(k.transpose(-2, -1)) + rel_bias.unsqueeze(0)
+    ids = q.new_zeros((gh, gw))
+    cnt = 0
+    for h in ((0, -ws), (-ws, -shift), (-shift, None)):
+        for w in ((0, -ws), (-ws, -shift), (-shift, None)):
+            ids[h[0]:h[1], w[0]:w[1]] = cnt
+            cnt += 1
+    ids = ids.view(gh // ws, ws, gw // ws, ws).permute(0, 2, 1, 3).reshape(nW, ws * ws)
+    mask = ids.unsqueeze(1) - ids.unsqueeze(2)
+    mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+    attn = attn.view(B_ // nW, nW, Hh, N, N) + mask.unsqueeze(1).unsqueeze(0)
+    attn = F.softmax(attn.view(-1, Hh, N, N), dim=-1)
+    return attn.matmul(v)
+
+
 def shaw_relative_logits_first(q, k, v, rel_k):
     """Shaw et al. relative position logits (an einsum of q with a (Lq, Lk, D)
     table of relative keys) written before Q·Kᵀ: ``rel + q @ kᵀ``; the nearest

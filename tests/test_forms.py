@@ -186,6 +186,9 @@ CASES = [
     Case("swin_shifted_window_mask", lambda dt: (forms.swin_shifted_window_mask,
                                                  _qkv(dt, b=3 * 4, h=3, lq=9, lk=9)
                                                  + [_t(3, 9, 9, dtype=dt), _swin_shift_mask(4, 9, dt)])),
+    Case("torchvision_swin_mask_in_graph", lambda dt: (forms.torchvision_swin_mask_in_graph,
+                                                       _qkv(dt, b=2 * 4, h=3, lq=9, lk=9)
+                                                       + [_t(3, 9, 9, dtype=dt)])),
     Case("hf5_causal_where_finfo", _fn(forms.hf5_causal_where_finfo)),
     Case("hf5_causal_where_finfo_cache", _fn(forms.hf5_causal_where_finfo, lq=5, lk=L)),
     Case("hf5_causal_and_padding", lambda dt: (forms.hf5_causal_and_padding, _qkv(dt) + [_keep_mask()])),
@@ -319,6 +322,7 @@ def test_form_fp32_forward_backward(case):
     ("t5_unscaled_bias", "bf16"),
     ("bert_additive_padding", "fp16"),
     ("gemma2_tanh_softcap", "bf16"),
+    ("torchvision_swin_mask_in_graph", "bf16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_form_low_precision_forward(case_id, dtype, on_kernels):

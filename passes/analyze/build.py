@@ -26,7 +26,7 @@ from attn_compiler.layout import CYCLIC_B, FLAT, MERGE_NEXT, MERGE_NEXT_SWAPPED
 from .. import canonicalize as C
 from . import spec as S
 from .symbolic import ScoreInterpreter
-from .values import _CASTS, R, Decline
+from .values import _CASTS, R, Decline, ReadDecline
 from .torch_eval import can_evaluate
 
 _OP_AXES = (S.b, S.h, S.q_idx, S.kv_idx)
@@ -65,13 +65,46 @@ def size_map(m) -> Dict[Any, Any]:
     return out
 
 
+# [Note: a side value captured whole]
+# A side value is interpreted down to its sources so that index arithmetic
+# becomes expressions (a causal mask from arange, a tril buffer) and only
+# what cannot be written so is captured.  A mask built in the graph from a
+# tensor the op cannot read along its own axes is the other way round:
+# torchvision's Swin fills an (H, W) grid of region ids, views it as windows
+# (nW, ws*ws) and compares ids pairwise; the grid itself is read at
+# ``floor(w / nW_w) * ws + q // ws, ...``, never along an op axis.  The value
+# that joins the scores ((1, nW, 1, N, N), read along the window-folded heads,
+# the queries and the keys) is a plain broadcast operand.  So when a captured
+# tensor's reads cannot be presented, the analysis runs again with every side
+# value that joined the scores and holds that tensor captured whole: what
+# timm's registered window mask gives directly.  Nothing new is materialised:
+# the joined value is a tensor the model's own code computes.
+
 def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analysis:
     """The spec of site ``m``; ``checker`` (verify.SideChecker) re-computes
     every folded mask from the example inputs and declines on a mismatch."""
+    opaque: set = set()
+    first: Optional[ReadDecline] = None
+    for _ in range(3):
+        interp = ScoreInterpreter(m.qk.node, 1, m.softmax_in, real_values, size_map(m), m.chain,
+                                  m.softmax, m.heads, opaque=frozenset(opaque))
+        try:
+            return _analyze(m, interp, checker)
+        except ReadDecline as exc:
+            first = first or exc
+            calls = {lf.func for lf in interp.leaves if lf.node is exc.node}
+            wider = {node for node, v in interp.joins
+                     if isinstance(node, fx.Node) and node not in opaque and node is not exc.node
+                     and any(f.func in calls for f in getattr(v.expr, "atoms", lambda *_: ())(sympy.Function))}
+            if exc.node is None or not wider:
+                break
+            opaque |= wider
+    raise Decline(str(first))
+
+
+def _analyze(m, interp: ScoreInterpreter, checker) -> Analysis:
     qk = m.qk
-    smap = size_map(m)
-    interp = ScoreInterpreter(qk.node, 1, m.softmax_in, real_values, smap, m.chain, m.softmax,
-                              m.heads)
+    smap = interp.size_map
     # q.shape[-1] ** -0.5 is a SymFloat when the head dim is dynamic: named through the size map
     coef = interp.const(m.q.factor) * interp.const(m.k.factor) * interp.const(qk.alpha)
     interp.coef = coef
@@ -428,47 +461,53 @@ def _rename_captures(expr, leaves, flat, op_sizes=(None, None)):
                     if str(f.func).startswith("_leaf")}, key=str)
     by_name = {str(lf.func): lf for lf in leaves}
     sub, captures, specs = {}, [], []
-    for call in calls:
-        lf = by_name[str(call.func)]
-        axes, kv_map, h_map = [], (), ()
-        args = [_within_heads(a, op_sizes[1]) for a in call.args]
-        for i, a in enumerate(args):
-            split = _split_term(a)
-            if split is not None:
-                axes.append(_split_axis(split, args, i, lf.node, op_sizes[1]))
-                if split[0] == S.kv_idx:
-                    kv_map = split[1:]
-                elif split[0] == S.h and axes[-1] == 1 and not (i and axes[-2] == MERGE_NEXT):
-                    h_map = split[1:]
-                continue
-            if a == 0:
-                axes.append(None)
-            elif a == flat and flat not in _OP_AXES:
-                axes.append(FLAT)
-            elif a in _OP_AXES:
-                axes.append(_OP_AXES.index(a))
-            elif _cyclic_period(a, lf.node, i) is not None:
-                axes.append(CYCLIC_B)
-            else:
-                raise Decline(f"a captured tensor is read at {a}, not along one op axis")
-        if axes.count(CYCLIC_B) > 1 or (CYCLIC_B in axes and FLAT in axes):
-            raise Decline("a captured tensor is read at b mod n along two axes")
-        used = [a for a in axes if a is not None and a not in (MERGE_NEXT, MERGE_NEXT_SWAPPED)]
-        used = [j for a in used for j in ((0, 1) if a == FLAT else (0,) if a == CYCLIC_B else (a,))]
-        if len(set(used)) != len(used):
-            raise Decline("a captured tensor is read along the same op axis twice")
-        if lf.rank == 0:
-            axes = []
-        i = len(captures)
-        ev = C.example_value(lf.node)
-        captures.append(CaptureView(lf.node, tuple(axes)))
-        dims = tuple(j in used for j in range(4))
-        grad = bool(ev.requires_grad and ev.dtype.is_floating_point)
-        if kv_map and not ev.dtype.is_floating_point:
-            raise Decline("a term read along a split key axis (decomposed relative positions) "
-                          "is not a float tensor")
-        if h_map and kv_map:
-            raise Decline("a captured tensor is read along part of the heads and part of the keys")
-        specs.append(S.CapturedTensor(dims, _dtype_name(ev.dtype), grad, kv_map, h_map))
-        sub[call] = S.captured_call(i)
+    lf = None
+    try:
+        for call in calls:
+            lf = by_name[str(call.func)]
+            axes, kv_map, h_map = [], (), ()
+            args = [_within_heads(a, op_sizes[1]) for a in call.args]
+            for i, a in enumerate(args):
+                split = _split_term(a)
+                if split is not None:
+                    axes.append(_split_axis(split, args, i, lf.node, op_sizes[1]))
+                    if split[0] == S.kv_idx:
+                        kv_map = split[1:]
+                    elif split[0] == S.h and axes[-1] == 1 and not (i and axes[-2] == MERGE_NEXT):
+                        h_map = split[1:]
+                    continue
+                if a == 0:
+                    axes.append(None)
+                elif a == flat and flat not in _OP_AXES:
+                    axes.append(FLAT)
+                elif a in _OP_AXES:
+                    axes.append(_OP_AXES.index(a))
+                elif _cyclic_period(a, lf.node, i) is not None:
+                    axes.append(CYCLIC_B)
+                else:
+                    raise Decline(f"a captured tensor is read at {a}, not along one op axis")
+            if axes.count(CYCLIC_B) > 1 or (CYCLIC_B in axes and FLAT in axes):
+                raise Decline("a captured tensor is read at b mod n along two axes")
+            used = [a for a in axes if a is not None and a not in (MERGE_NEXT, MERGE_NEXT_SWAPPED)]
+            used = [j for a in used for j in ((0, 1) if a == FLAT else (0,) if a == CYCLIC_B else (a,))]
+            if len(set(used)) != len(used):
+                raise Decline("a captured tensor is read along the same op axis twice")
+            if lf.rank == 0:
+                axes = []
+            i = len(captures)
+            ev = C.example_value(lf.node)
+            captures.append(CaptureView(lf.node, tuple(axes)))
+            dims = tuple(j in used for j in range(4))
+            grad = bool(ev.requires_grad and ev.dtype.is_floating_point)
+            if kv_map and not ev.dtype.is_floating_point:
+                raise Decline("a term read along a split key axis (decomposed relative positions) "
+                              "is not a float tensor")
+            if h_map and kv_map:
+                raise Decline("a captured tensor is read along part of the heads and part of the keys")
+            specs.append(S.CapturedTensor(dims, _dtype_name(ev.dtype), grad, kv_map, h_map))
+            sub[call] = S.captured_call(i)
+    except ReadDecline:
+        raise
+    except Decline as exc:   # name the tensor: the analysis may capture a later value instead
+        raise ReadDecline(str(exc), lf.node if lf is not None else None) from exc
     return expr.xreplace(sub), captures, specs

@@ -26,6 +26,8 @@ class SideValues:
     """Side-value methods of the interpreter (see module doc)."""
 
     def side_value(self, node: fx.Node) -> Val:
+        if node in self.opaque:
+            return self.leaf(node)
         if node.op == "call_function" and node.target is operator.setitem:
             return self.slice_assignment(node)
         ev = C.example_value(node)

@@ -163,12 +163,15 @@ class ScoreInterpreter(SideValues):
     ``coef * R``) and ``softmax_in`` (see module doc)."""
 
     def __init__(self, score_node: fx.Node, coef, softmax_in: fx.Node, real_values: Dict,
-                 size_map: Dict, chain_nodes: set, softmax_node: fx.Node, heads=None):
+                 size_map: Dict, chain_nodes: set, softmax_node: fx.Node, heads=None,
+                 opaque: frozenset = frozenset()):
         self.score_node, self.coef, self.softmax_in = score_node, coef, softmax_in
         self.softmax_node = softmax_node
         self.real_values = real_values      # placeholder/get_attr node -> real tensor
         self.size_map = size_map            # shape-env sympy symbol -> Lq / Lk / D
         self.chain_nodes = chain_nodes      # from match.chain_nodes
+        # side values captured whole ([Note: a side value captured whole] in build)
+        self.opaque = opaque
         self.memo: Dict[fx.Node, Val] = {}
         self.leaves: List[Leaf] = []
         self.prefix_scales: set = set()

@@ -25,6 +25,16 @@ class Decline(Exception):
     """The site cannot be expressed exactly; the message is the reason."""
 
 
+class ReadDecline(Decline):
+    """A captured tensor (``node``) is read at indices the op cannot present
+    as a broadcast view: the analysis may capture a later side value whole
+    ([Note: a side value captured whole])."""
+
+    def __init__(self, message: str, node):
+        super().__init__(message)
+        self.node = node
+
+
 @dataclasses.dataclass
 class Val:
     expr: Any                 # sympy Expr (numeric) or Boolean
