@@ -58,6 +58,8 @@ class SiteMatch:
     zero_empty_rows: bool = False    # nan_to_num(P): a row that keeps no key gives 0, not nan
     # ``P.masked_fill(m, 0)`` with the scores' own mask m ([Note: probabilities zeroed by the mask])
     zero_masks: List[fx.Node] = dataclasses.field(default_factory=list)
+    # ``exp2(y) / Σ exp2(y)``: the softmax of y · ln 2 (_exp2_softmax)
+    base2: bool = False
 
     @property
     def reads_lse(self) -> bool:
@@ -97,21 +99,23 @@ def find_sites(gm: fx.GraphModule) -> List[Any]:
                                       "whose backward is the user's own: left as written"))
             continue
         parts = C.softmax_parts(node)
-        sink = None
+        sink, base2 = None, False
         if parts is None:
             parts = _explicit_sink_softmax(node)
-            if parts is None:
+            if parts is not None:
+                parts, sink = parts[:3], parts[3]
+            else:
                 y = _exp2_softmax(node)
-                if y is not None and next(qk_candidates(y), None) is not None and _reaches_product(node) is not None:
-                    out.append(Declined(node, "a softmax written with exp2 (base 2): not taken; written with "
-                                              "exp or softmax it would be"))
-                continue
-            parts, sink = parts[:3], parts[3]
+                if y is None:
+                    continue
+                parts, base2 = (y, -1, None), True
         try:
             m = match_softmax(node, *parts, sink=sink)
         except Decline as e:
             out.append(Declined(node, str(e)))
             continue
+        if m is not None and base2:
+            m.base2 = True
         if m is not None:
             out.append(m)
         elif _unfollowed_attention(node, parts[0]):
@@ -311,7 +315,8 @@ def _last_axis_pad(n: fx.Node):
 
 def _exp2_softmax(node: fx.Node) -> Optional[fx.Node]:
     """The input ``y`` of ``exp2(y) / Σ exp2(y)`` (a softmax in base 2, the
-    Triton habit of folding log2(e) into the scale), else None."""
+    Triton habit of folding log2(e) into the scale), else None: the softmax
+    of ``y · ln 2`` (the analysis multiplies the scores by ln 2)."""
     parts = C.quotient(node)
     e = C.canonical(parts[0]) if parts is not None else None
     if e is None or e.name != "exp2" or not isinstance(e.kw.get("input"), fx.Node) \

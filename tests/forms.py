@@ -347,6 +347,24 @@ def swin_shifted_window_mask(q, k, v, rel_bias, mask):
     return attn.softmax(dim=-1) @ v
 
 
+def exp2_softmax_log2e_scale(q, k, v):
+    """A softmax in base 2 with log2(e) folded into the scale, as Triton code
+    writes it: ``exp2(s·log2e - max) / sum`` is softmax(s)."""
+    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 * 1.4426950408889634)
+    e = torch.exp2(s - s.amax(-1, keepdim=True))
+    return (e / e.sum(-1, keepdim=True)) @ v
+
+
+def exp2_softmax_causal_base_two(q, k, v):
+    """A softmax in base 2 without log2(e) (temperature ln 2), causal by a
+    mask in the graph, normalized by a reciprocal: the softmax of s·ln 2."""
+    L = q.shape[-2]
+    s = (q @ k.transpose(-1, -2)) * 0.125
+    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    e = torch.exp2(s - s.amax(-1, keepdim=True))
+    return (e * (1.0 / e.sum(-1, keepdim=True))) @ v
+
+
 def torchvision_swin_mask_in_graph(q, k, v, rel_bias, grid=(6, 6), ws=3, shift=1):
     """torchvision's shifted_window_attention: the shift mask built in the
     forward from the image size: an (H, W) grid of region ids filled by slice

@@ -252,16 +252,7 @@ def scores_assigned_in_part(q, k, v):
     return s.softmax(-1) @ v
 
 
-def exp2_softmax(q, k, v):
-    """A softmax in base 2 (log2(e) folded into the scale, as Triton code
-    writes it): attention, but not taken; reported."""
-    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 * 1.4426950408889634)
-    e = torch.exp2(s - s.amax(-1, keepdim=True))
-    return (e / e.sum(-1, keepdim=True)) @ v
-
-
 DECLINED = [
-    (exp2_softmax, ["exp2"]),
     (transformer_xl_probabilities_returned, ("probabilities are also used", "softmax dim 1")),
     (transformer_xl_scores_centred, ("key axis", "not the scores' last", "not all elementwise")),
     (MViTv2WithClsToken, ["assigned in part"]),

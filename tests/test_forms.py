@@ -186,6 +186,8 @@ CASES = [
     Case("swin_shifted_window_mask", lambda dt: (forms.swin_shifted_window_mask,
                                                  _qkv(dt, b=3 * 4, h=3, lq=9, lk=9)
                                                  + [_t(3, 9, 9, dtype=dt), _swin_shift_mask(4, 9, dt)])),
+    Case("exp2_softmax_log2e_scale", _fn(forms.exp2_softmax_log2e_scale)),
+    Case("exp2_softmax_causal_base_two", _fn(forms.exp2_softmax_causal_base_two)),
     Case("torchvision_swin_mask_in_graph", lambda dt: (forms.torchvision_swin_mask_in_graph,
                                                        _qkv(dt, b=2 * 4, h=3, lq=9, lk=9)
                                                        + [_t(3, 9, 9, dtype=dt)])),
@@ -323,6 +325,7 @@ def test_form_fp32_forward_backward(case):
     ("bert_additive_padding", "fp16"),
     ("gemma2_tanh_softcap", "bf16"),
     ("torchvision_swin_mask_in_graph", "bf16"),
+    ("exp2_softmax_causal_base_two", "bf16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_form_low_precision_forward(case_id, dtype, on_kernels):

@@ -111,6 +111,10 @@ def _analyze(m, interp: ScoreInterpreter, checker) -> Analysis:
     if qk.addend is not None and interp.const(qk.beta) != 0:
         interp.memo[qk.node] = _baddbmm_value(interp, qk, coef)
     result = interp.run()
+    if m.base2:     # exp2(y) / Σ exp2(y) = softmax(y · ln 2)
+        ln2 = sympy.Float(math.log(2))
+        result = dataclasses.replace(result, expr=ln2 * result.expr,
+                                     prefix_scales={ln2 * c for c in result.prefix_scales})
     for node in m.zero_masks:
         _check_zero_mask(interp, node, result.expr)
     if checker is not None:
