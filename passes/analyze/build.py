@@ -99,6 +99,10 @@ def analyze(m, real_values: Dict[fx.Node, torch.Tensor], checker=None) -> Analys
             if exc.node is None or not wider:
                 break
             opaque |= wider
+        except Decline:
+            if first is None:
+                raise
+            break       # the wider capture fails otherwise: the first reason is the user's
     raise Decline(str(first))
 
 
