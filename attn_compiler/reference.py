@@ -28,7 +28,8 @@ a finite fill (finfo.min) is uniform, as in eager, with no special case.
 
 Backward, per query block: for float32/float64 specs (``exact_rows``) a
 first walk over the KV blocks takes the row statistics (m, l), the shift c
-= the P-weighted mean of dP and delta = rowsum(P ∘ (dP - c)) of the very P and
+(dP at the top key, or its running mean: [Note: the shift of dP]) and
+delta = rowsum(P ∘ (dP - c)) of the very P and
 dP the second walk recomputes, P = exp(z - m) / l, and dz takes dP - c
 ([Note: delta of the recomputed P]); for 16-bit specs P = exp(z - lse), c = 0
 and delta = rowsum(dO ∘ O), FlashAttention's one pass.  Then::
@@ -438,30 +439,32 @@ _HUGE_LSE = 256.0
 # P = exp(z - lse), left dK/dQ of such rows 2.4x further from the float64
 # golden than eager's softmax backward at the median, in float32.  Since
 # rowsum P = 1, dP - delta = (dP - c) - rowsum(P ∘ (dP - c)) for any c; with
-# c near delta the terms dP - c are small and nothing cancels.  So for
+# c = dP_r, r's term is exactly 0 - delta, and delta a sum of small terms:
+# no cancellation ([Note: the shift of dP] says when c is that).  So for
 # ``exact_rows`` specs a first walk (online, as the forward: 2 matmuls per
 # block) takes (m, l), c and delta = rowsum(P ∘ (dP - c)), and the second
 # recomputes P = exp(z - m) / l and dz = P ∘ ((dP - c) - delta); such rows'
 # dK/dQ land ~30x closer to the golden than eager's at the median
 # (tests/test_attention_bwd.py, the one-hot rows test).
 #
-# [Note: the shift is the running mean of dP]  c is the P-weighted mean of
-# dP so far, moved block by block as a running mean moves (each block's own
-# weighted mean, merged by weight); the sum so far is re-centred with it
-# ((c_new - c) times its weight, a small number times the weight).  On a
-# peaked row the mean sits at dP_r; on a spread one at the centre of dP, so
-# (dP - c) is as small as dP's spread allows, whatever dP's common offset
-# (a value bias makes every dP_k = dO·b_v + ...).  c was first dP at the
-# top key: on spread rows that added a rounding of dP's spread to every dz,
-# and rowsum dz (exactly 0) came out ~3x further from 0 than eager's; that
-# sum is all a gradient that is exactly 0 keeps (a bias added to every key:
-# a key projection's bias, LayerNorm's on pooled keys, q summed against
-# rowsum dz), and such gradients failed golden-relative checks of diffusers
-# and torchvision models.  With the running mean rowsum dz lands at or
-# below eager's distance from 0 in float32, spread or peaked, with or
-# without an offset (0.9x-0.01x in a simulation of both).  The weight is
-# that of P as zeroed (a zero_masked spec's dropped keys count in l, not
-# in delta).
+# [Note: the shift of dP]  Which c.  On a peaked row c = dP_r at the top
+# key r: r's term dP_r - c is then exactly 0, and nothing of P_r ≈ 1 times a
+# rounding is left in it (the one-hot rows test; a forget-gate bias's
+# gradient, whose sum cancels there, needs it to the bit).  On a spread row
+# (no key above half, as any model at initialisation) that shift added a
+# rounding of dP's spread to every dz, and rowsum dz (exactly 0) came out ~3x
+# further from 0 than eager's; that sum is all a gradient that is exactly 0
+# keeps (a bias added to every key: a key projection's bias, LayerNorm's on
+# pooled keys, q summed against rowsum dz), and such gradients failed
+# golden-relative checks of diffusers and torchvision models.  There c is the
+# P-weighted mean of dP, moved block by block as a running mean moves (each
+# block's own weighted mean, merged by weight; the sum so far re-centred by
+# (c_new - c) times its weight): dP - c is as small as dP's spread allows,
+# whatever dP's common offset (a value bias makes every dP_k = dO·b_v + ...),
+# and rowsum dz lands at or below eager's distance from 0.  The walk keeps
+# both sums and takes the top key's where l <= 2 (its own e is 1: it holds at
+# least half).  Both sums weigh P as zeroed (a zero_masked spec's dropped keys
+# count in l, not in delta).
 # The generated backward does the same ([Note: exact rows]).  A 16-bit
 # spec's own rounding (eager rounds its O, P and dP to 16 bits) is far
 # larger: there the one-pass form stays, as in the kernels.
@@ -478,24 +481,25 @@ def exact_rows(spec: AttentionSpec) -> bool:
 
 def _row_stats_delta(pb: _Problem, qg, dog, m0, m1, skip):
     """(m, l, c, delta) of a query block: the row max m (0 for all -inf rows),
-    the sum l = rowsum exp(z - m), the shift c = the P-weighted mean of dP
-    over the row's keys ([Note: the shift is the running mean of dP]; 0 for a
-    row without one) and delta = rowsum(P ∘ (dP - c)) over the P the walk of
-    _backward_rows recomputes (zeroed where a zero_masked spec drops) and dP
-    = (dO Vᵀ) ∘ keep / (1-p); c and delta are None without ``dog`` (dO
-    grouped)."""
+    the sum l = rowsum exp(z - m), the shift c ([Note: the shift of dP]: dP at
+    the row's top key where that key holds at least half of the row, else the
+    P-weighted mean of dP; 0 for a row without a key) and delta = rowsum(P ∘
+    (dP - c)) over the P the walk of _backward_rows recomputes (zeroed where a
+    zero_masked spec drops) and dP = (dO Vᵀ) ∘ keep / (1-p); c and delta are
+    None without ``dog`` (dO grouped)."""
     M, cd = m1 - m0, pb.cd
     m = torch.full((pb.B, pb.Hq, M), -math.inf, dtype=cd, device=qg.device)
     l = torch.zeros_like(m)
-    c = torch.zeros_like(m)
-    acc = torch.zeros_like(m)
-    w = torch.zeros_like(m)               # the weight acc holds: rowsum of P as zeroed
+    top, acc_top = torch.zeros_like(m), torch.zeros_like(m)      # shifted by the top key's dP
+    mean, acc_mean = torch.zeros_like(m), torch.zeros_like(m)    # by the running mean of dP
+    w = torch.zeros_like(m)               # the weight both sums hold: rowsum of P as zeroed
     for n0 in range(0, pb.Lk, pb.bn):
         n1 = min(n0 + pb.bn, pb.Lk)
         if skip(m0, m1, n0, n1):
             continue
         z, env = _block_scores(pb, qg, m0, m1, n0, n1)
         tile_max = z.amax(-1)
+        is_top = (z == tile_max[..., None]) if dog is not None else None     # before z turns into e
         m_new = torch.maximum(m, tile_max)
         m_sub = torch.where(m_new == -math.inf, 0.0, m_new)
         alpha = torch.exp(m - m_sub)
@@ -508,20 +512,27 @@ def _row_stats_delta(pb: _Problem, qg, dog, m0, m1, skip):
             if keep is not None:
                 dp.mul_(keep)
             _zero_masked_(e, pb, env)
-            # 0 where P is 0: a masked key's dP may be inf/nan (0 * inf)
-            ws = e.sum(-1)
-            mean = torch.where(e == 0, 0.0, e * dp).sum(-1) / torch.where(ws > 0, ws, 1.0)
             kept = w * alpha              # the weight so far, rescaled
-            # the shift moves to the mean of the weights so far and this block's;
-            # the sum so far moves with it
-            c_new = torch.where(ws > 0, c + ws * (mean - c) / (kept + ws), c)
-            acc = acc * alpha - (c_new - c) * kept
-            acc = acc + torch.where(e == 0, 0.0, e * (dp - c_new[..., None])).sum(-1)
+            ws = e.sum(-1)
+            # a new row max moves the top shift to this block's top key (the
+            # largest dP among tied keys, as the kernels); the mean moves to the
+            # mean of the weights so far and this block's; each sum so far moves
+            # with its shift.  0 where P is 0: a masked key's dP may be inf/nan
+            top_new = torch.where(tile_max > m, torch.where(is_top, dp, -math.inf).amax(-1), top)
+            block_mean = torch.where(e == 0, 0.0, e * dp).sum(-1) / torch.where(ws > 0, ws, 1.0)
+            mean_new = torch.where(ws > 0, mean + ws * (block_mean - mean) / (kept + ws), mean)
+            acc_top = acc_top * alpha - (top_new - top) * kept \
+                + torch.where(e == 0, 0.0, e * (dp - top_new[..., None])).sum(-1)
+            acc_mean = acc_mean * alpha - (mean_new - mean) * kept \
+                + torch.where(e == 0, 0.0, e * (dp - mean_new[..., None])).sum(-1)
             w = kept + ws
-            c = c_new
+            top, mean = top_new, mean_new
         m = m_new
     m = torch.where(m == -math.inf, 0.0, m)
-    return (m, l, None, None) if dog is None else (m, l, c, acc / l)
+    if dog is None:
+        return m, l, None, None
+    peaked = l <= 2.0                     # the top key (its e is 1) holds at least half of the row
+    return m, l, torch.where(peaked, top, mean), torch.where(peaked, acc_top, acc_mean) / l
 
 
 def _probs_(z, lse_b, stats, empty):

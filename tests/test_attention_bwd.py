@@ -615,9 +615,9 @@ def test_spread_rows_key_sum_of_dk_as_close_to_zero_as_eager(path, offset):
     is exactly 0.  On rows whose weight is spread (no key above half, as at
     initialisation) a shift by the top key's dP left that sum ~3x further
     from 0 than eager's softmax backward in float32 (a key projection's bias
-    failed golden-relative checks); the shift is the running mean of dP
-    ([Note: the shift is the running mean of dP]).  ``offset``: every dP
-    moved by one number (a value bias), where eager's own sum is far from 0."""
+    failed golden-relative checks); there the shift is the running mean of
+    dP ([Note: the shift of dP]).  ``offset``: every dP moved by one number
+    (a value bias), where eager's own sum is far from 0."""
     n, Lq, Lk, D = {"reference": (48, 16, 40, 32), "kernels": (16, 16, 40, 32)}[path]
     g = torch.Generator().manual_seed(3)
     q, k, v, do = (torch.randn(1, n, L, D, generator=g) for L in (Lq, Lk, Lk, Lq))
