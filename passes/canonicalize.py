@@ -502,11 +502,20 @@ def _row_sum(den: Any, r: int):
     return inner.kw.get("input"), kept
 
 
-def _decomposed_softmax(num: Any, den: Any):
+def base2_softmax_parts(node: fx.Node):
+    """``(x, dim, None)`` when ``node`` is a softmax written in base 2,
+    ``exp2(x) / Σ exp2(x)`` in the spellings of softmax_parts (a row-max
+    shift along the same dim dropped), else None: the softmax of ``x · ln 2``."""
+    parts = quotient(node)
+    return None if parts is None else _decomposed_softmax(*parts, fn="exp2")
+
+
+def _decomposed_softmax(num: Any, den: Any, fn: str = "exp"):
     """``exp(x) / Σ exp(x)`` in its spellings (see softmax_parts); the sum
-    may be of the same exp or of another ``exp`` of the same input."""
+    may be of the same exp or of another ``exp`` of the same input.  ``fn``:
+    the exponential (``exp2`` for base2_softmax_parts)."""
     e = canonical(num)
-    if e is None or e.name != "exp" or not isinstance(e.kw.get("input"), fx.Node):
+    if e is None or e.name != fn or not isinstance(e.kw.get("input"), fx.Node):
         return None
     r = _rank(num)
     dim = row_sum_of(den, num)

@@ -58,7 +58,7 @@ class SiteMatch:
     zero_empty_rows: bool = False    # nan_to_num(P): a row that keeps no key gives 0, not nan
     # ``P.masked_fill(m, 0)`` with the scores' own mask m ([Note: probabilities zeroed by the mask])
     zero_masks: List[fx.Node] = dataclasses.field(default_factory=list)
-    # ``exp2(y) / Σ exp2(y)``: the softmax of y · ln 2 (_exp2_softmax)
+    # ``exp2(y) / Σ exp2(y)``: the softmax of y · ln 2 (canonicalize.base2_softmax_parts)
     base2: bool = False
 
     @property
@@ -105,10 +105,10 @@ def find_sites(gm: fx.GraphModule) -> List[Any]:
             if parts is not None:
                 parts, sink = parts[:3], parts[3]
             else:
-                y = _exp2_softmax(node)
-                if y is None:
+                parts = C.base2_softmax_parts(node)
+                if parts is None:
                     continue
-                parts, base2 = (y, -1, None), True
+                base2 = True
         try:
             m = match_softmax(node, *parts, sink=sink)
         except Decline as e:
@@ -311,20 +311,6 @@ def _last_axis_pad(n: fx.Node):
     if tuple(pad) == (1, 0):
         return op.kw["input"], float(value), True
     return None
-
-
-def _exp2_softmax(node: fx.Node) -> Optional[fx.Node]:
-    """The input ``y`` of ``exp2(y) / Σ exp2(y)`` (a softmax in base 2, the
-    Triton habit of folding log2(e) into the scale), else None: the softmax
-    of ``y · ln 2`` (the analysis multiplies the scores by ln 2)."""
-    parts = C.quotient(node)
-    e = C.canonical(parts[0]) if parts is not None else None
-    if e is None or e.name != "exp2" or not isinstance(e.kw.get("input"), fx.Node) \
-            or C.row_sum_of(parts[1], parts[0]) is None:
-        return None
-    y = e.kw["input"]
-    shifted = C.row_max_shift(y)
-    return shifted[0] if shifted is not None else y
 
 
 def _explicit_sink_softmax(node: fx.Node):

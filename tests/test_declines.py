@@ -252,7 +252,25 @@ def scores_assigned_in_part(q, k, v):
     return s.softmax(-1) @ v
 
 
+def exp2_softmax_over_queries(q, k, v):
+    """A base-2 softmax normalized over the queries (dim -2): no site over
+    the keys (it was fused as one, a wrong answer)."""
+    s = (q @ k.transpose(-1, -2)) * 0.25
+    e = torch.exp2(s - s.amax(-2, keepdim=True))
+    return (e / e.sum(-2, keepdim=True)) @ v
+
+
+def exp2_softmax_column_max_shift(q, k, v):
+    """A base-2 softmax over the keys shifted by each key's max over the
+    queries: the shift does not cancel (it was dropped as a row max)."""
+    s = (q @ k.transpose(-1, -2)) * 0.25
+    e = torch.exp2(s - s.amax(-2, keepdim=True))
+    return (e / e.sum(-1, keepdim=True)) @ v
+
+
 DECLINED = [
+    (exp2_softmax_over_queries, ["dim"]),
+    (exp2_softmax_column_max_shift, ["amax"]),
     (transformer_xl_probabilities_returned, ("probabilities are also used", "softmax dim 1")),
     (transformer_xl_scores_centred, ("key axis", "not the scores' last", "not all elementwise")),
     (MViTv2WithClsToken, ["assigned in part"]),
