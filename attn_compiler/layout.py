@@ -45,14 +45,18 @@ MERGE_NEXT_SWAPPED = -4  # this axis and the next are one (q % W, q // W): swapp
 
 
 def captured_view(x: torch.Tensor, axes: Tuple[Optional[int], ...],
-                  heads: Optional[int] = None, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  heads: Optional[int] = None, like: Optional[torch.Tensor] = None,
+                  pad: Tuple[int, int] = (0, 0)) -> torch.Tensor:
     """``x`` as a 4-D tensor broadcastable to ``[B, H, Lq, Lk]``; ``axes[i]``
     is the op axis of x's axis ``i`` (None: read at index 0; FLAT: the
     merged batch-and-head axis, split with ``heads``; CYCLIC_B: the batch
     axis read at b mod n, repeated to ``like``'s batch: a copy of x, B/n times;
     MERGE_NEXT: flattened with the next axis, the query split in two;
     MERGE_NEXT_SWAPPED: the same split written (q % W, q // W), swapped first:
-    a copy of x, which has one query axis less than the scores)."""
+    a copy of x, which has one query axis less than the scores).  ``pad``:
+    zeros put in front of the query and key axes (a tensor read at
+    ``q - pad[0]``, ``kv - pad[1]``: a term of a slice of the scores; the
+    kernels read the zeros where the slice does not lie and do not use them)."""
     if any(a is None for a in axes):     # first: the halves of a split query are then neighbours
         x = x[tuple(0 if a is None else slice(None) for a in axes)]
         axes = tuple(a for a in axes if a is not None)
@@ -76,6 +80,8 @@ def captured_view(x: torch.Tensor, axes: Tuple[Optional[int], ...],
     for j in range(4):
         if j not in kept:
             x = x.unsqueeze(j)
+    if any(pad):
+        x = torch.nn.functional.pad(x, (pad[1] if x.shape[3] > 1 else 0, 0, pad[0] if x.shape[2] > 1 else 0, 0))
     return _rows_along_keys(x)
 
 

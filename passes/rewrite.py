@@ -51,8 +51,8 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
                             None if _lead_is_one(o) else heads) for o in (m.q, m.k, m.v))
             if m.q.expand_batch:
                 q = call(layout.expand_batch, q, k)
-            caps = [call(layout.captured_view, get(c.node), c.axes, heads, q) if layout.CYCLIC_B in c.axes
-                    else call(layout.captured_view, get(c.node), c.axes, heads)
+            caps = [call(layout.captured_view, get(c.node), c.axes, heads, q if layout.CYCLIC_B in c.axes else None,
+                         *((c.pad,) if any(c.pad) else ()))
                     for c in analysis.captures]
             seed = call(layout.dropout_seed) if analysis.spec.dropout_p > 0 else None
             res = call(_ops.fused_attention, q, k, v, caps,

@@ -127,7 +127,10 @@ def mapped_index(x: str, index_map: Tuple) -> str:
     (``CapturedTensor.kv_map`` / ``h_map``): ``x``, ``(x // W)`` or ``(x % W)``."""
     if not index_map:
         return x
-    kind, w = index_map
+    kind, w = index_map[:2]
+    c = index_map[2] if len(index_map) > 2 else 0
+    if c:   # a term of a slice of the scores: read at max(x + c, 0) // W or (x + c) % W
+        x = f"tl.maximum({x} + {c}, 0)" if kind == "div" else f"({x} + {c})"
     return f"({x} // {w})" if kind == "div" else f"({x} % {w})"
 
 
@@ -257,7 +260,7 @@ class _Hooks:
             if c.dims[3]:
                 # a term of a split key axis is read at kv // W or kv % W ([Note: split key axes])
                 at = mapped_index(ki, c.kv_map)
-                if c.kv_map and orient == "row":
+                if c.kv_map and orient == "row" and len(c.kv_map) == 2:
                     aligned = self._aligned_kv_load(i, c, list(terms), list(bounds), vec)
                 terms.append(f"{at} * t{i}_sk")
                 bounds.append(f"({ki} < Lk)")

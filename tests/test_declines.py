@@ -229,19 +229,34 @@ def two_sink_columns(q, k, v):
 
 
 
-class MViTv2WithClsToken(nn.Module):
-    """timm's MViTv2 with a cls token: the relative positions are assigned to
-    the scores without the cls row and column, a part of them
-    (forms.MViTv2RelPos; q of 1 + 4*3 tokens, k and v of 1 + 2*3)."""
+def part_assigned_from_another_part(q, k, v):
+    """A part of the scores assigned a value computed from another part of
+    them (the scores of the row before): not the same positions."""
+    s = _scores(q, k)
+    s[:, :, 1:, 1:] = s[:, :, :-1, 1:] * 0.5
+    return s.softmax(-1) @ v
 
-    def __init__(self):
-        super().__init__()
-        from forms import MViTv2RelPos
-        self.inner = MViTv2RelPos(cls_token=True)
 
-    def forward(self, q, k, v):
-        # the tables are float32: the float64 golden run casts in and out
-        return self.inner(q.float(), k[:, :, :7].float(), v[:, :, :7].float()).to(q.dtype)
+def part_plus_another_part(q, k, v):
+    """A part of the scores plus a shifted part of them, assigned back."""
+    s = _scores(q, k)
+    s[:, :, 1:, :] = s[:, :, 1:, :] + s[:, :, :-1, :]
+    return s.softmax(-1) @ v
+
+
+def softmax_of_a_slice(q, k, v):
+    """The softmax of a slice of the scores (all but the first query and
+    key) times the values without the first."""
+    s = _scores(q, k)
+    return s[:, :, 1:, 1:].softmax(-1) @ v[:, :, 1:]
+
+
+def part_assigned_along_the_heads(q, k, v):
+    """Heads from the second on assigned their scores plus a bias: a slice
+    along the heads, not the query and key axes."""
+    s = _scores(q, k)
+    s[:, 1:] = s[:, 1:] + torch.cos(q[:, 1:, :, :1])
+    return s.softmax(-1) @ v
 
 
 def scores_assigned_in_part(q, k, v):
@@ -273,7 +288,10 @@ DECLINED = [
     (exp2_softmax_column_max_shift, ["amax"]),
     (transformer_xl_probabilities_returned, ("probabilities are also used", "softmax dim 1")),
     (transformer_xl_scores_centred, ("key axis", "not the scores' last", "not all elementwise")),
-    (MViTv2WithClsToken, ["assigned in part"]),
+    (part_assigned_from_another_part, ["another part"]),
+    (part_plus_another_part, ["another part"]),
+    (softmax_of_a_slice, []),
+    (part_assigned_along_the_heads, ["other than the query and key"]),
     (scores_assigned_in_part, ["assigned in part"]),
     (softmax_over_queries, ["dim"]),
     (softmax_over_heads, ["dim"]),

@@ -608,6 +608,7 @@ RESEARCH_CASES = [
         forms.padding_by_boolean_index_assignment,
         _qkv(dt) + [(~_keep_mask())[:, None, None, :].expand(B, H, L, L).contiguous()])),
     Case("mvitv2_relpos_slice_assigned", _mod(forms.MViTv2RelPos, lambda dt: _qkv(dt, lq=12, lk=6))),
+    Case("mvitv2_relpos_cls_token", _mod(forms.MViTv2RelPos, lambda dt: _qkv(dt, lq=13, lk=7), cls_token=True)),
     Case("sinks_with_empty_rows", lambda dt: (forms.sinks_with_empty_rows,
                                               _qkv(dt) + [_t(1, H, 1, 1, dtype=dt)])),
     Case("granite_sink_scale", _mod(forms.GraniteSinkScale,
@@ -733,6 +734,7 @@ def test_captured_terms_on_the_kernels_forward_backward(case_id):
     ("gpt_oss_sinks", "bf16"),
     ("sink_first_behind_cast", "bf16"),
     ("mvitv2_relpos_slice_assigned", "bf16"),
+    ("mvitv2_relpos_cls_token", "bf16"),
     ("padding_by_boolean_index_assignment", "fp16"),
     ("masks_by_slice_assignment", "bf16"),
     ("sinks_with_empty_rows", "fp16"),
@@ -952,6 +954,18 @@ def test_mvitv2_relative_positions_on_the_kernels_forward_backward():
         check_case(RESEARCH_BY_ID["mvitv2_relpos_slice_assigned"])
     spec = AttentionSpec.loads(attn_compiler.report().fused[0].features["spec"])
     assert sorted(c.kv_map for c in spec.captured) == [("div", 3), ("mod", 3)], spec.captured
+
+
+def test_mvitv2_cls_token_relative_positions_on_the_kernels_forward_backward():
+    """MViTv2 with a cls token: the relative positions are assigned to the
+    scores without the cls row and column ([Note: scores assigned in part]).
+    On the generated kernels, float32, forward and every gradient: the height
+    term read at the query shifted by one (padded in front), the key terms at
+    max(kv - 1, 0) // kw and (kv - 1) % kw."""
+    with _implementation(True):
+        check_case(RESEARCH_BY_ID["mvitv2_relpos_cls_token"])
+    spec = AttentionSpec.loads(attn_compiler.report().fused[0].features["spec"])
+    assert sorted(c.kv_map for c in spec.captured) == [("div", 3, -1), ("mod", 3, 2)], spec.captured
 
 
 @pytest.mark.parametrize("case_id,maps", [

@@ -235,3 +235,42 @@ def test_float_attribute_scale_under_dynamic_true(winner, mode, monkeypatch, tmp
     rows = list(attn_compiler.report())
     assert rows and all(r.features.get("choice") == winner for r in rows), [(r.status, r.reason) for r in rows]
     assert all(r.fused == (winner != "original") for r in rows), [(r.status, r.reason) for r in rows]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cls_token", [False, True], ids=["all", "cls_token"])
+def test_mvitv2_relative_positions_on_the_gpu_kernels(cls_token, dtype, counted):
+    """MViTv2's decomposed relative positions as timm writes them, assigned
+    back into the scores; with a cls token into all but its row and column
+    ([Note: scores assigned in part]): the height term padded by one query,
+    the key terms read at max(kv - 1, 0) // kw and (kv - 1) % kw.  On the
+    generated kernels on the GPU, forward and every gradient golden-relative
+    to eager in the same dtype against float64."""
+    import copy
+
+    torch.manual_seed(0)
+    sp = int(cls_token)
+    mod = forms.MViTv2RelPos(q_size=(16, 12), k_size=(8, 6), dim=64, cls_token=cls_token).cuda()
+    q = torch.randn(2, 4, sp + 192, 64, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 4, sp + 48, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    args = [q, k, v]
+    mod64 = copy.deepcopy(mod).double()
+    mod.to(dtype)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    with dispatch.implementation("triton"):
+        ours = torch.compile(mod, backend=attn_compiler.backend(inner="aot_eager"))(*args)
+        rep = attn_compiler.report()
+        assert len(rep.fused) == 1 and not rep.declined, str(rep)
+        eager = mod(*args)
+        d = [a.detach().double().requires_grad_() for a in args]
+        gold = mod64(*d)
+        golden_check(ours, eager, gold, name="out")
+        g = torch.randn_like(gold)
+        wrt = args + list(mod.parameters())
+        g_ours = torch.autograd.grad(ours, wrt, g.to(dtype))
+        g_eager = torch.autograd.grad(eager, wrt, g.to(dtype))
+        g_gold = torch.autograd.grad(gold, d + list(mod64.parameters()), g)
+    for name, o, e, r in zip(["dq", "dk", "dv", "drel_h", "drel_w"], g_ours, g_eager, g_gold):
+        golden_check(o, e, r, name=name)
+    assert counted["forward"] >= 1 and counted["backward"] >= 1, counted

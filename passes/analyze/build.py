@@ -39,6 +39,9 @@ class CaptureView:
 
     node: fx.Node
     axes: Tuple[Optional[int], ...]
+    # entries put in front of the query and key axes: a tensor read at
+    # q_idx - pad[0], kv_idx - pad[1] ([Note: scores assigned in part])
+    pad: Tuple[int, int] = (0, 0)
 
 
 @dataclasses.dataclass
@@ -386,9 +389,20 @@ def _within_heads(a, heads):
 # h < X * Y.
 
 
+def _shifted(x) -> Optional[tuple]:
+    """``(x0, c)`` when ``x`` is ``x0 + c`` for an op index x0 and an integer
+    c (0 for ``x0`` itself), else None."""
+    c, rest = sympy.sympify(x).as_coeff_Add()
+    if rest in (S.q_idx, S.kv_idx, S.h) and c.is_Integer:
+        return rest, int(c)
+    return None
+
+
 def _split_term(a) -> Optional[tuple]:
-    """``(q_idx or kv_idx, "div" | "mod", W)`` when ``a`` is ``floor(x / W)``
-    or ``x mod W`` of an op index x ([Note: split key axes]), else None."""
+    """``(q_idx or kv_idx or h, "div" | "mod", W, c)`` when ``a`` is
+    ``floor((x + c) / W)`` or ``(x + c) mod W`` of an op index x ([Note: split
+    key axes]; c is not 0 for a slice of the scores, [Note: scores assigned in
+    part]), else None."""
     if isinstance(a, sympy.floor):
         num, den = sympy.fraction(sympy.together(a.args[0]))
         kind = "div"
@@ -397,8 +411,10 @@ def _split_term(a) -> Optional[tuple]:
         kind = "mod"
     else:
         return None
-    if num in (S.q_idx, S.kv_idx, S.h) and den.is_Integer and int(den) > 1:
-        return (num, kind, int(den))
+    at = _shifted(num)
+    if at is not None and den.is_Integer and int(den) > 1 and (at[0] != S.h or at[1] == 0):
+        c = at[1] % int(den) if kind == "mod" else at[1]
+        return (at[0], kind, int(den), c)
     return None
 
 
@@ -410,7 +426,7 @@ def _split_axis(split: tuple, args, i: int, node: fx.Node, heads=None):
     axis (3, with ``CapturedTensor.kv_map``); heads read at h // W or h % W
     keep theirs (1, with ``CapturedTensor.h_map``), or are one head axis
     when the two halves are adjacent ([Note: split head axes])."""
-    sym, kind, w = split
+    sym, kind, w, c = split
     shape = C.shape_of(node)
     size = shape[i] if i < len(shape) else None
     if sym == S.h:
@@ -421,10 +437,10 @@ def _split_axis(split: tuple, args, i: int, node: fx.Node, heads=None):
                           "or not a multiple of the split")
         nxt = args[i + 1] if i + 1 < len(args) else None
         prev = args[i - 1] if i > 0 else None
-        if kind == "div" and nxt is not None and _split_term(nxt) == (S.h, "mod", w) \
+        if kind == "div" and nxt is not None and _split_term(nxt) == (S.h, "mod", w, 0) \
                 and i + 1 < len(shape) and shape[i + 1] == w:
             return MERGE_NEXT
-        if kind == "mod" and prev is not None and _split_term(prev) == (S.h, "div", w):
+        if kind == "mod" and prev is not None and _split_term(prev) == (S.h, "div", w, 0):
             return 1
         if not isinstance(size, int) or size != (heads // w if kind == "div" else w):
             raise Decline("a captured tensor is read along part of the heads with another size")
@@ -438,9 +454,13 @@ def _split_axis(split: tuple, args, i: int, node: fx.Node, heads=None):
         j_prev = next((j for j in range(i - 1, -1, -1) if args[j] != 0), None)
         nxt = _split_term(args[j_next]) if j_next is not None else None
         prev = _split_term(args[j_prev]) if j_prev is not None else None
-        if nxt == (S.q_idx, other, w) and shape[j_next if kind == "div" else i] == w:
+        # the two halves read one shifted query, q + c: c % W in the mod half
+        pair = (S.q_idx, other, w, c % w if other == "mod" else None)
+        def partner(t):
+            return t is not None and t[:3] == pair[:3] and (t[3] == pair[3] if other == "mod" else t[3] % w == c)
+        if partner(nxt) and shape[j_next if kind == "div" else i] == w:
             return MERGE_NEXT if kind == "div" else MERGE_NEXT_SWAPPED
-        if prev == (S.q_idx, other, w):
+        if partner(prev):
             return 2
         raise Decline("a captured tensor is read along part of a split query axis")
     if not isinstance(size, int) or (kind == "mod" and size != w):
@@ -473,16 +493,21 @@ def _rename_captures(expr, leaves, flat, op_sizes=(None, None)):
     try:
         for call in calls:
             lf = by_name[str(call.func)]
-            axes, kv_map, h_map = [], (), ()
+            axes, kv_map, h_map, pad = [], (), (), [0, 0]
             args = [_within_heads(a, op_sizes[1]) for a in call.args]
             for i, a in enumerate(args):
                 split = _split_term(a)
+                shifted = _shifted(a)
                 if split is not None:
                     axes.append(_split_axis(split, args, i, lf.node, op_sizes[1]))
-                    if split[0] == S.kv_idx:
-                        kv_map = split[1:]
+                    if split[0] == S.kv_idx:     # a shifted key: kv_map (kind, W, c)
+                        kv_map = split[1:3] + ((split[3],) if split[3] else ())
                     elif split[0] == S.h and axes[-1] == 1 and not (i and axes[-2] == MERGE_NEXT):
-                        h_map = split[1:]
+                        h_map = split[1:3]
+                    elif split[0] == S.q_idx and split[1] == "div":    # the merged query, read at q + c
+                        if split[3] > 0:
+                            raise Decline("a captured tensor is read ahead of the query")
+                        pad[0] = -split[3]
                     continue
                 if a == 0:
                     axes.append(None)
@@ -490,6 +515,10 @@ def _rename_captures(expr, leaves, flat, op_sizes=(None, None)):
                     axes.append(FLAT)
                 elif a in _OP_AXES:
                     axes.append(_OP_AXES.index(a))
+                elif shifted is not None and shifted[0] in (S.q_idx, S.kv_idx) and shifted[1] < 0:
+                    # read at q - c or kv - c: a slice of the scores ([Note: scores assigned in part])
+                    axes.append(_OP_AXES.index(shifted[0]))
+                    pad[axes[-1] - 2] = -shifted[1]
                 elif _cyclic_period(a, lf.node, i) is not None:
                     axes.append(CYCLIC_B)
                 else:
@@ -504,7 +533,7 @@ def _rename_captures(expr, leaves, flat, op_sizes=(None, None)):
                 axes = []
             i = len(captures)
             ev = C.example_value(lf.node)
-            captures.append(CaptureView(lf.node, tuple(axes)))
+            captures.append(CaptureView(lf.node, tuple(axes), tuple(pad)))
             dims = tuple(j in used for j in range(4))
             grad = bool(ev.requires_grad and ev.dtype.is_floating_point)
             if kv_map and not ev.dtype.is_floating_point:

@@ -97,19 +97,26 @@ def _finite_constants(expr):
 
 
 def _mapped_index(x, index_map: Tuple):
-    """``x`` read through a split axis's map: x, x // W or x % W."""
+    """``x`` read through a split axis's map: x, x // W or x % W; with a
+    shift c (``(kind, W, c)``, a slice of the scores), max(x + c, 0) // W or
+    (x + c) % W ([Note: scores assigned in part] in symbolic.py)."""
     if not index_map:
         return x
-    kind, w = index_map
+    kind, w = index_map[:2]
+    c = index_map[2] if len(index_map) > 2 else 0
+    if c:
+        x = (x + c).clamp(min=0) if kind == "div" else x + c
     return x // w if kind == "div" else x % w
 
 
 def _mapped_size(n: int, index_map: Tuple, ceil: bool) -> int:
     """The length of an axis of ``n`` entries read through a split axis's map:
-    n, n / W (rounded up with ``ceil``) or W."""
+    n, n / W (rounded up with ``ceil``) or W; (n + c) / W with a shift c."""
     if not index_map:
         return n
-    kind, w = index_map
+    kind, w = index_map[:2]
+    if kind == "div" and len(index_map) > 2:
+        n = max(n + index_map[2], 0)
     return (-(-n // w) if ceil else n // w) if kind == "div" else w
 
 
@@ -126,6 +133,9 @@ class CapturedTensor:
     term of a key axis split into (Lk / W, W) (SAM's decomposed relative
     positions, [Note: split key axes]); its last axis then has Lk / W or W
     entries.
+    A key axis read from a slice of the scores on ([Note: scores assigned in
+    part] in symbolic.py) has a third entry, the shift c: the key axis is read
+    at ``max(kv_idx + c, 0) // W`` or ``(kv_idx + c) % W``.
     ``h_map``: the same for the head axis ([Note: split head axes]): ``()``
     when it is read at ``h``, ``("div", W)`` or ``("mod", W)`` when at
     ``h // W`` or ``h % W``; its head axis then has H / W or W entries.

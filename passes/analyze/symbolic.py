@@ -204,6 +204,8 @@ class ScoreInterpreter(SideValues):
         self.softmax_frame = v.frame
         if v.frame is not None and v.frame.split is not None:
             raise Decline("the softmax runs over part of a split key axis")
+        if v.frame is not None and v.frame.offset != (0, 0):
+            raise Decline("the softmax runs over a slice of the scores")
         e = as_num(v.expr)
         self._note_prefix(e)
         return Interpretation(e, self.prefix_scales, self.leaves)
@@ -312,6 +314,8 @@ class ScoreInterpreter(SideValues):
             frame = chain[0].frame
             if any(not _same_sizes(v.frame.sizes, frame.sizes) for v in chain):
                 raise Decline("scores combined across different batch layouts")
+            if any(v.frame.offset != frame.offset or v.frame.split != frame.split for v in chain):
+                raise Decline("scores combined with another part of them")
             if len(out_shape) != len(chain[0].shape):
                 raise Decline("a tensor of higher rank than the scores joins the score chain")
             exprs = [v.expr if v.chain else self.join(v, frame, len(out_shape)) for v in vals]
@@ -403,6 +407,8 @@ class ScoreInterpreter(SideValues):
         name = op.name
         if name == "getitem" and _slice_region(op.kw.get("index"), C.shape_of(op.kw["input"])) == []:
             return self.value(op.kw["input"])      # s[:, :, 0:, 0:]: all of it
+        if name == "getitem":
+            return self.chain_slice(node, op)
         if name == "sub":
             shift = C.row_max_shift(node)
             if shift is not None and self._is_row_constant(op.kw.get("other"), shift[2]) \
@@ -455,6 +461,8 @@ class ScoreInterpreter(SideValues):
             if not v.chain:
                 raise Decline("the scores are overwritten by values that do not depend on them")
             return v if tuple(v.shape) == tuple(shape) else Val(self.broadcast(v, shape), shape, True, v.frame)
+        if region is not None and isinstance(value, fx.Node) and self.value(value).chain:
+            return self.chain_assign_part(node, target, region, self.value(value))
         if region is None or not number:
             raise Decline("the scores are assigned in part (a slice or an index of them)")
         # s[..., :p] = v: v where every sliced axis's position lies in its slice
@@ -464,6 +472,69 @@ class ScoreInterpreter(SideValues):
             raise Decline("a slice assigned to the scores across a split axis")
         cond = sympy.And(*[sympy.And(lo <= axes[d], axes[d] < hi) for d, lo, hi in region])
         return Val(sympy.Piecewise((self.const(float(value)), cond), (as_num(v.expr), True)), shape, True, v.frame)
+
+    # [Note: scores assigned in part]
+    # MViTv2 with a cls token adds its decomposed relative positions to the
+    # scores of the spatial tokens only and writes them back:
+    # ``attn[:, :, 1:, 1:] = (attn[:, :, 1:, 1:].view(B, H, qh, qw, kh, kw)
+    # + rel_h + rel_w).view(...)``.  A slice of the scores along the query and
+    # key axes is a chain value whose frame has an ``offset``: its position
+    # (i, j) is the op's (i + oq, j + ok), so a side value joined to it is
+    # read at (q_idx - oq, kv_idx - ok) (split as the frame splits).  The
+    # assignment back is ``Piecewise((value, oq <= q_idx < hq & ...), (scores,
+    # True))``; only a value computed from the same slice may be assigned
+    # there, and a sliced value reaches nothing else: combined with a value
+    # of another slice, or taken to the softmax, the site is declined.  The
+    # captured tensors read at shifted indices are padded in front
+    # (``CaptureView.pad``) or read through a shifted split key map
+    # (``CapturedTensor.kv_map``); where the condition fails their values are
+    # read at a clamped index and not used.
+
+    def chain_slice(self, node: fx.Node, op) -> Val:
+        """``s[..., a:b, c:d]``: the scores from (a, c) on ([Note: scores
+        assigned in part])."""
+        src = self.value(op.kw["input"])
+        shape = C.shape_of(op.kw["input"])
+        region = _slice_region(op.kw.get("index"), shape)
+        new = C.shape_of(node)
+        rank = len(shape) if shape is not None else 0
+        if region is None or new is None or len(new) != rank or src.frame is None \
+                or src.frame.split is not None or any(d < rank - 2 for d, _, _ in region):
+            raise Decline("the scores are sliced or indexed along an axis other than the query and key axes")
+        lo = {d: int(a) for d, a, _ in region}
+        oq, ok = src.frame.offset
+        frame = dataclasses.replace(src.frame, offset=(oq + lo.get(rank - 2, 0), ok + lo.get(rank - 1, 0)))
+        return Val(src.expr, tuple(new), True, frame)
+
+    def chain_assign_part(self, node: fx.Node, target, region, v: Val) -> Val:
+        """``s[..., a:b, c:d] = f(s[..., a:b, c:d])``: f where the slice lies,
+        the scores elsewhere ([Note: scores assigned in part])."""
+        shape = C.shape_of(target)
+        rank = len(shape)
+        t = self.value(target)
+        if any(d < rank - 2 for d, _, _ in region) or t.frame is None or t.frame.split is not None \
+                or t.frame.offset != (0, 0):
+            raise Decline("the scores are assigned in part along an axis other than the query and key axes")
+        lo = {d: int(a) for d, a, _ in region}
+        want = (lo.get(rank - 2, 0), lo.get(rank - 1, 0))
+        if v.frame is None or v.frame.split is not None or v.frame.offset != want:
+            raise Decline("a part of the scores is assigned a value computed from another part of them")
+        extent = []
+        for d in range(rank):
+            bound = next(((a, b) for e, a, b in region if e == d), None)
+            if bound is None:
+                extent.append(shape[d])
+                continue
+            a, b = bound
+            if not isinstance(shape[d], int):
+                raise Decline("a part of the scores with a dynamic size is assigned")
+            extent.append(max(min(shape[d], int(b) if b != sympy.oo else shape[d]) - int(a), 0))
+        if len(v.shape) != rank or not _same_sizes(tuple(v.shape), tuple(extent)) \
+                or not _same_sizes(v.frame.sizes, t.frame.sizes):
+            raise Decline("a part of the scores is assigned a value of another shape")
+        axes = t.frame.index_axes()
+        cond = sympy.And(*[sympy.And(a <= axes[d - rank + 2], axes[d - rank + 2] < b) for d, a, b in region])
+        return Val(sympy.Piecewise((as_num(v.expr), cond), (as_num(t.expr), True)), shape, True, t.frame)
 
     def chain_nan_to_num(self, node, op) -> Val:
         """``torch.nan_to_num(scores)`` (the Differential Transformer's): an
@@ -536,7 +607,7 @@ class ScoreInterpreter(SideValues):
         want = sympy.Mul(*[_sym(s) for s in src.frame.op_sizes])
         if sympy.simplify(total - want) != 0:
             raise Decline("a reshape of the scores that changes the batch")
-        frame = Frame(lead, src.frame.op_sizes, src.frame.flat)
+        frame = Frame(lead, src.frame.op_sizes, src.frame.flat, offset=src.frame.offset)
         return Val(src.expr, new, True, frame)
 
     def operands(self, op):

@@ -54,14 +54,19 @@ class Frame:
     # the query and key axes viewed as (Lq / qw, qw) and (Lk / kw, kw): (qw, kw),
     # or None ([Note: split key axes])
     split: Optional[Tuple[int, int]] = None
+    # a slice of the scores from (query, key) position ``offset`` on: its
+    # position (i, j) is the op's (i + offset[0], j + offset[1])
+    # ([Note: scores assigned in part] in symbolic.py)
+    offset: Tuple[int, int] = (0, 0)
 
     def index_axes(self) -> List[Any]:
         """The op coordinates of a chain value's trailing (query, key) axes."""
+        q, kv = S.q_idx - self.offset[0], S.kv_idx - self.offset[1]
         if self.split is None:
-            return [S.q_idx, S.kv_idx]
+            return [q, kv]
         qw, kw = self.split
-        return [sympy.floor(S.q_idx / qw), sympy.Mod(S.q_idx, qw),
-                sympy.floor(S.kv_idx / kw), sympy.Mod(S.kv_idx, kw)]
+        return [sympy.floor(q / qw), sympy.Mod(q, qw),
+                sympy.floor(kv / kw), sympy.Mod(kv, kw)]
 
     def components(self) -> List[Any]:
         if _same_sizes(self.sizes, self.op_sizes):
