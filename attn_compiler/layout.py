@@ -42,6 +42,9 @@ FLAT = -1  # an axis of length B*H read at b * H + h
 CYCLIC_B = -2  # an axis of length n read at b mod n (B a multiple of n): Swin's window masks
 MERGE_NEXT = -3  # this axis and the next are one (q // W, q % W): merged into the next's op axis
 MERGE_NEXT_SWAPPED = -4  # this axis and the next are one (q % W, q // W): swapped, then merged
+# the three factors of a query split in three (time, height, width), outermost
+# first, on any axes in any order: ordered, then merged into one query axis
+QFACTORS = (-5, -6, -7)
 
 
 def captured_view(x: torch.Tensor, axes: Tuple[Optional[int], ...],
@@ -53,13 +56,20 @@ def captured_view(x: torch.Tensor, axes: Tuple[Optional[int], ...],
     axis read at b mod n, repeated to ``like``'s batch: a copy of x, B/n times;
     MERGE_NEXT: flattened with the next axis, the query split in two;
     MERGE_NEXT_SWAPPED: the same split written (q % W, q // W), swapped first:
-    a copy of x, which has one query axis less than the scores).  ``pad``:
+    a copy of x, which has one query axis less than the scores; QFACTORS: a
+    query split in three, the factors' axes ordered and merged: a copy).  ``pad``:
     zeros put in front of the query and key axes (a tensor read at
     ``q - pad[0]``, ``kv - pad[1]``: a term of a slice of the scores; the
     kernels read the zeros where the slice does not lie and do not use them)."""
     if any(a is None for a in axes):     # first: the halves of a split query are then neighbours
         x = x[tuple(0 if a is None else slice(None) for a in axes)]
         axes = tuple(a for a in axes if a is not None)
+    if any(a in QFACTORS for a in axes):     # a copy: the factors moved together, outermost first
+        at = sorted((i for i, a in enumerate(axes) if a in QFACTORS), key=lambda i: QFACTORS.index(axes[i]))
+        first = min(at)
+        perm = list(range(first)) + at + [i for i in range(first, len(axes)) if i not in at]
+        x = x.permute(perm).flatten(first, first + len(at) - 1)
+        axes = axes[:first] + (2,) + tuple(axes[i] for i in range(first, len(axes)) if i not in at)
     while MERGE_NEXT in axes or MERGE_NEXT_SWAPPED in axes:
         i = next(j for j, a in enumerate(axes) if a in (MERGE_NEXT, MERGE_NEXT_SWAPPED))
         if axes[i] == MERGE_NEXT_SWAPPED:

@@ -10,9 +10,10 @@ are given, K/V pooled to a coarser grid than Q):
   + rel_h + rel_w).view(...)``; the op reads rel_h (padded by one query in
   front) at max(kv - 1, 0) // kw and rel_w at (kv - 1) % kw;
 - ``tv``: torchvision's ``_add_rel_pos`` (video: time, height and width):
-  the three terms summed into one (B, H, Nq - 1, Nk - 1) tensor, then
-  ``attn[:, :, 1:, 1:] += rel_pos``; the op reads that tensor (copied, padded
-  by one query and one key).
+  the three terms summed into one (B, H, Nq - 1, Nk - 1) tensor through an
+  8-D broadcast, then ``attn[:, :, 1:, 1:] += rel_pos``; the op reads the
+  three terms at (kv - 1) // (kh*kw), ((kv - 1) // kw) % kh and
+  (kv - 1) % kw (the summed tensor is not built).
 
 What is compared: ``eager`` (the module as written), ``inductor``
 (``torch.compile`` of it) and ``attn_compiler`` (our backend, inner inductor,

@@ -127,6 +127,9 @@ def mapped_index(x: str, index_map: Tuple) -> str:
     (``CapturedTensor.kv_map`` / ``h_map``): ``x``, ``(x // W)`` or ``(x % W)``."""
     if not index_map:
         return x
+    if index_map[0] == "divmod":     # the middle of three factors: (max(x + c, 0) // W) % M
+        _, w, m, c = index_map
+        return f"(({f'tl.maximum({x} + {c}, 0)' if c else x} // {w}) % {m})"
     kind, w = index_map[:2]
     c = index_map[2] if len(index_map) > 2 else 0
     if c:   # a term of a slice of the scores: read at max(x + c, 0) // W or (x + c) % W

@@ -1301,6 +1301,41 @@ class MViTv2RelPos(nn.Module):
         return attn.softmax(dim=-1) @ v
 
 
+class MViTv2VideoRelPos(nn.Module):
+    """torchvision's MViTv2 (video): decomposed relative positions along time,
+    height and width, summed into one (B, H, Nq - 1, Nk - 1) term from an
+    8-D broadcast (the time term by a matmul over the frames, viewed and
+    permuted back) and added to all but the cls row and column in place,
+    ``attn[:, :, 1:, 1:] += rel_pos``.  q (B, H, 1 + qt*qh*qw, D), k and v
+    (B, H, 1 + kt*kh*kw, D)."""
+
+    def __init__(self, q_size=(2, 4, 3), k_size=(2, 2, 3), dim=16):
+        super().__init__()
+        self.q_size, self.k_size = q_size, k_size
+        self.rel_pos_t = nn.Parameter(torch.randn(2 * max(q_size[0], k_size[0]) - 1, dim) * 0.2)
+        self.rel_pos_h = nn.Parameter(torch.randn(2 * max(q_size[1], k_size[1]) - 1, dim) * 0.2)
+        self.rel_pos_w = nn.Parameter(torch.randn(2 * max(q_size[2], k_size[2]) - 1, dim) * 0.2)
+
+    def forward(self, q, k, v):
+        attn = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(2, 3))
+        (q_t, q_h, q_w), (k_t, k_h, k_w) = self.q_size, self.k_size
+        dist = MViTv2RelPos._dist
+        Rt = self.rel_pos_t[dist(q_t, k_t)]
+        Rh = self.rel_pos_h[dist(q_h, k_h)]
+        Rw = self.rel_pos_w[dist(q_w, k_w)]
+        B, n_head, _, dim = q.shape
+        r_q = q[:, :, 1:].reshape(B, n_head, q_t, q_h, q_w, dim)
+        rel_h_q = torch.einsum("bythwc,hkc->bythwk", r_q, Rh)
+        rel_w_q = torch.einsum("bythwc,wkc->bythwk", r_q, Rw)
+        r_q = r_q.permute(2, 0, 1, 3, 4, 5).reshape(q_t, B * n_head * q_h * q_w, dim)
+        rel_q_t = torch.matmul(r_q, Rt.transpose(1, 2)).transpose(0, 1)
+        rel_q_t = rel_q_t.view(B, n_head, q_h, q_w, q_t, k_t).permute(0, 1, 4, 2, 3, 5)
+        rel_pos = (rel_h_q[:, :, :, :, :, None, :, None] + rel_w_q[:, :, :, :, :, None, None, :]
+                   + rel_q_t[:, :, :, :, :, :, None, None]).reshape(B, n_head, q_t * q_h * q_w, k_t * k_h * k_w)
+        attn[:, :, 1:, 1:] += rel_pos
+        return attn.softmax(dim=-1) @ v
+
+
 def causal_by_boolean_index_assignment(q, k, v):
     """The causal mask written by boolean indexing, ``s[..., m] = -inf``
     (a masked_fill spelled as an index_put)."""

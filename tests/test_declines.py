@@ -251,6 +251,21 @@ def softmax_of_a_slice(q, k, v):
     return s[:, :, 1:, 1:].softmax(-1) @ v[:, :, 1:]
 
 
+def first_row_added_to_every_row(q, k, v):
+    """The scores plus their first row (``s[..., :1, :]``, broadcast over
+    the queries): a slice from position 0 is still a part of them."""
+    s = _scores(q, k)
+    s = s + s[..., :1, :]
+    return s.softmax(-1) @ v
+
+
+def gated_by_the_first_key(q, k, v):
+    """The scores times a gate of their first column (``s[..., :1]``)."""
+    s = _scores(q, k)
+    s = s * s[..., :1].sigmoid()
+    return s.softmax(-1) @ v
+
+
 def part_assigned_along_the_heads(q, k, v):
     """Heads from the second on assigned their scores plus a bias: a slice
     along the heads, not the query and key axes."""
@@ -292,6 +307,8 @@ DECLINED = [
     (part_plus_another_part, ["another part"]),
     (softmax_of_a_slice, []),
     (part_assigned_along_the_heads, ["other than the query and key"]),
+    (first_row_added_to_every_row, ["broadcast"]),
+    (gated_by_the_first_key, ["broadcast"]),
     (scores_assigned_in_part, ["assigned in part"]),
     (softmax_over_queries, ["dim"]),
     (softmax_over_heads, ["dim"]),

@@ -609,6 +609,7 @@ RESEARCH_CASES = [
         _qkv(dt) + [(~_keep_mask())[:, None, None, :].expand(B, H, L, L).contiguous()])),
     Case("mvitv2_relpos_slice_assigned", _mod(forms.MViTv2RelPos, lambda dt: _qkv(dt, lq=12, lk=6))),
     Case("mvitv2_relpos_cls_token", _mod(forms.MViTv2RelPos, lambda dt: _qkv(dt, lq=13, lk=7), cls_token=True)),
+    Case("mvitv2_video_relpos_cls_token", _mod(forms.MViTv2VideoRelPos, lambda dt: _qkv(dt, lq=25, lk=13))),
     Case("sinks_with_empty_rows", lambda dt: (forms.sinks_with_empty_rows,
                                               _qkv(dt) + [_t(1, H, 1, 1, dtype=dt)])),
     Case("granite_sink_scale", _mod(forms.GraniteSinkScale,
@@ -735,6 +736,7 @@ def test_captured_terms_on_the_kernels_forward_backward(case_id):
     ("sink_first_behind_cast", "bf16"),
     ("mvitv2_relpos_slice_assigned", "bf16"),
     ("mvitv2_relpos_cls_token", "bf16"),
+    ("mvitv2_video_relpos_cls_token", "bf16"),
     ("padding_by_boolean_index_assignment", "fp16"),
     ("masks_by_slice_assignment", "bf16"),
     ("sinks_with_empty_rows", "fp16"),
@@ -966,6 +968,21 @@ def test_mvitv2_cls_token_relative_positions_on_the_kernels_forward_backward():
         check_case(RESEARCH_BY_ID["mvitv2_relpos_cls_token"])
     spec = AttentionSpec.loads(attn_compiler.report().fused[0].features["spec"])
     assert sorted(c.kv_map for c in spec.captured) == [("div", 3, -1), ("mod", 3, 2)], spec.captured
+
+
+def test_mvitv2_video_relative_positions_on_the_kernels_forward_backward():
+    """torchvision's video MViTv2: the time, height and width terms summed
+    into one (B, H, Nq - 1, Nk - 1) tensor through an 8-D broadcast and added
+    to all but the cls row and column.  The op reads the three terms, not
+    that tensor: the key axis split in three, (kv - 1) // (kh*kw),
+    ((kv - 1) // kw) % kh and (kv - 1) % kw; the query's three factors one
+    query axis padded by one.  On the generated kernels, float32, forward and
+    every gradient."""
+    with _implementation(True):
+        check_case(RESEARCH_BY_ID["mvitv2_video_relpos_cls_token"])
+    spec = AttentionSpec.loads(attn_compiler.report().fused[0].features["spec"])
+    assert sorted(c.kv_map for c in spec.captured) == [("div", 6, -1), ("divmod", 3, 2, -1), ("mod", 3, 2)], \
+        spec.captured
 
 
 @pytest.mark.parametrize("case_id,maps", [

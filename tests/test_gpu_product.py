@@ -238,21 +238,27 @@ def test_float_attribute_scale_under_dynamic_true(winner, mode, monkeypatch, tmp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("cls_token", [False, True], ids=["all", "cls_token"])
-def test_mvitv2_relative_positions_on_the_gpu_kernels(cls_token, dtype, counted):
+@pytest.mark.parametrize("form", ["all", "cls_token", "video"])
+def test_mvitv2_relative_positions_on_the_gpu_kernels(form, dtype, counted):
     """MViTv2's decomposed relative positions as timm writes them, assigned
     back into the scores; with a cls token into all but its row and column
     ([Note: scores assigned in part]): the height term padded by one query,
-    the key terms read at max(kv - 1, 0) // kw and (kv - 1) % kw.  On the
-    generated kernels on the GPU, forward and every gradient golden-relative
-    to eager in the same dtype against float64."""
+    the key terms read at max(kv - 1, 0) // kw and (kv - 1) % kw; and
+    torchvision's video form (time, height and width: the middle key factor
+    read at ((kv - 1) // kw) % kh).  On the generated kernels on the GPU,
+    forward and every gradient golden-relative to eager in the same dtype
+    against float64."""
     import copy
 
     torch.manual_seed(0)
-    sp = int(cls_token)
-    mod = forms.MViTv2RelPos(q_size=(16, 12), k_size=(8, 6), dim=64, cls_token=cls_token).cuda()
-    q = torch.randn(2, 4, sp + 192, 64, device="cuda", dtype=dtype, requires_grad=True)
-    k, v = (torch.randn(2, 4, sp + 48, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    if form == "video":
+        sp, nq, nk = 1, 2 * 8 * 6, 2 * 4 * 3
+        mod = forms.MViTv2VideoRelPos(q_size=(2, 8, 6), k_size=(2, 4, 3), dim=64).cuda()
+    else:
+        sp, nq, nk = int(form == "cls_token"), 192, 48
+        mod = forms.MViTv2RelPos(q_size=(16, 12), k_size=(8, 6), dim=64, cls_token=form == "cls_token").cuda()
+    q = torch.randn(2, 4, sp + nq, 64, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 4, sp + nk, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     args = [q, k, v]
     mod64 = copy.deepcopy(mod).double()
     mod.to(dtype)
@@ -271,6 +277,7 @@ def test_mvitv2_relative_positions_on_the_gpu_kernels(cls_token, dtype, counted)
         g_ours = torch.autograd.grad(ours, wrt, g.to(dtype))
         g_eager = torch.autograd.grad(eager, wrt, g.to(dtype))
         g_gold = torch.autograd.grad(gold, d + list(mod64.parameters()), g)
-    for name, o, e, r in zip(["dq", "dk", "dv", "drel_h", "drel_w"], g_ours, g_eager, g_gold):
+    for name, o, e, r in zip(["dq", "dk", "dv"] + [f"d{n}" for n, _ in mod.named_parameters()],
+                             g_ours, g_eager, g_gold):
         golden_check(o, e, r, name=name)
     assert counted["forward"] >= 1 and counted["backward"] >= 1, counted

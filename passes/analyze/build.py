@@ -21,7 +21,7 @@ import torch.fx as fx
 
 # CaptureView axis codes: FLAT the merged (b, h) axis of a [B*H, ...] tensor,
 # CYCLIC_B an axis of n read at b mod n
-from attn_compiler.layout import CYCLIC_B, FLAT, MERGE_NEXT, MERGE_NEXT_SWAPPED
+from attn_compiler.layout import CYCLIC_B, FLAT, MERGE_NEXT, MERGE_NEXT_SWAPPED, QFACTORS
 
 from .. import canonicalize as C
 from . import spec as S
@@ -402,7 +402,14 @@ def _split_term(a) -> Optional[tuple]:
     """``(q_idx or kv_idx or h, "div" | "mod", W, c)`` when ``a`` is
     ``floor((x + c) / W)`` or ``(x + c) mod W`` of an op index x ([Note: split
     key axes]; c is not 0 for a slice of the scores, [Note: scores assigned in
-    part]), else None."""
+    part]); ``(x, "divmod", (W, M), c)`` for ``floor((x + c) / W) mod M``, the
+    middle factor of an axis split in three (video: time, height, width);
+    else None."""
+    if isinstance(a, sympy.Mod) and isinstance(a.args[0], sympy.floor) and a.args[1].is_Integer:
+        inner = _split_term(a.args[0])
+        if inner is None or inner[0] == S.h or int(a.args[1]) < 2:
+            return None
+        return (inner[0], "divmod", (inner[2], int(a.args[1])), inner[3])
     if isinstance(a, sympy.floor):
         num, den = sympy.fraction(sympy.together(a.args[0]))
         kind = "div"
@@ -429,6 +436,8 @@ def _split_axis(split: tuple, args, i: int, node: fx.Node, heads=None):
     sym, kind, w, c = split
     shape = C.shape_of(node)
     size = shape[i] if i < len(shape) else None
+    if sym == S.h and kind == "divmod":
+        raise Decline("a captured tensor is read along a third of split heads")
     if sym == S.h:
         if isinstance(heads, sympy.Integer):
             heads = int(heads)
@@ -454,6 +463,11 @@ def _split_axis(split: tuple, args, i: int, node: fx.Node, heads=None):
         j_prev = next((j for j in range(i - 1, -1, -1) if args[j] != 0), None)
         nxt = _split_term(args[j_next]) if j_next is not None else None
         prev = _split_term(args[j_prev]) if j_prev is not None else None
+        # three factors (q // (M*W), (q // W) % M, q % W), on any axes in any
+        # order: one query axis (torchvision's video MViTv2 reads its time
+        # term at (height, width, time)); ``captured_view`` orders and merges them
+        if kind == "divmod" or any(t is not None and t[:2] == (S.q_idx, "divmod") for t in map(_split_term, args)):
+            return QFACTORS[_three_factors(args, node)[i]]
         # the two halves read one shifted query, q + c: c % W in the mod half
         pair = (S.q_idx, other, w, c % w if other == "mod" else None)
         def partner(t):
@@ -463,9 +477,24 @@ def _split_axis(split: tuple, args, i: int, node: fx.Node, heads=None):
         if partner(prev):
             return 2
         raise Decline("a captured tensor is read along part of a split query axis")
-    if not isinstance(size, int) or (kind == "mod" and size != w):
+    if not isinstance(size, int) or (kind == "mod" and size != w) or (kind == "divmod" and size != w[1]):
         raise Decline("a captured tensor is read along a split key axis with a dynamic size")
     return 3
+
+
+def _three_factors(args, node) -> dict:
+    """{axis: factor} (0 outermost) of a tensor read along a query split in
+    three, ``floor((q + c) / (M*W))``, ``floor((q + c) / W) mod M`` and
+    ``(q + c) mod W`` on three of its axes of sizes (any, M, W)."""
+    shape = C.shape_of(node)
+    terms = {j: t for j, t in enumerate(map(_split_term, args)) if t is not None and t[0] == S.q_idx}
+    kinds = {t[1]: j for j, t in terms.items()}
+    if len(terms) != 3 or set(kinds) != {"div", "divmod", "mod"}:
+        raise Decline("a captured tensor is read along part of a split query axis")
+    (_, _, wd, cd), (_, _, (w, m), cm), (_, _, wr, cr) = (terms[kinds[k]] for k in ("div", "divmod", "mod"))
+    if wd != w * m or cm != cd or wr != w or cr != cd % w or shape[kinds["divmod"]] != m or shape[kinds["mod"]] != w:
+        raise Decline("a captured tensor is read along a query split in three that does not add up")
+    return {kinds["div"]: 0, kinds["divmod"]: 1, kinds["mod"]: 2}
 
 
 def _cyclic_period(a, node, i) -> Optional[int]:
@@ -500,7 +529,9 @@ def _rename_captures(expr, leaves, flat, op_sizes=(None, None)):
                 shifted = _shifted(a)
                 if split is not None:
                     axes.append(_split_axis(split, args, i, lf.node, op_sizes[1]))
-                    if split[0] == S.kv_idx:     # a shifted key: kv_map (kind, W, c)
+                    if split[0] == S.kv_idx and split[1] == "divmod":   # (kv + c) // W % M
+                        kv_map = ("divmod", split[2][0], split[2][1], split[3])
+                    elif split[0] == S.kv_idx:     # a shifted key: kv_map (kind, W, c)
                         kv_map = split[1:3] + ((split[3],) if split[3] else ())
                     elif split[0] == S.h and axes[-1] == 1 and not (i and axes[-2] == MERGE_NEXT):
                         h_map = split[1:3]
@@ -525,7 +556,8 @@ def _rename_captures(expr, leaves, flat, op_sizes=(None, None)):
                     raise Decline(f"a captured tensor is read at {a}, not along one op axis")
             if axes.count(CYCLIC_B) > 1 or (CYCLIC_B in axes and FLAT in axes):
                 raise Decline("a captured tensor is read at b mod n along two axes")
-            used = [a for a in axes if a is not None and a not in (MERGE_NEXT, MERGE_NEXT_SWAPPED)]
+            used = [2 if a == QFACTORS[2] else a for a in axes
+                    if a is not None and a not in (MERGE_NEXT, MERGE_NEXT_SWAPPED, *QFACTORS[:2])]
             used = [j for a in used for j in ((0, 1) if a == FLAT else (0,) if a == CYCLIC_B else (a,))]
             if len(set(used)) != len(used):
                 raise Decline("a captured tensor is read along the same op axis twice")

@@ -9,6 +9,7 @@ else becomes a captured tensor (``leaf``), read at run time.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from typing import Optional
 
@@ -269,17 +270,31 @@ def _merged_split_axes(x: Val, old, new) -> Optional[Val]:
     """A (..., qh, qw, kh, kw) side value viewed as (..., qh*qw, kh*kw): SAM's
     decomposed relative positions built beside the scores and reshaped to
     them ([Note: split key axes]); the value keeps reading its own tensors,
-    at (q // qw, q % qw, kv // kw, kv % kw)."""
-    if new is None or len(old) != len(new) + 2 or len(new) < 2 \
-            or not all(isinstance(d, int) for d in tuple(old[-4:]) + tuple(new[-2:])) \
-            or new[-2] != old[-4] * old[-3] or new[-1] != old[-2] * old[-1] \
-            or not all(_size_eq(a, b) for a, b in zip(old[:-4], new[:-2])):
+    at (q // qw, q % qw, kv // kw, kv % kw).  Three factors a side (video:
+    (qt, qh, qw, kt, kh, kw), torchvision's MViTv2) read at
+    (q // (qh*qw), (q // qw) % qh, q % qw, ...)."""
+    if new is None or len(new) < 2 or len(old) < len(new) + 2:
         return None
-    qw, kw = old[-3], old[-1]
-    sub = {AX[0]: sympy.Mod(AX[0], kw), AX[1]: sympy.floor(AX[0] / kw),
-           AX[2]: sympy.Mod(AX[1], qw), AX[3]: sympy.floor(AX[1] / qw)}
+    extra = len(old) - len(new)          # factors beyond one a side
+    trail = tuple(old[len(old) - extra - 2:])
+    if not all(isinstance(d, int) for d in trail + tuple(new[-2:])) \
+            or not all(_size_eq(a, b) for a, b in zip(old[:len(old) - extra - 2], new[:-2])):
+        return None
+    for nq in range(2, len(trail) - 1):      # the query's factors, then the key's
+        qf, kf = trail[:nq], trail[nq:]
+        if math.prod(qf) == new[-2] and math.prod(kf) == new[-1] and len(qf) <= 3 and len(kf) <= 3:
+            break
+    else:
+        return None
+    sub = {}
+    for merged, factors, first in ((AX[1], qf, len(kf)), (AX[0], kf, 0)):
+        # factor j (of the group, outermost first) at (i // stride_j) % size_j
+        for j, size in enumerate(factors):
+            stride = math.prod(factors[j + 1:])
+            at = merged if stride == 1 else sympy.floor(merged / stride)
+            sub[AX[first + len(factors) - 1 - j]] = at if j == 0 else sympy.Mod(at, size)
     for i in range(len(new) - 2):
-        sub[AX[4 + i]] = AX[2 + i]
+        sub[AX[len(trail) + i]] = AX[2 + i]
     return Val(_subs(x.expr, sub), new)
 
 

@@ -102,6 +102,9 @@ def _mapped_index(x, index_map: Tuple):
     (x + c) % W ([Note: scores assigned in part] in symbolic.py)."""
     if not index_map:
         return x
+    if index_map[0] == "divmod":     # (max(x + c, 0) // W) % M: the middle of three factors
+        _, w, m, c = index_map
+        return ((x + c).clamp(min=0) if c else x) // w % m
     kind, w = index_map[:2]
     c = index_map[2] if len(index_map) > 2 else 0
     if c:
@@ -114,6 +117,8 @@ def _mapped_size(n: int, index_map: Tuple, ceil: bool) -> int:
     n, n / W (rounded up with ``ceil``) or W; (n + c) / W with a shift c."""
     if not index_map:
         return n
+    if index_map[0] == "divmod":
+        return index_map[2]
     kind, w = index_map[:2]
     if kind == "div" and len(index_map) > 2:
         n = max(n + index_map[2], 0)
@@ -135,7 +140,9 @@ class CapturedTensor:
     entries.
     A key axis read from a slice of the scores on ([Note: scores assigned in
     part] in symbolic.py) has a third entry, the shift c: the key axis is read
-    at ``max(kv_idx + c, 0) // W`` or ``(kv_idx + c) % W``.
+    at ``max(kv_idx + c, 0) // W`` or ``(kv_idx + c) % W``.  A key axis split
+    in three (video: time, height, width) reads the middle factor through
+    ``("divmod", W, M, c)``: at ``(max(kv_idx + c, 0) // W) % M``.
     ``h_map``: the same for the head axis ([Note: split head axes]): ``()``
     when it is read at ``h``, ``("div", W)`` or ``("mod", W)`` when at
     ``h // W`` or ``h % W``; its head axis then has H / W or W entries.

@@ -70,6 +70,13 @@ _BINARY = {"add", "sub", "rsub", "mul", "div", "pow", "minimum", "maximum"}
 # that key axis (``CapturedTensor.kv_map``): the kernels read it at that index,
 # so the (Lq, Lk) bias is never built.  Only a view into exactly that split
 # and back is taken; while split, no reduction over the last axis is a row's.
+# A side value built in the split layout and reshaped to the scores' is read
+# the same way (``side._merged_split_axes``), also with three factors a side:
+# torchvision's video MViTv2 sums time, height and width terms in a
+# (.., qt, qh, qw, kt, kh, kw) broadcast; the middle key factor is read at
+# (kv // kw) % kh (``kv_map`` ``("divmod", kw, kh, c)``) and the three query
+# factors, on any of the tensor's axes, are ordered and merged into one query
+# axis by the rewrite (``layout.QFACTORS``, a copy of the small term).
 
 def _axes_split(src: Val, new) -> Optional[Val]:
     """The chain value of a view that splits the query and key axes into
@@ -204,7 +211,8 @@ class ScoreInterpreter(SideValues):
         self.softmax_frame = v.frame
         if v.frame is not None and v.frame.split is not None:
             raise Decline("the softmax runs over part of a split key axis")
-        if v.frame is not None and v.frame.offset != (0, 0):
+        if v.frame is not None and (v.frame.offset != (0, 0) or not _same_sizes(
+                tuple(v.shape[-2:]), tuple(C.shape_of(self.score_node)[-2:]))):
             raise Decline("the softmax runs over a slice of the scores")
         e = as_num(v.expr)
         self._note_prefix(e)
@@ -316,6 +324,8 @@ class ScoreInterpreter(SideValues):
                 raise Decline("scores combined across different batch layouts")
             if any(v.frame.offset != frame.offset or v.frame.split != frame.split for v in chain):
                 raise Decline("scores combined with another part of them")
+            if any(not _same_sizes(tuple(v.shape[-2:]), tuple(out_shape[-2:])) for v in chain):
+                raise Decline("a part of the scores is broadcast against the scores")
             if len(out_shape) != len(chain[0].shape):
                 raise Decline("a tensor of higher rank than the scores joins the score chain")
             exprs = [v.expr if v.chain else self.join(v, frame, len(out_shape)) for v in vals]
@@ -488,7 +498,10 @@ class ScoreInterpreter(SideValues):
     # captured tensors read at shifted indices are padded in front
     # (``CaptureView.pad``) or read through a shifted split key map
     # (``CapturedTensor.kv_map``); where the condition fails their values are
-    # read at a clamped index and not used.
+    # read at a clamped index and not used.  A term the model builds at the
+# slice's size from split factors (torchvision's ``attn[:, :, 1:, 1:] +=
+# rel_pos``) is read through its factors ([Note: split key axes]); one the
+# analysis can only capture whole is padded, a copy of that term.
 
     def chain_slice(self, node: fx.Node, op) -> Val:
         """``s[..., a:b, c:d]``: the scores from (a, c) on ([Note: scores
