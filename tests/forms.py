@@ -1336,6 +1336,41 @@ class MViTv2VideoRelPos(nn.Module):
         return attn.softmax(dim=-1) @ v
 
 
+class MViTv2SlowFastRelPos(nn.Module):
+    """MViTv2 as SlowFast writes it for video: the spatial terms added to a
+    (B, H, qt, qh, qw, kt, kh, kw) view of the scores without the cls row and
+    column and written back, then the temporal term the same way (two slice
+    assignments of 8-D views).  q (B, H, 1 + qt*qh*qw, D), k and v
+    (B, H, 1 + kt*kh*kw, D)."""
+
+    def __init__(self, q_size=(2, 4, 3), k_size=(2, 2, 3), dim=16):
+        super().__init__()
+        self.q_size, self.k_size = q_size, k_size
+        self.rel_pos_t = nn.Parameter(torch.randn(2 * max(q_size[0], k_size[0]) - 1, dim) * 0.2)
+        self.rel_pos_h = nn.Parameter(torch.randn(2 * max(q_size[1], k_size[1]) - 1, dim) * 0.2)
+        self.rel_pos_w = nn.Parameter(torch.randn(2 * max(q_size[2], k_size[2]) - 1, dim) * 0.2)
+
+    def forward(self, q, k, v):
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        (q_t, q_h, q_w), (k_t, k_h, k_w) = self.q_size, self.k_size
+        dist = MViTv2RelPos._dist
+        B, n_head, _, dim = q.shape
+        r_q = q[:, :, 1:].reshape(B, n_head, q_t, q_h, q_w, dim)
+        rel_h = torch.einsum("bythwc,hkc->bythwk", r_q, self.rel_pos_h[dist(q_h, k_h)])
+        rel_w = torch.einsum("bythwc,wkc->bythwk", r_q, self.rel_pos_w[dist(q_w, k_w)])
+        attn[:, :, 1:, 1:] = (
+            attn[:, :, 1:, 1:].view(B, -1, q_t, q_h, q_w, k_t, k_h, k_w)
+            + rel_h[:, :, :, :, :, None, :, None] + rel_w[:, :, :, :, :, None, None, :]
+        ).view(B, -1, q_t * q_h * q_w, k_t * k_h * k_w)
+        r_q = r_q.permute(2, 0, 1, 3, 4, 5).reshape(q_t, B * n_head * q_h * q_w, dim)
+        rel = torch.matmul(r_q, self.rel_pos_t[dist(q_t, k_t)].transpose(1, 2)).transpose(0, 1)
+        rel = rel.view(B, n_head, q_h, q_w, q_t, k_t).permute(0, 1, 4, 2, 3, 5)
+        attn[:, :, 1:, 1:] = (
+            attn[:, :, 1:, 1:].view(B, -1, q_t, q_h, q_w, k_t, k_h, k_w) + rel[:, :, :, :, :, :, None, None]
+        ).view(B, -1, q_t * q_h * q_w, k_t * k_h * k_w)
+        return attn.softmax(dim=-1) @ v
+
+
 def causal_by_boolean_index_assignment(q, k, v):
     """The causal mask written by boolean indexing, ``s[..., m] = -inf``
     (a masked_fill spelled as an index_put)."""

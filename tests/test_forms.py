@@ -610,6 +610,7 @@ RESEARCH_CASES = [
     Case("mvitv2_relpos_slice_assigned", _mod(forms.MViTv2RelPos, lambda dt: _qkv(dt, lq=12, lk=6))),
     Case("mvitv2_relpos_cls_token", _mod(forms.MViTv2RelPos, lambda dt: _qkv(dt, lq=13, lk=7), cls_token=True)),
     Case("mvitv2_video_relpos_cls_token", _mod(forms.MViTv2VideoRelPos, lambda dt: _qkv(dt, lq=25, lk=13))),
+    Case("mvitv2_slowfast_relpos_cls_token", _mod(forms.MViTv2SlowFastRelPos, lambda dt: _qkv(dt, lq=25, lk=13))),
     Case("sinks_with_empty_rows", lambda dt: (forms.sinks_with_empty_rows,
                                               _qkv(dt) + [_t(1, H, 1, 1, dtype=dt)])),
     Case("granite_sink_scale", _mod(forms.GraniteSinkScale,
@@ -737,6 +738,7 @@ def test_captured_terms_on_the_kernels_forward_backward(case_id):
     ("mvitv2_relpos_slice_assigned", "bf16"),
     ("mvitv2_relpos_cls_token", "bf16"),
     ("mvitv2_video_relpos_cls_token", "bf16"),
+    ("mvitv2_slowfast_relpos_cls_token", "bf16"),
     ("padding_by_boolean_index_assignment", "fp16"),
     ("masks_by_slice_assignment", "bf16"),
     ("sinks_with_empty_rows", "fp16"),
@@ -968,6 +970,19 @@ def test_mvitv2_cls_token_relative_positions_on_the_kernels_forward_backward():
         check_case(RESEARCH_BY_ID["mvitv2_relpos_cls_token"])
     spec = AttentionSpec.loads(attn_compiler.report().fused[0].features["spec"])
     assert sorted(c.kv_map for c in spec.captured) == [("div", 3, -1), ("mod", 3, 2)], spec.captured
+
+
+def test_mvitv2_slowfast_relative_positions_on_the_kernels_forward_backward():
+    """SlowFast's video MViTv2: the scores viewed with three factors a side,
+    (B, H, qt, qh, qw, kt, kh, kw), twice (spatial terms, then the temporal
+    one), each written back to all but the cls row and column.  The terms
+    are read through the key's three factors; on the generated kernels,
+    float32, forward and every gradient."""
+    with _implementation(True):
+        check_case(RESEARCH_BY_ID["mvitv2_slowfast_relpos_cls_token"])
+    spec = AttentionSpec.loads(attn_compiler.report().fused[0].features["spec"])
+    assert sorted(c.kv_map for c in spec.captured) == [("div", 6, -1), ("divmod", 3, 2, -1), ("mod", 3, 2)], \
+        spec.captured
 
 
 def test_mvitv2_video_relative_positions_on_the_kernels_forward_backward():

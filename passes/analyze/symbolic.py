@@ -70,8 +70,10 @@ _BINARY = {"add", "sub", "rsub", "mul", "div", "pow", "minimum", "maximum"}
 # that key axis (``CapturedTensor.kv_map``): the kernels read it at that index,
 # so the (Lq, Lk) bias is never built.  Only a view into exactly that split
 # and back is taken; while split, no reduction over the last axis is a row's.
-# A side value built in the split layout and reshaped to the scores' is read
-# the same way (``side._merged_split_axes``), also with three factors a side:
+# The scores may be viewed with three factors a side, (qt, qh, qw, kt, kh, kw)
+# (SlowFast's video MViTv2; ``Frame.split`` holds the factors).  A side value
+# built in the split layout and reshaped to the scores' is read the same way
+# (``side._merged_split_axes``), also with three factors a side:
 # torchvision's video MViTv2 sums time, height and width terms in a
 # (.., qt, qh, qw, kt, kh, kw) broadcast; the middle key factor is read at
 # (kv // kw) % kh (``kv_map`` ``("divmod", kw, kh, c)``) and the three query
@@ -80,21 +82,27 @@ _BINARY = {"add", "sub", "rsub", "mul", "div", "pow", "minimum", "maximum"}
 
 def _axes_split(src: Val, new) -> Optional[Val]:
     """The chain value of a view that splits the query and key axes into
-    (qh, qw, kh, kw), or merges them back; None for any other reshape."""
+    (qh, qw, kh, kw) (or three factors each: (qt, qh, qw, kt, kh, kw)), or
+    merges them back; None for any other reshape."""
     if new is None or src.frame is None:
         return None
     def ints(*ds):
         return all(isinstance(d, int) for d in ds)
 
-    if src.frame.split is None and len(new) >= 4 and len(new) - 2 == len(src.shape) \
-            and ints(*new[-4:], *src.shape[-2:]) and new[-4] * new[-3] == src.shape[-2] and new[-2] * new[-1] == src.shape[-1] \
-            and not (new[-4] == src.shape[-2] and new[-2] == src.shape[-1]) \
-            and _same_sizes(tuple(new[:-4]), tuple(src.shape[:-2])):
-        frame = dataclasses.replace(src.frame, split=(new[-3], new[-1]))
-        return Val(src.expr, tuple(new), True, frame)
-    if src.frame.split is not None and len(new) + 2 == len(src.shape) and ints(*new[-2:]) \
-            and new[-2] == src.shape[-4] * src.shape[-3] and new[-1] == src.shape[-2] * src.shape[-1] \
-            and _same_sizes(tuple(new[:-2]), tuple(src.shape[:-4])):
+    lead = len(src.shape) - 2 if src.frame.split is None else len(src.shape) - sum(map(len, src.frame.split))
+    if src.frame.split is None and len(new) >= len(src.shape) + 2 and ints(*new[lead:], *src.shape[-2:]) \
+            and _same_sizes(tuple(new[:lead]), tuple(src.shape[:lead])):
+        trail = tuple(new[lead:])
+        lq, lk = src.shape[-2:]
+        for nq in range(2, len(trail) - 1):
+            qf, kf = trail[:nq], trail[nq:]
+            if len(qf) <= 3 and len(kf) <= 3 and math.prod(qf) == lq and math.prod(kf) == lk \
+                    and not (max(qf) == lq and max(kf) == lk):
+                return Val(src.expr, tuple(new), True, dataclasses.replace(src.frame, split=(qf, kf)))
+        return None
+    if src.frame.split is not None and len(new) == lead + 2 and ints(*new[-2:]) \
+            and new[-2] == math.prod(src.frame.split[0]) and new[-1] == math.prod(src.frame.split[1]) \
+            and _same_sizes(tuple(new[:-2]), tuple(src.shape[:lead])):
         return Val(src.expr, tuple(new), True, dataclasses.replace(src.frame, split=None))
     return None
 

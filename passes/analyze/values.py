@@ -51,9 +51,10 @@ class Frame:
     sizes: Tuple
     op_sizes: Tuple
     flat: Any                 # sympy expression of the flat batch index
-    # the query and key axes viewed as (Lq / qw, qw) and (Lk / kw, kw): (qw, kw),
-    # or None ([Note: split key axes])
-    split: Optional[Tuple[int, int]] = None
+    # the query and key axes viewed as (qh, qw) and (kh, kw) (or three factors
+    # each, (qt, qh, qw)): ((qh, qw), (kh, kw)), outermost first, or None
+    # ([Note: split key axes])
+    split: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]] = None
     # a slice of the scores from (query, key) position ``offset`` on: its
     # position (i, j) is the op's (i + offset[0], j + offset[1])
     # ([Note: scores assigned in part] in symbolic.py)
@@ -64,9 +65,7 @@ class Frame:
         q, kv = S.q_idx - self.offset[0], S.kv_idx - self.offset[1]
         if self.split is None:
             return [q, kv]
-        qw, kw = self.split
-        return [sympy.floor(q / qw), sympy.Mod(q, qw),
-                sympy.floor(kv / kw), sympy.Mod(kv, kw)]
+        return factors(q, self.split[0]) + factors(kv, self.split[1])
 
     def components(self) -> List[Any]:
         if _same_sizes(self.sizes, self.op_sizes):
@@ -89,6 +88,17 @@ class Frame:
                 out.append(sympy.Mod(sympy.floor(rest / stride), size) if stride > 1
                            else sympy.Mod(rest, size))
         return out
+
+
+def factors(x, sizes) -> List[Any]:
+    """Index ``x`` of an axis viewed as ``sizes`` (outermost first), one
+    expression a factor: (x // (qh*qw), (x // qw) % qh, x % qw)."""
+    out = []
+    for j, size in enumerate(sizes):
+        stride = math.prod(sizes[j + 1:])
+        at = x if stride == 1 else sympy.floor(x / stride)
+        out.append(at if j == 0 else sympy.Mod(at, size))
+    return out
 
 
 def _same_sizes(a, b) -> bool:
