@@ -1336,19 +1336,12 @@ class MViTv2VideoRelPos(nn.Module):
         return attn.softmax(dim=-1) @ v
 
 
-class MViTv2SlowFastRelPos(nn.Module):
+class MViTv2SlowFastRelPos(MViTv2VideoRelPos):
     """MViTv2 as SlowFast writes it for video: the spatial terms added to a
     (B, H, qt, qh, qw, kt, kh, kw) view of the scores without the cls row and
     column and written back, then the temporal term the same way (two slice
     assignments of 8-D views).  q (B, H, 1 + qt*qh*qw, D), k and v
-    (B, H, 1 + kt*kh*kw, D)."""
-
-    def __init__(self, q_size=(2, 4, 3), k_size=(2, 2, 3), dim=16):
-        super().__init__()
-        self.q_size, self.k_size = q_size, k_size
-        self.rel_pos_t = nn.Parameter(torch.randn(2 * max(q_size[0], k_size[0]) - 1, dim) * 0.2)
-        self.rel_pos_h = nn.Parameter(torch.randn(2 * max(q_size[1], k_size[1]) - 1, dim) * 0.2)
-        self.rel_pos_w = nn.Parameter(torch.randn(2 * max(q_size[2], k_size[2]) - 1, dim) * 0.2)
+    (B, H, 1 + kt*kh*kw, D); the tables as MViTv2VideoRelPos's."""
 
     def forward(self, q, k, v):
         attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
