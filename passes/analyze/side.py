@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from .. import canonicalize as C
 from ..operands import mutating_users, storage_root, storage_writers, view_written
-from .values import (AX, round_constants, Decline, Leaf, Val, _CASTS, _has_leaf, _size_eq, _subs, as_bool,
+from .values import (AX, factors, round_constants, Decline, Leaf, Val, _CASTS, _has_leaf, _size_eq, _subs, as_bool,
                      as_num, from_shape_env, is_bool, is_one)
 
 
@@ -287,12 +287,9 @@ def _merged_split_axes(x: Val, old, new) -> Optional[Val]:
     else:
         return None
     sub = {}
-    for merged, factors, first in ((AX[1], qf, len(kf)), (AX[0], kf, 0)):
-        # factor j (of the group, outermost first) at (i // stride_j) % size_j
-        for j, size in enumerate(factors):
-            stride = math.prod(factors[j + 1:])
-            at = merged if stride == 1 else sympy.floor(merged / stride)
-            sub[AX[first + len(factors) - 1 - j]] = at if j == 0 else sympy.Mod(at, size)
+    for merged, sizes, first in ((AX[1], qf, len(kf)), (AX[0], kf, 0)):
+        for j, at in enumerate(factors(merged, sizes)):     # outermost first
+            sub[AX[first + len(sizes) - 1 - j]] = at
     for i in range(len(new) - 2):
         sub[AX[len(trail) + i]] = AX[2 + i]
     return Val(_subs(x.expr, sub), new)

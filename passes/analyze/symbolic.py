@@ -507,9 +507,9 @@ class ScoreInterpreter(SideValues):
     # (``CaptureView.pad``) or read through a shifted split key map
     # (``CapturedTensor.kv_map``); where the condition fails their values are
     # read at a clamped index and not used.  A term the model builds at the
-# slice's size from split factors (torchvision's ``attn[:, :, 1:, 1:] +=
-# rel_pos``) is read through its factors ([Note: split key axes]); one the
-# analysis can only capture whole is padded, a copy of that term.
+    # slice's size from split factors (torchvision's ``attn[:, :, 1:, 1:] +=
+    # rel_pos``) is read through its factors ([Note: split key axes]); one the
+    # analysis can only capture whole is padded, a copy of that term.
 
     def chain_slice(self, node: fx.Node, op) -> Val:
         """``s[..., a:b, c:d]``: the scores from (a, c) on ([Note: scores
