@@ -120,7 +120,11 @@ _OUT_OF_PLACE = {"masked_fill": "masked_fill", "mul": operator.mul, "div": opera
 # out-of-place op keeps ``x``'s dtype (``x += y`` keeps x's dtype where ``x + y``
 # promotes).  Writes are taken one at a time, in graph order, so a chain of
 # writes becomes a chain of ops.  The rewrite holds whether or not a site is
-# then fused (AOTAutograd functionalizes the graph in the same way).
+# then fused (AOTAutograd functionalizes the graph in the same way).  A write
+# to a slice of a tensor whose base is read afterwards (``s[:, :, 1:,
+# 1:].add_(b)`` before ``softmax(s)``) becomes the assignment that writes the
+# same values to the same storage, ``s[:, :, 1:, 1:] = s[:, :, 1:, 1:] + b``
+# (``_written_back``); a side tensor so written is read at run time.
 
 
 def functionalize_writes(gm: fx.GraphModule) -> int:
@@ -140,6 +144,9 @@ def functionalize_writes(gm: fx.GraphModule) -> int:
         # views made before the write and read after it would see it (views made
         # after it from x follow x to the new node)
         if any(u is not m and order[u] > at for a in aliases if a is not x and order[a] < at for u in a.users):
+            if _written_back(gm, m, x, target):
+                order = {n: i for i, n in enumerate(gm.graph.nodes)}
+                count += 1
             continue
         later = [u for u in x.users if u is not m and order[u] > at]
         m.target = target
@@ -149,6 +156,32 @@ def functionalize_writes(gm: fx.GraphModule) -> int:
             u.meta.pop("_ac_canon", None)
         count += 1
     return count
+
+
+def _written_back(gm: fx.GraphModule, m: fx.Node, x: fx.Node, target) -> bool:
+    """``base[idx].op_(y)``, whose base is read afterwards, as ``t =
+    base[idx].op(y); base[idx] = t``: the same write to the same storage,
+    spelled as the assignment the matcher reads (``s[:, :, 1:, 1:].add_(b)``
+    as ``s[:, :, 1:, 1:] += b``, [Note: scores assigned in part]).  Only for
+    an index of ints and slices with int bounds, and a write whose own result
+    is not used."""
+    if m.users or not (x.op == "call_function" and x.target is operator.getitem) \
+            or not isinstance(x.args[0], fx.Node):
+        return False
+    idx = x.args[1]
+    items = idx if isinstance(idx, tuple) else (idx,)
+    for i in items:
+        if isinstance(i, slice):
+            if not all(b is None or isinstance(b, int) for b in (i.start, i.stop, i.step)):
+                return False
+        elif not (i is None or i is Ellipsis or isinstance(i, int) and not isinstance(i, bool)):
+            return False
+    m.target = target
+    m.meta.pop("_ac_canon", None)
+    with gm.graph.inserting_after(m):
+        w = gm.graph.call_function(operator.setitem, (x.args[0], idx, m))
+    w.meta["stack_trace"] = m.meta.get("stack_trace")
+    return True
 
 
 # ops whose result is always a new tensor (never one of their inputs)

@@ -1373,6 +1373,21 @@ def causal_by_boolean_index_assignment(q, k, v):
     return s.softmax(-1) @ v
 
 
+def slices_written_in_place(q, k, v, bias):
+    """Slices of the scores written by in-place methods: a bias added to all
+    but the first query and key (``s[:, :, 1:, 1:].add_(bias)``), the first
+    keys masked (``s[..., :3].masked_fill_(m, -inf)``); and a bias whose
+    slice is scaled in place before it joins (``b[:, :, :2].mul_(0.5)``)."""
+    s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    s[:, :, 1:, 1:].add_(bias)
+    lq = s.shape[-2]
+    s[..., :3].masked_fill_(torch.ones(lq, 3, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    b = bias * 2
+    b[:, :, :2].mul_(0.5)
+    s[:, :, 1:, 1:] += b
+    return s.softmax(-1) @ v
+
+
 def masks_by_slice_assignment(q, k, v):
     """Masks written by slice assignment of numbers: a block of rows and the
     last keys, a head's first keys, a batch's last row, one head's key

@@ -604,6 +604,8 @@ RESEARCH_CASES = [
     Case("scores_copied_for_nobody", _fn(forms.scores_copied_for_nobody)),
     Case("causal_by_boolean_index_assignment", _fn(forms.causal_by_boolean_index_assignment)),
     Case("masks_by_slice_assignment", _fn(forms.masks_by_slice_assignment)),
+    Case("slices_written_in_place", lambda dt: (forms.slices_written_in_place,
+                                                _qkv(dt) + [_t(1, H, L - 1, L - 1, dtype=dt)])),
     Case("padding_by_boolean_index_assignment", lambda dt: (
         forms.padding_by_boolean_index_assignment,
         _qkv(dt) + [(~_keep_mask())[:, None, None, :].expand(B, H, L, L).contiguous()])),
@@ -741,6 +743,7 @@ def test_captured_terms_on_the_kernels_forward_backward(case_id):
     ("mvitv2_slowfast_relpos_cls_token", "bf16"),
     ("padding_by_boolean_index_assignment", "fp16"),
     ("masks_by_slice_assignment", "bf16"),
+    ("slices_written_in_place", "bf16"),
     ("sinks_with_empty_rows", "fp16"),
     ("granite_sink_scale", "bf16"),
     ("nan_to_num_probabilities", "bf16"),
@@ -970,6 +973,15 @@ def test_mvitv2_cls_token_relative_positions_on_the_kernels_forward_backward():
         check_case(RESEARCH_BY_ID["mvitv2_relpos_cls_token"])
     spec = AttentionSpec.loads(attn_compiler.report().fused[0].features["spec"])
     assert sorted(c.kv_map for c in spec.captured) == [("div", 3, -1), ("mod", 3, 2)], spec.captured
+
+
+def test_slices_written_in_place_on_the_kernels_forward_backward():
+    """Slices of the scores and of a bias written by in-place methods (written
+    back as assignments, [Note: in-place writes made out of place]): the
+    (Lq - 1, Lk - 1) bias padded by one query and one key, with its gradient,
+    on the generated kernels, float32."""
+    with _implementation(True):
+        check_case(RESEARCH_BY_ID["slices_written_in_place"])
 
 
 def test_mvitv2_slowfast_relative_positions_on_the_kernels_forward_backward():

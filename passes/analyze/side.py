@@ -74,10 +74,15 @@ class SideValues:
     def slice_assignment(self, node: fx.Node) -> Val:
         """``x[index] = value`` (a prefix-LM mask opened with ``mask[:, :p] = 0``):
         x after the write, for basic indices (slices of step 1, integers,
-        Ellipsis) and a number; anything else is declined."""
+        Ellipsis) and a number; x read at run time, after the write, when the
+        value is a tensor (``b[:, 1:].add_(t)`` written back as ``b[:, 1:] =
+        b[:, 1:] + t``, [Note: in-place writes made out of place] in
+        pipeline.py); anything else is declined."""
         x, index, fill = node.args[:3]
         if not isinstance(x, fx.Node) or self.writes_run_time_read(node):
             raise Decline("a slice assignment on a tensor read at run time")
+        if isinstance(fill, fx.Node) and isinstance(C.example_value(fill), torch.Tensor):
+            return self.leaf(x)
         if isinstance(fill, fx.Node) or not isinstance(fill, (int, float, bool)):
             raise Decline("a slice assignment of a tensor")
         old = self.value(x)
