@@ -26,7 +26,6 @@ the error against float32 eager.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import common
@@ -79,17 +78,6 @@ class MViTCls(nn.Module):
         return attn.softmax(dim=-1) @ v
 
 
-def build(name: str, mod: MViTCls):
-    if name == "eager":
-        return mod
-    if name == "inductor":
-        return torch.compile(mod)
-    if name == "attn_compiler":
-        import attn_compiler
-        return torch.compile(mod, backend=attn_compiler.backend())
-    raise ValueError(name)
-
-
 def _tokens(size) -> int:
     n = 1
     for s in size:
@@ -98,15 +86,8 @@ def _tokens(size) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, float32 (CPU)")
-    ap.add_argument("--only", default=",".join(IMPLS))
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    dev = common.device()
-    dtype = torch.float32 if args.smoke or not common.on_cuda() else torch.bfloat16
+    args, dev, dtype, names = common.model_args(__doc__, IMPLS, argv)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    names = [n for n in args.only.split(",") if n]
     rows = []
     env = common.environment()
     for form, batch, heads, q_size, k_size, d in shapes:
@@ -129,7 +110,7 @@ def main(argv=None) -> int:
                     attn_compiler.reset()
 
                 def measure(row, name=name):
-                    fn = build(name, mod)
+                    fn = common.compiled_module(name, mod)
 
                     def call():
                         if not train:

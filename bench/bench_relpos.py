@@ -27,7 +27,6 @@ float32 eager.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import common
@@ -74,13 +73,9 @@ class SamAttention(nn.Module):
 
 def build(name: str, mod: SamAttention):
     h, w = mod.size
-    if name == "eager":
-        return mod
-    if name == "inductor":
-        return torch.compile(mod)
-    if name == "attn_compiler":
-        import attn_compiler
-        return torch.compile(mod, backend=attn_compiler.backend())
+    fn = common.compiled_module(name, mod)
+    if fn is not None:
+        return fn
     if name == "sdpa_bias":
         def sdpa(q, k, v):
             rel_h, rel_w = mod.terms(q)
@@ -108,15 +103,8 @@ def build(name: str, mod: SamAttention):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, float32 (CPU)")
-    ap.add_argument("--only", default=",".join(IMPLS))
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    dev = common.device()
-    dtype = torch.float32 if args.smoke or not common.on_cuda() else torch.bfloat16
+    args, dev, dtype, names = common.model_args(__doc__, IMPLS, argv)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    names = [n for n in args.only.split(",") if n]
     rows = []
     env = common.environment()
     for (bh_batch, heads, h, w, d) in shapes:

@@ -33,7 +33,6 @@ output against float32 eager.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -122,17 +121,6 @@ def inputs(form: str, b: int, h: int, n: int, d: int, dev, dtype):
     return [rnd(b, h, n, d), rnd(b, h, n, d), rnd(b, h, n, d), rnd(b, h, n, n), keep]
 
 
-def build(name: str, mod: nn.Module):
-    if name == "eager":
-        return mod
-    if name == "inductor":
-        return torch.compile(mod)
-    if name == "attn_compiler":
-        import attn_compiler
-        return torch.compile(mod, backend=attn_compiler.backend())
-    raise ValueError(name)
-
-
 def _choices() -> str:
     """Per fused site (training graph last): the never-slower choice and the
     candidates' timed ms."""
@@ -150,15 +138,7 @@ def _choices() -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, float32 (CPU)")
-    ap.add_argument("--only", default=",".join(IMPLS))
-    ap.add_argument("--forms", default=None, help="comma-separated forms (default: all)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    dev = common.device()
-    dtype = torch.float32 if args.smoke or not common.on_cuda() else torch.bfloat16
-    names = [n for n in args.only.split(",") if n]
+    args, dev, dtype, names = common.model_args(__doc__, IMPLS, argv, forms=True)
     rows, env = [], common.environment()
     for form, b, h, n, d in (SMOKE_SHAPES if args.smoke else SHAPES):
         if args.forms and form not in args.forms.split(","):
@@ -178,7 +158,7 @@ def main(argv=None) -> int:
                 attn_compiler.reset()
 
             def measure(row, name=name):
-                fn = build(name, mod)
+                fn = common.compiled_module(name, mod)
                 with torch.no_grad():
                     out = fn(*xs)
                     row["rel_err"] = float((out.float() - ref).norm() / ref.norm())

@@ -239,6 +239,37 @@ class Work:
     graph: bool = False       # time CUDA-graph replays (launch overhead out: decode-sized work)
 
 
+def model_args(doc: str, impls: Sequence[str], argv=None, forms: bool = False):
+    """The whole-module benchmarks' command line (bench_relpos, bench_research,
+    bench_mvit): ``--smoke`` (tiny shapes, float32), ``--only`` (implementations),
+    ``--out`` and, with ``forms``, ``--forms``.  Returns (args, device, dtype,
+    the implementation names)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, float32 (CPU)")
+    ap.add_argument("--only", default=",".join(impls))
+    if forms:
+        ap.add_argument("--forms", default=None, help="comma-separated forms (default: all)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    dtype = torch.float32 if args.smoke or not on_cuda() else torch.bfloat16
+    return args, device(), dtype, [n for n in args.only.split(",") if n]
+
+
+def compiled_module(name: str, mod: torch.nn.Module):
+    """``mod`` as ``eager``, ``inductor`` (torch.compile) or ``attn_compiler``
+    (our backend, inner inductor) runs it; None for another name."""
+    if name == "eager":
+        return mod
+    if name == "inductor":
+        return torch.compile(mod)
+    if name == "attn_compiler":
+        import attn_compiler
+        return torch.compile(mod, backend=attn_compiler.backend())
+    return None
+
+
 def time_graph_ms(fn: Callable[[], Any]) -> float:
     """Median milliseconds of ``fn()`` replayed from a CUDA graph (METHOD: many
     small launches are timed as graph replays); falls back to ``time_ms``."""
