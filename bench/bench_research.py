@@ -22,6 +22,14 @@
   ``exp(-m)`` added to the denominator), causal by a mask built in the graph.
   attn_compiler runs it as causal attention with a sink logit of 0 (the
   output times sigmoid(lse)).
+- ``lilt``: LiLT's text and layout streams (text head dim D, layout D / 4):
+  two softmaxes over the same summed logits, one per stream's values, with a
+  key-padding mask.  attn_compiler joins each sum of two products into one
+  product of head dim 5D / 4 ([Note: scores summed from two products]).
+- ``mla_absorbed``: DeepSeek-V3's reference latent attention, "absorb" path
+  (H query heads against a (B, N, D) latent cache and (B, N, D / 2) rotary
+  keys, scores in [batch, query, head, key] layout, causal): one key head,
+  the two products joined into a head dim of 3D / 2, the cache read as V.
 
     PYTHONPATH=. python bench/bench_research.py --out OUT      # GPU
     python bench/bench_research.py --smoke                      # CPU, tiny shapes
@@ -44,16 +52,18 @@ import torch.nn.functional as F
 
 # the hand-written forms the tests compile (tests/forms.py)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from forms import DifferentialAttention  # noqa: E402
+from forms import DifferentialAttention, deepseek_mla_absorbed, lilt_text_and_layout  # noqa: E402
 
 IMPLS = ("eager", "inductor", "attn_compiler")
 # (form, batch, heads, length, head dim)
 SHAPES = (("differential", 4, 16, 2048, 64), ("differential", 1, 16, 8192, 64),
           ("conformer", 8, 8, 1024, 64), ("conformer", 4, 8, 2048, 64),
           ("transformer_xl", 4, 16, 1024, 64), ("transformer_xl", 2, 16, 4096, 64),
-          ("softmax_one", 4, 16, 2048, 128), ("softmax_one", 1, 16, 8192, 128))
+          ("softmax_one", 4, 16, 2048, 128), ("softmax_one", 1, 16, 8192, 128),
+          ("lilt", 8, 12, 512, 64), ("lilt", 4, 12, 2048, 64),
+          ("mla_absorbed", 4, 16, 2048, 128), ("mla_absorbed", 1, 16, 8192, 128))
 SMOKE_SHAPES = (("differential", 1, 2, 32, 16), ("conformer", 2, 2, 24, 16), ("transformer_xl", 2, 2, 24, 16),
-                ("softmax_one", 2, 2, 24, 16))
+                ("softmax_one", 2, 2, 24, 16), ("lilt", 2, 2, 24, 16), ("mla_absorbed", 2, 2, 24, 16))
 
 
 class Conformer(nn.Module):
@@ -105,6 +115,20 @@ class SoftmaxOne(nn.Module):
         return torch.matmul(e / (torch.exp(-m) + e.sum(dim=-1, keepdim=True)), v)
 
 
+class Lilt(nn.Module):
+    """q, k, v (B, H, N, D); ql, kl, vl (B, H, N, D / 4); mask (B, 1, 1, N) additive."""
+
+    def forward(self, *xs):
+        return lilt_text_and_layout(*xs)
+
+
+class MLAAbsorbed(nn.Module):
+    """q_nope (B, N, H, D), q_pe (B, N, H, D / 2), kv (B, N, D), pe (B, N, D / 2), mask (N, N)."""
+
+    def forward(self, *xs):
+        return deepseek_mla_absorbed(*xs)
+
+
 def inputs(form: str, b: int, h: int, n: int, d: int, dev, dtype):
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -116,6 +140,14 @@ def inputs(form: str, b: int, h: int, n: int, d: int, dev, dtype):
         return [rnd(b, h, n, d), rnd(b, h, n, d), rnd(b, h, n, d)]
     if form == "transformer_xl":
         return [rnd(n, b, h, d), rnd(n, b, h, d), rnd(n, b, h, d), rnd(n, h, d)]
+    if form == "lilt":
+        pad = torch.zeros(b, 1, 1, n)
+        pad[b // 2:, :, :, (3 * n) // 4:] = -1e4         # half the batch pads its last quarter
+        return [rnd(b, h, n, d), rnd(b, h, n, d), rnd(b, h, n, d), rnd(b, h, n, d // 4), rnd(b, h, n, d // 4),
+                rnd(b, h, n, d // 4), pad.to(dev, dtype)]
+    if form == "mla_absorbed":
+        mask = torch.full((n, n), float("-inf")).triu(1)
+        return [rnd(b, n, h, d), rnd(b, n, h, d // 2), rnd(b, n, d), rnd(b, n, d // 2), mask.to(dev, dtype)]
     keep = torch.ones(b, 1, n, dtype=torch.long, device=dev)
     keep[b // 2:, :, (3 * n) // 4:] = 0              # half the batch pads its last quarter
     return [rnd(b, h, n, d), rnd(b, h, n, d), rnd(b, h, n, d), rnd(b, h, n, n), keep]
@@ -145,7 +177,8 @@ def main(argv=None) -> int:
             continue
         torch.manual_seed(0)
         mod = {"differential": lambda: DifferentialAttention(d), "conformer": Conformer,
-               "transformer_xl": lambda: TransformerXL(h, d), "softmax_one": SoftmaxOne}[form]().to(dev)
+               "transformer_xl": lambda: TransformerXL(h, d), "softmax_one": SoftmaxOne, "lilt": Lilt,
+               "mla_absorbed": MLAAbsorbed}[form]().to(dev)
         xs = inputs(form, b, h, n, d, dev, dtype)
         with torch.no_grad():
             ref = mod(*[x.float() if x.is_floating_point() else x for x in xs])

@@ -343,6 +343,27 @@ def is_tensor(node: Any) -> bool:
     return isinstance(example_value(node), torch.Tensor)
 
 
+def user_within(node: fx.Node, depth: int, found, limit: Optional[int] = None) -> Optional[fx.Node]:
+    """The first node, breadth first over the users of ``node`` up to
+    ``depth`` ops away, for which ``found`` is true; None when there is none
+    (or more than ``limit`` nodes were seen)."""
+    frontier, seen = [node], {node}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if found(u):
+                    return u
+                nxt.append(u)
+        if limit is not None and len(seen) > limit:
+            return None
+        frontier = nxt
+    return None
+
+
 def permutation(op: COp, rank: int) -> Optional[list]:
     """The axis order of a ``transpose``/``permute`` (out axis j reads input
     axis ``perm[j]``), or None when its dims are not plain ints."""

@@ -287,15 +287,25 @@ def distribute(gm: fx.GraphModule) -> List[Distributed]:
     product normalized after P·V ([Note: probabilities normalized after
     P·V]); returns what ``restore`` needs to undo each (the pass restores
     those whose products it did not fuse)."""
+    def find(node):
+        found = _normalized_after(node) or _find(node) or _find_two_maps(node)
+        return None if found is None else (node, *found)
+    return rewrite_each(gm, find, _rewrite)
+
+
+def rewrite_each(gm: fx.GraphModule, find, rewrite) -> list:
+    """``rewrite(graph, *found)`` for every node whose ``find(node)`` is not
+    None, in graph order; what each returned, if not None.  A form the
+    rewrite misreads (it raises) stays as written."""
     out = []
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
-        found = _normalized_after(node) or _find(node) or _find_two_maps(node)
+        found = find(node)
         if found is None:
             continue
         try:
-            d = _rewrite(gm.graph, node, *found)
+            d = rewrite(gm.graph, *found)
         except Exception:  # noqa: BLE001 - a form we misread stays as written
             continue
         if d is not None:
@@ -323,12 +333,7 @@ def _rewrite(g: fx.Graph, product, comb, scales, replaced, build) -> Optional[Di
             n.meta.pop("_ac_canon", None)        # the copy's canonical form reads its own arguments
         else:
             n = g.create_node("call_function", target, args)
-        n.meta["stack_trace"] = trace
-        created.append(n)
-        with mode:
-            env[n] = _fake_value(n, env)
-        n.meta["example_value"] = env[n]
-        return n
+        return recorded(n, trace, created, env, mode)
 
     try:
         with g.inserting_before(product):
@@ -337,13 +342,9 @@ def _rewrite(g: fx.Graph, product, comb, scales, replaced, build) -> Optional[Di
                 mapping[s] = make(None, None, like=s)
             new_out = make(None, None, like=comb) if comb is not None else products[-1]
     except Exception:
-        for n in reversed(created):
-            g.erase_node(n)
+        erase_all(g, created)
         raise
-    got = env[new_out]
-    if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
-        for n in reversed(created):
-            g.erase_node(n)
+    if not same_value_kind(g, created, env[new_out], want):
         return None
     order = {n: i for i, n in enumerate(g.nodes)}
     old = sorted(list(replaced) + list(scales) + ([comb] if comb is not None else []) + [product],
@@ -353,6 +354,31 @@ def _rewrite(g: fx.Graph, product, comb, scales, replaced, build) -> Optional[Di
     for n in reversed(old):
         g.erase_node(n)
     return Distributed(products, new_out, created, saved)
+
+
+def recorded(n: fx.Node, trace, created: List[fx.Node], env: dict, mode) -> fx.Node:
+    """A new node ``n`` with the user's stack trace, listed in ``created``,
+    and its fake value (computed under ``mode``) in ``env`` and its meta."""
+    n.meta["stack_trace"] = trace
+    created.append(n)
+    with mode:
+        env[n] = _fake_value(n, env)
+    n.meta["example_value"] = env[n]
+    return n
+
+
+def erase_all(g: fx.Graph, created: List[fx.Node]) -> None:
+    for n in reversed(created):
+        g.erase_node(n)
+
+
+def same_value_kind(g: fx.Graph, created: List[fx.Node], got, want) -> bool:
+    """Whether the new nodes' result ``got`` has ``want``'s dtype and shape;
+    if not, the new nodes are erased."""
+    if got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape):
+        return True
+    erase_all(g, created)
+    return False
 
 
 def restore(gm: fx.GraphModule, d: Distributed) -> None:

@@ -759,21 +759,7 @@ def _reaches_product(sm: fx.Node, depth: int = 8, limit: int = 64) -> Optional[f
     after the softmax, an XSoftmax-style in-place zeroing): that softmax is
     attention the matcher cannot follow, reported as declined rather than
     passed unseen.  None when there is none."""
-    frontier, seen = [sm], {sm}
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for u in n.users:
-                if u in seen:
-                    continue
-                seen.add(u)
-                if C.contraction(u) is not None:
-                    return u
-                nxt.append(u)
-        if len(seen) > limit:
-            return None
-        frontier = nxt
-    return None
+    return C.user_within(sm, depth, lambda u: C.contraction(u) is not None, limit)
 
 
 def _leads_to_pv(u: fx.Node, p: fx.Node, depth: int = 6) -> bool:

@@ -26,6 +26,7 @@ from .analyze.build import analyze
 from .analyze.verify import SideChecker
 from .analyze.values import _CASTS, Decline
 from .distribute import distribute, restore
+from .join import join, operands as joined_operands, unjoin
 from .relayout import relayout
 from .match import Declined, find_sites
 from . import canonicalize as C
@@ -246,11 +247,12 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: 
     written = functionalize_writes(gm)         # [Note: in-place writes made out of place]
     relaid = relayout(gm)                 # [Note: scores in another layout]
     distributed = distribute(gm)          # [Note: maps combined before P·V]
-    if dropped or written or relaid or distributed:
+    joined = join(gm)                     # [Note: scores summed from two products]
+    if dropped or written or relaid or distributed or joined:
         gm.recompile()
     values = real_values(gm, example_inputs)
     checker = SideChecker(gm, example_inputs)
-    sites, replaced, dead, internal, fused_products = [], {}, [], set(), set()
+    sites, replaced, dead, internal, fused_products, fused_operands = [], {}, [], set(), set(), set()
     positions = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     folded: Dict[fx.Node, tuple] = {}
     for ordinal, item in enumerate(find_sites(gm)):
@@ -279,6 +281,7 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: 
                         op_node(final).target = sdpa_attention
                     site.status = FUSED
                     fused_products.add(item.pv.node)
+                    fused_operands.update(sources)
                     dead.append(item.pv.node)
                     dead.extend(item.lse_users)         # rewired to the op's lse
                     internal |= item.chain
@@ -296,6 +299,12 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: 
     restored = [d for d in relaid + distributed if not any(p in fused_products for p in d.products)]
     for d in restored:                    # unfused: the user's nodes, as written
         restore(gm, d)
+    for j in reversed(joined):            # a join of a join (three products) goes back first
+        if any(n in fused_operands for n in joined_operands(j)):
+            dead.append(j.old)            # the user's sum, read by nothing now
+        else:
+            unjoin(gm, j)
+            restored.append(j)
     gm.meta[FOLDED] = list(folded.values())
     modules = _module_sites(gm, graph_id, len(sites))
     sites += modules

@@ -2209,3 +2209,47 @@ class LearnedSinkWrittenOut(nn.Module):
         e = torch.exp(s - m)
         p = e / (e.sum(dim=-1, keepdim=True) + torch.exp(self.sink - m))
         return torch.einsum("bhqk,bhkd->bhqd", p, v)
+
+
+# ---- scores summed from two products ([Note: scores summed from two products]) ----
+
+def deepseek_mla_absorbed(q_nope, q_pe, kv, pe, mask):
+    """DeepSeek-V3's reference inference code, multi-head latent attention on
+    its "absorb" path: the queries (B, S, H, C) and (B, S, H, R) scored against
+    the compressed cache (B, T, C) and the rotary keys (B, T, R) apart, the
+    two products summed in [batch, query, head, key] layout, the causal mask
+    added in place, the softmax in float32, and the cache read again as the
+    values."""
+    scale = q_nope.shape[-1] ** -0.5
+    scores = (torch.einsum("bshc,btc->bsht", q_nope, kv) + torch.einsum("bshr,btr->bsht", q_pe, pe)) * scale
+    scores += mask.unsqueeze(1)
+    scores = scores.softmax(dim=-1, dtype=torch.float32).type_as(q_nope)
+    return torch.einsum("bsht,btc->bshc", scores, kv)
+
+
+def lilt_text_and_layout(q, k, v, ql, kl, vl, add_mask):
+    """LiLT's two streams: text and layout scores, each over the square root
+    of its own head dim, summed (in both orders) into two softmaxes that read
+    the same logits, one for the text values and one for the layout values."""
+    a = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    b = torch.matmul(ql, kl.transpose(-1, -2)) / math.sqrt(ql.shape[-1])
+    text, layout = a + b, b + a
+    layout_ctx = torch.matmul(nn.Softmax(dim=-1)(layout + add_mask), vl)
+    text_ctx = torch.matmul(nn.Softmax(dim=-1)(text + add_mask), v)
+    return torch.cat([text_ctx, layout_ctx], dim=-1)
+
+
+def two_products_subtracted(q, k, v, q2, k2):
+    """A second score product subtracted, each term with its own factor, a
+    causal mask, and the keys of the second product shared by every head
+    (size 1 along the heads: broadcast)."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * 0.25 - torch.matmul(q2, k2.transpose(-1, -2)) / 3
+    n = q.shape[-2]
+    s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def three_products(q, k, v, q2, k2, q3, k3):
+    """Three score products summed (a join of a join), the middle one scaled."""
+    s = q @ k.transpose(-1, -2) + q2 @ k2.transpose(-1, -2) * 0.5 + q3 @ k3.transpose(-1, -2)
+    return s.softmax(-1) @ v

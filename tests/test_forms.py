@@ -698,6 +698,16 @@ RESEARCH_CASES = [
     # the normalization deferred past P·V ([Note: probabilities normalized after P·V])
     Case("normalized_after_pv", _fn(forms.normalized_after_pv)),
     Case("normalized_after_pv_einsum", _fn(forms.normalized_after_pv_einsum)),
+    # scores summed from two products, joined into one ([Note: scores summed from two products])
+    Case("deepseek_mla_absorbed", lambda dt: (forms.deepseek_mla_absorbed, [
+        _t(B, 7, H, D, dtype=dt), _t(B, 7, H, 8, dtype=dt), _t(B, 7, D, dtype=dt), _t(B, 7, 8, dtype=dt),
+        torch.full((7, 7), float("-inf")).triu(1).to(dt)]), kv_heads=1),
+    Case("lilt_text_and_layout", lambda dt: (forms.lilt_text_and_layout, _qkv(dt) + _qkv(dt, d=8) + [
+        _additive(_keep_mask(), dt)[:, None, None, :]]), sites=2),
+    Case("two_products_subtracted", lambda dt: (forms.two_products_subtracted, _qkv(dt) + [
+        _t(B, H, L, 8, dtype=dt), _t(B, 1, L, 8, dtype=dt)])),
+    Case("three_products", lambda dt: (forms.three_products, _qkv(dt) + [
+        _t(B, H, L, 8, dtype=dt), _t(B, H, L, 8, dtype=dt), _t(B, H, L, 4, dtype=dt), _t(B, H, L, 4, dtype=dt)])),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -711,7 +721,8 @@ def test_research_form_fp32_forward_backward(case):
                                      "tome_proportional_attention", "forgetting_attention",
                                      "kerple_log_attention", "packed_document_mask",
                                      "softmax_one_clamped", "learned_sink_written_out",
-                                     "normalized_after_pv"])
+                                     "normalized_after_pv", "deepseek_mla_absorbed", "lilt_text_and_layout",
+                                     "two_products_subtracted"])
 def test_captured_terms_on_the_kernels_forward_backward(case_id):
     """Captured terms of the score through the generated kernels (Triton's
     interpreter on CPU), float32 forward and backward, at a length that is not
@@ -773,6 +784,9 @@ def test_captured_terms_on_the_kernels_forward_backward(case_id):
     ("zero_sink_padded", "fp16"),
     ("learned_sink_written_out", "bf16"),
     ("normalized_after_pv", "bf16"),
+    ("deepseek_mla_absorbed", "bf16"),
+    ("lilt_text_and_layout", "fp16"),
+    ("two_products_subtracted", "bf16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_research_form_low_precision_forward(case_id, dtype, on_kernels):
@@ -1166,3 +1180,43 @@ def test_zeros_like_of_the_probabilities_leaves_with_them():
     left = [n for gm in graphs for n in gm.graph.nodes
             if "softmax" in str(n.target) or "zeros_like" in str(n.target)]
     assert not left, [n.format_node() for n in left]
+
+
+@pytest.mark.parametrize("case_id,head_dim", [("deepseek_mla_absorbed", D + 8), ("two_products_subtracted", D + 8),
+                                              ("lilt_text_and_layout", D + 8), ("three_products", D + 12)])
+def test_two_products_joined_into_one(case_id, head_dim):
+    """[Note: scores summed from two products]  The op's Q·Kᵀ has the two
+    head dims joined, and nothing of the scores' size is captured: the only
+    captured tensor is a mask, never the second product."""
+    check_case(RESEARCH_BY_ID[case_id], backward=False)
+    for row in attn_compiler.report().fused:
+        assert row.features["shapes"]["q"][-1] == head_dim == row.features["shapes"]["k"][-1], row.features
+        spec = AttentionSpec.loads(row.features["spec"])
+        assert len(spec.captured) <= 1, spec.captured
+
+
+def _sum_of_products_escaping(q, k, v, q2, k2):
+    s = torch.matmul(q, k.transpose(-1, -2)) * 0.25 + torch.matmul(q2, k2.transpose(-1, -2)) / 3
+    p = s.softmax(-1)
+    return p @ v, p
+
+
+def test_two_products_as_written_when_declined():
+    """A sum of two products whose probabilities are also returned: the site
+    is declined, and the user's sum runs as written (the joined product is
+    taken back), so the output is eager's to the bit."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    args = _qkv(F32) + [_t(B, H, L, 8), _t(B, H, L, 8)]
+    graphs = []
+
+    def inner(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    out, p = torch.compile(_sum_of_products_escaping, backend=attn_compiler.backend(inner=inner))(*args)
+    eo, ep = _sum_of_products_escaping(*args)
+    rows = list(attn_compiler.report())
+    assert len(rows) == 1 and rows[0].status == "declined", [(r.status, r.reason) for r in rows]
+    assert torch.equal(out, eo) and torch.equal(p, ep)
+    assert graphs and not any(n.target is torch.cat for g in graphs for n in g.graph.nodes)

@@ -281,3 +281,47 @@ def test_mvitv2_relative_positions_on_the_gpu_kernels(form, dtype, counted):
                              g_ours, g_eager, g_gold):
         golden_check(o, e, r, name=name)
     assert counted["forward"] >= 1 and counted["backward"] >= 1, counted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("form", ["deepseek_mla_absorbed", "lilt_text_and_layout"])
+def test_two_products_joined_on_the_gpu_kernels(form, dtype, counted):
+    """Scores summed from two products ([Note: scores summed from two
+    products]) on the generated kernels on the GPU: DeepSeek-V3's absorbed
+    latent attention (128 + 64 joined into a head dim of 192, one key head
+    for 8 query heads, causal) and LiLT's two streams (two sites over the
+    same logits); forward and every gradient golden-relative to eager in the
+    same dtype against float64."""
+    torch.manual_seed(0)
+    dev = "cuda"
+    if form == "deepseek_mla_absorbed":
+        S = 300
+        args = [torch.randn(2, S, 8, 128, device=dev, dtype=dtype), torch.randn(2, S, 8, 64, device=dev, dtype=dtype),
+                torch.randn(2, S, 128, device=dev, dtype=dtype), torch.randn(2, S, 64, device=dev, dtype=dtype)]
+        args.append(torch.full((S, S), float("-inf"), device=dev).triu(1).to(dtype))
+        fn, sites = forms.deepseek_mla_absorbed, 1
+    else:
+        S = 257
+        args = [torch.randn(2, 4, S, d, device=dev, dtype=dtype) for d in (64, 64, 64, 16, 16, 16)]
+        keep = torch.ones(2, S, dtype=torch.bool, device=dev)
+        keep[1, 200:] = False
+        args.append(torch.zeros(2, 1, 1, S, device=dev, dtype=dtype).masked_fill(~keep[:, None, None], -1e4))
+        fn, sites = forms.lilt_text_and_layout, 2
+    grad = [a.requires_grad_() for a in args[:-1]]
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    with dispatch.implementation("triton"):
+        ours = torch.compile(fn, backend=attn_compiler.backend(inner="aot_eager"))(*args)
+        rep = attn_compiler.report()
+        assert len(rep.fused) == sites and not rep.declined, str(rep)
+        eager = fn(*args)
+        d = [a.detach().double().requires_grad_(a.requires_grad) for a in args]
+        gold = fn(*d)
+        golden_check(ours, eager, gold, name="out")
+        g = torch.randn_like(gold)
+        g_ours = torch.autograd.grad(ours, grad, g.to(dtype))
+        g_eager = torch.autograd.grad(eager, grad, g.to(dtype))
+        g_gold = torch.autograd.grad(gold, d[:-1], g)
+    for i, (o, e, r) in enumerate(zip(g_ours, g_eager, g_gold)):
+        golden_check(o, e, r, name=f"d{i}")
+    assert counted["forward"] >= sites and counted["backward"] >= sites, counted
