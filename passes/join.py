@@ -124,9 +124,9 @@ def _reaches_softmax(node: fx.Node) -> bool:
 
 
 def _operand_pair(x1: fx.Node, x2: fx.Node, dim: int):
-    """How to concatenate x1 and x2 along ``dim``: a list of (node, expand
-    sizes or None) and the size of the result, or None when their other
-    sizes differ (beyond a size of 1 against another: broadcast)."""
+    """How to concatenate x1 and x2 along ``dim``: ``([(node, expand sizes or
+    None)] * 2, shape of the result)``, or None when their other sizes differ
+    (beyond a size of 1 against another: broadcast)."""
     s1, s2 = C.shape_of(x1), C.shape_of(x2)
     if s1 is None or s2 is None or len(s1) != len(s2):
         return None
@@ -143,12 +143,31 @@ def _operand_pair(x1: fx.Node, x2: fx.Node, dim: int):
             want.append(b if a == 1 else a)
         else:
             return None
-    out = []
+    parts = []
     for x, s in ((x1, s1), (x2, s2)):
         sizes = [-1 if w is None else w for w in want]
         expand = any(w is not None and w != n for w, n in zip(want, s))
-        out.append((x, sizes if expand else None))
-    return out
+        parts.append((x, sizes if expand else None))
+    return parts, [s1[dim] + s2[dim] if w is None else w for w in want]
+
+
+# [Note: joined only where it saves memory]  The join copies the operands:
+# the two query operands and the two key operands, concatenated.  Where the
+# scores are small against those copies (a decode step: one query row
+# against a long cache, whose key operands the join would copy whole every
+# step), the second product is the cheaper thing to build, and the site
+# keeps it as a captured term as before.  So a sum is joined only where the
+# scores hold more elements than the two concatenated operands together.
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        try:
+            n *= int(s)
+        except (TypeError, ValueError):     # a size without a hint: take it as large
+            return 1 << 62
+    return n
 
 
 def _find(node: fx.Node):
@@ -188,8 +207,8 @@ def _rewrite(g: fx.Graph, node, c1, f1, c2, f2, swap) -> Optional[Joined]:
     ops2 = (c2.rhs, c2.lhs) if swap else (c2.lhs, c2.rhs)
     plans = [_operand_pair(x1, x2, labels.index(c1.contracted))
              for x1, x2, labels in ((c1.lhs, ops2[0], c1.lhs_labels), (c1.rhs, ops2[1], c1.rhs_labels))]
-    if None in plans:
-        return None
+    if None in plans or _numel(C.shape_of(node)) <= sum(_numel(shape) for _, shape in plans):
+        return None                 # [Note: joined only where it saves memory]
     same = f1 == f2
     trace = node.meta.get("stack_trace")
     created, env = [], {}
@@ -203,7 +222,7 @@ def _rewrite(g: fx.Graph, node, c1, f1, c2, f2, swap) -> Optional[Joined]:
     try:
         with g.inserting_before(node):
             joined = []
-            for k, (plan, labels) in enumerate(zip(plans, (c1.lhs_labels, c1.rhs_labels))):
+            for k, ((plan, _), labels) in enumerate(zip(plans, (c1.lhs_labels, c1.rhs_labels))):
                 parts = []
                 for (x, expand), f in zip(plan, (f1, f2)):
                     x = make("expand", (x, *expand), "call_method") if expand is not None else x

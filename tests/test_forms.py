@@ -698,16 +698,20 @@ RESEARCH_CASES = [
     # the normalization deferred past P·V ([Note: probabilities normalized after P·V])
     Case("normalized_after_pv", _fn(forms.normalized_after_pv)),
     Case("normalized_after_pv_einsum", _fn(forms.normalized_after_pv_einsum)),
-    # scores summed from two products, joined into one ([Note: scores summed from two products])
+    # scores summed from two products, joined into one ([Note: scores summed from two products]):
+    # long enough that the scores outweigh the joined operands ([Note: joined only where it saves memory])
     Case("deepseek_mla_absorbed", lambda dt: (forms.deepseek_mla_absorbed, [
-        _t(B, 7, H, D, dtype=dt), _t(B, 7, H, 8, dtype=dt), _t(B, 7, D, dtype=dt), _t(B, 7, 8, dtype=dt),
-        torch.full((7, 7), float("-inf")).triu(1).to(dt)]), kv_heads=1),
-    Case("lilt_text_and_layout", lambda dt: (forms.lilt_text_and_layout, _qkv(dt) + _qkv(dt, d=8) + [
-        _additive(_keep_mask(), dt)[:, None, None, :]]), sites=2),
-    Case("two_products_subtracted", lambda dt: (forms.two_products_subtracted, _qkv(dt) + [
-        _t(B, H, L, 8, dtype=dt), _t(B, 1, L, 8, dtype=dt)])),
-    Case("three_products", lambda dt: (forms.three_products, _qkv(dt) + [
-        _t(B, H, L, 8, dtype=dt), _t(B, H, L, 8, dtype=dt), _t(B, H, L, 4, dtype=dt), _t(B, H, L, 4, dtype=dt)])),
+        _t(B, 33, H, D, dtype=dt), _t(B, 33, H, 8, dtype=dt), _t(B, 33, D, dtype=dt), _t(B, 33, 8, dtype=dt),
+        torch.full((33, 33), float("-inf")).triu(1).to(dt)]), kv_heads=1),
+    Case("lilt_text_and_layout", lambda dt: (forms.lilt_text_and_layout, _qkv(dt, lq=50, lk=50) + _qkv(
+        dt, lq=50, lk=50, d=8) + [_additive(_keep_mask(lk=50), dt)[:, None, None, :]]), sites=2),
+    Case("two_products_subtracted", lambda dt: (forms.two_products_subtracted, _qkv(dt, lq=50, lk=50) + [
+        _t(B, H, 50, 8, dtype=dt), _t(B, 1, 50, 8, dtype=dt)])),
+    Case("three_products", lambda dt: (forms.three_products, _qkv(dt, lq=57, lk=57) + [
+        _t(B, H, 57, 8, dtype=dt), _t(B, H, 57, 8, dtype=dt), _t(B, H, 57, 4, dtype=dt), _t(B, H, 57, 4, dtype=dt)])),
+    # a decode step: the second product is smaller than the key operands the join would copy
+    Case("two_products_decode_step", lambda dt: (forms.two_products_subtracted, _qkv(dt, lq=1, lk=50) + [
+        _t(B, H, 1, 8, dtype=dt), _t(B, 1, 50, 8, dtype=dt)])),
 ]
 RESEARCH_BY_ID = {c.id: c for c in RESEARCH_CASES}
 
@@ -1195,6 +1199,17 @@ def test_two_products_joined_into_one(case_id, head_dim):
         assert len(spec.captured) <= 1, spec.captured
 
 
+def test_decode_step_keeps_the_second_product():
+    """[Note: joined only where it saves memory]  One query row against 50
+    keys: the second product (B, H, 1, 50) is smaller than the key operands
+    the join would copy, so it stays a captured term of the scores' shape."""
+    check_case(RESEARCH_BY_ID["two_products_decode_step"], backward=False)
+    row, = attn_compiler.report().fused
+    assert row.features["shapes"]["q"][-1] == D, row.features
+    spec = AttentionSpec.loads(row.features["spec"])
+    assert len(spec.captured) == 1, spec.captured
+
+
 def _sum_of_products_escaping(q, k, v, q2, k2):
     s = torch.matmul(q, k.transpose(-1, -2)) * 0.25 + torch.matmul(q2, k2.transpose(-1, -2)) / 3
     p = s.softmax(-1)
@@ -1208,7 +1223,7 @@ def test_two_products_as_written_when_declined():
     torch.manual_seed(0)
     torch._dynamo.reset()
     attn_compiler.reset()
-    args = _qkv(F32) + [_t(B, H, L, 8), _t(B, H, L, 8)]
+    args = _qkv(F32, lq=50, lk=50) + [_t(B, H, 50, 8), _t(B, H, 50, 8)]
     graphs = []
 
     def inner(gm, example_inputs):
