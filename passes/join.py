@@ -29,10 +29,12 @@ sites share the two products: each site's sum is joined on its own).
 Taken: ``x + y``, ``x - y`` (and ``torch.add(x, y, alpha=n)``) where x and y
 are each a contraction (matmul, bmm, a two-operand einsum; no addend) maybe
 times or over a number, both contractions of the same form up to the names
-of their axes (the same operand ranks, the contracted axis at the same
-place), their operands equal in size along every axis but the contracted
-one (or of size 1 there: broadcast), of one dtype, and the sum reaching a
-softmax within a few elementwise ops.
+of their axes (the contracted axis at the same place; the second may lack
+leading axes of the first, TUPE's positional term (H, N, N) beside content
+scores (B, H, N, N): its operands get them as axes of size 1), their
+operands equal in size along every axis but the contracted one (or of size
+1 there: broadcast, expanded before the copy), of one dtype, and the sum
+reaching a softmax within a few elementwise ops.
 """
 from __future__ import annotations
 
@@ -98,20 +100,21 @@ def _term(node) -> Optional[tuple]:
     return None
 
 
-def _aligned(c1: C.Contraction, c2: C.Contraction) -> Optional[bool]:
-    """Whether c2 reads as c1 with its axes renamed: False when its operands
-    match c1's in order, True when swapped, None when it does not."""
-    if len(c1.out_labels) != len(c2.out_labels) or set(c1.lhs_labels) | set(c1.rhs_labels) \
-            != set(c1.out_labels) | {c1.contracted} \
+def _aligned(c1: C.Contraction, c2: C.Contraction) -> Optional[tuple]:
+    """How c2 reads as c1 with its axes renamed, c2's output maybe missing
+    leading axes of c1's (broadcast: a term without the batch axis):
+    ``(swapped, leading axes c2's first operand lacks, ... its second)``,
+    None when it does not."""
+    d = len(c1.out_labels) - len(c2.out_labels)
+    if d < 0 or set(c1.lhs_labels) | set(c1.rhs_labels) != set(c1.out_labels) | {c1.contracted} \
             or set(c2.lhs_labels) | set(c2.rhs_labels) != set(c2.out_labels) | {c2.contracted}:
         return None
-    name = dict(zip(c2.out_labels, c1.out_labels))
+    name = dict(zip(c2.out_labels, c1.out_labels[d:]))
     name[c2.contracted] = c1.contracted
     lhs, rhs = ("".join(name.get(x, "?") for x in s) for s in (c2.lhs_labels, c2.rhs_labels))
-    if (lhs, rhs) == (c1.lhs_labels, c1.rhs_labels):
-        return False
-    if (lhs, rhs) == (c1.rhs_labels, c1.lhs_labels):
-        return True
+    for swapped, (a, b) in ((False, (lhs, rhs)), (True, (rhs, lhs))):
+        if c1.lhs_labels.endswith(a) and c1.rhs_labels.endswith(b):
+            return swapped, len(c1.lhs_labels) - len(a), len(c1.rhs_labels) - len(b)
     return None
 
 
@@ -123,12 +126,16 @@ def _reaches_softmax(node: fx.Node) -> bool:
     return C.user_within(node, _REACH, softmax_like) is not None
 
 
-def _operand_pair(x1: fx.Node, x2: fx.Node, dim: int):
-    """How to concatenate x1 and x2 along ``dim``: ``([(node, expand sizes or
-    None)] * 2, shape of the result)``, or None when their other sizes differ
-    (beyond a size of 1 against another: broadcast)."""
+def _operand_pair(x1: fx.Node, x2: fx.Node, dim: int, lead: int):
+    """How to concatenate x1 and x2 (given ``lead`` leading axes of size 1)
+    along ``dim``: ``([(node, leading axes to add, expand sizes or None)] *
+    2, shape of the result)``, or None when their other sizes differ (beyond
+    a size of 1 against another: broadcast)."""
     s1, s2 = C.shape_of(x1), C.shape_of(x2)
-    if s1 is None or s2 is None or len(s1) != len(s2):
+    if s1 is None or s2 is None:
+        return None
+    s2 = (1,) * lead + tuple(s2)
+    if len(s1) != len(s2):
         return None
     v1, v2 = C.example_value(x1), C.example_value(x2)
     if v1.dtype != v2.dtype or not v1.is_floating_point():
@@ -144,10 +151,10 @@ def _operand_pair(x1: fx.Node, x2: fx.Node, dim: int):
         else:
             return None
     parts = []
-    for x, s in ((x1, s1), (x2, s2)):
+    for x, s, n_lead in ((x1, s1, 0), (x2, s2, lead)):
         sizes = [-1 if w is None else w for w in want]
         expand = any(w is not None and w != n for w, n in zip(want, s))
-        parts.append((x, sizes if expand else None))
+        parts.append((x, n_lead, sizes if expand else None))
     return parts, [s1[dim] + s2[dim] if w is None else w for w in want]
 
 
@@ -171,8 +178,8 @@ def _numel(shape) -> int:
 
 
 def _find(node: fx.Node):
-    """``(c1, f1, c2, f2, swap)`` when ``node`` sums two joinable products
-    (see the note), else None."""
+    """``(c1, f1, c2, f2, how)`` when ``node`` sums two joinable products
+    (see the note; ``how``: ``_aligned``'s), else None."""
     op = C.canonical(node)
     if op is None or op.name not in ("add", "sub") or str(node.target).endswith("_"):
         return None
@@ -182,15 +189,17 @@ def _find(node: fx.Node):
         return None
     (c1, f1), (c2, f2) = t1, t2
     f2 = f2 * alpha * (-1 if op.name == "sub" else 1)
-    if c1.node is c2.node or C.shape_of(c1.node) != C.shape_of(c2.node) or len(C.shape_of(node) or ()) < 2:
+    if C.shape_of(c1.node) != C.shape_of(node):     # the term of the scores' own shape first
+        (c1, f1), (c2, f2) = (c2, f2), (c1, f1)
+    if c1.node is c2.node or len(C.shape_of(node) or ()) < 2:
         return None
     v, v1, v2 = (C.example_value(n) for n in (node, c1.node, c2.node))
     if not (v1.dtype == v2.dtype == v.dtype) or tuple(v.shape) != tuple(v1.shape):
         return None
-    swap = _aligned(c1, c2)
-    if swap is None or not _reaches_softmax(node):
+    how = _aligned(c1, c2)
+    if how is None or not _reaches_softmax(node):
         return None
-    return c1, f1, c2, f2, swap
+    return c1, f1, c2, f2, how
 
 
 def join(gm: fx.GraphModule) -> List[Joined]:
@@ -199,14 +208,15 @@ def join(gm: fx.GraphModule) -> List[Joined]:
     return rewrite_each(gm, lambda node: (node, *found) if (found := _find(node)) is not None else None, _rewrite)
 
 
-def _rewrite(g: fx.Graph, node, c1, f1, c2, f2, swap) -> Optional[Joined]:
+def _rewrite(g: fx.Graph, node, c1, f1, c2, f2, how) -> Optional[Joined]:
     want = C.example_value(node)
     mode = getattr(want, "fake_mode", None)
     if mode is None:
         return None
+    swap, lead_l, lead_r = how
     ops2 = (c2.rhs, c2.lhs) if swap else (c2.lhs, c2.rhs)
-    plans = [_operand_pair(x1, x2, labels.index(c1.contracted))
-             for x1, x2, labels in ((c1.lhs, ops2[0], c1.lhs_labels), (c1.rhs, ops2[1], c1.rhs_labels))]
+    plans = [_operand_pair(x1, x2, labels.index(c1.contracted), lead) for x1, x2, labels, lead in
+             ((c1.lhs, ops2[0], c1.lhs_labels, lead_l), (c1.rhs, ops2[1], c1.rhs_labels, lead_r))]
     if None in plans or _numel(C.shape_of(node)) <= sum(_numel(shape) for _, shape in plans):
         return None                 # [Note: joined only where it saves memory]
     same = f1 == f2
@@ -224,7 +234,9 @@ def _rewrite(g: fx.Graph, node, c1, f1, c2, f2, swap) -> Optional[Joined]:
             joined = []
             for k, ((plan, _), labels) in enumerate(zip(plans, (c1.lhs_labels, c1.rhs_labels))):
                 parts = []
-                for (x, expand), f in zip(plan, (f1, f2)):
+                for (x, lead, expand), f in zip(plan, (f1, f2)):
+                    for _ in range(lead):
+                        x = make("unsqueeze", (x, 0), "call_method")
                     x = make("expand", (x, *expand), "call_method") if expand is not None else x
                     parts.append(scaled(x, f) if k == 0 else x)
                 joined.append(make(torch.cat, (parts, labels.index(c1.contracted))))

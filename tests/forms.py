@@ -2253,3 +2253,23 @@ def three_products(q, k, v, q2, k2, q3, k3):
     """Three score products summed (a join of a join), the middle one scaled."""
     s = q @ k.transpose(-1, -2) + q2 @ k2.transpose(-1, -2) * 0.5 + q3 @ k3.transpose(-1, -2)
     return s.softmax(-1) @ v
+
+
+class TupeUntiedPositions(nn.Module):
+    """TUPE's untied positional attention: a positional term of its own
+    projections of the absolute positions, (H, N, N) shared by the batch,
+    added to the content scores (B, H, N, N); both over sqrt(2d)."""
+
+    def __init__(self, n=50, heads=4, d=16, pd=8):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(n, 2 * pd))
+        self.wq = nn.Linear(2 * pd, heads * pd, bias=False)
+        self.wk = nn.Linear(2 * pd, heads * pd, bias=False)
+        self.heads, self.scale = heads, (2 * d) ** -0.5
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        pq = self.wq(self.pos[:n]).view(n, self.heads, -1).transpose(0, 1)
+        pk = self.wk(self.pos[:n]).view(n, self.heads, -1).transpose(0, 1)
+        s = (q @ k.transpose(-1, -2) + pq @ pk.transpose(-1, -2)) * self.scale
+        return s.softmax(-1) @ v

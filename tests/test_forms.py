@@ -709,6 +709,7 @@ RESEARCH_CASES = [
         _t(B, H, 50, 8, dtype=dt), _t(B, 1, 50, 8, dtype=dt)])),
     Case("three_products", lambda dt: (forms.three_products, _qkv(dt, lq=57, lk=57) + [
         _t(B, H, 57, 8, dtype=dt), _t(B, H, 57, 8, dtype=dt), _t(B, H, 57, 4, dtype=dt), _t(B, H, 57, 4, dtype=dt)])),
+    Case("tupe_untied_positions", _mod(forms.TupeUntiedPositions, lambda dt: _qkv(dt, lq=50, lk=50))),
     # a decode step: the second product is smaller than the key operands the join would copy
     Case("two_products_decode_step", lambda dt: (forms.two_products_subtracted, _qkv(dt, lq=1, lk=50) + [
         _t(B, H, 1, 8, dtype=dt), _t(B, 1, 50, 8, dtype=dt)])),
@@ -726,7 +727,7 @@ def test_research_form_fp32_forward_backward(case):
                                      "kerple_log_attention", "packed_document_mask",
                                      "softmax_one_clamped", "learned_sink_written_out",
                                      "normalized_after_pv", "deepseek_mla_absorbed", "lilt_text_and_layout",
-                                     "two_products_subtracted"])
+                                     "two_products_subtracted", "tupe_untied_positions"])
 def test_captured_terms_on_the_kernels_forward_backward(case_id):
     """Captured terms of the score through the generated kernels (Triton's
     interpreter on CPU), float32 forward and backward, at a length that is not
@@ -791,6 +792,7 @@ def test_captured_terms_on_the_kernels_forward_backward(case_id):
     ("deepseek_mla_absorbed", "bf16"),
     ("lilt_text_and_layout", "fp16"),
     ("two_products_subtracted", "bf16"),
+    ("tupe_untied_positions", "fp16"),
 ])
 @pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
 def test_research_form_low_precision_forward(case_id, dtype, on_kernels):
@@ -1187,7 +1189,8 @@ def test_zeros_like_of_the_probabilities_leaves_with_them():
 
 
 @pytest.mark.parametrize("case_id,head_dim", [("deepseek_mla_absorbed", D + 8), ("two_products_subtracted", D + 8),
-                                              ("lilt_text_and_layout", D + 8), ("three_products", D + 12)])
+                                              ("lilt_text_and_layout", D + 8), ("three_products", D + 12),
+                                              ("tupe_untied_positions", D + 8)])
 def test_two_products_joined_into_one(case_id, head_dim):
     """[Note: scores summed from two products]  The op's Q·Kᵀ has the two
     head dims joined, and nothing of the scores' size is captured: the only
