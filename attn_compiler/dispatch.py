@@ -66,6 +66,13 @@ _SHORT = {
     "decode": [(16, 128, 4, 3), (16, 64, 4, 3), (16, 64, 4, 2), (16, 128, 8, 3), (16, 256, 8, 2),
                (16, 32, 4, 2)],
 }
+# More tiles for head dims over 128 (tiles 256 wide along D), where the smem
+# rule leaves only 4-warp tiles of the lists above (128x64 w4 s2 spills:
+# 120-160 TFLOP/s).  Measured at 4x16x4096xD non-causal (bf16, TFLOP/s, D 192 /
+# 256, bench/RESULTS.md run 164): forward 128x64 w8 s2 403-412 / 513 against
+# the best of the list above 316 / 402 (64x32 w4 s2); backward 64x64 w8 s2
+# 161 / 214 and 64x32 w4 s2 146 / 208 against 117 / 155 (64x64 w4 s2).
+_SHORT_BIG_D = {"fwd": [(128, 64, 8, 2)], "bwd": [(64, 64, 8, 2), (64, 32, 4, 2)]}
 
 
 @contextlib.contextmanager
@@ -122,7 +129,8 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
     # forward: the smem rule drops tiles that would then only fail to launch
     plane_bytes = sum(getattr(torch, spec.captured[i].dtype).itemsize for i in codegen.tma_planes(spec))
     problem = autotune.Problem(D, q.dtype, Lq, Lk, causal, False, plane_bytes if family == "fwd" else 0)
-    out = [c for c in (KernelConfig(*t) for t in _SHORT[family])
+    tiles = _SHORT[family] + (_SHORT_BIG_D.get(family, []) if D > 128 else [])
+    out = [c for c in (KernelConfig(*t) for t in tiles)
            if autotune.first_failing_rule(family, c, problem) is None]
     if family == "decode":
         # the first tiles also with fewer, longer splits (1 or 2 programs per SM)
