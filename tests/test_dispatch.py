@@ -149,6 +149,25 @@ def test_backward_candidates_cross_the_first_two_dq_tiles():
     assert len(set(cands)) == len(cands)
 
 
+@pytest.mark.parametrize("head_dim", [96, 128, 192, 256])
+def test_tiles_for_head_dims_over_128(head_dim):
+    """Head dims over 128 (tiles 256 wide) also try 128x64 w8 s2 forward and
+    64x64 w8 s2, 64x32 w4 s2 backward (bench/RESULTS.md runs 164-165: the
+    4-warp tiles the prune rules leave there spill); D <= 128 keeps its lists.
+    Every candidate passes the prune rules."""
+    from attn_compiler import autotune
+    from attn_compiler.autotune import KernelConfig
+    q = torch.empty(2, 4, 4096, head_dim, dtype=torch.bfloat16)
+    spec = make_spec(causal_mod(), dtype=torch.bfloat16)
+    fwd, bwd = dispatch._configs("fwd", q, q, q, spec), dispatch._configs("bwd", q, q, q, spec)
+    big = head_dim > 128
+    assert (KernelConfig(128, 64, 8, 2) in fwd) == big
+    assert (KernelConfig(64, 64, 8, 2) in bwd) == big and (KernelConfig(64, 32, 4, 2) in bwd) == big
+    problem = autotune.Problem(head_dim, torch.bfloat16, 4096, 4096, True, False)
+    assert all(autotune.first_failing_rule("fwd", c, problem) is None for c in fwd)
+    assert all(autotune.first_failing_rule("bwd", c, problem) is None for c in bwd)
+
+
 def test_decode_candidates_try_fewer_splits():
     """Decode candidates: the tiles with the launcher's split count, and the
     first two also with 1 and 2 programs per SM (B=1, KV 32k: 16 splits ran
