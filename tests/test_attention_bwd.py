@@ -695,3 +695,18 @@ def test_float32_follows_pytorch_matmul_precision():
     finally:
         torch.set_float32_matmul_precision(old)
     assert disagreement(out * (1 + 1e-3), out) is not None                  # float32's
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [192, 256])
+def test_wide_head_dim_tiles_on_gpu(head_dim, causal):
+    """The tiles head dims over 128 get (bench/RESULTS.md runs 164-165):
+    forward 128x64 w8 s2, backward 64x64 w8 s2 with a 64x64 w4 s2 dQ launch
+    and 64x32 w4 s2, bf16 at 1x4x1000xD (a length no tile divides),
+    golden-relative."""
+    q, k, v = (t.cuda() for t in qkv(B=1, Hq=4, Lq=1000, Dh=head_dim, dtype=torch.bfloat16, seed=41))
+    spec = make_spec(causal_mod() if causal else score, dtype=torch.bfloat16)
+    check_forward(q, k, v, [], spec, config=KernelConfig(128, 64, 8, 2), name=f"gpu/fwd{head_dim}")
+    for config in (KernelConfig(64, 64, 8, 2, dq=(64, 64, 4, 2)), KernelConfig(64, 32, 4, 2)):
+        check_backward(q, k, v, [], spec, config=config, name=f"gpu/bwd{head_dim} {config}")
