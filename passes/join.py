@@ -129,8 +129,9 @@ def _reaches_softmax(node: fx.Node) -> bool:
 def _operand_pair(x1: fx.Node, x2: fx.Node, dim: int, lead: int):
     """How to concatenate x1 and x2 (given ``lead`` leading axes of size 1)
     along ``dim``: ``([(node, leading axes to add, expand sizes or None)] *
-    2, shape of the result)``, or None when their other sizes differ (beyond
-    a size of 1 against another: broadcast)."""
+    2, shape of the result)`` (an expand size is -1 or ``(node, axis)``, that
+    node's size there), or None when their other sizes differ (beyond a size
+    of 1 against another: broadcast)."""
     s1, s2 = C.shape_of(x1), C.shape_of(x2)
     if s1 is None or s2 is None:
         return None
@@ -151,10 +152,11 @@ def _operand_pair(x1: fx.Node, x2: fx.Node, dim: int, lead: int):
         else:
             return None
     parts = []
-    for x, s, n_lead in ((x1, s1, 0), (x2, s2, lead)):
-        sizes = [-1 if w is None else w for w in want]
-        expand = any(w is not None and w != n for w, n in zip(want, s))
-        parts.append((x, n_lead, sizes if expand else None))
+    for x, s, n_lead, other, o_lead in ((x1, s1, 0, x2, lead), (x2, s2, lead, x1, 0)):
+        # an axis of size 1 against the other's n takes the other's size, read
+        # from it at run time (a size node: no number fixed in the graph)
+        sizes = [-1 if w is None or w == n else (other, i - o_lead) for i, (w, n) in enumerate(zip(want, s))]
+        parts.append((x, n_lead, sizes if any(e != -1 for e in sizes) else None))
     return parts, [s1[dim] + s2[dim] if w is None else w for w in want]
 
 
@@ -168,12 +170,15 @@ def _operand_pair(x1: fx.Node, x2: fx.Node, dim: int, lead: int):
 
 
 def _numel(shape) -> int:
+    """The element count of ``shape`` at its example sizes: a symbolic size
+    is read by its hint (``int()`` would specialize the graph to it), one
+    without a hint taken as large."""
     n = 1
     for s in shape:
-        try:
-            n *= int(s)
-        except (TypeError, ValueError):     # a size without a hint: take it as large
+        hint = s.node.hint if isinstance(s, torch.SymInt) else s
+        if hint is None:
             return 1 << 62
+        n *= int(hint)
     return n
 
 
@@ -237,7 +242,9 @@ def _rewrite(g: fx.Graph, node, c1, f1, c2, f2, how) -> Optional[Joined]:
                 for (x, lead, expand), f in zip(plan, (f1, f2)):
                     for _ in range(lead):
                         x = make("unsqueeze", (x, 0), "call_method")
-                    x = make("expand", (x, *expand), "call_method") if expand is not None else x
+                    if expand is not None:
+                        sizes = [e if e == -1 else make("size", e, "call_method") for e in expand]
+                        x = make("expand", (x, *sizes), "call_method")
                     parts.append(scaled(x, f) if k == 0 else x)
                 joined.append(make(torch.cat, (parts, labels.index(c1.contracted))))
             op = C.canonical(c1.node)

@@ -1238,3 +1238,38 @@ def test_two_products_as_written_when_declined():
     assert len(rows) == 1 and rows[0].status == "declined", [(r.status, r.reason) for r in rows]
     assert torch.equal(out, eo) and torch.equal(p, ep)
     assert graphs and not any(n.target is torch.cat for g in graphs for n in g.graph.nodes)
+
+
+@pytest.mark.parametrize("case_id", ["two_products_subtracted", "tupe_untied_positions"])
+def test_two_products_joined_under_dynamic_true(case_id):
+    """[Note: scores summed from two products] under ``dynamic=True``: the
+    join fixes no length in the graph (it reads symbolic sizes by their hints
+    and takes broadcast sizes from the other operand at run time), so the
+    function form compiles once for three lengths; each length golden-
+    relative, every site joined (no captured product)."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    compiles = []
+    backend = attn_compiler.backend(inner="aot_eager")
+
+    def counting(gm, example_inputs):
+        compiles.append(gm)
+        return backend(gm, example_inputs)
+    if case_id == "tupe_untied_positions":
+        fn = forms.TupeUntiedPositions(n=80)
+        make = lambda n: _qkv(F32, lq=n, lk=n)                                       # noqa: E731
+    else:
+        fn = forms.two_products_subtracted
+        make = lambda n: _qkv(F32, lq=n, lk=n) + [_t(B, H, n, 8), _t(B, 1, n, 8)]   # noqa: E731
+    compiled = torch.compile(fn, backend=counting, dynamic=True)
+    fn64 = copy.deepcopy(fn).double() if isinstance(fn, torch.nn.Module) else fn
+    for n in (50, 61, 77):
+        args = make(n)
+        golden_check(compiled(*args), fn(*args), fn64(*[_to64(a) for a in args]), name=f"{case_id} n={n}")
+    # dynamo restarts TUPE's first compile under dynamic=True, with or without
+    # the join (the abandoned graph is not reported); then no compile per length
+    assert len(compiles) == (2 if case_id == "tupe_untied_positions" else 1)
+    rows = attn_compiler.report().fused
+    assert len(rows) == 1
+    assert not any(AttentionSpec.loads(r.features["spec"]).captured for r in rows)
