@@ -299,12 +299,13 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: 
     restored = [d for d in relaid + distributed if not any(p in fused_products for p in d.products)]
     for d in restored:                    # unfused: the user's nodes, as written
         restore(gm, d)
+    unjoined = False
     for j in reversed(joined):            # a join of a join (three products) goes back first
         if any(n in fused_operands for n in joined_operands(j)):
             dead.append(j.old)            # the user's sum, read by nothing now
         else:
             unjoin(gm, j)
-            restored.append(j)
+            unjoined = True
     gm.meta[FOLDED] = list(folded.values())
     modules = _module_sites(gm, graph_id, len(sites))
     sites += modules
@@ -312,7 +313,7 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: 
         for site in attention_pass(sub, inputs, graph_id, body=True):
             site.ordinal = len(sites)
             sites.append(site)
-    if dead or restored or any(s.status == FUSED for s in modules):
+    if dead or restored or unjoined or any(s.status == FUSED for s in modules):
         _remove_dead(gm, dead, internal)
         gm.graph.lint()
         gm.recompile()
