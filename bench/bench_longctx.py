@@ -95,15 +95,23 @@ def main(argv=None) -> int:
     dev = common.device()
     dtype = torch.bfloat16 if common.on_cuda() else torch.float32
     env, rows = common.environment(), []
-    cache = tempfile.mkdtemp(prefix="attn_compiler_longctx_")
-    os.environ["ATTN_COMPILER_CACHE_DIR"] = cache       # every length tuned afresh, as a first user would
-    for L in [int(x) for x in args.lengths.split(",")]:
-        for pass_ in args.passes.split(","):
-            training = pass_ == "training"
-            eager = args.heads * L * L * 4 * (2 if training else 1) / 2**30
-            row = dict(env, L=L, heads=args.heads, head_dim=args.head_dim, passes=pass_, eager_gib=eager)
-            rows.append(common.model_row(row, lambda r, L=L, t=training: measure(
-                r, L, args.heads, args.head_dim, t, dtype, dev)))
+    with tempfile.TemporaryDirectory(prefix="attn_compiler_longctx_") as cache:
+        # every length tuned afresh, as a first user would; the folder goes with the run
+        old_cache = os.environ.get("ATTN_COMPILER_CACHE_DIR")
+        os.environ["ATTN_COMPILER_CACHE_DIR"] = cache
+        try:
+            for L in [int(x) for x in args.lengths.split(",")]:
+                for pass_ in args.passes.split(","):
+                    training = pass_ == "training"
+                    eager = args.heads * L * L * 4 * (2 if training else 1) / 2**30
+                    row = dict(env, L=L, heads=args.heads, head_dim=args.head_dim, passes=pass_, eager_gib=eager)
+                    rows.append(common.model_row(row, lambda r, L=L, t=training: measure(
+                        r, L, args.heads, args.head_dim, t, dtype, dev)))
+        finally:
+            if old_cache is None:
+                os.environ.pop("ATTN_COMPILER_CACHE_DIR", None)
+            else:
+                os.environ["ATTN_COMPILER_CACHE_DIR"] = old_cache
     common.finish_rows(rows, args.out, "longctx", ["L", "passes", "first_s", "first_peak_gib", "choice",
                                                    "original", "ms", "peak_mib", "eager_gib", "err"])
     return 0

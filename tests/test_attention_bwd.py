@@ -710,3 +710,16 @@ def test_wide_head_dim_tiles_on_gpu(head_dim, causal):
     check_forward(q, k, v, [], spec, config=KernelConfig(128, 64, 8, 2), name=f"gpu/fwd{head_dim}")
     for config in (KernelConfig(64, 64, 8, 2, dq=(64, 64, 4, 2)), KernelConfig(64, 32, 4, 2)):
         check_backward(q, k, v, [], spec, config=config, name=f"gpu/bwd{head_dim} {config}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [40, 64])
+def test_small_head_dim_backward_tiles_on_gpu(head_dim, causal):
+    """The backward tiles head dims up to 64 get (bench/RESULTS.md run 167):
+    64x64 w4 s3, and 32x128 w4 s3 with its dQ launch on 128x64 w8 s3, bf16
+    at 2x4x1000xD (a length no tile divides), golden-relative."""
+    q, k, v = (t.cuda() for t in qkv(B=2, Hq=4, Lq=1000, Dh=head_dim, dtype=torch.bfloat16, seed=43))
+    spec = make_spec(causal_mod() if causal else score, dtype=torch.bfloat16)
+    for config in (KernelConfig(64, 64, 4, 3), KernelConfig(32, 128, 4, 3, dq=(128, 64, 8, 3))):
+        check_backward(q, k, v, [], spec, config=config, name=f"gpu/bwd{head_dim} {config}")

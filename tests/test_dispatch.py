@@ -168,6 +168,28 @@ def test_tiles_for_head_dims_over_128(head_dim):
     assert all(autotune.first_failing_rule("bwd", c, problem) is None for c in bwd)
 
 
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_backward_tiles_for_head_dims_up_to_64(head_dim):
+    """Head dims up to 64 also try the backward on 64x64 w4 s3 and on 32x128
+    w4 s3 with dQ on 128x64 w8 s3 (bench/RESULTS.md run 167: 3-7 % faster than
+    the list's best at D=64, causal and not); D=128 keeps its list (run 168).
+    Every candidate passes the prune rules, none is tried twice, and the
+    first two tiles keep their fused variants."""
+    from attn_compiler import autotune
+    from attn_compiler.autotune import KernelConfig
+    q = torch.empty(2, 4, 4096, head_dim, dtype=torch.bfloat16)
+    for spec in (make_spec(causal_mod(), dtype=torch.bfloat16), make_spec(score, dtype=torch.bfloat16)):
+        bwd = dispatch._configs("bwd", q, q, q, spec)
+        small = head_dim <= 64
+        assert (KernelConfig(64, 64, 4, 3) in bwd) == small
+        assert (KernelConfig(32, 128, 4, 3, dq=(128, 64, 8, 3)) in bwd) == small
+        assert len(set(bwd)) == len(bwd)
+        assert KernelConfig(64, 128, 8, 3, "fused") in bwd and KernelConfig(64, 64, 4, 2, "fused") in bwd
+        causal = spec.mask_kind.startswith("causal")
+        problem = autotune.Problem(head_dim, torch.bfloat16, 4096, 4096, causal, False)
+        assert all(autotune.first_failing_rule("bwd", c, problem) is None for c in bwd)
+
+
 def test_decode_candidates_try_fewer_splits():
     """Decode candidates: the tiles with the launcher's split count, and the
     first two also with 1 and 2 programs per SM (B=1, KV 32k: 16 splits ran
