@@ -200,8 +200,12 @@ Rule = tuple[str, Callable[[KernelConfig, Problem], bool]]  # predicate True: dr
 
 def _fwd_smem(c: KernelConfig, p: Problem) -> int:
     """Q tile resident, K and V tiles in ``num_stages`` buffers each, and the
-    bias planes' (M, N) tiles as deep (128x128 w8 s3 with a bf16 plane: 288 KiB)."""
-    return ((c.block_m * p.d + 2 * c.num_stages * c.block_n * p.d) * p.elem_bytes
+    bias planes' (M, N) tiles as deep (128x128 w8 s3 with a bf16 plane: 288 KiB).
+    Float32 holds a second Q tile (the split operands of its 3xTF32 products):
+    compiled for sm_90, 64x32 w4 s2 at D=256 asked for 256 KiB where the sum
+    without it is 192 (the H200 refused it, and every float32 site with a head
+    dim over 128 ran the reference)."""
+    return ((c.block_m * p.d * (2 if p.elem_bytes == 4 else 1) + 2 * c.num_stages * c.block_n * p.d) * p.elem_bytes
             + p.plane_bytes * c.block_m * c.block_n * c.num_stages)
 
 
@@ -227,6 +231,9 @@ FWD_RULES: tuple[Rule, ...] = (
     ("smem", lambda c, p: _fwd_smem(c, p) > SMEM_BYTES),
     ("big_head_dim",
      lambda c, p: p.head_dim > 128 and (c.block_m * c.block_n > 64 * 64 * 2 or c.num_stages > 2)),
+    # one stage (no loads ahead) only where nothing deeper fits: float32 over
+    # 128 wide, whose Q tile is held twice (``_fwd_smem``)
+    ("one_stage", lambda c, p: c.num_stages == 1 and not (p.elem_bytes == 4 and p.head_dim > 128)),
 )
 
 BWD_RULES: tuple[Rule, ...] = (
@@ -249,7 +256,7 @@ PRUNE_RULES: dict[str, tuple[Rule, ...]] = {"fwd": FWD_RULES, "bwd": BWD_RULES, 
 
 # The cross products the rules prune: (block_m, block_n, num_warps, num_stages).
 _AXES = {
-    "fwd": ((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)),
+    "fwd": ((64, 128), (32, 64, 128), (4, 8), (1, 2, 3, 4)),
     "bwd": ((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3)),
     "decode": ((16,), (32, 64, 128, 256), (2, 4, 8), (2, 3, 4)),
 }
@@ -299,7 +306,7 @@ def default_config(family: str, head_dim: int, dtype: torch.dtype, causal: bool 
     """One good config without timing (tuning off, or under CUDA-graph capture).
 
     The table's pick is made to fit shared memory for ``dtype`` (fp32 tiles take
-    twice the bytes) by lowering ``num_stages``, then halving ``block_n``. It is
+    twice the bytes) by lowering ``num_stages``, then halving ``block_n``, then ``block_m``. It is
     not always inside :func:`config_space`: Hopper's fwd pick for D <= 128 uses
     8 warps on a 128x64 tile, which the rule ``hopper_8warps_small_tile`` drops,
     and fitting fp32 with a large D can go below the space's fewest stages.
@@ -334,6 +341,8 @@ def default_config(family: str, head_dim: int, dtype: torch.dtype, causal: bool 
             cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
         elif cfg.block_n > 16:
             cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)
+        elif cfg.block_m > 16:
+            cfg = dataclasses.replace(cfg, block_m=cfg.block_m // 2)
         else:  # D so large that nothing fits; let the compiler report it
             break
     return cfg

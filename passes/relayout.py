@@ -142,12 +142,38 @@ def _layout(c: C.Contraction, key_axis: int, query_axis: int) -> Optional[List[i
     return [i for i in range(len(o)) if i not in (query_axis, key_axis)] + [query_axis, key_axis]
 
 
-def _query_axis(pv: C.Contraction, index: int, axes: List[int]) -> Optional[int]:
+def _size_hint(size) -> float:
+    """A size by its value this time (a dynamic one by its hint, no guard);
+    one without a hint is taken as large."""
+    hint = size.node.hint if isinstance(size, torch.SymInt) else size
+    return float("inf") if hint is None else int(hint)
+
+
+def _query_axis(pv: C.Contraction, index: int, axes: List[int], xs, d: int) -> Optional[int]:
     """The softmax axis P·V keeps as its query axis: the one label of P
-    (besides the contracted key) that V does not have."""
+    (besides the contracted key) that V does not have.
+
+    [Note: V shared along several axes]  Where V lacks more than one axis of
+    P (DeepSeek-V3's absorbed latent attention: P (b, s, h, t) against the
+    compressed cache (b, t, c), shared by every head), each of them could
+    stand for the query axis: V is the same along all of them, so the others
+    are heads over one key head.  Which one is free to choose, and it sets the
+    kernel's shape: the heads axis h (16) as the query axis left the 2048
+    positions as heads, each 16 rows walking all 2048 keys (46 TFLOP/s where
+    the same attention as 16 heads of 2048 rows ran 248, bench/RESULTS.md
+    runs 169-170).  So the longest is taken, and the scores' own query axis
+    (the one before the keys) wherever it is among the longest: then nothing
+    moves."""
     pl, vl = pv.operand(index)[1], pv.operand(1 - index)[1]
-    only = [j for j, lab in enumerate(pl) if lab not in vl and lab != pv.contracted]
-    return axes[only[0]] if len(only) == 1 else None
+    only = [axes[j] for j, lab in enumerate(pl) if lab not in vl and lab != pv.contracted]
+    if len(only) == 1:
+        return only[0]
+    if not only or xs is None:
+        return None
+    longest = max(_size_hint(xs[a]) for a in only)
+    if d == len(xs) - 1 and len(xs) - 2 in only and _size_hint(xs[-2]) >= longest:
+        return None         # as laid out
+    return next(a for a in only if _size_hint(xs[a]) >= longest)
 
 
 def _chain(c: C.Contraction, x: fx.Node, sm: fx.Node) -> Optional[set]:
@@ -182,7 +208,7 @@ def _plan(sm: fx.Node):
     plabels = pv.operand(index)[1]
     if pv.contracted not in plabels or axes[plabels.index(pv.contracted)] != d:
         return None
-    qa = _query_axis(pv, index, axes)
+    qa = _query_axis(pv, index, axes, xs, d)
     if qa is None or qa == d:
         return None
     for c in _candidates(x):

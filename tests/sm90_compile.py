@@ -176,7 +176,9 @@ def _cases():
     shapes = [(2, 4, 256, 128), (1, 4, 200, 80)]      # tiles that divide / an uneven length and head dim
     # the other head dims the tuner's rules treat differently, for a few cases
     more_shapes = {"causal": [(2, 4, 256, 64), (1, 2, 128, 256)], "bias": [(2, 4, 256, 64)],
-                   "padding": [(1, 2, 128, 256)]}
+                   "padding": [(1, 2, 128, 256)],
+                   # float32 over 128 wide: its default forward once asked for 256 KiB (3xTF32's Q copy)
+                   "fp32": [(1, 2, 128, 256), (1, 2, 128, 192)]}
     fwd = [KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 4, 2)]
     bwd = [KernelConfig(64, 64, 4, 2), KernelConfig(64, 128, 8, 3), KernelConfig(64, 64, 4, 2, dq=(128, 64, 8, 3))]
     return cases, shapes, more_shapes, fwd, bwd, KernelConfig

@@ -183,6 +183,21 @@ def test_rule_big_head_dim():
     assert not _dropped_by("fwd", "big_head_dim", head_dim=128)
 
 
+@pytest.mark.parametrize("head_dim", [192, 256])
+def test_float32_over_128_wide_forward_fits(head_dim):
+    """Float32 holds its Q tile twice (3xTF32's split operands): at head dims
+    over 128 the forward's space keeps only one-stage tiles, every one within
+    shared memory by the rule's count, and the untuned default among them;
+    one stage stays out everywhere else."""
+    f32 = dict(PROBLEM, head_dim=head_dim, dtype=torch.float32)
+    space = config_space("fwd", **f32)
+    assert space and {c.num_stages for c in space} == {1}
+    assert default_config("fwd", head_dim, torch.float32) in space
+    assert KernelConfig(64, 32, 4, 2) in _dropped_by("fwd", "smem", **f32)   # 256 KiB on sm_90
+    for changes in ({}, {"head_dim": 256}, {"dtype": torch.float32}):
+        assert 1 not in {c.num_stages for c in config_space("fwd", **dict(PROBLEM, **changes))}
+
+
 def test_rule_decode_warps_over_tile():
     dropped = _dropped_by("decode", "warps_over_tile")
     assert KernelConfig(16, 32, 8, 2) in dropped and KernelConfig(16, 64, 8, 2) not in dropped

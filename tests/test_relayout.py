@@ -291,3 +291,45 @@ def test_transformer_xl_dynamic_true_two_lengths():
     rows = list(attn_compiler.report())
     assert dynamo_counters["stats"]["unique_graphs"] == 1
     assert len(rows) == 1 and rows[0].fused, [(r.status, r.reason) for r in rows]
+
+
+def _shared_values(q, k, v, bias):
+    """P (b, s, h, t) against values (b, t, c) that every head shares (no
+    head axis): both s and h are axes V lacks.  A bias added along (s, t)."""
+    s = torch.einsum("bshc,btc->bsht", q, k) * q.shape[-1] ** -0.5 + bias[:, None, :]
+    return torch.einsum("bsht,btc->bshc", s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("positions,heads", [(40, 4), (3, 8), (6, 6)])
+def test_values_shared_by_the_heads_take_the_longest_query_axis(positions, heads):
+    """[Note: V shared along several axes]  The longest of the axes V lacks
+    is the op's query axis: 40 positions over 4 heads run as 4 heads of 40
+    query rows against one key head (relaid out, the (s, t) bias a (query,
+    key) plane); 3 positions over 8 heads, or as many of each, stay as laid
+    out (the heads, the scores' own query axis, as the rows).  Forward and
+    every gradient golden-relative to eager on the generated kernels."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    cpu = [torch.randn(2, positions, heads, 16), torch.randn(2, 37, 16), torch.randn(2, 37, 8),
+           torch.randn(positions, 37)]
+    args = [_to(a.requires_grad_()) for a in cpu]
+    with dispatch.implementation("triton"):
+        ours = torch.compile(_shared_values, backend=attn_compiler.backend(inner="aot_eager"))(*args)
+        (row,) = assert_fused(attn_compiler.report(), 1)
+        eager = _shared_values(*args)
+    rows, other = (positions, heads) if positions > heads else (heads, positions)
+    assert list(row.features["shapes"]["q"]) == [2, other, rows, 16], row.features["shapes"]
+    assert list(row.features["shapes"]["k"]) == [2, 1, 37, 16], row.features["shapes"]
+    spec = AttentionSpec.loads(row.features["spec"])
+    bias_dims = (False, positions <= heads, positions > heads, True)     # (b, h, q_idx, kv_idx)
+    assert spec.gqa_group == other and spec.captured[0].dims == bias_dims, spec
+    args64 = [_to64(a) for a in cpu]
+    golden = _shared_values(*args64)
+    golden_check(ours.cpu(), eager.cpu(), golden, name="out")
+    cot = torch.randn(golden.shape, dtype=torch.float64)
+    g_ours = _grads(ours, _shared_values, args, cot.to(DEVICE, F32))
+    g_eager = _grads(eager, _shared_values, args, cot.to(DEVICE, F32))
+    g_gold = _grads(golden, _shared_values, args64, cot)
+    for name, a, b, c in zip("qkvb", g_ours, g_eager, g_gold):
+        golden_check(a.cpu(), b.cpu(), c, name=f"d{name}")
