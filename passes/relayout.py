@@ -142,13 +142,6 @@ def _layout(c: C.Contraction, key_axis: int, query_axis: int) -> Optional[List[i
     return [i for i in range(len(o)) if i not in (query_axis, key_axis)] + [query_axis, key_axis]
 
 
-def _size_hint(size) -> float:
-    """A size by its value this time (a dynamic one by its hint, no guard);
-    one without a hint is taken as large."""
-    hint = size.node.hint if isinstance(size, torch.SymInt) else size
-    return float("inf") if hint is None else int(hint)
-
-
 def _query_axis(pv: C.Contraction, index: int, axes: List[int], xs, d: int) -> Optional[int]:
     """The softmax axis P·V keeps as its query axis: the one label of P
     (besides the contracted key) that V does not have.
@@ -163,17 +156,27 @@ def _query_axis(pv: C.Contraction, index: int, axes: List[int], xs, d: int) -> O
     the same attention as 16 heads of 2048 rows ran 248, bench/RESULTS.md
     runs 169-170).  So the longest is taken, and the scores' own query axis
     (the one before the keys) wherever it is among the longest: then nothing
-    moves."""
+    moves.  A graph compiled for dynamic sizes serves every length from its
+    first one, so a size that varies is taken as the longest (a sequence,
+    against a fixed count of heads), and where the scores' own query axis
+    varies nothing moves: a short first prompt must not fix the heads as the
+    rows for the long ones after it."""
     pl, vl = pv.operand(index)[1], pv.operand(1 - index)[1]
     only = [axes[j] for j, lab in enumerate(pl) if lab not in vl and lab != pv.contracted]
     if len(only) == 1:
         return only[0]
     if not only or xs is None:
         return None
-    longest = max(_size_hint(xs[a]) for a in only)
-    if d == len(xs) - 1 and len(xs) - 2 in only and _size_hint(xs[-2]) >= longest:
+    own = len(xs) - 2 if d == len(xs) - 1 else None
+    if own in only and not isinstance(xs[own], int):
+        return None
+    dynamic = [a for a in only if not isinstance(xs[a], int)]
+    if dynamic:
+        return dynamic[0]
+    longest = max(xs[a] for a in only)
+    if own in only and xs[own] >= longest:
         return None         # as laid out
-    return next(a for a in only if _size_hint(xs[a]) >= longest)
+    return next(a for a in only if xs[a] >= longest)
 
 
 def _chain(c: C.Contraction, x: fx.Node, sm: fx.Node) -> Optional[set]:

@@ -333,3 +333,32 @@ def test_values_shared_by_the_heads_take_the_longest_query_axis(positions, heads
     g_gold = _grads(golden, _shared_values, args64, cot)
     for name, a, b, c in zip("qkvb", g_ours, g_eager, g_gold):
         golden_check(a.cpu(), b.cpu(), c, name=f"d{name}")
+
+
+def _shared_values_viewed(x, k, v, bias):
+    """``_shared_values`` with the heads split from a projection's width by a
+    view: under ``dynamic=True`` the 4 heads stay a fixed size, the positions
+    vary."""
+    return _shared_values(x.view(x.shape[0], x.shape[1], 4, 16), k, v, bias)
+
+
+def test_values_shared_by_the_heads_dynamic_lengths():
+    """[Note: V shared along several axes] under ``dynamic=True``: the
+    positions (a size that varies) are the query axis over the 4 fixed heads,
+    whatever the first length (3 positions here, fewer than the heads); one
+    graph serves 3 and 40 positions, golden-relative to eager."""
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    dynamo_counters.clear()
+    compiled = torch.compile(_shared_values_viewed, backend=attn_compiler.backend(inner="aot_eager"), dynamic=True)
+    for n in (3, 40):
+        args = [torch.randn(2, n, 64), torch.randn(2, 37, 16), torch.randn(2, 37, 8), torch.randn(n, 37)]
+        golden_check(compiled(*args), _shared_values_viewed(*args),
+                     _shared_values_viewed(*[_to64(a) for a in args]), name=f"{n} positions")
+    assert dynamo_counters["stats"]["unique_graphs"] == 1
+    (row,) = assert_fused(attn_compiler.report(), 1)
+    q = row.features["shapes"]["q"]
+    assert q[1] == 4 and not isinstance(q[2], int), row.features["shapes"]
