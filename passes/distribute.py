@@ -28,7 +28,10 @@ last axis: a per-head lambda; P·V carries it past itself); the product
 The paper's pseudo-code writes two softmaxes instead, ``(softmax(a1) - lam *
 softmax(a2)) @ v``: that becomes ``softmax(a1) @ v - lam * (softmax(a2) @
 v)``, two P·V products the matcher takes one by one (``lam`` as above); restored
-when neither is fused.  Anything else is left as it is.
+when neither is fused.  ConViT's gated positional attention mixes the content
+softmax with a positional one and divides the mixture by its own row sums
+first ([Note: a mixture of maps renormalized]).  Anything else is left as it
+is.
 """
 from __future__ import annotations
 
@@ -200,8 +203,9 @@ def _find(product: fx.Node):
     return comb, scales, [x] + list(halves), build
 
 
-def _softmax_output(node, depth: int = 4) -> bool:
-    """``node`` is a softmax, behind casts or dropout."""
+def _softmax_output(node, depth: int = 4, dropout: bool = True) -> bool:
+    """``node`` is a softmax, behind casts or (with ``dropout``) dropout;
+    without, its rows sum to 1 (a dropout scales the kept entries up)."""
     from .analyze.values import _CASTS
     for _ in range(depth):
         op = C.canonical(node)
@@ -209,7 +213,8 @@ def _softmax_output(node, depth: int = 4) -> bool:
             return False
         if op.name == "softmax":
             return True
-        if op.name not in _CASTS and op.name != "dropout" or not isinstance(op.kw.get("input"), fx.Node):
+        if op.name not in _CASTS and not (dropout and op.name == "dropout") \
+                or not isinstance(op.kw.get("input"), fx.Node):
             return False
         node = op.kw["input"]
     return False
@@ -233,6 +238,111 @@ def _find_two_maps(product: fx.Node):
             mapping[m] = make(torch.matmul, (m, v))
         return [mapping[ma], mapping[mb]]
     return comb, [t for t in (sa, sb) if t is not None], [], build
+
+
+def _identity_dropout(node) -> Optional[fx.Node]:
+    """The input of ``node`` when it is a dropout that keeps everything
+    (probability 0, or not training), else None."""
+    op = C.canonical(node)
+    if op is None or op.name != "dropout" or not isinstance(op.kw.get("input"), fx.Node):
+        return None
+    p, training = op.kw.get("p", 0.5), op.kw.get("training", True)
+    if training is False or (isinstance(p, (int, float)) and not isinstance(p, bool) and p == 0):
+        return op.kw["input"]
+    return None
+
+
+def _factor(scaling: Optional[fx.Node], term: fx.Node):
+    """The factor ``scaling`` multiplies ``term`` by (1.0 without one)."""
+    if scaling is None:
+        return 1.0
+    op = C.canonical(scaling)
+    a, b = op.kw.get("input"), op.kw.get("other")
+    return b if a is term else a
+
+
+def _find_renormalized_maps(product: fx.Node):
+    """[Note: a mixture of maps renormalized]  ConViT (timm's ``GPSA``)
+    mixes the content softmax with a softmax of positional scores per head
+    and divides the mixture by its own row sums before P·V::
+
+        attn = (1 - sigmoid(g)) * softmax(q @ kᵀ * scale) + sigmoid(g) * softmax(pos)
+        attn /= attn.sum(dim=-1).unsqueeze(-1)
+        out = attn_drop(attn) @ v                  # attn_drop: probability 0
+
+    Each map's rows sum to 1, so the row sums are the factors' combination
+    ``a ± b`` (per head; 1 here), and P·V, linear in P, carries the rest:
+    ``(a · P1·V ± b · P2·V) / (a ± b)``, two P·V products the matcher takes
+    one by one (the positional map, scores the model computes whole, stays
+    as written).  Taken where both maps are softmaxes behind casts only (a
+    dropout on a map would scale its kept entries: its rows no longer sum to
+    1), the factors are ones ``_scaled`` accepts, the division is by the
+    mixture's own row sum kept as an axis, and what sits between it and P·V
+    is a dropout that keeps everything.  The row sums of 1 are exact where
+    eager's are within rounding of 1 (and nan where a map's row is, as eager's)."""
+    con = C.contraction(product)
+    if con is None or con.addend is not None or len(con.lhs_labels) not in (3, 4) or con.alpha != 1:
+        return None
+    l, r, o = con.lhs_labels, con.rhs_labels, con.out_labels
+    if not (len(r) == len(l) and r == l[:-2] + l[-1] + r[-1] and o == l[:-1] + r[-1]):
+        return None
+    v, top = con.rhs, con.lhs
+    kept = [top]
+    inner = _identity_dropout(top)
+    if inner is not None:
+        if len(top.users) != 1:
+            return None
+        top = inner
+        kept.append(top)
+    parts = C.quotient(top)
+    if parts is None or len(top.users) != 1:
+        return None
+    comb, den = parts
+    if not isinstance(comb, fx.Node) or not isinstance(den, fx.Node):
+        return None
+    shape = C.shape_of(comb)
+    if shape is None or C.row_sum_of(den, comb) != len(shape) - 1:
+        return None
+    # the sum (and the axis it keeps) read by the quotient alone; the mixture by both
+    den_nodes = [den]
+    while den_nodes[-1] is not comb:
+        n = den_nodes[-1]
+        if len(n.users) != 1:
+            return None
+        ins = [a for a in n.all_input_nodes]
+        if len(ins) != 1:
+            return None
+        den_nodes.append(ins[0])
+        if len(den_nodes) > 4:
+            return None
+    den_nodes.pop()
+    if set(comb.users) != {top, den_nodes[-1]}:
+        return None
+    op = C.canonical(comb)
+    if op is None or op.name not in ("sub", "add") or str(comb.target).endswith("_") or op.kw.get("alpha", 1) != 1:
+        return None
+    base = lambda n: True if _softmax_output(n, dropout=False) else None       # noqa: E731
+    terms = [_scaled(t, base) if isinstance(t, fx.Node) else None for t in (op.kw.get("input"), op.kw.get("other"))]
+    if None in terms:
+        return None
+    (ma, _, sa), (mb, _, sb) = terms
+    if ma is mb or len(ma.users) != 1 or len(mb.users) != 1 or C.shape_of(ma) != shape or C.shape_of(mb) != shape:
+        return None
+    fa, fb = _factor(sa, ma), _factor(sb, mb)
+    sign = operator.sub if op.name == "sub" else operator.add
+
+    def build(make, mapping):
+        for m in (ma, mb):
+            mapping[m] = make(torch.matmul, (m, v))
+        for sc in (sa, sb):
+            if sc is not None:
+                mapping[sc] = make(None, None, like=sc)
+        mixed = make(None, None, like=comb)
+        rows = sign(fa, fb) if not isinstance(fa, fx.Node) and not isinstance(fb, fx.Node) \
+            else make(sign, (fa, fb))
+        return [mapping[ma], mapping[mb]], make(operator.truediv, (mixed, rows))
+    replaced = [comb] + [sc for sc in (sa, sb) if sc is not None] + den_nodes + kept
+    return None, [], replaced, build
 
 
 def _fake_value(n: fx.Node, env):
@@ -288,7 +398,8 @@ def distribute(gm: fx.GraphModule) -> List[Distributed]:
     P·V]); returns what ``restore`` needs to undo each (the pass restores
     those whose products it did not fuse)."""
     def find(node):
-        found = _normalized_after(node) or _find(node) or _find_two_maps(node)
+        found = (_normalized_after(node) or _find(node) or _find_two_maps(node)
+                 or _find_renormalized_maps(node))
         return None if found is None else (node, *found)
     return rewrite_each(gm, find, _rewrite)
 
@@ -338,9 +449,12 @@ def _rewrite(g: fx.Graph, product, comb, scales, replaced, build) -> Optional[Di
     try:
         with g.inserting_before(product):
             products = build(make, mapping)
+            out = None
+            if isinstance(products, tuple):     # (the P·V nodes, what stands for the product)
+                products, out = products
             for s in scales:
                 mapping[s] = make(None, None, like=s)
-            new_out = make(None, None, like=comb) if comb is not None else products[-1]
+            new_out = out if out is not None else make(None, None, like=comb) if comb is not None else products[-1]
     except Exception:
         erase_all(g, created)
         raise

@@ -1747,6 +1747,42 @@ class DifferentialAttention(nn.Module):
         return torch.matmul(w, v)
 
 
+class ConViTGatedPositional(nn.Module):
+    """ConViT's gated positional self-attention (timm's ``GPSA``): the
+    content softmax and a softmax of positional scores (a learned projection
+    of fixed relative offsets, (B, H, N, N)) mixed per head by a sigmoid
+    gate, the mixture divided in place by its own row sums, then P·V."""
+
+    def __init__(self, heads=2, n=25):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.heads = heads
+        self.pos_proj = nn.Linear(3, heads)
+        with torch.no_grad():
+            self.pos_proj.weight.copy_(torch.randn(heads, 3, generator=g))
+            self.pos_proj.bias.copy_(torch.randn(heads, generator=g))
+        self.gating_param = nn.Parameter(torch.randn(heads, generator=g))
+        side = int(n ** 0.5)
+        ind = torch.arange(side).view(1, -1) - torch.arange(side).view(-1, 1)
+        indx = ind.repeat(side, side)
+        indy = ind.repeat_interleave(side, dim=0).repeat_interleave(side, dim=1)
+        self.register_buffer("rel_indices", torch.stack([indx, indy, indx ** 2 + indy ** 2], -1)[None].float(),
+                             persistent=False)
+        self.attn_drop = nn.Dropout(0.0)
+
+    def forward(self, q, k, v):
+        B = q.shape[0]
+        pos_score = self.pos_proj(self.rel_indices.expand(B, -1, -1, -1)).permute(0, 3, 1, 2)
+        patch_score = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        patch_score = patch_score.softmax(dim=-1)
+        pos_score = pos_score.softmax(dim=-1)
+        gating = self.gating_param.view(1, -1, 1, 1)
+        attn = (1. - torch.sigmoid(gating)) * patch_score + torch.sigmoid(gating) * pos_score
+        attn /= attn.sum(dim=-1).unsqueeze(-1)
+        attn = self.attn_drop(attn)
+        return attn @ v
+
+
 def differential_two_softmaxes(q, k, v):
     """The Differential Transformer as its paper's pseudo-code writes it: q
     and k split in two along the head dim, two softmaxes, ``(softmax(a1) -

@@ -641,6 +641,9 @@ RESEARCH_CASES = [
     Case("differential_two_softmaxes", _fn(forms.differential_two_softmaxes), sites=2),
     Case("differential_attention", _mod(forms.DifferentialAttention, lambda dt: [
         _t(B, H, L, D, dtype=dt), _t(B, H, L, D, dtype=dt), _t(B, H // 2, L, 2 * D, dtype=dt)])),
+    # the content and positional maps mixed per head, renormalized ([Note: a mixture of maps renormalized])
+    Case("convit_gated_positional", _mod(forms.ConViTGatedPositional, lambda dt: _qkv(dt, lq=25, lk=25),
+                                         heads=H, n=25)),
     Case("conformer_relpos_zeroed_probabilities", lambda dt: (
         forms.conformer_relpos_zeroed_probabilities,
         _qkv(dt) + [_rows_without_keys().long(), _bias_rows_of_own_min(dt)])),
@@ -771,6 +774,7 @@ def test_captured_terms_on_the_kernels_forward_backward(case_id):
     ("differential_attention", "bf16"),
     ("differential_two_maps", "fp16"),
     ("differential_two_softmaxes", "bf16"),
+    ("convit_gated_positional", "bf16"),
     ("botnet_relative_positions", "bf16"),
     ("conformer_relpos_zeroed_where", "fp16"),
     ("diff_transformer_scores", "bf16"),
@@ -1273,3 +1277,72 @@ def test_two_products_joined_under_dynamic_true(case_id):
     rows = attn_compiler.report().fused
     assert len(rows) == 1
     assert not any(AttentionSpec.loads(r.features["spec"]).captured for r in rows)
+
+
+def _mixture_renormalized(q, k, v, pos, g, p=0.0, drop_map=False):
+    """ConViT's mixture (forms.ConViTGatedPositional) as a function: the
+    content softmax (optionally behind a dropout of ``p``) and a positional
+    softmax mixed per head, divided by the mixture's row sums, a dropout of
+    probability ``p`` after it when ``drop_map`` is off."""
+    a = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+    if drop_map:
+        a = torch.nn.functional.dropout(a, p, True)
+    gate = torch.sigmoid(g).view(1, -1, 1, 1)
+    attn = (1.0 - gate) * a + gate * pos.softmax(-1)
+    attn = attn / attn.sum(-1, keepdim=True)
+    if not drop_map:
+        attn = torch.nn.functional.dropout(attn, p, True)
+    return attn @ v
+
+
+def test_mixture_renormalized_on_the_kernels_forward_backward():
+    """[Note: a mixture of maps renormalized]  ConViT's gated positional
+    attention through the generated kernels (the interpreter on CPU), float32,
+    forward and the gradients of q, k, v and the module's parameters (the
+    gate, the positional projection) golden-relative; the content softmax is
+    fused, no softmax of Q·Kᵀ is left in the graph."""
+    with _implementation(True):
+        check_case(RESEARCH_BY_ID["convit_gated_positional"])
+    graphs, inner = _graph_capture()
+    fn, args = RESEARCH_BY_ID["convit_gated_positional"].build(F32)
+    torch.compile(fn, backend=attn_compiler.backend(inner=inner))(*args)
+    assert_fused(attn_compiler.report(), 1)
+    softmaxes = [n for gm in graphs for n in gm.graph.nodes if "softmax" in str(n.target)]
+    assert len(softmaxes) == 1, [n.format_node() for n in softmaxes]      # the positional one
+
+
+@pytest.mark.parametrize("p,drop_map", [(0.1, False), (0.1, True)], ids=["dropout_after", "dropout_on_a_map"])
+def test_mixture_renormalized_with_dropout_runs_as_written(p, drop_map):
+    """[Note: a mixture of maps renormalized]  With a dropout after the
+    renormalization (one random mask over the mixture: not two products) or on
+    a map (its rows no longer sum to 1) nothing is distributed: the site is
+    declined and the user's nodes run as written (one P·V), the same random
+    draws as eager from the same seed."""
+    graphs, inner = _graph_capture()
+    q, k, v = _qkv(F32)
+    pos, g = _t(B, H, L, L), _t(H)
+    torch.manual_seed(1)
+    out = torch.compile(_mixture_renormalized, backend=attn_compiler.backend(inner=inner))(q, k, v, pos, g, p,
+                                                                                             drop_map)
+    torch.manual_seed(1)
+    torch.testing.assert_close(out, _mixture_renormalized(q, k, v, pos, g, p, drop_map))
+    rep = attn_compiler.report()
+    assert not rep.fused and len(rep.declined) == 1, [(r.status, r.reason) for r in rep.declined]
+    matmuls = [n for gm in graphs for n in gm.graph.nodes if "matmul" in str(getattr(n.target, "__name__", n.target))]
+    assert len(matmuls) == 2, [n.format_node() for n in matmuls]
+
+
+def test_mixture_renormalized_by_another_sum_is_left():
+    """A mixture divided by a row sum that is not its own (the content map's)
+    is not the renormalized form: declined, as written, eager's numbers."""
+    def fn(q, k, v, pos):
+        a = (q @ k.transpose(-1, -2)).softmax(-1)
+        attn = 0.7 * a + 0.3 * pos.softmax(-1)
+        return (attn / (2 * a).sum(-1, keepdim=True)) @ v
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    q, k, v = _qkv(F32)
+    pos = _t(B, H, L, L)
+    out = torch.compile(fn, backend=attn_compiler.backend(inner="aot_eager"))(q, k, v, pos)
+    torch.testing.assert_close(out, fn(q, k, v, pos))
+    assert not attn_compiler.report().fused
