@@ -21,6 +21,14 @@ softmax over the last axis and rewrites P·V as an einsum that reads P in
 that layout.  Then the site is one the matcher takes as any other; q, k and
 v keep their own layouts (the op reads them by their strides).
 
+[Note: unbatched scores]  Attention on one example's matrices, q (Lq, D)
+against k (Lk, D) with v (Lk, Dv) (graph and set attention, a loop over the
+batch in research code, unrolled by dynamo into one site per example), has
+scores of rank 2, which the matcher does not take.  ``relayout`` lifts it:
+the same rewrite with a unit batch axis in front of Q·Kᵀ's and P·V's
+operands (views) and of the side tensors, and the product's unit axis
+squeezed away after P·V.
+
 Taken: a softmax (one op) over an axis that P·V contracts, reached from the
 softmax through elementwise ops (casts, dropout) and permutes; P·V names the
 query axis (the one axis of P that V lacks, besides the keys); a chain from
@@ -201,8 +209,9 @@ def _plan(sm: fx.Node):
         return None
     x = parts[0]
     xs = C.shape_of(x)
-    if not isinstance(x, fx.Node) or xs is None or len(xs) not in (3, 4, 5):
+    if not isinstance(x, fx.Node) or xs is None or len(xs) not in (2, 3, 4, 5):
         return None
+    lift = len(xs) == 2         # [Note: unbatched scores]
     d = C.norm_dim(parts[1], len(xs))
     fwd = _forward(sm)
     if fwd is None:
@@ -219,9 +228,9 @@ def _plan(sm: fx.Node):
         chain = _chain(c, x, sm) if perm is not None else None
         if chain is None:
             continue
-        if perm == list(range(len(xs))):
+        if perm == list(range(len(xs))) and not lift:
             return None
-        return c, chain, x, post, pv, index, axes, perm
+        return c, chain, x, post, pv, index, axes, perm, lift
     return None
 
 
@@ -230,8 +239,12 @@ def _einsum_eq(a: str, b: str, out: str) -> str:
 
 
 def _rewrite(g: fx.Graph, sm: fx.Node, plan) -> Optional[Relaid]:
-    c, chain, x, post, pv, index, axes, perm = plan
-    r = len(perm)
+    c, chain, x, post, pv, index, axes, perm, lift = plan
+    r0 = len(perm)                  # the user's scores' rank
+    r = r0 + lift                   # the new scores': a unit batch axis first when lifted
+    side_perm = [0] + [i + 1 for i in perm] if lift else perm
+    used = set(c.lhs_labels + c.rhs_labels + pv.lhs_labels + pv.rhs_labels)
+    z = next(ch for ch in "zyxwvutsrqponmlkjihgfedcba" if ch not in used) if lift else ""
     want = C.example_value(pv.node)
     mode = getattr(want, "fake_mode", None)
     if mode is None:
@@ -263,16 +276,20 @@ def _rewrite(g: fx.Graph, sm: fx.Node, plan) -> Optional[Relaid]:
                 n = a
                 for _ in range(r - v.dim()):
                     n = make(torch.unsqueeze, (n, 0), like)
-                side[a] = make(torch.permute, (n, tuple(perm)), like)
+                side[a] = make(torch.permute, (n, tuple(side_perm)), like)
         return side[a]
+
+    def unit(n, like):
+        """``n`` with the unit batch axis of lifted scores in front."""
+        return make(torch.unsqueeze, (n, 0), like) if lift else n
 
     o = c.out_labels
     order = {n: i for i, n in enumerate(g.nodes)}
     try:
         with g.inserting_before(pv.node):
             new[c.node] = make(torch.einsum,
-                               (_einsum_eq(c.lhs_labels, c.rhs_labels, "".join(o[i] for i in perm)), c.lhs, c.rhs),
-                               c.node)
+                               (_einsum_eq(z + c.lhs_labels, z + c.rhs_labels, z + "".join(o[i] for i in perm)),
+                                unit(c.lhs, c.node), unit(c.rhs, c.node)), c.node)
             for n in sorted(chain - {c.node}, key=order.__getitem__):
                 name = C.canonical(n).name
                 first = n.args[0] if n.args else n.kwargs.get("input")
@@ -302,12 +319,13 @@ def _rewrite(g: fx.Graph, sm: fx.Node, plan) -> Optional[Relaid]:
                     cur = finish(g.node_copy(u, lambda a: probs.get(a, new.get(a, a))), u)
                 probs[u] = cur
             pl, ol = pv.operand(index)[1], pv.operand(1 - index)[1]
-            at = {axes[j]: pl[j] for j in range(r)}
-            p_labels = "".join(at[i] for i in perm)
-            other = pv.operand(1 - index)[0]
-            eq = _einsum_eq(p_labels, ol, pv.out_labels) if index == 0 else _einsum_eq(ol, p_labels, pv.out_labels)
+            at = {axes[j]: pl[j] for j in range(r0)}
+            p_labels = z + "".join(at[i] for i in perm)
+            other, ol, ql = unit(pv.operand(1 - index)[0], pv.node), z + ol, z + pv.out_labels
+            eq = _einsum_eq(p_labels, ol, ql) if index == 0 else _einsum_eq(ol, p_labels, ql)
             args = (eq, cur, other) if index == 0 else (eq, other, cur)
-            out = make(torch.einsum, args, pv.node)
+            product = make(torch.einsum, args, pv.node)
+            out = make(torch.squeeze, (product, 0), pv.node) if lift else product
     except Exception:
         for n in reversed(created):
             g.erase_node(n)
@@ -327,7 +345,7 @@ def _rewrite(g: fx.Graph, sm: fx.Node, plan) -> Optional[Relaid]:
     pv.node.replace_all_uses_with(out)
     for n in reversed(old):
         g.erase_node(n)
-    return Relaid([out], out, created, saved)
+    return Relaid([product], out, created, saved)
 
 
 def relayout(gm: fx.GraphModule) -> List[Relaid]:

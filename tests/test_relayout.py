@@ -362,3 +362,78 @@ def test_values_shared_by_the_heads_dynamic_lengths():
     (row,) = assert_fused(attn_compiler.report(), 1)
     q = row.features["shapes"]["q"]
     assert q[1] == 4 and not isinstance(q[2], int), row.features["shapes"]
+
+
+def _unbatched_cross(q, k, v):
+    """One example's attention: q (Lq, D) against k (Lk, D), ``k.T``."""
+    return torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), dim=-1) @ v
+
+
+def _unbatched_masked(q, k, v, keep):
+    """Rank-2 scores through ``transpose(0, 1)``, a (Lq, Lk) boolean mask, a
+    bias row (Lk,) and a dropout that keeps everything (eval)."""
+    s = torch.matmul(q, k.transpose(0, 1)) * q.shape[-1] ** -0.5 + 0.1 * torch.arange(k.shape[0])
+    s = s.masked_fill(~keep, float("-inf"))
+    return F.dropout(s.softmax(-1), 0.1, False) @ v
+
+
+def _unbatched_loop(q, k, v):
+    """A loop over the batch, each example's attention on its own matrices:
+    dynamo unrolls it into one site per example."""
+    return torch.stack([torch.softmax(q[b] @ k[b].T / 4.0, -1) @ v[b] for b in range(q.shape[0])])
+
+
+def _unbatched_probs_returned(q, k, v):
+    p = torch.softmax(q @ k.T, -1)
+    return p @ v, p
+
+
+UNBATCHED = {
+    "cross": (_unbatched_cross, lambda: [torch.randn(37, 16), torch.randn(50, 16), torch.randn(50, 8)], 1),
+    "masked": (_unbatched_masked, lambda: [torch.randn(37, 16), torch.randn(37, 16), torch.randn(37, 8),
+                                           torch.ones(37, 37, dtype=torch.bool).tril()], 1),
+    "loop": (_unbatched_loop, lambda: [torch.randn(3, 20, 16), torch.randn(3, 20, 16), torch.randn(3, 20, 8)], 3),
+}
+
+
+@pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
+@pytest.mark.parametrize("case", sorted(UNBATCHED))
+def test_unbatched_scores_lifted(case, on_kernels):
+    """[Note: unbatched scores]  Rank-2 scores (one example's q, k, v
+    matrices) are fused with a unit batch axis in front: the op sees
+    (1, 1, Lq, D); forward and every gradient golden-relative to eager, on
+    the reference and on the generated kernels."""
+    fn, make, sites = UNBATCHED[case]
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    cpu = make()
+    args = [_to(a.requires_grad_() if a.is_floating_point() else a) for a in cpu]
+    with dispatch.implementation("triton" if on_kernels else "reference"):
+        ours = torch.compile(fn, backend=attn_compiler.backend(inner="aot_eager"))(*args)
+        rows = assert_fused(attn_compiler.report(), sites)
+        eager = fn(*args)
+    assert all(list(r.features["shapes"]["q"][:2]) == [1, 1] for r in rows), [r.features["shapes"] for r in rows]
+    args64 = [_to64(a) for a in cpu]
+    golden = fn(*args64)
+    golden_check(ours.cpu(), eager.cpu(), golden, name=f"{case} out")
+    cot = torch.randn(golden.shape, dtype=torch.float64)
+    g_ours = _grads(ours, fn, args, cot.to(DEVICE, F32))
+    g_eager = _grads(eager, fn, args, cot.to(DEVICE, F32))
+    g_gold = _grads(golden, fn, args64, cot)
+    for i, (a, b, c) in enumerate(zip(g_ours, g_eager, g_gold)):
+        golden_check(a.cpu(), b.cpu(), c, name=f"{case} d{i}")
+
+
+def test_unbatched_scores_declined_run_as_written():
+    """Rank-2 scores whose probabilities are also returned: declined, and the
+    user's nodes run as written (no einsum of the lifted form left), eager's
+    numbers to the bit."""
+    graphs, inner = _graph_capture()
+    q, k, v = torch.randn(20, 8), torch.randn(20, 8), torch.randn(20, 4)
+    out, p = torch.compile(_unbatched_probs_returned, backend=attn_compiler.backend(inner=inner))(q, k, v)
+    eo, ep = _unbatched_probs_returned(q, k, v)
+    rows = list(attn_compiler.report())
+    assert len(rows) == 1 and rows[0].status == "declined", [(r.status, r.reason) for r in rows]
+    assert torch.equal(out, eo) and torch.equal(p, ep)
+    assert not any(n.target is torch.einsum for gm in graphs for n in gm.graph.nodes)
