@@ -231,9 +231,10 @@ FWD_RULES: tuple[Rule, ...] = (
     ("smem", lambda c, p: _fwd_smem(c, p) > SMEM_BYTES),
     ("big_head_dim",
      lambda c, p: p.head_dim > 128 and (c.block_m * c.block_n > 64 * 64 * 2 or c.num_stages > 2)),
-    # one stage (no loads ahead) only where nothing deeper fits: float32 over
-    # 128 wide, whose Q tile is held twice (``_fwd_smem``)
-    ("one_stage", lambda c, p: c.num_stages == 1 and not (p.elem_bytes == 4 and p.head_dim > 128)),
+    # one stage (no loads ahead) only where two do not fit (float32 over 128
+    # wide, whose Q tile is held twice: ``_fwd_smem``)
+    ("one_stage", lambda c, p: c.num_stages == 1
+     and _fwd_smem(dataclasses.replace(c, num_stages=2), p) <= SMEM_BYTES),
 )
 
 BWD_RULES: tuple[Rule, ...] = (

@@ -66,20 +66,24 @@ _SHORT = {
     "decode": [(16, 128, 4, 3), (16, 64, 4, 3), (16, 64, 4, 2), (16, 128, 8, 3), (16, 256, 8, 2),
                (16, 32, 4, 2)],
 }
-# More tiles for head dims over 128 (tiles 256 wide along D), where the smem
-# rule leaves only 4-warp tiles of the lists above (128x64 w4 s2 spills:
-# 120-160 TFLOP/s).  Measured at 4x16x4096xD non-causal (bf16, TFLOP/s, D 192 /
-# 256, bench/RESULTS.md run 164): forward 128x64 w8 s2 403-412 / 513 against
-# the best of the list above 316 / 402 (64x32 w4 s2); backward 64x64 w8 s2
-# 161 / 214 and 64x32 w4 s2 146 / 208 against 117 / 155 (64x64 w4 s2).
-_SHORT_BIG_D = {"fwd": [(128, 64, 8, 2)], "bwd": [(64, 64, 8, 2), (64, 32, 4, 2)]}
-# More backward tiles for head dims up to 64 (bench/RESULTS.md run 167, bf16,
-# kernels alone, ms; the best of the list above in brackets): 64x64 w4 s3
-# 1.062 at 4x16x4096x64 causal (1.112), 0.363 at 16x16x1024x64 causal
-# (0.372); 32x128 w4 s3 with dQ on 128x64 w8 s3 1.864 at 4x16x4096x64
-# non-causal (1.994), 0.530 at 16x16x1024x64 (0.566).  At D=128 neither beat
-# the list (run 168).
-_SHORT_SMALL_D = {"bwd": [(64, 64, 4, 3), (32, 128, 4, 3, "ptr", (128, 64, 8, 3))]}
+# More tiles for some head dims: (family, smallest D, largest D, tiles),
+# added after the family's list above.
+# - D over 128 (tiles 256 wide along D), where the smem rule leaves only 4-warp
+#   tiles of the lists above (128x64 w4 s2 spills: 120-160 TFLOP/s).  Measured
+#   at 4x16x4096xD non-causal (bf16, TFLOP/s, D 192 / 256, bench/RESULTS.md run
+#   164): forward 128x64 w8 s2 403-412 / 513 against the best of the list above
+#   316 / 402 (64x32 w4 s2); backward 64x64 w8 s2 161 / 214 and 64x32 w4 s2 146
+#   / 208 against 117 / 155 (64x64 w4 s2).
+# - D up to 64, backward (run 167, bf16, kernels alone, ms; the best of the
+#   list above in brackets): 64x64 w4 s3 1.062 at 4x16x4096x64 causal (1.112),
+#   0.363 at 16x16x1024x64 causal (0.372); 32x128 w4 s3 with dQ on 128x64 w8 s3
+#   1.864 at 4x16x4096x64 non-causal (1.994), 0.530 at 16x16x1024x64 (0.566).
+#   At D=128 neither beat the list (run 168).
+_SHORT_BY_HEAD_DIM = [
+    ("fwd", 129, 256, [(128, 64, 8, 2)]),
+    ("bwd", 129, 256, [(64, 64, 8, 2), (64, 32, 4, 2)]),
+    ("bwd", 1, 64, [(64, 64, 4, 3), (32, 128, 4, 3, "ptr", (128, 64, 8, 3))]),
+]
 
 
 @contextlib.contextmanager
@@ -136,8 +140,8 @@ def _configs(family: str, q, k, v, spec: AttentionSpec) -> List[KernelConfig]:
     # forward: the smem rule drops tiles that would then only fail to launch
     plane_bytes = sum(getattr(torch, spec.captured[i].dtype).itemsize for i in codegen.tma_planes(spec))
     problem = autotune.Problem(D, q.dtype, Lq, Lk, causal, False, plane_bytes if family == "fwd" else 0)
-    tiles = (_SHORT[family] + (_SHORT_BIG_D.get(family, []) if D > 128 else [])
-             + (_SHORT_SMALL_D.get(family, []) if D <= 64 else []))
+    tiles = _SHORT[family] + [t for fam, lo, hi, more in _SHORT_BY_HEAD_DIM if fam == family and lo <= D <= hi
+                               for t in more]
     out = [c for c in (KernelConfig(*t) for t in tiles)
            if autotune.first_failing_rule(family, c, problem) is None]
     if family == "decode":

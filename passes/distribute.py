@@ -155,17 +155,25 @@ def _pair_axis(op, xs) -> bool:
     return len(sizes) == 5 and isinstance(sizes[2], int) and not isinstance(sizes[2], bool) and sizes[2] == 2
 
 
-def _combined_product(product: fx.Node, ranks, base) -> Optional[tuple]:
-    """(comb, v, term a, term b) when ``product`` is ``comb @ v`` (a plain
-    matmul of rank in ``ranks``) and ``comb``, read by nothing else, is
-    ``a - b`` or ``a + b`` of terms ``_scaled(·, base)`` takes."""
+def _plain_product(product: fx.Node, ranks) -> Optional[tuple]:
+    """(p, v) when ``product`` is ``p @ v``, a plain matmul of rank in ``ranks``."""
     con = C.contraction(product)
     if con is None or con.addend is not None or len(con.lhs_labels) not in ranks or con.alpha != 1:
         return None
     l, r, o = con.lhs_labels, con.rhs_labels, con.out_labels
     if not (len(r) == len(l) and r == l[:-2] + l[-1] + r[-1] and o == l[:-1] + r[-1]):
         return None
-    comb, v = con.lhs, con.rhs
+    return con.lhs, con.rhs
+
+
+def _combined_product(product: fx.Node, ranks, base) -> Optional[tuple]:
+    """(comb, v, term a, term b) when ``product`` is ``comb @ v`` (a plain
+    matmul of rank in ``ranks``) and ``comb``, read by nothing else, is
+    ``a - b`` or ``a + b`` of terms ``_scaled(·, base)`` takes."""
+    found = _plain_product(product, ranks)
+    if found is None:
+        return None
+    comb, v = found
     op = C.canonical(comb)
     if op is None or op.name not in ("sub", "add") or len(comb.users) != 1 or str(comb.target).endswith("_") \
             or op.kw.get("alpha", 1) != 1:
@@ -242,14 +250,16 @@ def _find_two_maps(product: fx.Node):
 
 def _identity_dropout(node) -> Optional[fx.Node]:
     """The input of ``node`` when it is a dropout that keeps everything
-    (probability 0, or not training), else None."""
+    (probability 0, or not training: ``match._dropout_p``), else None."""
+    from .analyze.values import Decline
+    from .match import _dropout_p
     op = C.canonical(node)
     if op is None or op.name != "dropout" or not isinstance(op.kw.get("input"), fx.Node):
         return None
-    p, training = op.kw.get("p", 0.5), op.kw.get("training", True)
-    if training is False or (isinstance(p, (int, float)) and not isinstance(p, bool) and p == 0):
-        return op.kw["input"]
-    return None
+    try:
+        return op.kw["input"] if _dropout_p(op) == 0.0 else None
+    except Decline:                 # a probability or flag known only at run time
+        return None
 
 
 def _factor(scaling: Optional[fx.Node], term: fx.Node):
@@ -280,13 +290,10 @@ def _find_renormalized_maps(product: fx.Node):
     mixture's own row sum kept as an axis, and what sits between it and P·V
     is a dropout that keeps everything.  The row sums of 1 are exact where
     eager's are within rounding of 1 (and nan where a map's row is, as eager's)."""
-    con = C.contraction(product)
-    if con is None or con.addend is not None or len(con.lhs_labels) not in (3, 4) or con.alpha != 1:
+    found = _plain_product(product, (3, 4))
+    if found is None:
         return None
-    l, r, o = con.lhs_labels, con.rhs_labels, con.out_labels
-    if not (len(r) == len(l) and r == l[:-2] + l[-1] + r[-1] and o == l[:-1] + r[-1]):
-        return None
-    v, top = con.rhs, con.lhs
+    top, v = found
     kept = [top]
     inner = _identity_dropout(top)
     if inner is not None:

@@ -187,15 +187,26 @@ def test_rule_big_head_dim():
 def test_float32_over_128_wide_forward_fits(head_dim):
     """Float32 holds its Q tile twice (3xTF32's split operands): at head dims
     over 128 the forward's space keeps only one-stage tiles, every one within
-    shared memory by the rule's count, and the untuned default among them;
-    one stage stays out everywhere else."""
+    shared memory by the rule's count, and the untuned default among them."""
     f32 = dict(PROBLEM, head_dim=head_dim, dtype=torch.float32)
     space = config_space("fwd", **f32)
     assert space and {c.num_stages for c in space} == {1}
     assert default_config("fwd", head_dim, torch.float32) in space
     assert KernelConfig(64, 32, 4, 2) in _dropped_by("fwd", "smem", **f32)   # 256 KiB on sm_90
-    for changes in ({}, {"head_dim": 256}, {"dtype": torch.float32}):
-        assert 1 not in {c.num_stages for c in config_space("fwd", **dict(PROBLEM, **changes))}
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rule_one_stage(head_dim, dtype):
+    """A one-stage forward tile is in the space only where its two-stage twin
+    does not fit: at head dim 64 never."""
+    problem = dict(PROBLEM, head_dim=head_dim, dtype=dtype)
+    p = autotune.Problem(head_dim, dtype, PROBLEM["lq"], PROBLEM["lk"], False, False)
+    smem = dict(autotune.PRUNE_RULES["fwd"])["smem"]
+    ones = [c for c in config_space("fwd", **problem) if c.num_stages == 1]
+    assert all(smem(dataclasses.replace(c, num_stages=2), p) for c in ones)
+    if head_dim == 64:
+        assert not ones and _dropped_by("fwd", "one_stage", **problem)
 
 
 def test_rule_decode_warps_over_tile():
