@@ -30,6 +30,11 @@
   (H query heads against a (B, N, D) latent cache and (B, N, D / 2) rotary
   keys, scores in [batch, query, head, key] layout, causal): one key head,
   the two products joined into a head dim of 3D / 2, the cache read as V.
+- ``convit``: ConViT's gated positional attention (timm's GPSA): the content
+  softmax and a softmax of learned positional scores mixed per head by a
+  sigmoid gate, divided by the mixture's row sums, then P·V (N a square
+  grid).  attn_compiler runs the content map as one site and the positional
+  one as a product of its own ([Note: a mixture of maps renormalized]).
 
     PYTHONPATH=. python bench/bench_research.py --out OUT      # GPU
     python bench/bench_research.py --smoke                      # CPU, tiny shapes
@@ -52,7 +57,7 @@ import torch.nn.functional as F
 
 # the hand-written forms the tests compile (tests/forms.py)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from forms import DifferentialAttention, deepseek_mla_absorbed, lilt_text_and_layout  # noqa: E402
+from forms import ConViTGatedPositional, DifferentialAttention, deepseek_mla_absorbed, lilt_text_and_layout  # noqa: E402
 
 IMPLS = ("eager", "inductor", "attn_compiler")
 # (form, batch, heads, length, head dim)
@@ -61,9 +66,12 @@ SHAPES = (("differential", 4, 16, 2048, 64), ("differential", 1, 16, 8192, 64),
           ("transformer_xl", 4, 16, 1024, 64), ("transformer_xl", 2, 16, 4096, 64),
           ("softmax_one", 4, 16, 2048, 128), ("softmax_one", 1, 16, 8192, 128),
           ("lilt", 8, 12, 512, 64), ("lilt", 4, 12, 2048, 64),
-          ("mla_absorbed", 4, 16, 2048, 128), ("mla_absorbed", 1, 16, 8192, 128))
+          ("mla_absorbed", 4, 16, 2048, 128), ("mla_absorbed", 1, 16, 8192, 128),
+          # convit_base at 224 px (14x14 patches), and a 32x32 grid
+          ("convit", 64, 16, 196, 48), ("convit", 8, 16, 1024, 48))
 SMOKE_SHAPES = (("differential", 1, 2, 32, 16), ("conformer", 2, 2, 24, 16), ("transformer_xl", 2, 2, 24, 16),
-                ("softmax_one", 2, 2, 24, 16), ("lilt", 2, 2, 24, 16), ("mla_absorbed", 2, 2, 24, 16))
+                ("softmax_one", 2, 2, 24, 16), ("lilt", 2, 2, 24, 16), ("mla_absorbed", 2, 2, 24, 16),
+                ("convit", 2, 2, 25, 16))
 
 
 class Conformer(nn.Module):
@@ -136,7 +144,7 @@ def inputs(form: str, b: int, h: int, n: int, d: int, dev, dtype):
         return torch.randn(*shape, generator=g).to(dev, dtype)
     if form == "differential":
         return [rnd(b, 2 * h, n, d), rnd(b, 2 * h, n, d), rnd(b, h, n, 2 * d)]
-    if form == "softmax_one":
+    if form in ("softmax_one", "convit"):
         return [rnd(b, h, n, d), rnd(b, h, n, d), rnd(b, h, n, d)]
     if form == "transformer_xl":
         return [rnd(n, b, h, d), rnd(n, b, h, d), rnd(n, b, h, d), rnd(n, h, d)]
@@ -178,7 +186,7 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         mod = {"differential": lambda: DifferentialAttention(d), "conformer": Conformer,
                "transformer_xl": lambda: TransformerXL(h, d), "softmax_one": SoftmaxOne, "lilt": Lilt,
-               "mla_absorbed": MLAAbsorbed}[form]().to(dev)
+               "mla_absorbed": MLAAbsorbed, "convit": lambda: ConViTGatedPositional(h, n)}[form]().to(dev)
         xs = inputs(form, b, h, n, d, dev, dtype)
         with torch.no_grad():
             ref = mod(*[x.float() if x.is_floating_point() else x for x in xs])

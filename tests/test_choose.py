@@ -469,35 +469,37 @@ def test_sdpa_attention_matches_the_reference(mod, captured):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("grad", [False, True])
-def test_sdpa_attention_keeps_cudnn_out_of_training(monkeypatch, grad):
-    """[Note: no cuDNN backward]: the SDPA candidate runs without cuDNN where
-    a gradient may be asked for (the flags the call sees), and its backward
-    matches float64 eager's."""
+@pytest.mark.parametrize("grad_layout", ["contiguous", "bnhd"])
+def test_sdpa_backward_gets_the_gradient_in_the_outputs_layout(monkeypatch, grad_layout):
+    """[Note: cuDNN's backward with the output's layout]: every backend may
+    run (cuDNN's flags untouched), and the gradient that reaches SDPA's
+    backward has the layout of SDPA's output whatever layout the caller's
+    has; the gradients match float64 eager's."""
     seen = []
     real = torch.nn.functional.scaled_dot_product_attention
 
     def spy(*a, **kw):
-        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
-                     torch.backends.cuda.mem_efficient_sdp_enabled()))
-        return real(*a, **kw)
+        out = real(*a, **kw)
+        seen.append(("flags", torch.backends.cuda.cudnn_sdp_enabled()))
+        out.register_hook(lambda g, want=out.stride(): seen.append(("grad", g.stride(), want)))
+        return out
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 20, 16, requires_grad=grad) for _ in range(3))
+    # q, k, v as (B, N, H, D) viewed as (B, H, N, D): SDPA's output follows q's layout
+    q, k, v = (torch.randn(2, 20, 4, 16).transpose(1, 2).requires_grad_(True) for _ in range(3))
     spec = _spec(sympy.Piecewise((-oo, kv_idx > q_idx), (score, True)))
     out, _ = sdpa.sdpa_attention(q, k, v, [], spec.dumps())
-    cudnn_on = torch.backends.cuda.cudnn_sdp_enabled()
-    assert seen == [(not grad and cudnn_on, True, True)]
-    assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn_on        # the flags restored
-    if grad:
-        g = torch.randn_like(out)
-        got = torch.autograd.grad(out, (q, k, v), g)
-        qq, kk, vv = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-        causal = torch.ones(20, 20, dtype=torch.bool).tril()
-        ref = torch.softmax((qq @ kk.transpose(-1, -2) / 4.0).masked_fill(~causal, float("-inf")), -1) @ vv
-        want = torch.autograd.grad(ref, (qq, kk, vv), g.double())
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    g = torch.randn(2, 4, 20, 16) if grad_layout == "contiguous" else torch.randn(2, 20, 4, 16).transpose(1, 2)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    assert seen[0] == ("flags", torch.backends.cuda.cudnn_sdp_enabled())
+    ((_, g_stride, out_stride),) = [s for s in seen if s[0] == "grad"]
+    assert g_stride == out_stride, (g_stride, out_stride)
+    qq, kk, vv = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    causal = torch.ones(20, 20, dtype=torch.bool).tril()
+    ref = torch.softmax((qq @ kk.transpose(-1, -2) / 4.0).masked_fill(~causal, float("-inf")), -1) @ vv
+    want = torch.autograd.grad(ref, (qq, kk, vv), g.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
 class GroupedByRepeatKV(forms.CausalScaledByAttribute):

@@ -372,7 +372,7 @@ def _unbatched_cross(q, k, v):
 def _unbatched_masked(q, k, v, keep):
     """Rank-2 scores through ``transpose(0, 1)``, a (Lq, Lk) boolean mask, a
     bias row (Lk,) and a dropout that keeps everything (eval)."""
-    s = torch.matmul(q, k.transpose(0, 1)) * q.shape[-1] ** -0.5 + 0.1 * torch.arange(k.shape[0])
+    s = torch.matmul(q, k.transpose(0, 1)) * q.shape[-1] ** -0.5 + 0.1 * torch.arange(k.shape[0], device=q.device)
     s = s.masked_fill(~keep, float("-inf"))
     return F.dropout(s.softmax(-1), 0.1, False) @ v
 
