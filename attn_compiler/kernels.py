@@ -470,7 +470,7 @@ def _fwd_plan(q, k, v, captured, spec: AttentionSpec, config) -> _FwdPlan:
     out_shape = (B, Hq, Lq, Dv)
     plan = mask_plan(spec, Lq, Lk)
     scale = spec.scale_value(D)
-    args = (*_strides(q), *_strides(k, True), *_strides(v, True), *_contiguous_strides(out_shape),
+    args = (*_strides(q), *_strides(k, True), *_strides(v, True), *reference.output_strides(spec, *out_shape),
             Hq, Hq // Hkv, Lq, Lk, scale, scale * codegen.LOG2E)
     kw = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=bm, BLOCK_N=bn,
               MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi,
@@ -487,7 +487,7 @@ def forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     """(out, lse) from the generated forward kernel (see module doc)."""
     p = _plan(_call_key("fwd", spec, config, q, k, v, captured),
               lambda: _fwd_plan(q, k, v, captured, spec, config))
-    out = torch.empty(p.out_shape, dtype=p.out_dtype, device=q.device)
+    out = reference.empty_output(spec, *p.out_shape, q.device, p.out_dtype)
     lse = torch.empty(p.out_shape[:3], dtype=torch.float32, device=q.device)
     if p.empty:
         return out, lse.fill_(-math.inf)
@@ -847,7 +847,7 @@ def _decode_plan(q, k, v, captured, spec: AttentionSpec, config, splits: Optiona
         dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=bm, BLOCK_N=bn,
              MODE=plan.mode, HAS_LO=plan.has_lo, HAS_HI=plan.has_hi, DOT_PREC=_dot_precision(q.dtype),
              num_warps=t.num_warps, num_stages=t.num_stages, **pdl),
-        (n_rows, s, Hq, Lq, *_contiguous_strides(out_shape)),
+        (n_rows, s, Hq, Lq, *reference.output_strides(spec, *out_shape)),
         dict(HEAD_DV=Dv, BLOCK_DV=_pow2(Dv), BLOCK_S=_pow2(s, least=2), num_warps=4,
              **({"PDL": True, "launch_pdl": True} if pdl.get("PDL") else {})),
         extent_kw)
@@ -858,7 +858,7 @@ def decode(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
     """(out, lse) from the split-KV decode kernels (see ``decode_applies``)."""
     p = _plan(_call_key("decode", spec, (config, splits), q, k, v, captured),
               lambda: _decode_plan(q, k, v, captured, spec, config, splits))
-    out = torch.empty(p.out_shape, dtype=p.out_dtype, device=q.device)
+    out = reference.empty_output(spec, *p.out_shape, q.device, p.out_dtype)
     lse = torch.empty(p.out_shape[:3], dtype=torch.float32, device=q.device)
     if p.empty:
         return out, lse.fill_(-math.inf)

@@ -56,7 +56,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, captured: List
 def _attention_fake(q, k, v, captured, spec, seed):
     s = _spec(spec)
     B, Hq, Lq, _ = q.shape
-    out = q.new_empty((B, Hq, Lq, v.shape[-1]), dtype=getattr(torch, s.out_dtype))
+    out = reference.empty_output(s, B, Hq, Lq, v.shape[-1], q.device)
     lse = q.new_empty((B, Hq, Lq), dtype=reference.compute_dtype(s, q.dtype))
     return out, lse
 
@@ -88,8 +88,9 @@ _lib.define("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tenso
 
 
 def _forward_impl(q, k, v, captured, spec, seed):
-    out, lse = dispatch.forward(q, k, v, captured, _spec(spec), seed)
-    return out.contiguous(), lse.contiguous()     # the layout the fake promises
+    s = _spec(spec)
+    out, lse = dispatch.forward(q, k, v, captured, s, seed)
+    return reference.in_output_layout(out, s), lse.contiguous()     # the layout the fake promises
 
 
 def _attention_backward(dout, q, k, v, captured, out, lse, spec, seed, dlse=None):

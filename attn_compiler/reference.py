@@ -286,13 +286,37 @@ def _skippable(pb: _Problem):
     return skip
 
 
+# ---- the output's layout ------------------------------------------------------
+
+def output_strides(spec: AttentionSpec, B, H, L, Dv) -> tuple:
+    """Strides of the op's (B, H, Lq, Dv) output: contiguous, or with
+    ``spec.out_heads_inner`` laid out as (B, Lq, H, Dv) (SDPA's layout)."""
+    if spec.out_heads_inner:
+        return (L * H * Dv, Dv, H * Dv, 1)
+    return (H * L * Dv, L * Dv, Dv, 1)
+
+
+def empty_output(spec: AttentionSpec, B, H, L, Dv, device, dtype=None) -> torch.Tensor:
+    """The op's output, allocated in the layout its fake promises."""
+    return torch.empty_strided((B, H, L, Dv), output_strides(spec, B, H, L, Dv),
+                               dtype=dtype or getattr(torch, spec.out_dtype), device=device)
+
+
+def in_output_layout(out: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """``out`` itself when it has the promised strides, else a copy that has them."""
+    want = output_strides(spec, *out.shape)
+    if tuple(out.stride()) == want:
+        return out
+    return empty_output(spec, *out.shape, out.device, out.dtype).copy_(out)
+
+
 # ---- forward ----------------------------------------------------------------
 
 def attention_forward(q, k, v, captured: Sequence[torch.Tensor], spec: AttentionSpec,
                       seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): out (B, Hq, Lq, Dv) in spec.out_dtype, lse (B, Hq, Lq) in the compute dtype."""
     pb = _setup(q, k, v, captured, spec, seed)
-    out = torch.empty(pb.B, pb.Hq, pb.Lq, pb.Dv, dtype=getattr(torch, spec.out_dtype), device=q.device)
+    out = empty_output(spec, pb.B, pb.Hq, pb.Lq, pb.Dv, q.device)
     lse = torch.empty(pb.B, pb.Hq, pb.Lq, dtype=pb.cd, device=q.device)
     skip = _skippable(pb)
     for m0 in range(0, pb.Lq, pb.bm):

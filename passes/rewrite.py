@@ -7,6 +7,7 @@ elimination (pipeline.py runs it once after all sites).
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Dict
 
@@ -55,8 +56,10 @@ def rewrite(gm: fx.GraphModule, m, analysis, replaced: Dict[fx.Node, fx.Node]) -
                          *((c.pad,) if any(c.pad) else ()))
                     for c in analysis.captures]
             seed = call(layout.dropout_seed) if analysis.spec.dropout_p > 0 else None
-            res = call(_ops.fused_attention, q, k, v, caps,
-                       analysis.spec.dumps(), seed)
+            spec = analysis.spec
+            if _heads_inside_rows(anchor, m):
+                spec = dataclasses.replace(spec, out_heads_inner=True)
+            res = call(_ops.fused_attention, q, k, v, caps, spec.dumps(), seed)
         rewired = []
         for u in lse_users:              # logsumexp(scores, -1) -> the op's lse
             with g.inserting_before(u):
@@ -154,6 +157,36 @@ def _fake_run(created, get, anchor: fx.Node) -> None:
             _size_eq(a, b) for a, b in zip(got.shape, want.shape)):
         raise RuntimeError(f"rewritten site gives {tuple(got.shape)} {got.dtype}, "
                            f"the graph had {tuple(want.shape)} {want.dtype}")
+
+
+# [Note: the output with the heads inside the rows]  Models put the heads back
+# beside each other right after P·V: ``o.transpose(1, 2).reshape(B, L, H·D)``
+# (timm, nanoGPT), ``.transpose(1, 2).contiguous()`` (Hugging Face), or an
+# einsum that writes (B, Lq, H, D).  SDPA returns its output laid out as
+# (B, Lq, H, D), so there that is a view; a contiguous (B, H, Lq, D) output
+# makes it a copy, a second (B, Lq, H·D) tensor that the projection after it
+# saves for its backward (ViT-B training: 223 MiB more at batch 64, run 174).
+# So where every user of the site's output is that transpose (or the user's
+# contraction writes that order), the op lays its output out as (B, Lq, H, D)
+# (``AttentionSpec.out_heads_inner``; the kernels write any strides).  Not
+# where a user reads the output in its own layout: a ``view`` of a tensor laid
+# out otherwise than the code was traced with would fail; nor where the op's
+# output is scaled or copied first (sinks, rows zeroed, in-place writers).
+
+
+def _heads_inside_rows(anchor: fx.Node, m) -> bool:
+    """Whether the site's output is only read with its heads inside its rows
+    (see the note)."""
+    ol, ul = m.op_out_labels, m.out_labels
+    if len(ol) != 4 or m.sink is not None or m.zero_empty_rows or m.row_scales \
+            or mutating_users(anchor) or view_writers(anchor):
+        return False
+    if ul != ol:                            # the user's contraction writes another axis order
+        return [ol.index(a) for a in ul] == [0, 2, 1, 3]
+    users = list(anchor.users)
+    return bool(users) and all(
+        (op := C.canonical(u)) is not None and op.kw.get("input") is anchor and C.permutation(op, 4) == [0, 2, 1, 3]
+        for u in users)
 
 
 def _lead_is_one(o) -> bool:

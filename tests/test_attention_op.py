@@ -7,6 +7,7 @@ Small forced blocks (16 x 32) make every length below a non-multiple.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -227,11 +228,13 @@ def _opcheck_args(kind):
     if kind == "dropout":
         seed, p = torch.tensor(5, dtype=torch.int64), 0.25
     mod = score + T0 if kind == "bias" else causal_mod()
-    spec = make_spec(mod, captured=cap_specs, group=2, dropout_p=p).dumps()
-    return q, k, v, caps, spec, seed
+    spec = make_spec(mod, captured=cap_specs, group=2, dropout_p=p)
+    if kind == "heads_inner":
+        spec = dataclasses.replace(spec, out_heads_inner=True)
+    return q, k, v, caps, spec.dumps(), seed
 
 
-@pytest.mark.parametrize("kind", ["causal", "bias", "dropout"])
+@pytest.mark.parametrize("kind", ["causal", "bias", "dropout", "heads_inner"])
 def test_opcheck(kind):
     q, k, v, caps, spec, seed = _opcheck_args(kind)
     with reference.block_sizes(8, 16):
@@ -398,3 +401,78 @@ def test_lse_is_differentiable(impl, use_out):
     for o, g in zip(ours, gold):
         want = torch.zeros_like(o) if g.grad is None else g.grad.float()    # v gets none from lse alone
         torch.testing.assert_close(torch.zeros_like(o) if o.grad is None else o.grad, want, rtol=1e-4, atol=1e-5)
+
+
+def _timm_heads_back(q, k, v):
+    """timm's written-out attention: the heads put back beside each other
+    right after P·V (``transpose(1, 2).reshape``)."""
+    B, H, L, D = q.shape
+    a = ((q * D ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    return (a @ v).transpose(1, 2).reshape(B, L, H * D)
+
+
+def _hf_heads_back(q, k, v):
+    """Hugging Face's: ``transpose(1, 2).contiguous()``, then a view."""
+    B, H, L, D = q.shape
+    a = torch.softmax(torch.matmul(q, k.transpose(2, 3)) / math.sqrt(D), dim=-1)
+    return torch.matmul(a, v).transpose(1, 2).contiguous().view(B, L, H * D)
+
+
+def _einsum_heads_back(q, k, v):
+    """An einsum that writes (B, Lq, H, D) itself, then a reshape."""
+    B, H, L, D = q.shape
+    a = torch.einsum("bhqd,bhkd->bhqk", q, k).mul(D ** -0.5).softmax(-1)
+    return torch.einsum("bhqk,bhkd->bqhd", a, v).reshape(B, L, H * D)
+
+
+def _read_as_is(q, k, v):
+    """The output read in its own layout (a view of it, and a second user)."""
+    B, H, L, D = q.shape
+    o = ((q @ k.transpose(-2, -1)) * D ** -0.5).softmax(-1) @ v
+    return o.view(B * H, L, D).sum(0) + o.transpose(1, 2).sum((0, 2))
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("on_kernels", [False, True], ids=["reference", "kernels"])
+@pytest.mark.parametrize("fn,heads_inner", [(_timm_heads_back, True), (_hf_heads_back, True),
+                                            (_einsum_heads_back, True), (_read_as_is, False)],
+                         ids=["timm", "hf", "einsum", "read_as_is"])
+def test_output_laid_out_with_the_heads_inside_the_rows(fn, heads_inner, on_kernels, inner):
+    """[Note: the output with the heads inside the rows]  A site whose output
+    is only read with its heads put back beside each other gets it laid out as
+    (B, Lq, H, D) (SDPA's layout: the transpose is then contiguous, its
+    reshape a view); one read in its own layout keeps the contiguous output.
+    Forward and gradients match eager; the run-time op returns the strides its
+    fake promised (inductor checks them)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    import attn_compiler
+    from attn_compiler import dispatch
+    from attn_compiler.passes.analyze.spec import AttentionSpec
+
+    specs = []
+
+    def keep(gm, _inputs):
+        specs.extend(AttentionSpec.loads(n.args[4]) for n in gm.graph.nodes
+                     if str(n.target) == "attn_compiler.attention_forward.default")
+        return gm
+    captured = aot_autograd(fw_compiler=keep, bw_compiler=lambda gm, _: gm)
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 19, 16, generator=gen, requires_grad=True) for _ in range(3))
+    with dispatch.implementation("triton" if on_kernels else "reference"):
+        compiled = torch.compile(fn, backend=attn_compiler.backend(inner=captured if inner == "aot_eager" else inner))
+        out = compiled(q, k, v)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        assert len(attn_compiler.report().fused) == 1, attn_compiler.report()
+        if inner == "aot_eager":
+            assert [s.out_heads_inner for s in specs] == [heads_inner], specs
+        spec = dataclasses.replace(make_spec(score), out_heads_inner=heads_inner)
+        o, _ = torch.ops.attn_compiler.attention_forward(q.detach(), k.detach(), v.detach(), [], spec.dumps(), None)
+    assert o.stride() == ((19 * 3 * 16, 16, 3 * 16, 1) if heads_inner else (3 * 19 * 16, 19 * 16, 16, 1))
+    qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+    ref = fn(qq, kk, vv)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, torch.autograd.grad(ref.sum(), (qq, kk, vv))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

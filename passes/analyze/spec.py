@@ -196,6 +196,11 @@ class AttentionSpec:
     # .masked_fill(m, 0)``): the denominator still counts every key, a row
     # that keeps none gives 0 ([Note: probabilities zeroed by the mask])
     zero_masked: bool = False
+    # the output (B, H, Lq, Dv) is laid out as (B, Lq, H, Dv) in memory, as
+    # SDPA's is: the user's ``o.transpose(1, 2)`` is then contiguous and its
+    # reshape to (B, Lq, H·Dv) a view ([Note: the output with the heads inside
+    # the rows] in passes/rewrite.py)
+    out_heads_inner: bool = False
 
     # ---- derived views -------------------------------------------------
     @functools.cached_property
@@ -329,6 +334,8 @@ class AttentionSpec:
         }
         if self.zero_masked:      # absent when False: the texts (and cache keys) of other specs stay
             d["zero_masked"] = True
+        if self.out_heads_inner:
+            d["out_heads_inner"] = True
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @staticmethod
@@ -349,6 +356,7 @@ class AttentionSpec:
             prob_dtype=d["prob_dtype"],
             score_dtype=d.get("score_dtype", "float32"),
             zero_masked=d.get("zero_masked", False),
+            out_heads_inner=d.get("out_heads_inner", False),
         )
 
     @functools.cached_property
