@@ -245,6 +245,9 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: 
         if t.dim() == 4 and in_head_extent(t) > INT32_MAX:
             return (f"{name} {tuple(t.shape)} with strides {t.stride()}: offsets inside one (batch, head) "
                     f"exceed int32")
+    if spec.out_heads_inner and (q.shape[2] - 1) * q.shape[1] * v.shape[3] + v.shape[3] > INT32_MAX:
+        return f"the output laid out as (B, Lq, H, Dv) = {(q.shape[0], q.shape[2], q.shape[1], v.shape[3])}: " \
+               f"offsets inside one (batch, head) exceed int32"
     return codegen.unsupported_reason(spec)
 
 

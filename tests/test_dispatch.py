@@ -256,6 +256,13 @@ def test_offsets_past_int32_inside_a_head_are_declined():
     blhd = torch.empty(1, 300000, 64, 128, **meta).transpose(1, 2)
     why = kernels.unsupported_reason(blhd, blhd, blhd, make_spec(causal_mod(), dtype=torch.bfloat16))
     assert why is not None and why.startswith("q ")
+    # contiguous inputs, the output laid out as (B, L, H, D) ([Note: the output
+    # with the heads inside the rows]): its row stride is H * Dv
+    bhld = torch.empty(1, 64, 300000, 128, **meta)
+    plain = make_spec(causal_mod(), dtype=torch.bfloat16)
+    assert kernels.unsupported_reason(bhld, bhld, bhld, plain) is None
+    why = kernels.unsupported_reason(bhld, bhld, bhld, dataclasses.replace(plain, out_heads_inner=True))
+    assert why is not None and why.startswith("the output") and "int32" in why
 
 
 def test_a_cpu_scalar_beside_operands_on_another_device():
