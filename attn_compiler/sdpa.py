@@ -26,7 +26,7 @@ cudnn/MHA.cpp; it only re-lays the gradient out when its last stride is not
 its own making, so a check that passed could leave a plan the model's own
 backward then ran with wrongly (DeiT: its parameters' gradients 1.2 from
 eager's; bench/RESULTS.md run 129).  So the gradient reaching SDPA's
-backward is given the output's layout on every call (``_grad_like_output``:
+backward is given the output's layout on every call (``_GradLikeOutput``:
 a copy where it has another): the layout is then a function of the cache's
 key, and every call that shares a plan also shares the layout it was built
 for (run 175: the gradients within 3e-3 in either order, 1.4 without).

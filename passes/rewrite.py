@@ -182,7 +182,7 @@ def _heads_inside_rows(anchor: fx.Node, m) -> bool:
             or mutating_users(anchor) or view_writers(anchor):
         return False
     if ul != ol:                            # the user's contraction writes another axis order
-        return [ol.index(a) for a in ul] == [0, 2, 1, 3]
+        return sorted(ul) == sorted(ol) and [ol.index(a) for a in ul] == [0, 2, 1, 3]
     users = list(anchor.users)
     return bool(users) and all(
         (op := C.canonical(u)) is not None and op.kw.get("input") is anchor and C.permutation(op, 4) == [0, 2, 1, 3]
