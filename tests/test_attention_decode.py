@@ -43,6 +43,21 @@ def test_offset_causal(lq, hq, hkv, splits):
     _decode_check(q, k, v, [], make_spec(offset_causal_mod(), group=hq // hkv), splits)
 
 
+@pytest.mark.parametrize("launch", ["decode", "forward"])
+def test_output_laid_out_with_the_heads_inside_the_rows(launch):
+    """``AttentionSpec.out_heads_inner`` ([Note: the output with the heads
+    inside the rows]): the combine (and the forward kernel) write the output
+    laid out as (B, Lq, H, Dv), golden-relative as ever."""
+    import dataclasses
+    q, k, v = qkv(B=2, Hq=4, Hkv=2, Lq=3, Lk=LK, Dh=24, Dv=40, seed=9)
+    spec = dataclasses.replace(make_spec(offset_causal_mod(), group=2), out_heads_inner=True)
+    if launch == "decode":
+        out, _, _ = _decode_check(q, k, v, [], spec, splits=3)
+    else:
+        out, _, _ = check_forward(q, k, v, [], spec, name="forward, heads inside the rows")
+    assert out.stride() == (3 * 4 * 40, 40, 4 * 40, 1)
+
+
 def test_offset_window_leaves_splits_empty():
     """Keys [Lk - Lq - 19, Lk - 1] only: the band clamps each split, three of five are empty."""
     q, k, v = qkv(B=2, Hq=8, Hkv=2, Lq=2, Lk=LK, seed=1)
