@@ -230,7 +230,11 @@ INT32_MAX = 2**31 - 1
 def in_head_extent(t: torch.Tensor) -> int:
     """Largest element offset inside one (batch, head) slice of a 4-D tensor:
     what the kernels index in int32."""
-    return sum((n - 1) * abs(st) for n, st in zip(t.shape[2:], t.stride()[2:]) if n > 0)
+    return _in_head_extent(t.shape, t.stride())
+
+
+def _in_head_extent(shape: Sequence[int], strides: Sequence[int]) -> int:
+    return sum((n - 1) * abs(st) for n, st in zip(shape[2:], strides[2:]) if n > 0)
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
@@ -241,13 +245,14 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: 
                 f"q and k alike)")
     if q.shape[-1] > 256 or v.shape[-1] > 256:
         return f"head dim {max(q.shape[-1], v.shape[-1])} > 256"
-    for name, t in [("q", q), ("k", k), ("v", v)] + [(f"captured tensor {i}", c) for i, c in enumerate(captured)]:
-        if t.dim() == 4 and in_head_extent(t) > INT32_MAX:
-            return (f"{name} {tuple(t.shape)} with strides {t.stride()}: offsets inside one (batch, head) "
+    out_shape = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    operands = [("q", q.shape, q.stride()), ("k", k.shape, k.stride()), ("v", v.shape, v.stride()),
+                ("the output", out_shape, reference.output_strides(spec, *out_shape))]
+    operands += [(f"captured tensor {i}", c.shape, c.stride()) for i, c in enumerate(captured)]
+    for name, shape, strides in operands:
+        if len(shape) == 4 and _in_head_extent(shape, strides) > INT32_MAX:
+            return (f"{name} {tuple(shape)} with strides {tuple(strides)}: offsets inside one (batch, head) "
                     f"exceed int32")
-    if spec.out_heads_inner and (q.shape[2] - 1) * q.shape[1] * v.shape[3] + v.shape[3] > INT32_MAX:
-        return f"the output laid out as (B, Lq, H, Dv) = {(q.shape[0], q.shape[2], q.shape[1], v.shape[3])}: " \
-               f"offsets inside one (batch, head) exceed int32"
     return codegen.unsupported_reason(spec)
 
 

@@ -41,6 +41,7 @@ from typing import Optional
 import sympy
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 from attn_compiler.passes.analyze.spec import AttentionSpec, _kept_value, captured_call, score
 from attn_compiler.templates import codegen
@@ -111,7 +112,8 @@ def sdpa_attention(q, k, v, captured, spec, seed=None):
 
 class _GradLikeOutput(torch.autograd.Function):
     """The identity, whose backward hands on the gradient in its input's
-    memory layout (a copy where it has another; symbolic strides: always).
+    memory layout (a copy where it has another; under symbolic strides, where
+    they are not provably the same).
     [Note: cuDNN's backward with the output's layout]"""
 
     @staticmethod
@@ -122,6 +124,6 @@ class _GradLikeOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         stride = ctx.layout
-        if all(type(a) is int and type(b) is int and a == b for a, b in zip(grad.stride(), stride)):
+        if statically_known_true(sym_eq(tuple(grad.stride()), tuple(stride))):
             return grad
         return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)

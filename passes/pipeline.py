@@ -271,6 +271,7 @@ def attention_pass(gm: fx.GraphModule, example_inputs, graph_id: int = 0, body: 
                 site.features = features(item, analysis.spec)
                 sources = [replaced.get(o.node, o.node) for o in (item.q, item.k, item.v)]
                 final = rewrite(gm, item, analysis, replaced)
+                site.features["spec"] = op_node(final).args[4]   # with the rewrite's output layout
                 decision = choose(gm, item, analysis, final, op_node(final), checker, sources)
                 site.features.update(decision_features(decision))
                 if decision.choice == ORIGINAL:

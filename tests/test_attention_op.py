@@ -466,6 +466,8 @@ def test_output_laid_out_with_the_heads_inside_the_rows(fn, heads_inner, on_kern
         out = compiled(q, k, v)
         grads = torch.autograd.grad(out.sum(), (q, k, v))
         assert len(attn_compiler.report().fused) == 1, attn_compiler.report()
+        reported = AttentionSpec.loads(attn_compiler.report().fused[0].features["spec"])
+        assert reported.out_heads_inner == heads_inner     # the report shows the op's spec
         if inner == "aot_eager":
             assert [s.out_heads_inner for s in specs] == [heads_inner], specs
         spec = dataclasses.replace(make_spec(score), out_heads_inner=heads_inner)

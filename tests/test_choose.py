@@ -602,3 +602,23 @@ def test_dropout_sites_are_timed_not_compared(winner, timed, monkeypatch):
     assert site.features["choice"] == winner and site.fused == (winner == "attn_compiler"), site.features
     assert "not compared" in site.features["choice_note"]
     assert set(site.features["times_ms"]) == {"attn_compiler", "original"}      # no SDPA: dropout
+
+
+@pytest.mark.parametrize("grad_layout", ["same", "transposed"])
+def test_sdpa_gradient_layout_copied_only_where_it_differs_under_symbolic_sizes(grad_layout):
+    """[Note: cuDNN's backward with the output's layout] under symbolic sizes:
+    a gradient whose strides are provably the output's is handed on as it
+    is (no copy in the traced backward), one in another layout is copied."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, g):
+        out = sdpa._GradLikeOutput.apply(x)
+        grad = g if grad_layout == "same" else g.transpose(1, 2).contiguous().transpose(1, 2)
+        (dx,) = torch.autograd.grad(out, (x,), grad)
+        return dx
+    x = torch.randn(2, 3, 5, 4, requires_grad=True)
+    gm = make_fx(f, tracing_mode="symbolic")(x, torch.randn(2, 3, 5, 4))
+    copies = [n for n in gm.graph.nodes if "empty_strided" in str(n.target)]
+    assert len(copies) == (0 if grad_layout == "same" else 1), gm.code
+    dx = gm(x, torch.ones(2, 3, 5, 4))
+    assert tuple(dx.stride()) == x.stride() and torch.equal(dx, torch.ones(2, 3, 5, 4))
