@@ -34,6 +34,11 @@ import torch
 IMPLS = ("eager", "inductor", "attn_compiler", "sdpa+inductor")
 # (timm name, batch, image size, keyword arguments)
 MODELS = (("vit_base_patch16_224", 64, 224, {}), ("convit_base", 64, 224, {}))
+# more models with hand-written attention, by name only (``--models``): Swin's
+# windows with a relative-position bias and a shift mask, EVA-02's rotary
+# queries and keys, BEiT's relative-position bias
+MORE_MODELS = (("swin_tiny_patch4_window7_224", 64, 224, {}), ("eva02_small_patch14_224", 64, 224, {}),
+               ("beit_base_patch16_224", 64, 224, {}))
 SMOKE_MODELS = (("vit_tiny_patch16_224", 2, 32, {"patch_size": 8}), ("convit_tiny", 2, 32, {}))
 
 
@@ -68,8 +73,8 @@ def main(argv=None) -> int:
     dtype = torch.float32 if args.smoke or not common.on_cuda() else torch.bfloat16
     models = SMOKE_MODELS if args.smoke else MODELS
     if args.models:
-        models = [m for m in models if m[0] in args.models.split(",")] + [
-            (n, 64, 224, {}) for n in args.models.split(",") if n not in {m[0] for m in models}]
+        known = {m[0]: m for m in models + MORE_MODELS}
+        models = [known.get(n, (n, 64, 224, {})) for n in args.models.split(",")]
     rows, env = [], common.environment()
     for model_name, batch, size, kw in models:
         torch.manual_seed(0)
