@@ -94,9 +94,11 @@ def _forward_impl(q, k, v, captured, spec, seed):
 
 
 def _attention_backward(dout, q, k, v, captured, out, lse, spec, seed, dlse=None):
-    dq, dk, dv, dcap = dispatch.backward(dout, q, k, v, captured, out, lse, _spec(spec), seed, dlse)
+    s = _spec(spec)
+    dq, dk, dv, dcap = dispatch.backward(dout, q, k, v, captured, out, lse, s, seed, dlse)
     # the layout the fake promises (inductor checks it): a no-op for the kernels' outputs
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), [g.contiguous() for g in dcap]
+    wanted = [t for t, c in zip(captured, s.captured) if c.requires_grad]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), [_in_grad_layout(g, t) for g, t in zip(dcap, wanted)]
 
 
 _lib.impl("attention_forward", _forward_impl, "CompositeExplicitAutograd")
@@ -107,8 +109,45 @@ torch.library.register_fake(f"{_NS}::attention_forward", _attention_fake, lib=_l
 @torch.library.register_fake(f"{_NS}::attention_backward", lib=_lib)
 def _attention_backward_fake(dout, q, k, v, captured, out, lse, spec, seed, dlse=None):
     s = _spec(spec)
-    dcap = [q.new_empty(t.shape, dtype=t.dtype) for t, c in zip(captured, s.captured) if c.requires_grad]
+    dcap = [torch.empty_strided(t.shape, grad_strides(t), dtype=t.dtype, device=q.device)
+            for t, c in zip(captured, s.captured) if c.requires_grad]
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dcap)
+
+
+# [Note: a captured tensor's gradient in its own layout]  A captured tensor is
+# often a view in another order than its shape's (Doge's dynamic mask: a
+# softplus of a (B, L, H) projection permuted to (B, H, 1, L)).  Its gradient
+# is handed on in that order: dense, the dims of size over 1 ordered by the
+# tensor's strides (ties by position), size-1 dims outermost; the user's
+# backward ops that follow then see the layout their own forward had.  Handed
+# on contiguous, Doge's form gave softplus_backward a transposed gradient
+# beside its contiguous input, a mix for which PyTorch's fake kernel and its
+# CPU kernel disagree on the result's strides, so a backward graph traced with
+# the fake's and run as traced (aot_eager) failed on a ``view`` of the real
+# result.  (Plain aot_eager fails the same way on that code, whose eager
+# softmax backward also hands on a contiguous gradient; inductor runs both.)
+# The rule reads only the shape and the order of the strides, which inductor
+# keeps for a custom op's inputs, so the fake and the run-time op agree.
+
+def grad_strides(t: torch.Tensor) -> Tuple[int, ...]:
+    """Strides of the gradient of captured tensor ``t`` ([Note: a captured
+    tensor's gradient in its own layout])."""
+    n = t.dim()
+    order = [d for d in range(n) if t.shape[d] == 1]
+    order += sorted((d for d in range(n) if t.shape[d] != 1), key=lambda d: (-t.stride(d), d))
+    strides = [1] * n
+    step = 1
+    for d in reversed(order):
+        strides[d] = step
+        step = step * t.shape[d]
+    return tuple(strides)
+
+
+def _in_grad_layout(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    want = grad_strides(t)
+    if tuple(g.stride()) == want:
+        return g
+    return torch.empty_strided(g.shape, want, dtype=g.dtype, device=g.device).copy_(g)
 
 
 # ---- autograd ----------------------------------------------------------------

@@ -225,16 +225,19 @@ def _opcheck_args(kind):
     if kind == "bias":
         caps = [torch.randn(1, 4, 19, 23, generator=gen, requires_grad=True)]
         cap_specs = [CapturedTensor((False, True, True, True), "float32", True)]
+    if kind == "key_bias_view":     # (B, Lk, H) permuted and unsqueezed: (B, H, 1, Lk), not contiguous
+        caps = [torch.randn(2, 23, 4, generator=gen).permute(0, 2, 1).unsqueeze(2).requires_grad_(True)]
+        cap_specs = [CapturedTensor((True, True, False, True), "float32", True)]
     if kind == "dropout":
         seed, p = torch.tensor(5, dtype=torch.int64), 0.25
-    mod = score + T0 if kind == "bias" else causal_mod()
+    mod = score + T0 if kind in ("bias", "key_bias_view") else causal_mod()
     spec = make_spec(mod, captured=cap_specs, group=2, dropout_p=p)
     if kind == "heads_inner":
         spec = dataclasses.replace(spec, out_heads_inner=True)
     return q, k, v, caps, spec.dumps(), seed
 
 
-@pytest.mark.parametrize("kind", ["causal", "bias", "dropout", "heads_inner"])
+@pytest.mark.parametrize("kind", ["causal", "bias", "key_bias_view", "dropout", "heads_inner"])
 def test_opcheck(kind):
     q, k, v, caps, spec, seed = _opcheck_args(kind)
     with reference.block_sizes(8, 16):
@@ -478,3 +481,47 @@ def test_output_laid_out_with_the_heads_inside_the_rows(fn, heads_inner, on_kern
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, torch.autograd.grad(ref.sum(), (qq, kk, vv))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _doge_dynamic_mask(q, k, v, dt, a):
+    """Doge's dynamic mask attention (transformers' DogeAttention, eager): a
+    key-wise bias ``exp(A * softplus(dt))`` from a (B, L, H) projection,
+    transposed to (B, H, L), spread over the queries, causal by masked_fill,
+    added to the scores."""
+    B, H, L, D = q.shape
+    bias = torch.exp(a * torch.nn.functional.softplus(dt.view(B, L, H))).transpose(-1, -2)
+    bias = bias[:, :, None, :].expand(-1, -1, L, -1)
+    bias = bias.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), torch.finfo(q.dtype).min)
+    w = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * D ** -0.5 + bias, dim=-1, dtype=torch.float32)
+    return torch.matmul(w.to(q.dtype), v).transpose(1, 2).contiguous().view(B, L, H * D)
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_captured_gradient_in_the_captured_tensors_layout(inner):
+    """[Note: a captured tensor's gradient in its own layout]: Doge's key-wise
+    bias is captured as a permuted view; its gradient comes back in that
+    order, and the user's backward ops after it run (handed on contiguous,
+    the backward graph failed on a ``view`` of softplus_backward's result) and
+    match eager."""
+    import attn_compiler
+    from attn_compiler import ops
+
+    t = torch.randn(2, 23, 4).permute(0, 2, 1).unsqueeze(2)           # (2, 4, 1, 23)
+    assert ops.grad_strides(t) == (92, 1, 184, 4)              # size-1 dims outermost
+    assert ops.grad_strides(torch.randn(1, 4, 19, 23)) == (1748, 437, 23, 1)
+    gen = torch.Generator().manual_seed(0)
+    B, H, L, D = 2, 2, 9, 8
+    args = [torch.randn(B, H, L, D, generator=gen) for _ in range(3)]
+    args += [torch.randn(B * L, H, generator=gen), torch.randn(H, generator=gen)]
+    torch._dynamo.reset()
+    attn_compiler.reset()
+    compiled = torch.compile(_doge_dynamic_mask, backend=attn_compiler.backend(inner=inner))
+    ours_in = [a.clone().requires_grad_(True) for a in args]
+    out = compiled(*ours_in)
+    grads = torch.autograd.grad(out, ours_in, torch.ones_like(out))
+    assert len(attn_compiler.report().fused) == 1, attn_compiler.report()
+    ref_in = [a.clone().requires_grad_(True) for a in args]
+    ref = _doge_dynamic_mask(*ref_in)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, torch.autograd.grad(ref, ref_in, torch.ones_like(ref))):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
