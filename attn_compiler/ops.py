@@ -98,7 +98,7 @@ def _attention_backward(dout, q, k, v, captured, out, lse, spec, seed, dlse=None
     dq, dk, dv, dcap = dispatch.backward(dout, q, k, v, captured, out, lse, s, seed, dlse)
     # the layout the fake promises (inductor checks it): a no-op for the kernels' outputs
     wanted = [t for t, c in zip(captured, s.captured) if c.requires_grad]
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), [_in_grad_layout(g, t) for g, t in zip(dcap, wanted)]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), [reference.with_strides(g, grad_strides(t)) for g, t in zip(dcap, wanted)]
 
 
 _lib.impl("attention_forward", _forward_impl, "CompositeExplicitAutograd")
@@ -141,13 +141,6 @@ def grad_strides(t: torch.Tensor) -> Tuple[int, ...]:
         strides[d] = step
         step = step * t.shape[d]
     return tuple(strides)
-
-
-def _in_grad_layout(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    want = grad_strides(t)
-    if tuple(g.stride()) == want:
-        return g
-    return torch.empty_strided(g.shape, want, dtype=g.dtype, device=g.device).copy_(g)
 
 
 # ---- autograd ----------------------------------------------------------------

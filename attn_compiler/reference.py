@@ -55,6 +55,7 @@ import math
 from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 from attn_compiler.passes.analyze import torch_eval
 from attn_compiler.passes.analyze.spec import (
@@ -304,10 +305,15 @@ def empty_output(spec: AttentionSpec, B, H, L, Dv, device, dtype=None) -> torch.
 
 def in_output_layout(out: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     """``out`` itself when it has the promised strides, else a copy that has them."""
-    want = output_strides(spec, *out.shape)
-    if tuple(out.stride()) == want:
-        return out
-    return empty_output(spec, *out.shape, out.device, out.dtype).copy_(out)
+    return with_strides(out, output_strides(spec, *out.shape))
+
+
+def with_strides(t: torch.Tensor, strides: Sequence) -> torch.Tensor:
+    """``t`` itself when its strides are (provably, under symbolic sizes)
+    ``strides``, else a copy laid out with them."""
+    if statically_known_true(sym_eq(tuple(t.stride()), tuple(strides))):
+        return t
+    return torch.empty_strided(t.shape, tuple(strides), dtype=t.dtype, device=t.device).copy_(t)
 
 
 # ---- forward ----------------------------------------------------------------

@@ -41,8 +41,8 @@ from typing import Optional
 import sympy
 import torch
 import torch.nn.functional as F
-from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
+from attn_compiler import reference
 from attn_compiler.passes.analyze.spec import AttentionSpec, _kept_value, captured_call, score
 from attn_compiler.templates import codegen
 
@@ -123,7 +123,4 @@ class _GradLikeOutput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        stride = ctx.layout
-        if statically_known_true(sym_eq(tuple(grad.stride()), tuple(stride))):
-            return grad
-        return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+        return reference.with_strides(grad, ctx.layout)
